@@ -1,0 +1,63 @@
+"""torchslim: make any PyTorch model smaller and faster, recover its accuracy, and prove it with measured numbers.
+
+Public API (everything else is internal):
+
+    >>> import torchslim
+    >>> recipe = torchslim.load_recipe("examples/recipes/demo.yaml")
+    >>> report = torchslim.compress(recipe, "out/demo")
+    >>> report["stages"][-1]["ratios"]["speedup_batch"]
+
+Importing torchslim loads torch but none of the optional heavy packages (transformers, onnxruntime, timm,
+torchvision); those load when a spec or a runtime needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved on first access to keep `import torchslim` light.
+_PUBLIC = {
+    "InputError": "torchslim.errors",
+    "Recipe": "torchslim.recipe",
+    "MeasureConfig": "torchslim.recipe",
+    "load_recipe": "torchslim.recipe",
+    "parse_recipe": "torchslim.recipe",
+    "compress": "torchslim.pipeline",
+    "profile_model": "torchslim.profile",
+    "register_method": "torchslim.registry",
+    "list_methods": "torchslim.registry",
+    "ModelBundle": "torchslim.zoo",
+    "resolve_model": "torchslim.zoo",
+    "register_model_prefix": "torchslim.zoo",
+    "list_builtin_models": "torchslim.zoo",
+    "DataBundle": "torchslim.data",
+    "resolve_data": "torchslim.data",
+    "register_data_prefix": "torchslim.data",
+    "list_builtin_data": "torchslim.data",
+    "MagnitudePruning": "torchslim.prune.magnitude",
+    "FinetuneConfig": "torchslim.recover.finetune",
+    "DistillConfig": "torchslim.recover.finetune",
+    "Int8Static": "torchslim.quant.int8_static",
+    "count_params": "torchslim.measure",
+    "count_nonzero_params": "torchslim.measure",
+    "count_macs": "torchslim.measure",
+    "artifact_bytes": "torchslim.measure",
+    "measure_latency": "torchslim.measure",
+    "peak_memory_bytes": "torchslim.measure",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'torchslim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

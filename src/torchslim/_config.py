@@ -1,0 +1,112 @@
+"""Turning plain dicts (from YAML) into validated config dataclasses, and back.
+
+Config classes are ordinary dataclasses with type hints; range checks live in their ``__post_init__`` and raise
+`FieldError` so that the recipe loader can say which file, step and field is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+
+class FieldError(ValueError):
+    """A config field holds a value out of range; ``field`` names it (dotted for nested configs)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """Raise FieldError(field, message) unless condition holds (for ``__post_init__`` range checks)."""
+    if not condition:
+        raise FieldError(field, message)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return f"list of {_type_name(item)}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, field: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # Optional[X]: X's own error is the informative one
+            return _convert(value, arms[0], field)
+        for arg in arms:
+            try:
+                return _convert(value, arg, field)
+            except FieldError:
+                continue
+        raise FieldError(field, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise FieldError(field, f"expected one of {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise FieldError(field, f"expected {_type_name(tp)}, got {value!r}")
+        return [_convert(v, item, f"{field}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise FieldError(field, f"expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{field}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config field type {tp!r} for {field}")
+    raise FieldError(field, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking keys, types and ranges.
+
+    Raises:
+        FieldError: an unknown key, a wrong type or an out-of-range value; ``field`` is the dotted path.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise FieldError(f"{prefix}{key}", f"unknown key (known: {known})")
+    kwargs = {key: _convert(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except FieldError as error:
+        raise FieldError(f"{prefix}{error.field}", error.message) from None
+
+
+def to_dict(config: Any) -> dict:
+    """Plain-dict form of a config dataclass (round-trips through `from_dict`)."""
+    return dataclasses.asdict(config)

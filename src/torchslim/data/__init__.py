@@ -1,0 +1,145 @@
+"""Data specs: strings such as ``builtin:digits`` or ``imagefolder:PATH`` resolved to a `DataBundle`.
+
+A bundle holds raw samples per split (``train``, ``val``, ``test``, ``calib``); a model's preprocess turns
+them into input batches, so one data set can feed different models.
+
+Example:
+    >>> data = resolve_data("builtin:digits")
+    >>> len(data.splits["test"]), data.num_classes
+    (540, 10)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from torchslim.errors import InputError
+
+SPLITS = ("train", "val", "test", "calib")
+
+
+@dataclass
+class DataBundle:
+    """Raw samples per split, with labels where the data set has them.
+
+    Attributes:
+        spec: the spec string it came from.
+        modality: "image" (HxWxC arrays) or "text" (strings).
+        splits: split name -> sequence of raw samples (``calib`` feeds quantizer calibration).
+        labels: split name -> int64 array of class labels, or None where the data set has no labels.
+        num_classes: number of classes for labelled classification data, else None.
+        notes: facts worth reporting (sizes, sources).
+    """
+
+    spec: str
+    modality: str
+    splits: dict[str, Sequence[Any]]
+    labels: dict[str, np.ndarray | None]
+    num_classes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels.get("test") is not None
+
+    def batches(self, split: str, preprocess: Callable, batch_size: int, *, shuffle: bool = False,
+                seed: int = 0, limit: int = 0) -> Iterator[tuple[Any, torch.Tensor | None]]:
+        """Yield ``(inputs, labels)`` batches of ``split`` (labels None where there are none).
+
+        Args:
+            shuffle: draw a seeded permutation (``seed``) instead of the stored order.
+            limit: use at most this many samples (0: all).
+        """
+        samples = self.splits[split]
+        labels = self.labels.get(split)
+        count = len(samples) if limit <= 0 else min(limit, len(samples))
+        order = np.arange(len(samples))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(samples))
+        order = order[:count]
+        for start in range(0, count, batch_size):
+            index = order[start:start + batch_size]
+            inputs = preprocess([samples[i] for i in index])
+            target = torch.from_numpy(labels[index]).long() if labels is not None else None
+            yield inputs, target
+
+
+_RESOLVERS: dict[str, Callable[[str, int], DataBundle]] = {}
+_BUILTINS: dict[str, Callable[[int], DataBundle]] = {}
+
+
+def register_data_prefix(prefix: str) -> Callable:
+    """Register ``resolver(rest_of_spec, seed) -> DataBundle`` for specs ``prefix:rest``."""
+
+    def decorate(resolver: Callable[[str, int], DataBundle]) -> Callable[[str, int], DataBundle]:
+        _RESOLVERS[prefix] = resolver
+        return resolver
+
+    return decorate
+
+
+def register_builtin_data(name: str) -> Callable:
+    """Register ``factory(seed) -> DataBundle`` for ``builtin:name``."""
+
+    def decorate(factory: Callable[[int], DataBundle]) -> Callable[[int], DataBundle]:
+        _BUILTINS[name] = factory
+        return factory
+
+    return decorate
+
+
+def _load() -> None:
+    from torchslim.data import digits, imagefolder, images, sentences  # noqa: F401  (registers resolvers)
+
+
+@register_data_prefix("builtin")
+def _resolve_builtin(name: str, seed: int) -> DataBundle:
+    return _BUILTINS[name](seed)
+
+
+def list_data_prefixes() -> list[str]:
+    _load()
+    return sorted(_RESOLVERS)
+
+
+def list_builtin_data() -> list[str]:
+    _load()
+    return sorted(_BUILTINS)
+
+
+def check_spec(spec: str) -> None:
+    """Cheap syntactic check of a data spec (nothing is loaded). Raises InputError."""
+    _load()
+    prefix, sep, rest = spec.partition(":")
+    if not sep or prefix not in _RESOLVERS:
+        known = ", ".join(f"{p}:" for p in sorted(_RESOLVERS))
+        raise InputError(f"data: unknown data spec {spec!r} (known prefixes: {known})")
+    if not rest:
+        raise InputError(f"data: spec {spec!r} names nothing after '{prefix}:'")
+    if prefix == "builtin" and rest not in _BUILTINS:
+        raise InputError(f"data: unknown built-in data set {rest!r} (known: {', '.join(sorted(_BUILTINS))})")
+
+
+def resolve_data(spec: str, seed: int = 0) -> DataBundle:
+    """Load the data a spec names, split with ``seed``. Raises InputError for a bad spec."""
+    check_spec(spec)
+    prefix, _, rest = spec.partition(":")
+    return _RESOLVERS[prefix](rest, seed)
+
+
+def split_indices(count: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """A seeded permutation of ``range(count)`` cut into consecutive parts of the given fractions."""
+    order = np.random.default_rng(seed).permutation(count)
+    bounds = np.cumsum([0] + [round(f * count) for f in fractions[:-1]] + [count])
+    bounds[-1] = count
+    return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+__all__ = [
+    "DataBundle", "SPLITS", "check_spec", "list_builtin_data", "list_data_prefixes", "register_builtin_data",
+    "register_data_prefix", "resolve_data", "split_indices",
+]

@@ -1,0 +1,13 @@
+"""Errors that torchslim reports to users.
+
+`InputError` marks bad input (a recipe, a spec, a file, a value): the CLI prints its message on one line and
+exits with code 2. Anything else that escapes is an internal failure (exit code 1).
+"""
+
+
+class InputError(ValueError):
+    """Bad input from the user; the message names what and where."""
+
+
+class UnsupportedLayerWarning(UserWarning):
+    """A layer a method cannot handle was left as it was (it is also listed in the report)."""

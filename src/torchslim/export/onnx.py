@@ -1,0 +1,55 @@
+"""Export a PyTorch module to ONNX with a dynamic batch dimension.
+
+The torch.export-based exporter (torch.onnx.export(dynamo=True), needs onnxscript) is tried first; models it
+cannot capture fall back to the TorchScript-based exporter. Which one produced the file is returned.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.errors import InputError
+
+OPSET = 18
+
+
+def export_onnx(module: nn.Module, example_inputs: Any, path: str | Path, *, dynamic_batch: bool = True) -> str:
+    """Write ``module`` as ONNX to ``path`` (weights inside the file); returns the exporter used.
+
+    Raises:
+        InputError: onnx/onnxscript are missing, or neither exporter can capture the model.
+    """
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise InputError("ONNX export needs the onnx extra: pip install 'torchslim[onnx]'") from None
+    path = Path(path)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    names = [f"input_{i}" for i in range(len(args))]
+    module = module.eval()
+    errors = []
+    for exporter in ("dynamo", "torchscript"):
+        try:
+            with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                if exporter == "dynamo":
+                    batch = torch.export.Dim("batch", min=1, max=65536)
+                    shapes = tuple({0: batch} for _ in args) if dynamic_batch else None
+                    program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=["output"],
+                                                dynamic_shapes=shapes, opset_version=OPSET, external_data=False)
+                    program.save(str(path))
+                else:
+                    axes = {n: {0: "batch"} for n in names + ["output"]} if dynamic_batch else None
+                    torch.onnx.export(module, args, str(path), dynamo=False, input_names=names,
+                                      output_names=["output"], dynamic_axes=axes, opset_version=OPSET)
+            return exporter
+        except Exception as error:  # record and try the next exporter
+            errors.append(f"{exporter}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    raise InputError(f"ONNX export failed ({'; '.join(errors)})")

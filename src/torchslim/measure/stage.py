@@ -1,0 +1,82 @@
+"""Measuring one pipeline stage: size, compute, latency, memory and the task metric, all on its own runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchslim.measure.latency import measure_latency
+from torchslim.measure.macs import count_macs
+from torchslim.measure.memory import peak_memory_bytes
+from torchslim.measure.metrics import accuracy, cosine_similarity_stats, kl_divergence, top1_agreement
+from torchslim.measure.params import count_nonzero_params, count_params
+from torchslim.measure.size import artifact_bytes
+
+
+@dataclass
+class Evaluation:
+    """The task metric of one stage: ``metric`` names ``score``; ``metrics`` holds every measured value."""
+
+    metric: str
+    score: float
+    metrics: dict[str, float]
+    outputs: torch.Tensor
+
+
+def collect_outputs(deployable, data, preprocess, batch_size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``deployable`` over the test split; returns (outputs, labels or None), concatenated."""
+    outputs, labels = [], []
+    for inputs, target in data.batches("test", preprocess, batch_size, limit=limit):
+        outputs.append(deployable(inputs).float())
+        if target is not None:
+            labels.append(target)
+    return torch.cat(outputs), (torch.cat(labels) if labels else None)
+
+
+def evaluate(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor | None,
+             task: str) -> Evaluation:
+    """Score outputs: accuracy where there are labels, else fidelity to the reference (baseline) outputs."""
+    reference = outputs if reference is None else reference
+    if task == "embedding":
+        mean, minimum = cosine_similarity_stats(outputs, reference)
+        return Evaluation("cosine", mean, {"cosine": mean, "cosine_min": minimum}, outputs)
+    metrics = {"agreement": top1_agreement(outputs, reference), "kl": kl_divergence(outputs, reference)}
+    if labels is not None:
+        metrics = {"accuracy": accuracy(outputs, labels), **metrics}
+        return Evaluation("accuracy", metrics["accuracy"], metrics, outputs)
+    return Evaluation("agreement", metrics["agreement"], metrics, outputs)
+
+
+def first_samples(batch: Any, count: int) -> Any:
+    """The first ``count`` samples of an input batch (a tensor or a tuple of tensors)."""
+    if isinstance(batch, (tuple, list)):
+        return tuple(t[:count] for t in batch)
+    return batch[:count]
+
+
+def measure_deployable(deployable, artifact_dir: Path, batch: Any, batch_size: int, example_inputs: Any, *,
+                       warmup: int, repeats: int) -> dict:
+    """Params, MACs (per sample), artifact bytes, latency at batch 1 and ``batch_size``, peak memory."""
+    module = deployable.module
+    path = deployable.save(artifact_dir)
+    raw, shipped = artifact_bytes(path)
+    single = first_samples(batch, 1)
+    bs1 = measure_latency(deployable, single, warmup=warmup, repeats=repeats, min_seconds=0.5)
+    batched = measure_latency(deployable, batch, warmup=warmup, repeats=repeats)
+    return {
+        "runtime": deployable.runtime,
+        "params": count_params(module),
+        "params_nonzero": count_nonzero_params(module),
+        "macs": count_macs(module, example_inputs),
+        "size_bytes": shipped,
+        "size_bytes_raw": raw,
+        "latency_ms_bs1": round(bs1.median_ms, 4),
+        "latency_ms_batch": round(batched.median_ms, 4),
+        "latency_spread_ms_batch": [round(batched.min_ms, 4), round(batched.max_ms, 4)],
+        "batch_size": batch_size,
+        "peak_memory_bytes": peak_memory_bytes(lambda: deployable.load_and_run(path, batch)),
+        "artifact": path.name,
+    }

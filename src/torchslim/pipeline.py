@@ -1,0 +1,175 @@
+"""The pipeline: recipe -> model/data specs -> steps -> measure -> report.
+
+Every stage (the baseline, then the result of each step) is measured in this one process, one after another,
+with the same inputs, threads and repetitions, so that every ratio in the report is side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from torchslim.data import DataBundle, resolve_data
+from torchslim.errors import InputError
+from torchslim.measure.latency import set_threads
+from torchslim.measure.stage import collect_outputs, evaluate, measure_deployable
+from torchslim.recipe import Recipe
+from torchslim.registry import get_method
+from torchslim.runtime import Deployable, TorchDeployable
+from torchslim.zoo import ModelBundle, resolve_model
+
+
+@dataclass
+class StepContext:
+    """What a step handler works on. Torch steps change ``model`` in place; ``teacher`` is the untouched original.
+
+    Attributes:
+        where: the recipe location of the running step (e.g. "recipe.yaml: steps[1].finetune"), for messages.
+        masks: parameter name -> keep-mask of pruned weights, honoured by every later training step.
+        skipped: layer name -> reason, for layers a method left as they were.
+    """
+
+    model: nn.Module
+    teacher: nn.Module
+    bundle: ModelBundle
+    data: DataBundle
+    seed: int
+    threads: int
+    workdir: Path
+    progress: bool = True
+    where: str = ""
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def example_inputs(self, batch_size: int) -> Any:
+        return self.bundle.example_inputs(batch_size)
+
+    def scratch(self, name: str) -> Path:
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def skip_layer(self, name: str, reason: str) -> None:
+        self.skipped[name] = reason
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out_dir``; renamed to ``out_dir`` only when the block completes."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_compatible(bundle: ModelBundle, data: DataBundle) -> None:
+    if bundle.modality != data.modality:
+        raise InputError(f"data: {data.spec} gives {data.modality} samples but {bundle.spec} takes "
+                         f"{bundle.modality} input")
+    if data.num_classes and bundle.task == "classification":
+        classes = bundle.model(bundle.example_inputs(1)) if not isinstance(bundle.example_inputs(1), tuple) else None
+        if classes is not None and classes.shape[-1] < data.num_classes:
+            raise InputError(f"data: {data.spec} has {data.num_classes} classes but {bundle.spec} predicts "
+                             f"{classes.shape[-1]}")
+
+
+def _latency_batch(data: DataBundle, bundle: ModelBundle, batch_size: int) -> Any:
+    # Real test samples (cycled if the split is smaller than the batch), the same for every stage.
+    samples = data.splits["test"]
+    return bundle.preprocess([samples[i % len(samples)] for i in range(batch_size)])
+
+
+class Pipeline:
+    """Runs a recipe. Use `compress` unless you need the stages' live objects."""
+
+    def __init__(self, recipe: Recipe, *, progress: bool = True, log=print):
+        self.recipe = recipe
+        self.progress = progress
+        self.log = log
+
+    def _measure(self, name: str, step: str | None, deployable: Deployable, seconds: float, context: StepContext,
+                 reference: torch.Tensor | None, latency_batch: Any, scratch: Path) -> dict:
+        m = self.recipe.measure
+        eval_batch = max(m.batch_size, 32)
+        self.log(f"measuring {name} on {deployable.runtime} ...")
+        outputs, labels = collect_outputs(deployable, context.data, context.bundle.preprocess, eval_batch,
+                                          m.max_eval_samples)
+        evaluation = evaluate(outputs, labels, reference, context.bundle.task)
+        record = {"name": name, "step": step}
+        record.update(measure_deployable(deployable, scratch / name.replace(":", "-"), latency_batch, m.batch_size,
+                                         context.example_inputs(1), warmup=m.warmup, repeats=m.repeats))
+        record.update(threads=context.threads, metric=evaluation.metric, score=round(evaluation.score, 6),
+                      metrics={k: round(v, 6) for k, v in evaluation.metrics.items()},
+                      eval_samples=int(outputs.shape[0]), step_seconds=round(seconds, 2),
+                      details=deployable.details)
+        record["_outputs"] = evaluation.outputs
+        return record
+
+    def run(self, workdir: Path) -> tuple[list[dict], Deployable, StepContext]:
+        """Run every step and measure every stage; returns (stage records, final deployable, context)."""
+        recipe = self.recipe
+        torch.manual_seed(recipe.seed)
+        threads = set_threads(recipe.measure.threads)
+        bundle = resolve_model(recipe.model)
+        data = resolve_data(recipe.data, recipe.seed)
+        _check_compatible(bundle, data)
+        teacher = copy.deepcopy(bundle.model).eval().requires_grad_(False)
+        context = StepContext(model=bundle.model, teacher=teacher, bundle=bundle, data=data, seed=recipe.seed,
+                              threads=threads, workdir=workdir, progress=self.progress)
+        latency_batch = _latency_batch(data, bundle, recipe.measure.batch_size)
+        scratch = context.scratch("stages")
+        deployable: Deployable = TorchDeployable(bundle.model)
+        stages = [self._measure("baseline", None, deployable, 0.0, context, None, latency_batch, scratch)]
+        reference = stages[0]["_outputs"]
+        for index, step in enumerate(recipe.steps):
+            context.where = f"{recipe.source}: steps[{index}].{step.kind}"
+            self.log(f"step {index + 1}/{len(recipe.steps)}: {step.name}")
+            started = time.perf_counter()
+            deployable = get_method(step.kind, step.method).handler(context, step.config)
+            seconds = time.perf_counter() - started
+            stages.append(self._measure(f"{index + 1}-{step.name}", step.name, deployable, seconds, context,
+                                        reference, latency_batch, scratch))
+        return stages, deployable, context
+
+
+def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: bool = True, log=print) -> dict:
+    """Run ``recipe``; write report.json, report.md, recipe.yaml and the final artifact to ``out_dir``.
+
+    Nothing is written unless the whole run succeeds (the folder appears complete or not at all).
+
+    Returns:
+        The report (see `torchslim.report.build_report`).
+    """
+    from torchslim.report import build_report, write_outputs
+
+    with tempfile.TemporaryDirectory(prefix="torchslim-") as scratch:
+        stages, final, context = Pipeline(recipe, progress=progress, log=log).run(Path(scratch))
+        report = build_report(recipe, stages, context)
+        if out_dir is not None:
+            with atomic_output_dir(Path(out_dir)) as tmp:
+                write_outputs(tmp, report, recipe, final)
+    return report

@@ -1,0 +1,1 @@
+"""Pruning methods (registered under the ``prune`` step kind)."""

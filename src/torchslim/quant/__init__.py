@@ -1,0 +1,1 @@
+"""Quantization methods (registered under the ``quantize`` step kind)."""

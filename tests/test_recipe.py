@@ -1,0 +1,101 @@
+import copy
+
+import pytest
+import yaml
+
+from torchslim.defaults import DEMO_RECIPE
+from torchslim.errors import InputError
+from torchslim.recipe import apply_overrides, load_recipe, parse_recipe
+
+from conftest import TINY_RECIPE
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_recipe_parses_and_round_trips():
+    recipe = parse_recipe(yaml.safe_load(DEMO_RECIPE), "demo")
+    assert [s.name for s in recipe.steps] == ["prune:magnitude", "finetune:distill", "quantize:int8-static"]
+    assert recipe.steps[0].config.sparsity == 0.5
+    assert recipe.steps[1].config.distill.temperature == 4.0
+    assert recipe.measure.batch_size == 256
+    again = parse_recipe(recipe.to_dict(), "again")
+    assert again.to_dict() == recipe.to_dict()
+
+
+def test_example_demo_recipe_matches_the_embedded_default():
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "recipes" / "demo.yaml"
+    assert load_recipe(example).to_dict() == parse_recipe(yaml.safe_load(DEMO_RECIPE)).to_dict()
+
+
+def test_finetune_without_method_uses_the_default():
+    raw = copy.deepcopy(TINY_RECIPE)
+    recipe = parse_recipe(raw)
+    assert recipe.steps[1].method == "distill"
+    assert recipe.steps[1].config.optimizer.name == "adamw"
+    assert recipe.steps[1].config.optimizer.lr == pytest.approx(0.003)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: [unclosed", "malformed YAML (line 1"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\ncolour: red\n", "colour: unknown key"),
+    ("model: nope:thing\ndata: builtin:digits\n", "unknown model spec 'nope:thing' (known prefixes: builtin:, file:"),
+    ("model: builtin:digits-cnn\ndata: where:else\n", "unknown data spec 'where:else' (known prefixes: builtin:"),
+    ("model: builtin:nonexistent\ndata: builtin:digits\n", "unknown built-in model 'nonexistent'"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {method: magnitude, sparsity: 1.5}\n",
+     "steps[0].prune.sparsity: must be in [0, 1), got 1.5"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {method: magnitude, sparsity: high}\n",
+     "steps[0].prune.sparsity: expected float, got 'high'"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {method: nonsense}\n",
+     "steps[0].prune.method: unknown prune method 'nonsense'; known: magnitude"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {sparsity: 0.5}\n",
+     "steps[0].prune.method: required"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - squash: {}\n",
+     "steps[0]: unknown step kind 'squash'"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - finetune: {epochs: 2, optimiser: {}}\n",
+     "steps[0].finetune.optimiser: unknown key"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - finetune: {distill: {alpha: 2}}\n",
+     "steps[0].finetune.distill.alpha: must be in [0, 1], got 2"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - finetune: {epochs: true}\n",
+     "steps[0].finetune.epochs: expected int, got True"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - quantize: {method: int8-static}\n"
+     "  - finetune: {}\n", "steps[0].quantize: must be the last step"),
+    ("model: builtin:digits-cnn\ndata: builtin:digits\nmeasure: {batch_size: 0}\n",
+     "measure.batch_size: must be >= 1, got 0"),
+    ("- just\n- a list\n", "a recipe must be a mapping"),
+])
+def test_bad_recipes_name_file_step_and_field(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as error:
+        load_recipe(path)
+    assert str(path) in str(error.value)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(InputError, match="recipe file not found"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_overrides_set_nested_fields_and_list_items():
+    raw = apply_overrides(TINY_RECIPE, ["steps.0.prune.sparsity=0.7", "measure.batch_size=64", "seed=3"])
+    recipe = parse_recipe(raw)
+    assert recipe.steps[0].config.sparsity == pytest.approx(0.7)
+    assert recipe.measure.batch_size == 64
+    assert recipe.seed == 3
+    assert TINY_RECIPE["steps"][0]["prune"]["sparsity"] == 0.5  # the original is not modified
+
+
+@pytest.mark.parametrize("override, message", [
+    ("steps.9.prune.sparsity=0.1", "no such list index"),
+    ("measure", "expected key=value"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(InputError, match=message):
+        apply_overrides(TINY_RECIPE, [override])
