@@ -136,3 +136,62 @@ def test_int8_static_skip_keeps_matching_layers_in_float(tmp_path):
     graph = onnx.load(str(deployable.path)).graph
     assert len([t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]) == 2
     assert len(context.skipped) == 1 and "float" in next(iter(context.skipped.values()))
+
+
+def test_auto_runtime_times_every_available_backend_and_keeps_the_fastest(tmp_path):
+    from torchslim.quant.int8_static import BACKENDS, Int8Static, quantize_int8_static
+
+    available = [name for name, backend in BACKENDS.items() if backend.available() is None]
+    if len(available) < 2:
+        pytest.skip(f"only {available} available here")
+    context = make_context(tmp_path)
+    context.batch_size = 32
+    deployable = quantize_int8_static(context, Int8Static(calibration_batches=2, prefer="batch"))
+    candidates = deployable.details["candidates"]
+    assert set(candidates) == set(available)
+    timed = {n: c for n, c in candidates.items() if "error" not in c}
+    assert deployable.runtime == min(timed, key=lambda n: timed[n]["latency_ms_batch"])
+    for figures in timed.values():
+        assert figures["score"] == figures["latency_ms_batch"] > 0
+        assert figures["val_agreement"] >= 0.9
+
+
+def test_torchinductor_int8_artifact_reloads_to_identical_outputs(tmp_path):
+    pytest.importorskip("torchao")
+    from torchslim.quant import pt2e_backend
+    from torchslim.quant.int8_static import Int8Static
+
+    if pt2e_backend.available():
+        pytest.skip(pt2e_backend.available())
+    from torch import nn
+
+    from torchslim.zoo import ModelBundle
+
+    def plain_cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 10)).eval()
+
+    tiny = tiny_bundle()
+    bundle = ModelBundle(model=plain_cnn(), spec="test:plain", task="classification", modality="image",
+                         preprocess=tiny.preprocess, example_inputs=tiny.example_inputs)
+    context = make_context(tmp_path, bundle)
+    config = Int8Static(runtime="torchinductor", calibration_batches=2)
+    deployable = pt2e_backend.build(context, config)
+    x, _ = next(context.data.batches("test", context.bundle.preprocess, 16))
+    expected = deployable(x)
+    path = deployable.save(tmp_path / "artifact")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata()["format"] == "torchslim.pt2e-int8/1"
+        int8 = [k for k in handle.keys() if handle.get_tensor(k).dtype == torch.int8]
+    assert len(int8) == 3  # conv1, conv2 and fc weights stored as int8
+    fresh_architecture = plain_cnn()
+    with torch.no_grad():
+        for p in fresh_architecture.parameters():
+            p.mul_(-3.0)  # different weights: the artifact must supply every tensor
+    reloaded = pt2e_backend.load_artifact(fresh_architecture, context.example_inputs(2), path, config)
+    assert torch.equal(reloaded(x), expected)
+    error = expected - context.teacher(x)
+    assert float(error.pow(2).mean()) < 0.01 * float(context.teacher(x).pow(2).mean())  # SQNR > 20 dB

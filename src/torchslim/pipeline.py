@@ -34,6 +34,7 @@ class StepContext:
     """What a step handler works on. Torch steps change ``model`` in place; ``teacher`` is the untouched original.
 
     Attributes:
+        batch_size: the recipe's batched-latency batch size (runtime choices are timed at it).
         where: the recipe location of the running step (e.g. "recipe.yaml: steps[1].finetune"), for messages.
         masks: parameter name -> keep-mask of pruned weights, honoured by every later training step.
         skipped: layer name -> reason, for layers a method left as they were.
@@ -46,6 +47,7 @@ class StepContext:
     seed: int
     threads: int
     workdir: Path
+    batch_size: int = 64
     progress: bool = True
     where: str = ""
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -139,7 +141,8 @@ class Pipeline:
         _check_compatible(bundle, data)
         teacher = copy.deepcopy(bundle.model).eval().requires_grad_(False)
         context = StepContext(model=bundle.model, teacher=teacher, bundle=bundle, data=data, seed=recipe.seed,
-                              threads=threads, workdir=workdir, progress=self.progress)
+                              threads=threads, workdir=workdir, batch_size=recipe.measure.batch_size,
+                              progress=self.progress)
         latency_batch = _latency_batch(data, bundle, recipe.measure.batch_size)
         scratch = context.scratch("stages")
         deployable: Deployable = TorchDeployable(bundle.model)

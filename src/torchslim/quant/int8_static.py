@@ -1,25 +1,32 @@
 """``quantize: {method: int8-static}``: post-training static int8 quantization with calibration, executed on
-real integer kernels.
+real integer kernels of an existing runtime.
 
-The float model is exported to ONNX, calibrated on the recipe's data (the ``calib`` split) and rewritten in
-QDQ form with per-channel int8 weights and uint8 activations; ONNX Runtime fuses the QDQ pairs into integer
-kernels (QLinearConv, QGemm, ...). On CPUs without VNNI the weights use 7 bits (``reduce_range``) to avoid the
-saturation of u8*s8 pair sums in AVX2's ``vpmaddubsw``.
+Backends (one module each): ``onnxruntime`` (QDQ ONNX run by ONNX Runtime's integer kernels) and
+``torchinductor`` (torchao PT2E, compiled by torch.compile to oneDNN int8 kernels). ``runtime: auto`` builds
+every backend available here, times each on the same validation batches (batch 1 and the recipe's batch size)
+and keeps the fastest — by the geometric mean of the two latencies unless ``prefer`` says batch or bs1; every
+candidate's figures (and any failure) are kept in the report.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
+
+import torch
 
 from torchslim._config import check
 from torchslim.errors import InputError
-from torchslim.export import export_onnx
-from torchslim.quant.cpu import has_vnni, int8_features
+from torchslim.measure.latency import measure_latency
+from torchslim.measure.metrics import top1_agreement
+from torchslim.measure.stage import first_samples
+from torchslim.quant import onnx_backend, pt2e_backend
 from torchslim.registry import register_method
-from torchslim.runtime import OnnxRuntimeDeployable
+from torchslim.runtime import Deployable
+from torchslim.zoo import call_model
+
+BACKENDS = {"onnxruntime": onnx_backend, "torchinductor": pt2e_backend}
 
 
 @dataclass
@@ -27,20 +34,24 @@ class Int8Static:
     """Config of ``quantize: {method: int8-static, ...}``.
 
     Args:
-        runtime: "onnxruntime", or "auto" (measure the available int8 runtimes, keep the fastest).
-        observer: activation range estimation: "minmax", "percentile" (99.999th) or "entropy" (KL).
-        per_channel: one weight scale per output channel (else per tensor).
+        runtime: "onnxruntime", "torchinductor", or "auto" (measure the available ones, keep the fastest).
+        observer: activation range estimation: "minmax", "percentile" (99.999th; onnxruntime) or "entropy"
+            (KL on onnxruntime); torchinductor uses a histogram (L2-optimal range) for both.
+        per_channel: one weight scale per output channel (else per tensor; onnxruntime only).
         calibration_batches: number of calibration batches drawn from the data's ``calib`` split.
         calibration_batch_size: samples per calibration batch.
         skip: module-name patterns (fnmatch) kept in float, e.g. ["fc"].
+        prefer: what "fastest" means for ``runtime: auto``: "balanced" (geometric mean of the batch-1 and
+            batched latencies), "batch" (batched latency) or "bs1" (batch-1 latency).
     """
 
-    runtime: Literal["auto", "onnxruntime"] = "auto"
+    runtime: Literal["auto", "onnxruntime", "torchinductor"] = "auto"
     observer: Literal["minmax", "percentile", "entropy"] = "minmax"
     per_channel: bool = True
     calibration_batches: int = 8
     calibration_batch_size: int = 32
     skip: list[str] = field(default_factory=list)
+    prefer: Literal["balanced", "batch", "bs1"] = "balanced"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -49,107 +60,65 @@ class Int8Static:
               f"must be >= 1, got {self.calibration_batch_size}")
 
 
-def _node_module_names(node, initializers: set[str]) -> list[str]:
-    """Module paths a node belongs to: the exporter's cumulative name scopes (e.g. 'blocks', 'blocks.0',
-    'blocks.0.bn1') and the owners of its weights ('blocks.0.conv1' for 'blocks.0.conv1.weight'), so a Conv
-    that absorbed its BatchNorm still answers to the conv's name."""
-    import ast
+def _unavailable(name: str, config: Int8Static) -> str | None:
+    if name == "torchinductor" and not config.per_channel:
+        return "quantizes weights per channel only (per_channel: false)"
+    return BACKENDS[name].available()
 
-    names = [name.rsplit(".", 1)[0] for name in node.input if name in initializers and "." in name]
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                names += [s for s in ast.literal_eval(prop.value)[1:-1] if s]
-            except (ValueError, SyntaxError):
-                pass
+
+def _candidates(context, config: Int8Static) -> list[str]:
+    if config.runtime != "auto":
+        reason = _unavailable(config.runtime, config)
+        if reason:
+            raise InputError(f"{context.where}.runtime: {config.runtime}: {reason}")
+        return [config.runtime]
+    names = [name for name in BACKENDS if _unavailable(name, config) is None]
+    if not names:
+        reasons = "; ".join(f"{n}: {_unavailable(n, config)}" for n in BACKENDS)
+        raise InputError(f"{context.where}.runtime: no int8 runtime is available ({reasons})")
     return names
 
 
-def _nodes_to_exclude(model_path: Path, patterns: list[str]) -> list[str]:
-    import onnx
-
-    if not patterns:
-        return []
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    return [node.name for node in graph.node
-            if any(fnmatch.fnmatch(name, p) for p in patterns
-                   for name in [node.name, *_node_module_names(node, initializers)])]
-
-
-def quantize_onnx_static(float_path: Path, int8_path: Path, calibration, config: Int8Static) -> dict:
-    """Calibrate and quantize an ONNX model file with ONNX Runtime's QDQ quantizer; returns what was done."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = float_path.with_name(float_path.stem + ".prepared.onnx")
-    try:
-        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
-    except Exception:  # pre-processing (shape inference, BN folding) is an optimisation, not a requirement
-        prepared = float_path
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[config.observer]
-    excluded = _nodes_to_exclude(float_path, config.skip)
-    reduce_range = not has_vnni()
-    quantize_static(str(prepared), str(int8_path), calibration, quant_format=QuantFormat.QDQ,
-                    per_channel=config.per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=excluded or None,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    strip_debug_metadata(int8_path)
-    return {"format": "QDQ", "weights": "int8 per-channel" if config.per_channel else "int8 per-tensor",
-            "activations": "uint8 per-tensor", "observer": config.observer, "reduce_range": reduce_range,
-            "cpu_int8_features": int8_features(), "kept_float_nodes": excluded}
-
-
-def strip_debug_metadata(path: Path) -> None:
-    """Drop per-node doc strings and exporter metadata (stack traces, module scopes): they cost ~15% of a small
-    int8 file and nothing at run time."""
-    import onnx
-
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        node.doc_string = ""
-        del node.metadata_props[:]
-    onnx.save(model, str(path))
-
-
-class _Calibration:
-    """ONNX Runtime CalibrationDataReader over the data's calibration split."""
-
-    def __init__(self, context, config: Int8Static):
-        self.batches = context.data.batches("calib", context.bundle.preprocess, config.calibration_batch_size,
-                                            limit=config.calibration_batches * config.calibration_batch_size)
-        self.count = 0
-
-    def get_next(self):
-        batch = next(self.batches, None)
-        if batch is None:
-            return None
-        self.count += 1
-        inputs = batch[0] if isinstance(batch[0], (tuple, list)) else (batch[0],)
-        return {f"input_{i}": t.numpy() for i, t in enumerate(inputs)}
-
-    def rewind(self):  # not needed: one pass
-        pass
+def _time_candidate(deployable: Deployable, batch, reference, prefer: str) -> dict:
+    outputs = deployable(batch)  # the first call also compiles, where the runtime compiles
+    bs1 = measure_latency(deployable, first_samples(batch, 1), warmup=2, repeats=10)
+    batched = measure_latency(deployable, batch, warmup=1, repeats=5)
+    figures = {"latency_ms_bs1": round(bs1.median_ms, 4), "latency_ms_batch": round(batched.median_ms, 4),
+               "score": round({"balanced": math.sqrt(bs1.median_ms * batched.median_ms), "batch": batched.median_ms,
+                               "bs1": bs1.median_ms}[prefer], 4)}
+    if outputs.ndim == 2 and outputs.shape == reference.shape:
+        figures["val_agreement"] = round(top1_agreement(outputs.float(), reference), 4)
+    return figures
 
 
 @register_method("quantize", "int8-static", Int8Static)
-def quantize_int8_static(context, config: Int8Static) -> OnnxRuntimeDeployable:
-    """Quantize ``context.model`` to int8 with calibration; returns it on ONNX Runtime."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise InputError(f"{context.where}.runtime: ONNX Runtime is not installed "
-                         f"(pip install 'torchslim[onnx]')") from None
+def quantize_int8_static(context, config: Int8Static) -> Deployable:
+    """Quantize ``context.model`` to int8 with calibration; returns it on the chosen (or fastest) runtime."""
     if len(context.data.splits.get("calib", [])) == 0:
         raise InputError(f"{context.where}: the data has no calibration samples")
-    workdir = context.scratch("int8-static")
-    float_path, int8_path = workdir / "float.onnx", workdir / "int8.onnx"
-    exporter = export_onnx(context.model, context.example_inputs(2), float_path)
-    calibration = _Calibration(context, config)
-    details = quantize_onnx_static(float_path, int8_path, calibration, config)
-    details.update(exporter=exporter, calibration_samples=min(len(context.data.splits["calib"]),
-                                                              config.calibration_batches * config.calibration_batch_size))
-    for name in details["kept_float_nodes"]:
-        context.skip_layer(name, "kept in float (matched quantize.skip)")
-    return OnnxRuntimeDeployable(int8_path, context.model, context.threads, details=details)
+    names = _candidates(context, config)
+    if len(names) == 1:
+        deployable = BACKENDS[names[0]].build(context, config)
+        deployable.details["runtime_choice"] = names[0] + (" (the only candidate)" if config.runtime == "auto" else "")
+        return deployable
+    samples = context.data.splits["val"]
+    batch = context.bundle.preprocess([samples[i % len(samples)] for i in range(context.batch_size)])
+    with torch.inference_mode():
+        reference = call_model(context.model, batch)
+    built, figures = {}, {}
+    for name in names:
+        try:
+            built[name] = BACKENDS[name].build(context, config)
+            figures[name] = _time_candidate(built[name], batch, reference, config.prefer)
+        except Exception as error:  # a backend that fails on this model is reported, and the others compete
+            built.pop(name, None)
+            figures[name] = {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"}
+    if not built:
+        raise RuntimeError(f"{context.where}: every int8 runtime failed: {figures}")
+    best = min(built, key=lambda n: figures[n]["score"])
+    chosen = built[best]
+    criterion = {"balanced": f"the geometric mean of batch-1 and batch-{context.batch_size} latency",
+                 "batch": f"batch-{context.batch_size} latency", "bs1": "batch-1 latency"}[config.prefer]
+    chosen.details["runtime_choice"] = f"{best}: fastest by {criterion}"
+    chosen.details["candidates"] = figures
+    return chosen

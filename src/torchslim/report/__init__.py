@@ -8,6 +8,7 @@ score``; the first stage is ``baseline`` and the last is the final artifact.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -132,6 +133,9 @@ def print_table(report: dict, console=None) -> None:
 def write_outputs(directory: Path, report: dict, recipe, final) -> None:
     """report.json, report.md, recipe.yaml (as resolved) and the final artifact into ``directory``."""
     artifact = final.save(directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    artifact.chmod(0o666 & ~umask)  # some writers create private files; the artifact is an ordinary output
     report["artifact"] = artifact.name
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "report.md").write_text(to_markdown(report))

@@ -1,0 +1,183 @@
+"""The PyTorch int8 backend: torchao's PT2E flow with the x86 Inductor quantizer, compiled by torch.compile.
+
+``torch.export`` captures the model, ``prepare_pt2e`` inserts observers (BatchNorm folded), calibration runs on
+the data's ``calib`` split, ``convert_pt2e`` writes int8 weights with per-channel scales, and TorchInductor
+(with freezing) lowers the quantize/dequantize patterns to oneDNN int8 kernels (VNNI/AMX). The first call
+compiles (tens of seconds); later calls are fast.
+
+Artifact (no pickle): one safetensors file holding the converted graph's tensors (int8 weights, scales, zero
+points, biases) and the activation observers' ranges. Loading re-captures the float model's architecture,
+restores the observer ranges, converts, and overwrites every tensor with the saved one, so the reloaded model
+computes exactly what was measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.quant.calibration import calibration_batches
+from torchslim.quant.cpu import has_vnni, int8_features
+from torchslim.runtime import Deployable
+
+ARTIFACT_FORMAT = "torchslim.pt2e-int8/1"
+OBSERVERS = {"minmax": "MinMaxObserver", "percentile": "HistogramObserver", "entropy": "HistogramObserver"}
+
+
+def available() -> str | None:
+    """None if this backend can run here, else what to install."""
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return "torchao is not installed (pip install 'torchslim[torchao]')"
+    if not (shutil.which("c++") or shutil.which("g++")):
+        return "torch.compile needs a C++ compiler (g++) on the CPU"
+    return None
+
+
+def _args(inputs: Any) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _capture(module: nn.Module, example: Any) -> nn.Module:
+    args = _args(example)
+    # Batch (and sequence, for token inputs) stay dynamic so one capture serves every batch the model sees.
+    shapes = tuple({d: torch.export.Dim.AUTO for d in range(min(t.ndim, 2 if not t.is_floating_point() else 1))}
+                   for t in args)
+    return torch.export.export(copy.deepcopy(module).eval(), args, dynamic_shapes=shapes).module()
+
+
+def _quantizer(module: nn.Module, config):
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver
+
+    base = x86.get_default_x86_inductor_quantization_config(reduce_range=not has_vnni())
+    observer = MinMaxObserver if config.observer == "minmax" else HistogramObserver
+    activation = dataclasses.replace(base.input_activation,
+                                     observer_or_fake_quant_ctr=observer.with_args(eps=2 ** -12))
+    if not config.per_channel:
+        raise ValueError("per_channel: the torchinductor backend quantizes weights per channel only")
+    quantizer = x86.X86InductorQuantizer().set_global(
+        dataclasses.replace(base, input_activation=activation, output_activation=activation))
+    skipped = [name for name, _ in module.named_modules() if name and any(fnmatch.fnmatch(name, p) for p in config.skip)]
+    for name in skipped:
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer, skipped
+
+
+def _graph_tensors(graph_module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the converted graph reads through get_attr (int8 weights, scales, zero points, biases)."""
+    tensors = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            value = graph_module
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if isinstance(value, torch.Tensor):
+                tensors[node.target] = value
+    return tensors
+
+
+def _set_graph_tensor(graph_module: nn.Module, target: str, value: torch.Tensor) -> None:
+    *path, name = target.split(".")
+    owner = graph_module
+    for part in path:
+        owner = getattr(owner, part)
+    current = getattr(owner, name)
+    if current.shape != value.shape or current.dtype != value.dtype:
+        raise ValueError(f"artifact tensor {target}: {tuple(value.shape)} {value.dtype} does not fit the model's "
+                         f"{tuple(current.shape)} {current.dtype}")
+    if isinstance(current, nn.Parameter):
+        current.data = value
+    else:
+        setattr(owner, name, value)
+
+
+def _observer_ranges(prepared: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in prepared.state_dict().items() if k.startswith("activation_post_process_")}
+
+
+def _convert(module: nn.Module, example: Any, config, calibrate=None, ranges: dict | None = None):
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer, skipped = _quantizer(module, config)
+    prepared = prepare_pt2e(_capture(module, example), quantizer)
+    if ranges is not None:
+        prepared.load_state_dict(ranges, strict=False)
+    with torch.no_grad():
+        for batch in calibrate or ():
+            prepared(*_args(batch))
+    ranges = _observer_ranges(prepared)
+    return convert_pt2e(prepared), ranges, skipped
+
+
+class InductorInt8Deployable(Deployable):
+    """A PT2E int8 graph compiled by TorchInductor (oneDNN int8 kernels on x86)."""
+
+    runtime = "torchinductor"
+
+    def __init__(self, converted: nn.Module, ranges: dict[str, torch.Tensor], module: nn.Module, example: Any,
+                 config, details: dict | None = None):
+        self.converted, self.ranges, self.module = converted, ranges, module
+        self.example, self.config = example, config
+        self.details = details or {}
+        # Static shapes: a recompile per batch size (cached), since the int8 conv lowering fails on dynamic batch.
+        self.compiled = torch.compile(converted, dynamic=False)
+
+    def __call__(self, inputs: Any) -> torch.Tensor:
+        # Freezing folds the int8 weight prepacking into constants; it must be on whenever a call (re)compiles.
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+            return self.compiled(*_args(inputs))
+
+    def save(self, directory: Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "model.int8.safetensors"
+        tensors = {f"graph/{k}": v.contiguous() for k, v in _graph_tensors(self.converted).items()}
+        # Observers shared between tensors (e.g. around a concat) share storage: store each copy on its own.
+        tensors.update({f"observer/{k}": v.detach().clone() for k, v in self.ranges.items()})
+        settings = {"observer": self.config.observer, "per_channel": self.config.per_channel,
+                    "skip": list(self.config.skip)}
+        save_file(tensors, str(path), metadata={"format": ARTIFACT_FORMAT, "settings": json.dumps(settings),
+                                                "torch": torch.__version__})
+        return path
+
+    def load_and_run(self, path: Path, inputs: Any) -> Any:
+        loaded = load_artifact(self.module, self.example, path, self.config)
+        return loaded(inputs)
+
+
+def load_artifact(module: nn.Module, example: Any, path: Path, config) -> InductorInt8Deployable:
+    """Rebuild the int8 model saved at ``path`` on ``module``'s architecture (its weights are not used)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    ranges = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith("observer/")}
+    converted, _, _ = _convert(module, example, config, ranges=ranges)
+    for key, value in saved.items():
+        if key.startswith("graph/"):
+            _set_graph_tensor(converted, key.split("/", 1)[1], value)
+    return InductorInt8Deployable(converted, ranges, module, example, config)
+
+
+def build(context, config) -> InductorInt8Deployable:
+    """Quantize ``context.model`` with PT2E and calibration; compile lazily on first call."""
+    example = context.example_inputs(2)
+    calibration = list(calibration_batches(context, config))
+    converted, ranges, skipped = _convert(context.model, example, config, calibrate=calibration)
+    for name in skipped:
+        context.skip_layer(name, "kept in float (matched quantize.skip)")
+    details = {"format": "PT2E x86-inductor", "weights": "int8 per-channel", "activations": "uint8 per-tensor",
+               "observer": OBSERVERS[config.observer],
+               "reduce_range": not has_vnni(), "cpu_int8_features": int8_features(),
+               "calibration_samples": sum(len(_args(b)[0]) for b in calibration)}
+    return InductorInt8Deployable(converted, ranges, context.model, example, config, details=details)
