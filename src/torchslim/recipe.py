@@ -130,7 +130,8 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         if key not in _TOP_LEVEL:
             raise InputError(f"{source}: {key}: unknown key (known: {', '.join(_TOP_LEVEL)})")
     if raw.get("version", SCHEMA_VERSION) != SCHEMA_VERSION:
-        raise InputError(f"{source}: version: this torchslim reads recipe version {SCHEMA_VERSION}, got {raw['version']!r}")
+        raise InputError(f"{source}: version: this torchslim reads recipe version {SCHEMA_VERSION}, "
+                         f"got {raw['version']!r}")
     for key in ("model", "data"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise InputError(f"{source}: {key}: required, a spec string such as "

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from torchslim.errors import InputError
+from torchslim._spec import SpecRegistry
 
 SPLITS = ("train", "val", "test", "calib")
 
@@ -68,67 +68,25 @@ class DataBundle:
             yield inputs, target
 
 
-_RESOLVERS: dict[str, Callable[[str, int], DataBundle]] = {}
-_BUILTINS: dict[str, Callable[[int], DataBundle]] = {}
-
-
-def register_data_prefix(prefix: str) -> Callable:
-    """Register ``resolver(rest_of_spec, seed) -> DataBundle`` for specs ``prefix:rest``."""
-
-    def decorate(resolver: Callable[[str, int], DataBundle]) -> Callable[[str, int], DataBundle]:
-        _RESOLVERS[prefix] = resolver
-        return resolver
-
-    return decorate
-
-
-def register_builtin_data(name: str) -> Callable:
-    """Register ``factory(seed) -> DataBundle`` for ``builtin:name``."""
-
-    def decorate(factory: Callable[[int], DataBundle]) -> Callable[[int], DataBundle]:
-        _BUILTINS[name] = factory
-        return factory
-
-    return decorate
-
-
 def _load() -> None:
     from torchslim.data import digits, imagefolder, images, sentences  # noqa: F401  (registers resolvers)
 
 
-@register_data_prefix("builtin")
-def _resolve_builtin(name: str, seed: int) -> DataBundle:
-    return _BUILTINS[name](seed)
-
-
-def list_data_prefixes() -> list[str]:
-    _load()
-    return sorted(_RESOLVERS)
-
-
-def list_builtin_data() -> list[str]:
-    _load()
-    return sorted(_BUILTINS)
+_DATA = SpecRegistry("data", "built-in data set", _load)
+register_data_prefix = _DATA.register_prefix  # resolver(rest_of_spec, seed) -> DataBundle
+register_builtin_data = _DATA.register_builtin  # factory(seed) -> DataBundle
+list_data_prefixes = _DATA.prefixes
+list_builtin_data = _DATA.builtin_names
 
 
 def check_spec(spec: str) -> None:
     """Cheap syntactic check of a data spec (nothing is loaded). Raises InputError."""
-    _load()
-    prefix, sep, rest = spec.partition(":")
-    if not sep or prefix not in _RESOLVERS:
-        known = ", ".join(f"{p}:" for p in sorted(_RESOLVERS))
-        raise InputError(f"data: unknown data spec {spec!r} (known prefixes: {known})")
-    if not rest:
-        raise InputError(f"data: spec {spec!r} names nothing after '{prefix}:'")
-    if prefix == "builtin" and rest not in _BUILTINS:
-        raise InputError(f"data: unknown built-in data set {rest!r} (known: {', '.join(sorted(_BUILTINS))})")
+    _DATA.check(spec)
 
 
 def resolve_data(spec: str, seed: int = 0) -> DataBundle:
     """Load the data a spec names, split with ``seed``. Raises InputError for a bad spec."""
-    check_spec(spec)
-    prefix, _, rest = spec.partition(":")
-    return _RESOLVERS[prefix](rest, seed)
+    return _DATA.resolve(spec, seed)
 
 
 def split_indices(count: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:

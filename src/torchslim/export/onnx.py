@@ -1,4 +1,4 @@
-"""Export a PyTorch module to ONNX with a dynamic batch dimension.
+"""Export a PyTorch module to ONNX with a dynamic batch dimension (and sequence, for token inputs).
 
 The torch.export-based exporter (torch.onnx.export(dynamo=True), needs onnxscript) is tried first; models it
 cannot capture fall back to the TorchScript-based exporter. Which one produced the file is returned.
@@ -18,6 +18,11 @@ from torch import nn
 from torchslim.errors import InputError
 
 OPSET = 18
+
+
+def _dynamic_dims(tensor: torch.Tensor) -> tuple[int, ...]:
+    # Batch is always dynamic; token inputs (integer, batch x sequence) also vary in length.
+    return (0, 1) if tensor.ndim >= 2 and not tensor.is_floating_point() else (0,)
 
 
 def export_onnx(module: nn.Module, example_inputs: Any, path: str | Path, *, dynamic_batch: bool = True) -> str:
@@ -40,13 +45,14 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | Path, *, dyn
             with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 if exporter == "dynamo":
-                    batch = torch.export.Dim("batch", min=1, max=65536)
-                    shapes = tuple({0: batch} for _ in args) if dynamic_batch else None
+                    shapes = tuple(dict.fromkeys(_dynamic_dims(t), torch.export.Dim.AUTO) for t in args)
+                    shapes = shapes if dynamic_batch else None
                     program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=["output"],
                                                 dynamic_shapes=shapes, opset_version=OPSET, external_data=False)
                     program.save(str(path))
                 else:
-                    axes = {n: {0: "batch"} for n in names + ["output"]} if dynamic_batch else None
+                    axes = {n: {d: ("batch", "sequence")[d] for d in _dynamic_dims(t)} for n, t in zip(names, args)}
+                    axes = {**axes, "output": {0: "batch"}} if dynamic_batch else None
                     torch.onnx.export(module, args, str(path), dynamo=False, input_names=names,
                                       output_names=["output"], dynamic_axes=axes, opset_version=OPSET)
             return exporter

@@ -26,7 +26,8 @@ class Evaluation:
     outputs: torch.Tensor
 
 
-def collect_outputs(deployable, data, preprocess, batch_size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def collect_outputs(deployable, data, preprocess, batch_size: int,
+                    limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``deployable`` over the test split; returns (outputs, labels or None), concatenated."""
     outputs, labels = [], []
     for inputs, target in data.batches("test", preprocess, batch_size, limit=limit):

@@ -19,7 +19,7 @@ import torch
 from torchslim._config import check
 from torchslim.errors import InputError
 from torchslim.measure.latency import measure_latency
-from torchslim.measure.metrics import top1_agreement
+from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
 from torchslim.measure.stage import first_samples
 from torchslim.quant import onnx_backend, pt2e_backend
 from torchslim.registry import register_method
@@ -79,14 +79,16 @@ def _candidates(context, config: Int8Static) -> list[str]:
     return names
 
 
-def _time_candidate(deployable: Deployable, batch, reference, prefer: str) -> dict:
+def _time_candidate(deployable: Deployable, batch, reference, prefer: str, task: str) -> dict:
     outputs = deployable(batch)  # the first call also compiles, where the runtime compiles
     bs1 = measure_latency(deployable, first_samples(batch, 1), warmup=2, repeats=10)
     batched = measure_latency(deployable, batch, warmup=1, repeats=5)
     figures = {"latency_ms_bs1": round(bs1.median_ms, 4), "latency_ms_batch": round(batched.median_ms, 4),
                "score": round({"balanced": math.sqrt(bs1.median_ms * batched.median_ms), "batch": batched.median_ms,
                                "bs1": bs1.median_ms}[prefer], 4)}
-    if outputs.ndim == 2 and outputs.shape == reference.shape:
+    if task == "embedding":
+        figures["val_cosine"] = round(cosine_similarity_stats(outputs.float(), reference)[0], 4)
+    else:
         figures["val_agreement"] = round(top1_agreement(outputs.float(), reference), 4)
     return figures
 
@@ -109,7 +111,8 @@ def quantize_int8_static(context, config: Int8Static) -> Deployable:
     for name in names:
         try:
             built[name] = BACKENDS[name].build(context, config)
-            figures[name] = _time_candidate(built[name], batch, reference, config.prefer)
+            figures[name] = _time_candidate(built[name], batch, reference, config.prefer,
+                                            context.bundle.task)
         except Exception as error:  # a backend that fails on this model is reported, and the others compete
             built.pop(name, None)
             figures[name] = {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"}

@@ -18,6 +18,7 @@ import dataclasses
 import fnmatch
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def _quantizer(module: nn.Module, config):
         raise ValueError("per_channel: the torchinductor backend quantizes weights per channel only")
     quantizer = x86.X86InductorQuantizer().set_global(
         dataclasses.replace(base, input_activation=activation, output_activation=activation))
-    skipped = [name for name, _ in module.named_modules() if name and any(fnmatch.fnmatch(name, p) for p in config.skip)]
+    skipped = [name for name, _ in module.named_modules()
+               if name and any(fnmatch.fnmatch(name, p) for p in config.skip)]
     for name in skipped:
         quantizer.set_module_name_qconfig(name, None)
     return quantizer, skipped
@@ -134,7 +136,8 @@ class InductorInt8Deployable(Deployable):
 
     def __call__(self, inputs: Any) -> torch.Tensor:
         # Freezing folds the int8 weight prepacking into constants; it must be on whenever a call (re)compiles.
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # compile-time chatter from Inductor's int8 lowerings
             return self.compiled(*_args(inputs))
 
     def save(self, directory: Path) -> Path:

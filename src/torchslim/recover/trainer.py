@@ -97,7 +97,9 @@ def train(model: nn.Module, batches: Callable[[int], Iterable[tuple[Any, torch.T
     scheduler = make_scheduler(opt, schedule or ScheduleConfig(), epochs * steps_per_epoch)
     history = []
     model.train()
-    bar = tqdm(total=epochs * steps_per_epoch, desc=description, disable=not progress, leave=False, unit="step")
+    # disable=None: tqdm shows the bar on a terminal and stays silent in logs.
+    bar = tqdm(total=epochs * steps_per_epoch, desc=description, disable=None if progress else True, leave=False,
+               unit="step")
     for epoch in range(epochs):
         total, count = 0.0, 0
         for inputs, labels in batches(epoch):

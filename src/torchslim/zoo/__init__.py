@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from torchslim.errors import InputError
+from torchslim._spec import SpecRegistry
 
 
 @dataclass
@@ -43,62 +43,25 @@ class ModelBundle:
     notes: list[str] = field(default_factory=list)
 
 
-_RESOLVERS: dict[str, Callable[[str], ModelBundle]] = {}
-_BUILTINS: dict[str, Callable[[], ModelBundle]] = {}
-
-
-def register_model_prefix(prefix: str) -> Callable:
-    """Register ``resolver(rest_of_spec) -> ModelBundle`` for specs ``prefix:rest``."""
-
-    def decorate(resolver: Callable[[str], ModelBundle]) -> Callable[[str], ModelBundle]:
-        _RESOLVERS[prefix] = resolver
-        return resolver
-
-    return decorate
-
-
-def register_builtin_model(name: str) -> Callable:
-    """Register a zero-argument factory for ``builtin:name``."""
-
-    def decorate(factory: Callable[[], ModelBundle]) -> Callable[[], ModelBundle]:
-        _BUILTINS[name] = factory
-        return factory
-
-    return decorate
-
-
 def _load() -> None:
     from torchslim.zoo import builtin, hub  # noqa: F401  (registers the resolvers)
 
 
-def list_model_prefixes() -> list[str]:
-    _load()
-    return sorted(_RESOLVERS)
-
-
-def list_builtin_models() -> list[str]:
-    _load()
-    return sorted(_BUILTINS)
+_MODELS = SpecRegistry("model", "built-in model", _load)
+register_model_prefix = _MODELS.register_prefix  # resolver(rest_of_spec) -> ModelBundle
+register_builtin_model = _MODELS.register_builtin  # factory() -> ModelBundle
+list_model_prefixes = _MODELS.prefixes
+list_builtin_models = _MODELS.builtin_names
 
 
 def check_spec(spec: str) -> None:
     """Cheap syntactic check of a model spec (no model is built). Raises InputError."""
-    _load()
-    prefix, sep, rest = spec.partition(":")
-    if not sep or prefix not in _RESOLVERS:
-        known = ", ".join(f"{p}:" for p in sorted(_RESOLVERS))
-        raise InputError(f"model: unknown model spec {spec!r} (known prefixes: {known})")
-    if not rest:
-        raise InputError(f"model: spec {spec!r} names no model after '{prefix}:'")
-    if prefix == "builtin" and rest not in _BUILTINS:
-        raise InputError(f"model: unknown built-in model {rest!r} (known: {', '.join(sorted(_BUILTINS))})")
+    _MODELS.check(spec)
 
 
 def resolve_model(spec: str) -> ModelBundle:
     """Build the model a spec names, in eval mode on the CPU. Raises InputError for a bad spec."""
-    check_spec(spec)
-    prefix, _, rest = spec.partition(":")
-    bundle = _RESOLVERS[prefix](rest)
+    bundle = _MODELS.resolve(spec)
     bundle.model.eval()
     return bundle
 

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 from torchslim.errors import InputError
-from torchslim.zoo import ModelBundle, _BUILTINS, register_builtin_model, register_model_prefix
+from torchslim.zoo import ModelBundle, register_builtin_model
 from torchslim.zoo.preprocess import ImagePreprocess
-
-
-@register_model_prefix("builtin")
-def _resolve_builtin(name: str) -> ModelBundle:
-    return _BUILTINS[name]()
 
 
 @register_builtin_model("digits-cnn")
