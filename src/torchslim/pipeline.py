@@ -26,7 +26,7 @@ from torchslim.measure.stage import collect_outputs, evaluate, measure_deployabl
 from torchslim.recipe import Recipe
 from torchslim.registry import get_method
 from torchslim.runtime import Deployable, TorchDeployable
-from torchslim.zoo import ModelBundle, resolve_model
+from torchslim.zoo import ModelBundle, call_model, resolve_model
 
 
 @dataclass
@@ -93,10 +93,11 @@ def _check_compatible(bundle: ModelBundle, data: DataBundle) -> None:
         raise InputError(f"data: {data.spec} gives {data.modality} samples but {bundle.spec} takes "
                          f"{bundle.modality} input")
     if data.num_classes and bundle.task == "classification":
-        classes = bundle.model(bundle.example_inputs(1)) if not isinstance(bundle.example_inputs(1), tuple) else None
-        if classes is not None and classes.shape[-1] < data.num_classes:
+        with torch.inference_mode():
+            outputs = call_model(bundle.model, bundle.example_inputs(1))
+        if outputs.shape[-1] < data.num_classes:
             raise InputError(f"data: {data.spec} has {data.num_classes} classes but {bundle.spec} predicts "
-                             f"{classes.shape[-1]}")
+                             f"{outputs.shape[-1]}")
 
 
 def _latency_batch(data: DataBundle, bundle: ModelBundle, batch_size: int) -> Any:
