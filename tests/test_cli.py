@@ -40,8 +40,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, co
 
 
 def test_bad_override_and_bad_spec_exit_2(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "d"), "--set", "steps.0.prune.sparsity=2", "--quiet"]) == 2
-    assert "demo: steps[0].prune.sparsity: must be in [0, 1), got 2" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "d"), "--set", "steps.0.prune.ratio=2", "--quiet"]) == 2
+    assert "demo: steps[0].prune.ratio: must be in [0, 1), got 2" in capsys.readouterr().err
     assert main(["profile", "nowhere:model", "--json"]) == 2
     assert "known prefixes: builtin:, file:, hf:, timm:, torchvision:" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()

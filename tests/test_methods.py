@@ -11,7 +11,7 @@ import torch
 
 from torchslim.data import resolve_data
 from torchslim.pipeline import StepContext
-from torchslim.prune.magnitude import MagnitudePruning, magnitude_masks, prunable_weights
+from torchslim.pruning.magnitude import MagnitudePruning, magnitude_masks, prunable_weights
 from torchslim.recover.losses import distillation_loss
 from torchslim.registry import list_methods
 
@@ -53,7 +53,7 @@ def test_global_magnitude_pruning_hits_the_sparsity_exactly_and_keeps_large_weig
     context = make_context(tmp_path)
     weights = prunable_weights(context.model, [])
     largest = max(float(w.detach().abs().max()) for w in weights.values())
-    deployable = __import__("torchslim.prune.magnitude", fromlist=["x"]).prune_magnitude(
+    deployable = __import__("torchslim.pruning.magnitude", fromlist=["x"]).prune_magnitude(
         context, MagnitudePruning(sparsity=0.6))
     total = sum(w.numel() for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
@@ -83,7 +83,7 @@ def test_distillation_loss_is_zero_for_identical_logits_and_scales_with_t_square
 
 
 def test_finetune_recovers_accuracy_and_keeps_pruned_weights_at_zero(tmp_path):
-    from torchslim.prune.magnitude import prune_magnitude
+    from torchslim.pruning.magnitude import prune_magnitude
     from torchslim.recover.finetune import FinetuneConfig, finetune
     from torchslim.recover.trainer import OptimizerConfig
 

@@ -77,7 +77,8 @@ def test_rerun_replaces_an_existing_output_folder(tmp_path):
     out.mkdir()
     (out / "stale.txt").write_text("old")
     report = compress(parse_recipe(raw), out, progress=False, log=lambda m: None)
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "recipe.yaml", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.safetensors", "model.shapes.json", "recipe.yaml", "report.json", "report.md"]
     assert report["stages"][-1]["runtime"] == "torch"
     prunable = 8 * 9 + 8 * 8 * 9 + 128 * 10  # conv1, conv2 and fc weights
     assert report["stages"][0]["params_nonzero"] - report["stages"][-1]["params_nonzero"] == int(0.3 * prunable)

@@ -18,8 +18,8 @@ def write(tmp_path, text: str):
 
 def test_demo_recipe_parses_and_round_trips():
     recipe = parse_recipe(yaml.safe_load(DEMO_RECIPE), "demo")
-    assert [s.name for s in recipe.steps] == ["prune:magnitude", "finetune:distill", "quantize:int8-static"]
-    assert recipe.steps[0].config.sparsity == 0.5
+    assert [s.name for s in recipe.steps] == ["prune:channel", "finetune:distill", "quantize:int8-static"]
+    assert recipe.steps[0].config.ratio == 0.5 and recipe.steps[0].config.round_to == 8
     assert recipe.steps[1].config.distill.temperature == 4.0
     assert recipe.measure.batch_size == 256
     again = parse_recipe(recipe.to_dict(), "again")
@@ -52,7 +52,7 @@ def test_finetune_without_method_uses_the_default():
     ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {method: magnitude, sparsity: high}\n",
      "steps[0].prune.sparsity: expected float, got 'high'"),
     ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {method: nonsense}\n",
-     "steps[0].prune.method: unknown prune method 'nonsense'; known: magnitude"),
+     "steps[0].prune.method: unknown prune method 'nonsense'; known: channel, magnitude"),
     ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {sparsity: 0.5}\n",
      "steps[0].prune.method: required"),
     ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - squash: {}\n",

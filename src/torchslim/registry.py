@@ -24,7 +24,8 @@ STEP_KINDS = ("prune", "finetune", "quantize")
 
 # Method modules imported on first lookup, so registering stays declarative and `import torchslim` stays light.
 _BUILTIN_MODULES = (
-    "torchslim.prune.magnitude",
+    "torchslim.pruning.magnitude",
+    "torchslim.pruning.channel",
     "torchslim.recover.finetune",
     "torchslim.quant.int8_static",
 )

@@ -6,7 +6,9 @@ Every stage of a pipeline is a Deployable, so one measurement code path times, s
 from __future__ import annotations
 
 import copy
+import json
 import shutil
+from collections import OrderedDict
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,13 @@ class Deployable(ABC):
         """Load a fresh copy from the artifact at ``path`` and run one batch (used to measure peak memory)."""
 
 
+SHAPES_FORMAT = "torchslim.model-shapes/1"
+
+
 class TorchDeployable(Deployable):
-    """An eager PyTorch module; its artifact is the state dict in safetensors."""
+    """An eager PyTorch module; its artifact is the state dict in safetensors plus ``model.shapes.json`` (every
+    tensor's shape), from which `torchslim.pruning.channel.load_pruned` rebuilds a structurally pruned model on
+    its original class."""
 
     runtime = "torch"
 
@@ -64,15 +71,27 @@ class TorchDeployable(Deployable):
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "model.safetensors"
         save_model(self.module, str(path))
+        shapes = {name: list(t.shape) for name, t in self.module.state_dict().items()}
+        (directory / "model.shapes.json").write_text(json.dumps({"format": SHAPES_FORMAT, "shapes": shapes}))
         return path
 
     def load_and_run(self, path: Path, inputs: Any) -> Any:
-        from safetensors.torch import load_model
-
         fresh = copy.deepcopy(self.module)
-        load_model(fresh, str(path))
+        load_safetensors(fresh, path)
         with torch.inference_mode():
             return call_model(fresh, inputs)
+
+
+def load_safetensors(module: nn.Module, path: Path) -> None:
+    """Load a safetensors state dict into ``module`` (strict), keeping the module's own state-dict metadata:
+    some modules (e.g. torchvision's MNASNet) check the version recorded there."""
+    from safetensors.torch import load_file
+
+    state = OrderedDict(load_file(str(path)))
+    metadata = getattr(module.state_dict(), "_metadata", None)
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
+    module.load_state_dict(state)
 
 
 def _as_numpy_feed(session, inputs: Any) -> dict[str, np.ndarray]:

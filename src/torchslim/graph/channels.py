@@ -1,0 +1,564 @@
+"""Channel dependency analysis on a captured graph.
+
+Every channel a layer produces gets an integer id. Ids flow through the graph with the tensors that carry them
+(one id vector per tracked dimension), and operations that force channels to be cut together *unite* ids in a
+union-find: a residual addition unites its operands position by position, a depthwise convolution keeps its
+input's ids, a concatenation lays its inputs' ids end to end, a flatten into a Linear repeats each channel's id
+over the positions it expands to, an equal chunk unites its pieces position by position. A class of united ids
+is one prunable channel: removing it removes the matching slice from every parameter that carries one of its
+ids. Ids that must not change — the model's output, grouped convolutions, operations the analysis does not know —
+are *blocked*, with the reason, and stay as they are.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+TensorIds = dict  # tensor dimension -> np.ndarray of channel ids (only dimensions that carry channel identity)
+
+
+class UnionFind:
+    """Union-find over channel ids 0..n-1 (grown on demand), with path halving."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self, count: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + count))
+        return np.arange(start, start + count)
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.find(i) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+
+
+@dataclass
+class ChannelGraph:
+    """The result of the analysis.
+
+    Attributes:
+        param_ids: (parameter or buffer name, dimension) -> channel id per index along that dimension.
+        producers: (module name, ids of the channels it creates) for every layer that creates channels.
+        blocked: channel id -> why it must stay.
+        skipped: layer name -> why its channels (some or all) stay as they are.
+        modules: module name -> the kind of layer ("conv", "linear", "norm", "embedding"), for attribute updates.
+        literal_reshapes: channel ids that pass a view/reshape whose target size names their count: fine when
+            the code computes that size from the tensor, wrong when it is a constant of the model's code (the
+            graph cannot tell); `torchslim.pruning.channel.prune` blocks them if the pruned model fails to run.
+    """
+
+    uf: UnionFind = field(default_factory=UnionFind)
+    param_ids: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
+    producers: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    blocked: dict[int, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=dict)
+    literal_reshapes: list[tuple[np.ndarray, str]] = field(default_factory=list)
+
+    def block(self, ids: np.ndarray | None, reason: str, layer: str | None = None) -> None:
+        if ids is None or len(ids) == 0:
+            return
+        for i in ids.tolist():
+            self.blocked.setdefault(i, reason)
+        if layer:
+            self.skipped.setdefault(layer, reason)
+
+    def use(self, name: str, dim: int, ids: np.ndarray) -> None:
+        """Parameter ``name`` carries channel ``ids`` along ``dim`` (a shared parameter unites its uses)."""
+        key = (name, dim)
+        if key in self.param_ids:
+            self.uf.union(self.param_ids[key], ids)
+        else:
+            self.param_ids[key] = ids
+
+    def blocked_roots(self) -> dict[int, str]:
+        roots: dict[int, str] = {}
+        for i, reason in self.blocked.items():
+            roots.setdefault(self.uf.find(i), reason)
+        return roots
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    value = node.meta.get("val") if hasattr(node, "meta") else None
+    return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _op_name(node) -> str:
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+
+
+UNARY = {
+    "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardtanh", "hardtanh_", "hardswish", "hardswish_",
+    "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "dropout", "clone", "contiguous", "alias", "detach",
+    "_to_copy", "to", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "clamp", "clamp_min", "erf", "relu6",
+    "type_as", "lift_fresh_copy", "feature_dropout", "channel_shuffle_never",
+}
+ELEMENTWISE = {"add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum", "where", "pow"}
+SPATIAL = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+           "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool2d", "max_pool2d_with_indices",
+           "upsample_nearest2d", "upsample_bilinear2d", "pad", "constant_pad_nd", "reflection_pad2d"}
+REDUCE = {"mean", "sum", "amax", "amin", "std", "var"}
+RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}
+MATMUL = {"matmul", "mm", "bmm", "baddbmm", "addmm", "scaled_dot_product_attention", "einsum"}
+RECURRENT = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
+IGNORED = {"sym_size", "sym_numel", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
+           "_set_grad_enabled", "size"}
+
+
+class ChannelAnalysis:
+    """Walks an ExportedProgram once, assigning and uniting channel ids (see the module docstring)."""
+
+    def __init__(self, program: torch.export.ExportedProgram):
+        self.program = program
+        signature = program.graph_signature
+        self.param_names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+        self.graph = ChannelGraph()
+        self.env: dict[str, Any] = {}
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def ids(self, arg) -> TensorIds:
+        if isinstance(arg, torch.fx.Node):
+            value = self.env.get(arg.name)
+            return value if isinstance(value, dict) else {}
+        return {}
+
+    def param(self, arg) -> str | None:
+        return self.param_names.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+
+    @staticmethod
+    def module_of(param_name: str) -> str:
+        return param_name.rsplit(".", 1)[0] if "." in param_name else ""
+
+    def layer_of(self, node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        return list(stack.values())[-1][0] if stack else node.name
+
+    def block_all(self, node, reason: str) -> None:
+        for arg in node.all_input_nodes:
+            for ids in self.ids(arg).values():
+                self.graph.block(ids, reason, self.layer_of(node))
+
+    # -- the walk -------------------------------------------------------------------------------------------
+    def run(self) -> ChannelGraph:
+        for node in self.program.graph.nodes:
+            if node.op == "placeholder":
+                self.env[node.name] = {}
+            elif node.op == "call_function":
+                self.env[node.name] = self.visit(node)
+            elif node.op == "output":
+                self._block_outputs(node.args)
+            else:
+                self.env[node.name] = {}
+        return self.graph
+
+    def _block_outputs(self, arg) -> None:
+        if isinstance(arg, (list, tuple)):
+            for item in arg:
+                self._block_outputs(item)
+        elif isinstance(arg, torch.fx.Node):
+            for ids in self.ids(arg).values():
+                self.graph.block(ids, "model output: its shape must not change")
+
+    def visit(self, node) -> Any:
+        name = _op_name(node)
+        handler = getattr(self, f"op_{name}", None)
+        if handler is not None:
+            return handler(node)
+        if name in UNARY:
+            return dict(self.ids(node.args[0]))
+        if name in ELEMENTWISE:
+            return self.elementwise(node)
+        if name in SPATIAL:
+            return self.spatial(node)
+        if name in REDUCE:
+            return self.reduce(node)
+        if name in RESHAPE:
+            return self.reshape(node)
+        if name in IGNORED:
+            return {}
+        if name in RECURRENT:
+            self.block_all(node, "recurrent layer: its input and hidden sizes are not pruned")
+            return [{} for _ in range(3)]
+        if name in MATMUL:
+            self.block_all(node, f"{name}: attention and free matmuls are not pruned yet")
+            return {}
+        if any(self.ids(arg) for arg in node.all_input_nodes):
+            self.block_all(node, f"unsupported operation {name}: coupled channels kept")
+        return {}
+
+    # -- layers with parameters -----------------------------------------------------------------------------
+    def op_conv2d(self, node) -> TensorIds:
+        x, weight, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        return self._conv(node, x, weight, bias, groups)
+
+    op_conv1d = op_conv3d = op_conv2d
+
+    def op_convolution(self, node) -> TensorIds:
+        x, weight, bias, _, _, _, transposed, _, groups = node.args[:9]
+        if transposed:
+            self.block_all(node, "transposed convolution is not pruned yet")
+            return {}
+        return self._conv(node, x, weight, bias, groups)
+
+    def _conv(self, node, x, weight, bias, groups: int) -> TensorIds:
+        weight_name = self.param(weight)
+        out_channels, in_per_group = _shape(weight)[:2]
+        x_ids = self.ids(x).get(1)
+        if weight_name is None:
+            self.block_all(node, "convolution with a computed weight")
+            return {}
+        module = self.module_of(weight_name)
+        self.graph.modules[module] = "conv"
+        if groups == 1:
+            out = self.graph.uf.new(out_channels)
+            if x_ids is not None:
+                self.graph.use(weight_name, 1, x_ids)
+            self.graph.producers.append((module, out))
+        elif in_per_group == 1 and out_channels == groups and x_ids is not None:
+            out = x_ids  # depthwise: each output channel belongs to its input channel
+        else:
+            out = self.graph.uf.new(out_channels)
+            reason = "grouped convolution: channels stay (whole-group pruning not supported yet)"
+            self.graph.block(out, reason, module)
+            self.graph.block(x_ids, reason, module)
+        self.graph.use(weight_name, 0, out)
+        if self.param(bias):
+            self.graph.use(self.param(bias), 0, out)
+        return {1: out}
+
+    def op_linear(self, node) -> TensorIds:
+        x, weight = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else None
+        weight_name = self.param(weight)
+        x_ids, ndim = self.ids(x), len(_shape(x))
+        if weight_name is None:
+            self.block_all(node, "linear with a computed weight")
+            return {}
+        module = self.module_of(weight_name)
+        self.graph.modules[module] = "linear"
+        out = self.graph.uf.new(_shape(weight)[0])
+        if ndim - 1 in x_ids:
+            self.graph.use(weight_name, 1, x_ids[ndim - 1])
+        self.graph.use(weight_name, 0, out)
+        if self.param(bias):
+            self.graph.use(self.param(bias), 0, out)
+        self.graph.producers.append((module, out))
+        return {**{d: v for d, v in x_ids.items() if d != ndim - 1}, ndim - 1: out}
+
+    def op_batch_norm(self, node) -> TensorIds:
+        x_ids = self.ids(node.args[0])
+        channel = x_ids.get(1)
+        for arg in node.args[1:5]:
+            name = self.param(arg)
+            if name is not None:
+                self.graph.modules[self.module_of(name)] = "norm"
+                if channel is not None:
+                    self.graph.use(name, 0, channel)
+        return dict(x_ids)
+
+    def op__native_batch_norm_legit_no_training(self, node) -> list:
+        return [self.op_batch_norm(node), {}, {}]
+
+    op_instance_norm = op_batch_norm
+
+    def op_layer_norm(self, node) -> TensorIds:
+        x, normalized = node.args[0], node.args[1]
+        x_ids, ndim = self.ids(x), len(_shape(x))
+        params = [self.param(a) for a in node.args[2:4] if self.param(a)]
+        for name in params:
+            self.graph.modules[self.module_of(name)] = "norm"
+        if len(normalized) == 1:
+            if ndim - 1 in x_ids:
+                for name in params:
+                    self.graph.use(name, 0, x_ids[ndim - 1])
+        else:
+            for d in range(ndim - len(normalized), ndim):
+                self.graph.block(x_ids.get(d), "LayerNorm over several dimensions", self.layer_of(node))
+        return dict(x_ids)
+
+    def op_group_norm(self, node) -> TensorIds:
+        x_ids = self.ids(node.args[0])
+        self.graph.block(x_ids.get(1), "GroupNorm: channels must stay divisible by its groups", self.layer_of(node))
+        return dict(x_ids)
+
+    def op_embedding(self, node) -> TensorIds:
+        weight_name = self.param(node.args[0])
+        if weight_name is None:
+            return {}
+        module = self.module_of(weight_name)
+        self.graph.modules[module] = "embedding"
+        out = self.graph.uf.new(_shape(node.args[0])[1])
+        self.graph.use(weight_name, 1, out)
+        self.graph.producers.append((module, out))
+        return {len(_shape(node)) - 1: out}
+
+    def op_embedding_bag(self, node) -> list:
+        ids = self.op_embedding(node)
+        return [{1: ids[max(ids)]} if ids else {}, {}, {}, {}]
+
+    op__embedding_bag = op_embedding_bag
+
+    # -- data movement --------------------------------------------------------------------------------------
+    def op_getitem(self, node) -> TensorIds:
+        value = self.env.get(node.args[0].name)
+        if isinstance(value, list) and isinstance(node.args[1], int) and node.args[1] < len(value):
+            return value[node.args[1]]
+        return {}
+
+    def elementwise(self, node) -> TensorIds:
+        out_shape = _shape(node)
+        if out_shape is None:
+            return {}
+        out: TensorIds = {}
+        operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        for d, size in enumerate(out_shape):
+            tracked, fixed, params = [], [], []
+            for arg in operands:
+                shape = _shape(arg)
+                if shape is None:
+                    continue
+                dim = d - (len(out_shape) - len(shape))
+                if dim < 0 or shape[dim] != size or size == 1:
+                    continue
+                ids = self.ids(arg).get(dim)
+                if ids is not None:
+                    tracked.append(ids)
+                elif self.param(arg):
+                    params.append((self.param(arg), dim))
+                else:
+                    fixed.append(arg.name)
+            if not tracked:
+                continue
+            for other in tracked[1:]:
+                self.graph.uf.union(tracked[0], other)
+            for name, dim in params:
+                self.graph.use(name, dim, tracked[0])
+            if fixed:
+                self.graph.block(tracked[0], f"combined with {fixed[0]}, whose channels cannot change",
+                                 self.layer_of(node))
+            out[d] = tracked[0]
+        return out
+
+    def spatial(self, node) -> Any:
+        x_ids = self.ids(node.args[0])
+        for d, ids in x_ids.items():
+            if d != 1:
+                self.graph.block(ids, f"{_op_name(node)} over a channel dimension", self.layer_of(node))
+        out = {1: x_ids[1]} if 1 in x_ids else {}
+        return [out, {}] if _op_name(node).endswith("with_indices") else out
+
+    def reduce(self, node) -> TensorIds:
+        x_ids, ndim = self.ids(node.args[0]), len(_shape(node.args[0]))
+        dims = node.args[1] if len(node.args) > 1 else list(range(ndim))
+        dims = [dims] if isinstance(dims, int) else list(dims or range(ndim))
+        dims = sorted(d % ndim for d in dims)
+        keepdim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)) is True
+        out = {}
+        for d, ids in x_ids.items():
+            if d in dims:
+                self.graph.block(ids, f"{_op_name(node)} across channels", self.layer_of(node))
+            else:
+                out[d if keepdim else d - sum(r < d for r in dims)] = ids
+        return out
+
+    def reshape(self, node) -> TensorIds:
+        x_ids = self.ids(node.args[0])
+        if not x_ids:
+            return {}
+        before, after = list(_shape(node.args[0])), list(_shape(node))
+        out: TensorIds = {}
+        for (a0, a1), (b0, b1) in _dim_groups(before, after):
+            tracked = [d for d in range(a0, a1) if d in x_ids]
+            if not tracked:
+                continue
+            if a1 - a0 == 1 and b1 - b0 == 1:
+                out[b0] = x_ids[a0]
+                if _op_name(node) != "flatten" and after[b0] > 1:
+                    self.graph.literal_reshapes.append((x_ids[a0], self.layer_of(node)))
+            elif b1 - b0 == 1 and len(tracked) == 1:
+                # Several dims merge into one: each channel's id repeats over the positions it expands to.
+                d = tracked[0]
+                grid = np.broadcast_to(x_ids[d].reshape([-1 if i == d else 1 for i in range(a0, a1)]),
+                                       before[a0:a1])
+                out[b0] = np.ascontiguousarray(grid).reshape(-1)
+                if _op_name(node) != "flatten":
+                    self.graph.literal_reshapes.append((x_ids[d], self.layer_of(node)))
+            else:
+                for d in tracked:
+                    self.graph.block(x_ids[d], "reshape that splits channels (e.g. into heads) is not pruned yet",
+                                     self.layer_of(node))
+        return out
+
+    def op_permute(self, node) -> TensorIds:
+        x_ids, order = self.ids(node.args[0]), list(node.args[1])
+        ndim = len(order)
+        return {new: x_ids[old % ndim] for new, old in enumerate(order) if old % ndim in x_ids}
+
+    def op_transpose(self, node) -> TensorIds:
+        x_ids, ndim = self.ids(node.args[0]), len(_shape(node.args[0]))
+        a, b = node.args[1] % ndim, node.args[2] % ndim
+        swap = {a: b, b: a}
+        return {swap.get(d, d): ids for d, ids in x_ids.items()}
+
+    def op_t(self, node) -> TensorIds:
+        x_ids = self.ids(node.args[0])
+        return {1 - d: ids for d, ids in x_ids.items()}
+
+    def op_unsqueeze(self, node) -> TensorIds:
+        x_ids, ndim = self.ids(node.args[0]), len(_shape(node))
+        at = node.args[1] % ndim
+        return {d + (d >= at): ids for d, ids in x_ids.items()}
+
+    def op_squeeze(self, node) -> TensorIds:
+        before, after = _shape(node.args[0]), _shape(node)
+        x_ids = self.ids(node.args[0])
+        removed = [d for d, s in enumerate(before) if s == 1 and len(after) < len(before)]
+        if len(node.args) > 1:
+            dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+            removed = [d % len(before) for d in dims if before[d % len(before)] == 1]
+        return {d - sum(r < d for r in removed): ids for d, ids in x_ids.items() if d not in removed}
+
+    def op_cat(self, node) -> TensorIds:
+        tensors = list(node.args[0])
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(_shape(node))
+        pieces = []
+        for arg in tensors:
+            ids = self.ids(arg).get(dim)
+            if ids is None:
+                ids = self.graph.uf.new(_shape(arg)[dim])
+                self.graph.block(ids, f"concatenated with {arg.name}, whose channels cannot change")
+            pieces.append(ids)
+        out = {dim: np.concatenate(pieces)} if any(self.ids(a).get(dim) is not None for a in tensors) else {}
+        for d in range(len(_shape(node))):
+            if d == dim:
+                continue
+            tracked = [self.ids(a)[d] for a in tensors if d in self.ids(a)]
+            for other in tracked[1:]:
+                self.graph.uf.union(tracked[0], other)
+            if tracked:
+                out[d] = tracked[0]
+        return out
+
+    def op_chunk(self, node) -> list:
+        x_ids, shape = self.ids(node.args[0]), _shape(node.args[0])
+        chunks = node.args[1]
+        dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
+        return self._split(node, x_ids, shape, dim, chunks)
+
+    def op_split(self, node) -> list:
+        x_ids, shape = self.ids(node.args[0]), _shape(node.args[0])
+        dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
+        size = node.args[1]
+        if isinstance(size, (list, tuple)):
+            return self._split(node, x_ids, shape, dim, len(size), sizes=list(size))
+        return self._split(node, x_ids, shape, dim, -(-shape[dim] // size))
+
+    def op_split_with_sizes(self, node) -> list:
+        x_ids, shape = self.ids(node.args[0]), _shape(node.args[0])
+        dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
+        return self._split(node, x_ids, shape, dim, len(node.args[1]), sizes=list(node.args[1]))
+
+    def _split(self, node, x_ids: TensorIds, shape, dim: int, count: int, sizes: list[int] | None = None) -> list:
+        rest = {d: ids for d, ids in x_ids.items() if d != dim}
+        if dim not in x_ids:
+            return [dict(rest) for _ in range(count)]
+        ids = x_ids[dim]
+        equal = shape[dim] % count == 0 and (sizes is None or len(set(sizes)) == 1)
+        if not equal or sizes is not None:
+            # Fixed sizes in the model's code would no longer match once channels go.
+            self.graph.block(ids, "split into fixed sizes: its sizes are written in the model's code",
+                             self.layer_of(node))
+            bounds = np.cumsum([0] + (sizes or [shape[dim] // count] * count))
+            return [{**rest, dim: ids[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
+        # Equal chunks stay equal only if every chunk loses the same positions: unite them position by position.
+        pieces = np.split(ids, count)
+        for piece in pieces[1:]:
+            self.graph.uf.union(pieces[0], piece)
+        return [{**rest, dim: piece} for piece in pieces]
+
+    def op_unbind(self, node) -> list:
+        x_ids, shape = self.ids(node.args[0]), _shape(node.args[0])
+        dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+        self.graph.block(x_ids.get(dim), "unbind over channels", self.layer_of(node))
+        return [{d - (d > dim): ids for d, ids in x_ids.items() if d != dim} for _ in range(shape[dim])]
+
+    def op_slice(self, node) -> TensorIds:
+        x_ids, shape = self.ids(node.args[0]), _shape(node.args[0])
+        dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+        out = dict(x_ids)
+        if dim in x_ids:
+            if _shape(node)[dim] == shape[dim]:
+                return out  # a full slice (x[:, :]) changes nothing
+            self.graph.block(x_ids[dim], "slice of channels: its bounds are written in the model's code",
+                             self.layer_of(node))
+            out.pop(dim)
+        return out
+
+    def op_select(self, node) -> TensorIds:
+        x_ids, ndim = self.ids(node.args[0]), len(_shape(node.args[0]))
+        dim = node.args[1] % ndim
+        self.graph.block(x_ids.get(dim), "indexing into channels", self.layer_of(node))
+        return {d - (d > dim): ids for d, ids in x_ids.items() if d != dim}
+
+    def op_softmax(self, node) -> TensorIds:
+        x_ids, ndim = self.ids(node.args[0]), len(_shape(node.args[0]))
+        dim = node.args[1] % ndim
+        self.graph.block(x_ids.get(dim), "softmax across channels", self.layer_of(node))
+        return dict(x_ids)
+
+    op__softmax = op_log_softmax = op__log_softmax = op_softmax
+
+    def op_expand(self, node) -> TensorIds:
+        x_ids, before, after = self.ids(node.args[0]), _shape(node.args[0]), _shape(node)
+        shift = len(after) - len(before)
+        return {d + shift: ids for d, ids in x_ids.items() if before[d] == after[d + shift]}
+
+
+def _dim_groups(before: list[int], after: list[int]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Pair runs of input and output dimensions whose sizes multiply to the same product (a reshape's blocks)."""
+    groups, i, j = [], 0, 0
+    while i < len(before) and j < len(after):
+        a0, b0 = i, j
+        pa, pb = before[i], after[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                pa *= before[i]
+                i += 1
+            else:
+                pb *= after[j]
+                j += 1
+        while i < len(before) and before[i] == 1 and (j >= len(after) or after[j] != 1):
+            i += 1
+        while j < len(after) and after[j] == 1 and (i >= len(before) or before[i] != 1):
+            j += 1
+        groups.append(((a0, i), (b0, j)))
+    return groups
+
+
+def analyse_channels(program: torch.export.ExportedProgram) -> ChannelGraph:
+    """Run the channel analysis on a captured program."""
+    return ChannelAnalysis(program).run()

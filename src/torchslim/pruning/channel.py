@@ -1,0 +1,364 @@
+"""Structured channel pruning: remove whole channels and neurons so the model is physically smaller and faster.
+
+The model is captured with torch.export and analysed (`torchslim.graph.channels`): every prunable channel is a
+class of coupled channel positions across layers. Classes are grouped (a residual stream, a block's hidden
+width), scored by an importance criterion, and the lowest-scoring are removed from every parameter they touch;
+module attributes (``out_channels``, ``num_features``, ``in_features``, ...) follow the new shapes. The result
+is an ordinary ``nn.Module`` whose output shape is unchanged.
+
+Example:
+    >>> result = torchslim.prune(model, torchslim.ChannelPruning(ratio=0.3), example_inputs)
+    >>> result.macs_after / result.macs_before
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim._config import check
+from torchslim.errors import InputError
+from torchslim.graph import ChannelGraph, analyse_channels, capture
+from torchslim.measure.macs import count_macs
+from torchslim.measure.params import count_params
+from torchslim.registry import register_method
+from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
+from torchslim.zoo import call_model
+
+
+
+@dataclass
+class ChannelPruning:
+    """Config of ``prune: {method: channel, ...}`` and of `torchslim.prune`.
+
+    Args:
+        ratio: fraction of each group's channels removed (local), or of all prunable channels (global).
+        target_macs: instead of ``ratio``: prune until MACs <= this fraction of the baseline's (0 = unused).
+        importance: "l1" / "l2" weight magnitude, "bn" (|BatchNorm scale|), "random" (a control).
+        scope: "local" (each group loses ``ratio``) or "global" (one ranking over groups, scores normalised
+            per group; a group loses at most ``max_ratio``).
+        round_to: keep channel counts multiples of this (hardware-friendly widths); 1 = exact.
+        max_ratio: the most any group may lose.
+        ignore: module-name patterns (fnmatch) whose channels stay.
+        seed: for ``importance: random``.
+    """
+
+    ratio: float = 0.3
+    target_macs: float = 0.0
+    importance: Literal["l1", "l2", "bn", "random"] = "l1"
+    scope: Literal["local", "global"] = "local"
+    round_to: int = 1
+    max_ratio: float = 0.9
+    ignore: list[str] = field(default_factory=list)
+    seed: int = 0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
+        check(0.0 <= self.target_macs < 1.0, "target_macs", f"must be in (0, 1) or 0 (unused), got {self.target_macs}")
+        check(self.round_to >= 1, "round_to", f"must be >= 1, got {self.round_to}")
+        check(0.0 < self.max_ratio < 1.0, "max_ratio", f"must be in (0, 1), got {self.max_ratio}")
+
+
+@dataclass
+class PruneResult:
+    """What `prune` did: sizes before and after, and what it left alone (layer name -> reason)."""
+
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    removed_channels: dict[str, int]
+    skipped: dict[str, str]
+    shapes: dict[str, list[int]]
+
+
+@dataclass
+class _Group:
+    roots: np.ndarray  # prunable channel classes of this group
+    size: int  # every channel class of the group, prunable or not
+    modules: list[str]
+
+
+def _groups(graph: ChannelGraph, ignore: list[str]) -> list[_Group]:
+    """Producers that share channel classes form one group (e.g. every conv writing into a residual stream)."""
+    blocked = set(graph.blocked_roots())
+    owner: dict[int, int] = {}
+    parent = list(range(len(graph.producers)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    roots_of = []
+    for index, (_, ids) in enumerate(graph.producers):
+        roots = set(graph.uf.roots(ids).tolist())
+        roots_of.append(roots)
+        for r in roots:
+            if r in owner:
+                parent[find(index)] = find(owner[r])
+            else:
+                owner[r] = index
+    merged: dict[int, list[int]] = {}
+    for index in range(len(graph.producers)):
+        merged.setdefault(find(index), []).append(index)
+    groups = []
+    for members in merged.values():
+        modules = [graph.producers[i][0] for i in members]
+        roots = set().union(*(roots_of[i] for i in members))
+        ignored = any(fnmatch.fnmatch(m, p) for m in modules for p in ignore)
+        if ignored:
+            for m in modules:
+                graph.skipped.setdefault(m, "ignored by the config")
+            continue
+        prunable = np.array(sorted(r for r in roots if r not in blocked), dtype=np.int64)
+        if len(prunable):
+            groups.append(_Group(prunable, len(roots), modules))
+    return groups
+
+
+def _importance(model: nn.Module, graph: ChannelGraph, kind: str, seed: int) -> dict[int, float]:
+    """Score every channel class: summed over every parameter slice it owns."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    scores: dict[int, float] = {}
+    if kind == "random":
+        roots = sorted(set().union(*(set(graph.uf.roots(ids).tolist()) for ids in graph.param_ids.values())))
+        return dict(zip(roots, np.random.default_rng(seed).random(len(roots)).tolist()))
+    for (name, dim), ids in graph.param_ids.items():
+        tensor = tensors.get(name)
+        if tensor is None or not tensor.is_floating_point():
+            continue
+        module = name.rsplit(".", 1)[0]
+        is_weight = tensor.ndim >= 2
+        if kind == "bn":
+            if graph.modules.get(module) != "norm" or not name.endswith("weight") or "running" in name:
+                continue
+        elif not is_weight:
+            continue
+        t = tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
+        per_position = (t.abs().sum(1) if kind in ("l1", "bn") else t.pow(2).sum(1)).tolist()
+        for root, value in zip(graph.uf.roots(ids).tolist(), per_position):
+            scores[root] = scores.get(root, 0.0) + value
+    if kind == "l2":
+        scores = {k: v ** 0.5 for k, v in scores.items()}
+    return scores
+
+
+def _removable(group: _Group, fraction: float, round_to: int) -> int:
+    """How many channels a group loses for ``fraction``, keeping a multiple of ``round_to`` (and at least one)."""
+    keep = group.size - int(fraction * group.size)
+    keep = max(round_to, -(-keep // round_to) * round_to) if round_to > 1 else max(1, keep)
+    return max(0, min(len(group.roots), group.size - keep))
+
+
+def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, ratio: float) -> set[int]:
+    """The channel classes to remove for ``ratio`` under ``config``'s importance, scope and limits."""
+    scores = _importance(model, graph, config.importance, config.seed)
+    groups = _groups(graph, config.ignore)
+    chosen: set[int] = set()
+    if config.scope == "local":
+        for group in groups:
+            count = _removable(group, min(ratio, config.max_ratio), config.round_to)
+            order = sorted(group.roots.tolist(), key=lambda r: scores.get(r, 0.0))
+            chosen.update(order[:count])
+        return chosen
+    ranked = []
+    for index, group in enumerate(groups):
+        values = np.array([scores.get(r, 0.0) for r in group.roots.tolist()])
+        scale = values.mean() if values.mean() > 0 else 1.0
+        ranked += [(v / scale, index, r) for v, r in zip(values.tolist(), group.roots.tolist())]
+    ranked.sort()
+    budget = int(ratio * sum(g.size for g in groups))
+    taken = [0] * len(groups)
+    limit = [_removable(g, config.max_ratio, 1) for g in groups]
+    for _, index, root in ranked:
+        if budget <= 0:
+            break
+        if taken[index] < limit[index]:
+            taken[index] += 1
+            budget -= 1
+    for index, group in enumerate(groups):
+        count = min(_removable(group, taken[index] / group.size, config.round_to), len(group.roots))
+        order = sorted(group.roots.tolist(), key=lambda r: scores.get(r, 0.0))
+        chosen.update(order[:count])
+    return chosen
+
+
+def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
+    for name, kind in graph.modules.items():
+        module = model.get_submodule(name)
+        if isinstance(module, nn.modules.conv._ConvNd):
+            out_channels, in_per_group = module.weight.shape[:2]
+            if module.groups > 1 and in_per_group == 1 and module.groups == module.out_channels:
+                module.groups = out_channels  # depthwise stays depthwise
+            module.out_channels, module.in_channels = out_channels, in_per_group * module.groups
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.modules.batchnorm._NormBase):
+            module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
+        elif isinstance(module, nn.LayerNorm):
+            module.normalized_shape = (module.weight.shape[0],) if module.weight is not None else module.normalized_shape
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = module.weight.shape[1]
+        elif isinstance(module, nn.EmbeddingBag):
+            module.embedding_dim = module.weight.shape[1]
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(module_name) if module_name else model
+    current = getattr(owner, attr)
+    if isinstance(current, nn.Parameter):
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=current.requires_grad)
+    else:
+        owner._buffers[attr] = value
+
+
+def remove_channels(model: nn.Module, graph: ChannelGraph, chosen: set[int]) -> dict[str, list[int]]:
+    """Slice every parameter and buffer that carries a chosen channel; returns the new shapes by name."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    keep: dict[str, dict[int, np.ndarray]] = {}
+    for (name, dim), ids in graph.param_ids.items():
+        mask = np.array([root not in chosen for root in graph.uf.roots(ids).tolist()])
+        if not mask.all():
+            keep.setdefault(name, {})[dim] = np.flatnonzero(mask)
+    shapes = {}
+    with torch.no_grad():
+        for name, dims in keep.items():
+            tensor = tensors[name].detach()
+            for dim, index in dims.items():
+                tensor = tensor.index_select(dim, torch.as_tensor(index, device=tensor.device))
+            _set_tensor(model, name, tensor.contiguous())
+            shapes[name] = list(tensor.shape)
+    _update_attributes(model, graph)
+    return shapes
+
+
+def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any) -> PruneResult:
+    """Remove channels from ``model`` in place (see the module docstring); returns what changed.
+
+    Raises:
+        InputError: the model cannot be captured.
+    """
+    single = _first_sample(example_inputs)
+    with torch.no_grad():
+        reference_shape = tuple(call_model(model.eval(), example_inputs).shape)
+    macs_before, params_before = count_macs(model, single), count_params(model)
+    graph = analyse_channels(capture(model, example_inputs))
+    if config.target_macs > 0:
+        ratio = _ratio_for_macs(model, graph, config, single, config.target_macs * macs_before)
+    else:
+        ratio = config.ratio
+    before = {name: list(t.shape) for name, t in model.state_dict().items()}
+    original = copy.deepcopy(model) if graph.literal_reshapes else None
+    chosen = select_channels(model, graph, config, ratio)
+    shapes = remove_channels(model, graph, chosen)
+    shape, error = _output_shape(model, example_inputs)
+    if error is not None and original is not None:
+        # Some reshape wrote its channel count into the model's code: keep those channels and prune again.
+        for ids, layer in graph.literal_reshapes:
+            graph.block(ids, "reshape to a size written in the model's code", layer)
+        _restore(model, original)
+        chosen = select_channels(model, graph, config, ratio)
+        shapes = remove_channels(model, graph, chosen)
+        shape, error = _output_shape(model, example_inputs)
+    if error is not None:
+        raise RuntimeError(f"the pruned model fails to run ({error}); please report this model") from None
+    if shape != reference_shape:
+        raise RuntimeError(f"structured pruning changed the output shape {reference_shape} -> {shape}")
+    removed = {}
+    for module, ids in graph.producers:
+        count = int(sum(root in chosen for root in set(graph.uf.roots(ids).tolist())))
+        if count:
+            removed[module] = count
+    return PruneResult(macs_before=macs_before, macs_after=count_macs(model, single), params_before=params_before,
+                       params_after=count_params(model), removed_channels=removed, skipped=dict(graph.skipped),
+                       shapes={k: v for k, v in shapes.items() if v != before.get(k)})
+
+
+def _output_shape(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, str | None]:
+    try:
+        with torch.no_grad():
+            return tuple(call_model(model.eval(), example_inputs).shape), None
+    except Exception as error:  # the caller decides whether a retry can fix it
+        return None, f"{type(error).__name__}: {str(error).strip()[:200]}"
+
+
+def _restore(model: nn.Module, original: nn.Module) -> None:
+    """Put back every tensor and layer attribute of ``original`` (an unpruned deep copy) into ``model``."""
+    for name, module in original.named_modules():
+        target = model.get_submodule(name) if name else model
+        for attr, value in vars(module).items():
+            if attr in ("_parameters", "_buffers"):
+                getattr(target, attr).update(value)
+            elif not attr.startswith("_") and isinstance(value, (int, tuple)):
+                setattr(target, attr, value)
+
+
+def _first_sample(inputs: Any) -> Any:
+    return tuple(t[:1] for t in inputs) if isinstance(inputs, (tuple, list)) else inputs[:1]
+
+
+def _ratio_for_macs(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, single: Any,
+                    target: float) -> float:
+    """Bisect the ratio whose pruning (tried on copies) brings MACs to ``target`` or just below."""
+    low, high = 0.0, config.max_ratio
+    best = high
+    for _ in range(12):
+        middle = (low + high) / 2
+        trial = copy.deepcopy(model)
+        remove_channels(trial, graph, select_channels(trial, graph, config, middle))
+        if count_macs(trial, single) <= target:
+            best, high = middle, middle
+        else:
+            low = middle
+    return best
+
+
+def save_pruned(model: nn.Module, directory: str | Path) -> Path:
+    """Weights as ``model.safetensors`` plus ``model.shapes.json`` (every tensor's shape); no pickle."""
+    return TorchDeployable(model).save(Path(directory))
+
+
+def load_pruned(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Rebuild a pruned model on a fresh instance of its original class (changed in place and returned)."""
+    directory = Path(directory)
+    spec = json.loads((directory / "model.shapes.json").read_text())
+    if spec.get("format") != SHAPES_FORMAT:
+        raise InputError(f"{directory}/model.shapes.json: not a {SHAPES_FORMAT} file")
+    state = model.state_dict()
+    graph = ChannelGraph()
+    for name, shape in spec["shapes"].items():
+        if name not in state:
+            raise InputError(f"{directory}: the model has no tensor {name!r}; is this the original model class?")
+        if list(state[name].shape) != shape:
+            _set_tensor(model, name, torch.empty(shape, dtype=state[name].dtype))
+            graph.modules[name.rpartition(".")[0]] = "changed"
+    _update_attributes(model, graph)
+    load_safetensors(model, directory / "model.safetensors")
+    return model
+
+
+@register_method("prune", "channel", ChannelPruning)
+def prune_channels(context, config: ChannelPruning) -> TorchDeployable:
+    """The recipe step: prune ``context.model`` in place; the report gets removed channels and MACs."""
+    result = prune(context.model, config, context.example_inputs(2))
+    if context.masks:
+        # Earlier unstructured masks follow their weights: what was zero stays zero in the smaller tensors.
+        parameters = dict(context.model.named_parameters())
+        context.masks = {name: parameters[name].detach() != 0 for name in context.masks if name in parameters}
+    for layer, reason in result.skipped.items():
+        context.skip_layer(layer, reason)
+    return TorchDeployable(context.model, details={
+        "macs_before": result.macs_before, "macs_after": result.macs_after,
+        "removed_channels": result.removed_channels})
