@@ -181,7 +181,7 @@ def test_embedding_and_layernorm_dimensions_are_pruned_together():
     assert model(ids).shape == (3, 2)
 
 
-def test_recurrent_and_attention_layers_are_left_intact_with_a_reason():
+def test_recurrent_layers_and_packed_attention_are_left_intact_with_a_reason():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -200,7 +200,7 @@ def test_recurrent_and_attention_layers_are_left_intact_with_a_reason():
     result = prune(model, ChannelPruning(ratio=0.5), x)
     assert model.proj.out_features == 16 and model.lstm.hidden_size == 12
     assert any("recurrent" in reason for reason in result.skipped.values())
-    assert any("heads" in reason or "matmul" in reason for reason in result.skipped.values())
+    assert "attn" in result.skipped  # packed q/k/v projections of nn.MultiheadAttention: kept, with the reason
     assert result.macs_after == result.macs_before
     with torch.no_grad():
         assert torch.equal(model(x), reference)  # nothing it could not handle was touched
@@ -252,3 +252,49 @@ def test_an_uncapturable_model_is_a_clear_error():
 
     with pytest.raises(InputError, match="cannot be captured by torch.export"):
         prune(DataDependent(), ChannelPruning(), torch.randn(2, 3))
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query, when kv_heads < heads) self-attention with a residual and an FFN."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=4, hidden=64):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, heads * self.head_dim)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim)
+        self.o = nn.Linear(heads * self.head_dim, dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def split(self, x, heads):
+        b, t, _ = x.shape
+        return x.view(b, t, -1, self.head_dim).transpose(1, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.split(self.q(x), self.heads), self.split(self.k(x), self.kv_heads), self.split(self.v(x), 0)
+        if self.kv_heads != self.heads:
+            repeat = self.heads // self.kv_heads
+            k = k[:, :, None].expand(b, k.shape[1], repeat, t, self.head_dim).reshape(b, -1, t, self.head_dim)
+            v = v[:, :, None].expand(b, v.shape[1], repeat, t, self.head_dim).reshape(b, -1, t, self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+        x = x + self.o(y)
+        x = x + self.down(F.gelu(self.up(x)))
+        return self.head(x.mean(1))
+
+
+def test_attention_loses_whole_heads_and_ffn_neurons_exactly():
+    model = Attention()
+    graph, chosen = exact_prune(model, torch.randn(2, 5, 32))
+    assert model.q.out_features == model.k.out_features == model.v.out_features == model.o.in_features == 16
+    assert model.up.out_features == model.down.in_features == 32
+    assert model.o.out_features == 32  # the residual stream is combined with the input: kept
+
+
+def test_grouped_query_attention_prunes_whole_query_groups():
+    model = Attention(heads=4, kv_heads=2)
+    exact_prune(model, torch.randn(2, 5, 32))
+    assert model.k.out_features == model.v.out_features == 8  # one of two kv heads (of 8 features)
+    assert model.q.out_features == model.o.in_features == 16  # ... and both query heads that read it

@@ -121,7 +121,7 @@ SPATIAL = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
            "upsample_nearest2d", "upsample_bilinear2d", "pad", "constant_pad_nd", "reflection_pad2d"}
 REDUCE = {"mean", "sum", "amax", "amin", "std", "var"}
 RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}
-MATMUL = {"matmul", "mm", "bmm", "baddbmm", "addmm", "scaled_dot_product_attention", "einsum"}
+MATMUL = {"baddbmm", "addmm", "einsum"}
 RECURRENT = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
 IGNORED = {"sym_size", "sym_numel", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
            "_set_grad_enabled", "size"}
@@ -202,7 +202,7 @@ class ChannelAnalysis:
             self.block_all(node, "recurrent layer: its input and hidden sizes are not pruned")
             return [{} for _ in range(3)]
         if name in MATMUL:
-            self.block_all(node, f"{name}: attention and free matmuls are not pruned yet")
+            self.block_all(node, f"{name}: not analysed yet, coupled channels kept")
             return {}
         if any(self.ids(arg) for arg in node.all_input_nodes):
             self.block_all(node, f"unsupported operation {name}: coupled channels kept")
@@ -406,10 +406,17 @@ class ChannelAnalysis:
                 out[b0] = np.ascontiguousarray(grid).reshape(-1)
                 if _op_name(node) != "flatten":
                     self.graph.literal_reshapes.append((x_ids[d], self.layer_of(node)))
+            elif a1 - a0 == 1 and b1 - b0 > 1:
+                # One dim splits into several, e.g. (B, T, H*D) -> (B, T, H, D): each block of the trailing dims
+                # (a head) becomes one channel class, carried by the leading output dim.
+                blocks = x_ids[a0].reshape(after[b0], -1)
+                for column in range(1, blocks.shape[1]):
+                    self.graph.uf.union(blocks[:, 0], blocks[:, column])
+                out[b0] = blocks[:, 0].copy()
+                self.graph.literal_reshapes.append((x_ids[a0], self.layer_of(node)))
             else:
                 for d in tracked:
-                    self.graph.block(x_ids[d], "reshape that splits channels (e.g. into heads) is not pruned yet",
-                                     self.layer_of(node))
+                    self.graph.block(x_ids[d], "reshape that mixes channels across dimensions", self.layer_of(node))
         return out
 
     def op_permute(self, node) -> TensorIds:
@@ -530,6 +537,62 @@ class ChannelAnalysis:
         return dict(x_ids)
 
     op__softmax = op_log_softmax = op__log_softmax = op_softmax
+
+    def _batched_product(self, node, left, right, out_shape) -> TensorIds:
+        """(..., M, K) @ (..., K, N): batch dims are united like an element-wise op, K is contracted (its
+        channels stay), M comes from the left operand and N from the right."""
+        out: TensorIds = {}
+        n_out = len(out_shape)
+        for arg, row in ((left, True), (right, False)):
+            shape, ids = _shape(arg), self.ids(arg)
+            for d, vector in ids.items():
+                from_end = len(shape) - d
+                if from_end > 2:  # a batch dim
+                    position = n_out - from_end
+                    if position in out:
+                        self.graph.uf.union(out[position], vector)
+                    else:
+                        out[position] = vector
+                elif (from_end == 2) == row:  # M of the left operand, N of the right one
+                    out[n_out - from_end] = vector
+                else:
+                    self.graph.block(vector, "contracted by a matmul of activations", self.layer_of(node))
+        return out
+
+    def op_matmul(self, node) -> TensorIds:
+        left, right = node.args[0], node.args[1]
+        if len(_shape(left)) < 2 or len(_shape(right)) < 2:
+            self.block_all(node, "matmul with a vector operand")
+            return {}
+        return self._batched_product(node, left, right, _shape(node))
+
+    op_bmm = op_mm = op_matmul
+
+    def op_scaled_dot_product_attention(self, node) -> TensorIds:
+        q, k, v = node.args[:3]
+        q_ids, k_ids, v_ids = self.ids(q), self.ids(k), self.ids(v)
+        ndim = len(_shape(q))
+        out: TensorIds = {}
+        for d in range(ndim - 2):  # batch and head dims: q, k and v pair up head by head
+            vectors = [ids[d] for ids in (q_ids, k_ids, v_ids) if d in ids]
+            for other in vectors[1:]:
+                self.graph.uf.union(vectors[0], other)
+            if vectors:
+                out[d] = vectors[0]
+        for ids in (q_ids, k_ids):
+            self.graph.block(ids.get(ndim - 1), "attention feature dim (within a head)", self.layer_of(node))
+        self.graph.block(k_ids.get(ndim - 2), "attention key positions", self.layer_of(node))
+        self.graph.block(v_ids.get(ndim - 2), "attention value positions", self.layer_of(node))
+        if ndim - 2 in q_ids:
+            out[ndim - 2] = q_ids[ndim - 2]
+        if ndim - 1 in v_ids:
+            out[ndim - 1] = v_ids[ndim - 1]
+        if node.kwargs.get("enable_gqa") or any(a is True for a in node.args[6:7]):
+            for d in list(out):
+                if d < ndim - 2:
+                    self.graph.block(out[d], "grouped-query attention expanded inside the kernel",
+                                     self.layer_of(node))
+        return out
 
     def op_expand(self, node) -> TensorIds:
         x_ids, before, after = self.ids(node.args[0]), _shape(node.args[0]), _shape(node)
