@@ -298,3 +298,36 @@ def test_grouped_query_attention_prunes_whole_query_groups():
     exact_prune(model, torch.randn(2, 5, 32))
     assert model.k.out_features == model.v.out_features == 8  # one of two kv heads (of 8 features)
     assert model.q.out_features == model.o.in_features == 16  # ... and both query heads that read it
+
+
+def test_iterative_steps_call_recovery_between_steps_and_reach_the_ratio():
+    model = Residual()
+    calls = []
+    result = prune(model, ChannelPruning(ratio=0.5, steps=3), torch.randn(2, 3, 8, 8),
+                   recover=lambda m, step: calls.append((step, m.a[0].out_channels)))
+    assert [step for step, _ in calls] == [1, 2]
+    assert calls[0][1] > calls[1][1] > model.a[0].out_channels == 16  # 32 -> ... -> 16, a little each step
+    assert result.removed_channels["a.0"] == 16
+
+
+def test_taylor_importance_uses_gradients_and_a_latency_target_bisects_on_measured_latency(monkeypatch):
+    from torchslim.pruning import channel
+
+    from torchslim.errors import InputError
+
+    x = torch.randn(4, 3, 8, 8)
+    model = Residual()
+    with pytest.raises(InputError, match="taylor needs gradients"):
+        prune(model, ChannelPruning(importance="taylor"), x)
+    model(x).pow(2).sum().backward()
+    with torch.no_grad():
+        model.a[0].weight.grad[:4] *= 1e6  # four channels with a huge first-order effect on the loss
+    prune(model, ChannelPruning(ratio=0.5, importance="taylor"), x)
+    assert model.a[0].out_channels == 16
+    assert int((model.a[0].weight.abs().flatten(1).sum(1) > 0).sum()) == 16
+    # Latency is measured (never asserted in unit tests): stand in a clock proportional to MACs to check that
+    # the bisection stops at the first ratio meeting the target.
+    monkeypatch.setattr(channel, "_latency", lambda m, inputs: float(channel.count_macs(m, inputs[:1])))
+    model = Residual()
+    result = prune(model, ChannelPruning(target_latency=0.6), torch.randn(16, 3, 8, 8))
+    assert 0.5 <= result.macs_after / result.macs_before <= 0.6

@@ -18,7 +18,7 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from torchslim._config import check
 from torchslim.errors import InputError
 from torchslim.graph import ChannelGraph, analyse_channels, capture
+from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.registry import register_method
@@ -42,22 +43,30 @@ class ChannelPruning:
     Args:
         ratio: fraction of each group's channels removed (local), or of all prunable channels (global).
         target_macs: instead of ``ratio``: prune until MACs <= this fraction of the baseline's (0 = unused).
-        importance: "l1" / "l2" weight magnitude, "bn" (|BatchNorm scale|), "random" (a control).
+        target_latency: instead of ``ratio``: prune until the eager PyTorch latency on the example inputs is
+            <= this fraction of the baseline's (measured, medians; 0 = unused).
+        importance: "l1" / "l2" weight magnitude, "bn" (|BatchNorm scale|), "taylor" (|weight x gradient|,
+            first order; needs gradients, which the recipe step computes from a few training batches),
+            "random" (a control).
         scope: "local" (each group loses ``ratio``) or "global" (one ranking over groups, scores normalised
             per group; a group loses at most ``max_ratio``).
         round_to: keep channel counts multiples of this (hardware-friendly widths); 1 = exact.
         max_ratio: the most any group may lose.
         ignore: module-name patterns (fnmatch) whose channels stay.
+        steps: prune in this many steps (re-analysing and re-scoring each time), calling ``recover`` between
+            steps when `prune` is given one.
         seed: for ``importance: random``.
     """
 
     ratio: float = 0.3
     target_macs: float = 0.0
-    importance: Literal["l1", "l2", "bn", "random"] = "l1"
+    target_latency: float = 0.0
+    importance: Literal["l1", "l2", "bn", "taylor", "random"] = "l1"
     scope: Literal["local", "global"] = "local"
     round_to: int = 1
     max_ratio: float = 0.9
     ignore: list[str] = field(default_factory=list)
+    steps: int = 1
     seed: int = 0
     version: int = 1
 
@@ -66,6 +75,10 @@ class ChannelPruning:
         check(0.0 <= self.target_macs < 1.0, "target_macs", f"must be in (0, 1) or 0 (unused), got {self.target_macs}")
         check(self.round_to >= 1, "round_to", f"must be >= 1, got {self.round_to}")
         check(0.0 < self.max_ratio < 1.0, "max_ratio", f"must be in (0, 1), got {self.max_ratio}")
+        check(0.0 <= self.target_latency < 1.0, "target_latency",
+              f"must be in (0, 1) or 0 (unused), got {self.target_latency}")
+        check(not (self.target_macs and self.target_latency), "target_latency", "give target_macs or target_latency")
+        check(1 <= self.steps <= 100, "steps", f"must be in [1, 100], got {self.steps}")
 
 
 @dataclass
@@ -145,8 +158,13 @@ def _importance(model: nn.Module, graph: ChannelGraph, kind: str, seed: int) -> 
                 continue
         elif not is_weight:
             continue
-        t = tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
-        per_position = (t.abs().sum(1) if kind in ("l1", "bn") else t.pow(2).sum(1)).tolist()
+        source = tensor.detach()
+        if kind == "taylor":
+            if tensor.grad is None:
+                continue
+            source = (tensor.detach() * tensor.grad).abs()
+        t = source.float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
+        per_position = (t.abs().sum(1) if kind in ("l1", "bn", "taylor") else t.pow(2).sum(1)).tolist()
         for root, value in zip(graph.uf.roots(ids).tolist(), per_position):
             scores[root] = scores.get(root, 0.0) + value
     if kind == "l2":
@@ -156,7 +174,7 @@ def _importance(model: nn.Module, graph: ChannelGraph, kind: str, seed: int) -> 
 
 def _removable(group: _Group, fraction: float, round_to: int) -> int:
     """How many channels a group loses for ``fraction``, keeping a multiple of ``round_to`` (and at least one)."""
-    keep = group.size - int(fraction * group.size)
+    keep = group.size - round(fraction * group.size)
     keep = max(round_to, -(-keep // round_to) * round_to) if round_to > 1 else max(1, keep)
     return max(0, min(len(group.roots), group.size - keep))
 
@@ -244,21 +262,60 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, chosen: set[int]) -> 
     return shapes
 
 
-def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any) -> PruneResult:
+def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any,
+          recover: Callable[[nn.Module, int], None] | None = None) -> PruneResult:
     """Remove channels from ``model`` in place (see the module docstring); returns what changed.
 
+    Args:
+        example_inputs: one input batch (a tensor or a tuple of tensors) to capture and check the model with.
+        recover: called as ``recover(model, step)`` after each of ``config.steps`` steps but the last (e.g. a
+            short fine-tune); Taylor importance reads the gradients present on the parameters.
+
     Raises:
-        InputError: the model cannot be captured.
+        InputError: the model cannot be captured, or Taylor importance finds no gradients.
     """
+    if config.importance == "taylor" and not any(p.grad is not None for p in model.parameters()):
+        raise InputError("importance taylor needs gradients: run a backward pass on a few batches first "
+                         "(the recipe step computes them from the training data)")
     single = _first_sample(example_inputs)
-    with torch.no_grad():
-        reference_shape = tuple(call_model(model.eval(), example_inputs).shape)
     macs_before, params_before = count_macs(model, single), count_params(model)
+    latency_before = _latency(model, example_inputs) if config.target_latency else 0.0
+    removed: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    shapes: dict[str, list[int]] = {}
+    for step in range(1, config.steps + 1):
+        share = step / config.steps  # cumulative targets follow a geometric path to the final one
+        macs_goal = config.target_macs ** share * macs_before if config.target_macs else 0.0
+        latency_goal = config.target_latency ** share * latency_before if config.target_latency else 0.0
+        kept_before = 1 - config.ratio * (step - 1) / config.steps
+        ratio = 1 - (1 - config.ratio * share) / kept_before
+        result = _prune_once(model, config, example_inputs, ratio, macs_goal, latency_goal)
+        for module, count in result.removed_channels.items():
+            removed[module] = removed.get(module, 0) + count
+        skipped.update(result.skipped)
+        shapes.update(result.shapes)
+        if recover is not None and step < config.steps:
+            recover(model, step)
+    return PruneResult(macs_before=macs_before, macs_after=count_macs(model, single), params_before=params_before,
+                       params_after=count_params(model), removed_channels=removed, skipped=skipped, shapes=shapes)
+
+
+def _latency(model: nn.Module, inputs: Any) -> float:
+    with torch.inference_mode():
+        return measure_latency(lambda x: call_model(model, x), inputs, warmup=2, repeats=7).median_ms
+
+
+def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, ratio: float, macs_goal: float,
+                latency_goal: float) -> PruneResult:
+    reference_shape, error = _output_shape(model, example_inputs)
+    if error is not None:
+        raise InputError(f"the model does not run on the example inputs: {error}")
+    single = _first_sample(example_inputs)
     graph = analyse_channels(capture(model, example_inputs))
-    if config.target_macs > 0:
-        ratio = _ratio_for_macs(model, graph, config, single, config.target_macs * macs_before)
-    else:
-        ratio = config.ratio
+    if macs_goal:
+        ratio = _bisect_ratio(model, graph, config, lambda trial: count_macs(trial, single) <= macs_goal)
+    elif latency_goal:
+        ratio = _bisect_ratio(model, graph, config, lambda trial: _latency(trial, example_inputs) <= latency_goal)
     before = {name: list(t.shape) for name, t in model.state_dict().items()}
     original = copy.deepcopy(model) if graph.literal_reshapes else None
     chosen = select_channels(model, graph, config, ratio)
@@ -281,9 +338,8 @@ def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any) -> Prun
         count = int(sum(root in chosen for root in set(graph.uf.roots(ids).tolist())))
         if count:
             removed[module] = count
-    return PruneResult(macs_before=macs_before, macs_after=count_macs(model, single), params_before=params_before,
-                       params_after=count_params(model), removed_channels=removed, skipped=dict(graph.skipped),
-                       shapes={k: v for k, v in shapes.items() if v != before.get(k)})
+    return PruneResult(macs_before=0, macs_after=0, params_before=0, params_after=0, removed_channels=removed,
+                       skipped=dict(graph.skipped), shapes={k: v for k, v in shapes.items() if v != before.get(k)})
 
 
 def _output_shape(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, str | None]:
@@ -309,20 +365,18 @@ def _first_sample(inputs: Any) -> Any:
     return tuple(t[:1] for t in inputs) if isinstance(inputs, (tuple, list)) else inputs[:1]
 
 
-def _ratio_for_macs(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, single: Any,
-                    target: float) -> float:
-    """Bisect the ratio whose pruning (tried on copies) brings MACs to ``target`` or just below."""
+def _bisect_ratio(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, reached) -> float:
+    """The smallest ratio (to 1/4096) whose pruning, tried on copies, satisfies ``reached(trial_model)``."""
     low, high = 0.0, config.max_ratio
-    best = high
     for _ in range(12):
         middle = (low + high) / 2
         trial = copy.deepcopy(model)
         remove_channels(trial, graph, select_channels(trial, graph, config, middle))
-        if count_macs(trial, single) <= target:
-            best, high = middle, middle
+        if reached(trial):
+            high = middle
         else:
             low = middle
-    return best
+    return high
 
 
 def save_pruned(model: nn.Module, directory: str | Path) -> Path:
@@ -349,10 +403,36 @@ def load_pruned(model: nn.Module, directory: str | Path) -> nn.Module:
     return model
 
 
+def _taylor_gradients(context, batches: int = 4, batch_size: int = 32) -> None:
+    """Gradients for Taylor importance: the task loss (labels) or the distance to the teacher, a few batches."""
+    import torch.nn.functional as F
+
+    model = context.model
+    model.zero_grad(set_to_none=True)
+    labelled = context.data.has_labels and context.bundle.task == "classification"
+    for inputs, labels in context.data.batches("train", context.bundle.preprocess, batch_size, shuffle=True,
+                                               seed=context.seed, limit=batches * batch_size):
+        outputs = call_model(model, inputs)
+        if labelled:
+            loss = F.cross_entropy(outputs, labels)
+        else:
+            with torch.no_grad():
+                target = call_model(context.teacher, inputs)
+            loss = F.mse_loss(outputs, target)
+        loss.backward()
+
+
 @register_method("prune", "channel", ChannelPruning)
 def prune_channels(context, config: ChannelPruning) -> TorchDeployable:
     """The recipe step: prune ``context.model`` in place; the report gets removed channels and MACs."""
-    result = prune(context.model, config, context.example_inputs(2))
+    if config.importance == "taylor":
+        _taylor_gradients(context)
+    # A latency target is measured at the recipe's batch size; otherwise a small batch suffices to capture.
+    example = context.example_inputs(context.batch_size if config.target_latency else 2)
+    try:
+        result = prune(context.model, config, example)
+    finally:
+        context.model.zero_grad(set_to_none=True)
     if context.masks:
         # Earlier unstructured masks follow their weights: what was zero stays zero in the smaller tensors.
         parameters = dict(context.model.named_parameters())
