@@ -331,3 +331,32 @@ def test_taylor_importance_uses_gradients_and_a_latency_target_bisects_on_measur
     model = Residual()
     result = prune(model, ChannelPruning(target_latency=0.6), torch.randn(16, 3, 8, 8))
     assert 0.5 <= result.macs_after / result.macs_before <= 0.6
+
+
+def test_hugging_face_config_follows_the_pruned_ffn_and_save_pretrained_round_trips(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from torchslim.zoo import resolve_model
+
+    bundle = resolve_model("builtin:minilm")
+    encoder = bundle.model.encoder
+    ids, mask = bundle.preprocess(["A sentence to capture the graph with.", "And another one."])
+    result = prune(bundle.model, ChannelPruning(ratio=0.5, ignore=["*attention*"]), (ids, mask))
+    assert encoder.config.intermediate_size == 768  # 1536 -> 768 in every layer
+    assert encoder.encoder.layer[0].attention.self.query.out_features == 384
+    assert result.macs_after < 0.75 * result.macs_before
+    encoder.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        expected = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.allclose(reloaded(input_ids=ids, attention_mask=mask).last_hidden_state, expected, atol=1e-5)
+
+
+def test_hugging_face_head_pruning_is_reported_when_the_config_cannot_express_it():
+    pytest.importorskip("transformers")
+    from torchslim.zoo import resolve_model
+
+    bundle = resolve_model("builtin:minilm")
+    ids, mask = bundle.preprocess(["A sentence to capture the graph with."])
+    result = prune(bundle.model, ChannelPruning(ratio=0.5), (ids, mask))
+    assert bundle.model.encoder.encoder.layer[0].attention.self.query.out_features == 192  # 12 -> 6 heads
+    assert "load_pruned" in result.skipped["encoder"]

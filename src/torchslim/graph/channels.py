@@ -167,6 +167,11 @@ class ChannelAnalysis:
                 self.env[node.name] = {}
             elif node.op == "call_function":
                 self.env[node.name] = self.visit(node)
+                if not node.users and isinstance(self.env[node.name], dict):
+                    # An unused result (e.g. a pooler the wrapper ignores) keeps its width: the module's own
+                    # structure (a Hugging Face config, say) may still promise it.
+                    for ids in self.env[node.name].values():
+                        self.graph.block(ids, "result not used by the model's output", self.layer_of(node))
             elif node.op == "output":
                 self._block_outputs(node.args)
             else:

@@ -30,6 +30,7 @@ from torchslim.graph import ChannelGraph, analyse_channels, capture
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
+from torchslim.pruning import hf_config
 from torchslim.registry import register_method
 from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
 from torchslim.zoo import call_model
@@ -279,6 +280,7 @@ def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any,
                          "(the recipe step computes them from the training data)")
     single = _first_sample(example_inputs)
     macs_before, params_before = count_macs(model, single), count_params(model)
+    linear_widths = hf_config.widths_before(model)
     latency_before = _latency(model, example_inputs) if config.target_latency else 0.0
     removed: dict[str, int] = {}
     skipped: dict[str, str] = {}
@@ -296,6 +298,7 @@ def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any,
         shapes.update(result.shapes)
         if recover is not None and step < config.steps:
             recover(model, step)
+    skipped.update(hf_config.update_configs(model, linear_widths))
     return PruneResult(macs_before=macs_before, macs_after=count_macs(model, single), params_before=params_before,
                        params_after=count_params(model), removed_channels=removed, skipped=skipped, shapes=shapes)
 

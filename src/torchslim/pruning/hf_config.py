@@ -1,0 +1,56 @@
+"""Keeping a Hugging Face model's config true to its pruned shapes, so ``save_pretrained`` ->
+``from_pretrained`` rebuilds it. A config holds one width for all layers: a field is updated when every layer
+agrees, and otherwise reported (the model then reloads with `torchslim.load_pruned`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _configs(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules()
+            if hasattr(getattr(m, "config", None), "to_dict") and hasattr(m.config, "num_hidden_layers")]
+
+
+def widths_before(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every Linear's (in, out) features, recorded before pruning."""
+    return {name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def update_configs(model: nn.Module, before: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """Update ``intermediate_size`` (and, where the config states ``head_dim``, the head counts) of every
+    transformers config in ``model``; returns notes (config owner -> what could not be expressed)."""
+    notes = {}
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for owner, module in _configs(model):
+        config = module.config
+        prefix = f"{owner}." if owner else ""
+        inner = getattr(config, "intermediate_size", None)
+        if inner:
+            ffn = [n for n, (_, out) in before.items() if out == inner and n.startswith(prefix) and n in linears]
+            widths = {linears[n].out_features for n in ffn}
+            if len(widths) == 1:
+                config.intermediate_size = widths.pop()
+            elif widths:
+                notes[owner or "model"] = (f"FFN widths differ per layer ({sorted(widths)}): config.intermediate_size "
+                                           f"cannot say so; reload with torchslim.load_pruned")
+        heads = getattr(config, "num_attention_heads", None)
+        head_dim = getattr(config, "head_dim", None)
+        if heads and not head_dim:
+            hidden = getattr(config, "hidden_size", 0)
+            queries = [n for n, (i, out) in before.items() if n.startswith(prefix) and n.endswith(("query", "q_proj"))
+                       and n in linears and linears[n].out_features != out]
+            if queries:
+                notes[owner or "model"] = (f"attention heads were pruned, but this config derives the head size "
+                                           f"from hidden_size={hidden} / num_attention_heads: reload with "
+                                           f"torchslim.load_pruned")
+        elif heads and head_dim:
+            for field, suffixes in (("num_attention_heads", ("q_proj", "query")),
+                                    ("num_key_value_heads", ("k_proj", "key"))):
+                counts = {linears[n].out_features // head_dim for n in linears
+                          if n.startswith(prefix) and n.endswith(suffixes)}
+                if len(counts) == 1 and hasattr(config, field):
+                    setattr(config, field, counts.pop())
+                elif len(counts) > 1:
+                    notes[owner or "model"] = f"{field} differs per layer: reload with torchslim.load_pruned"
+    return notes
