@@ -20,6 +20,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, write_json  # noqa: E402
 
 from torchslim.pruning.channel import ChannelPruning, load_pruned, prune, save_pruned  # noqa: E402
+from torchslim.zoo import call_model  # noqa: E402
+
+
+def minilm():
+    from torchslim.zoo import resolve_model
+
+    return resolve_model("builtin:minilm").model
+
+
+def gpt2_from_config():
+    import transformers
+
+    from torchslim.zoo.hub import LogitsOnly
+
+    config = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=64, vocab_size=1000)
+    return LogitsOnly(transformers.GPT2LMHeadModel(config))
+
+
+HF = {"builtin:minilm (BERT-style)": minilm, "gpt2 from config": gpt2_from_config}
 
 INPUT_SIZE = {"inception_v3": 299}
 TIMM = ["efficientnet_b0", "mobilenetv3_large_100", "convnext_tiny", "vit_small_patch16_224"]
@@ -31,13 +50,13 @@ def check(name: str, build, example) -> dict:
     model = build().eval()
     result = prune(model, ChannelPruning(ratio=0.3), example)
     with torch.no_grad():
-        out = model(example)
+        out = call_model(model, example)
     with tempfile.TemporaryDirectory() as folder:
         save_pruned(model, folder)
         torch.manual_seed(1)
         fresh = load_pruned(build(), folder).eval()
         with torch.no_grad():
-            same = torch.equal(fresh(example), out)
+            same = torch.equal(call_model(fresh, example), out)
     if not same:
         raise AssertionError("reloaded model computes different outputs")
     return {"model": name, "ok": True, "macs_ratio": round(result.macs_after / result.macs_before, 4),
@@ -90,6 +109,16 @@ def main() -> None:
             others, more = run(TIMM, lambda n: (lambda: timm.create_model(n, pretrained=False)),
                                lambda n: torch.randn(1, 3, 224, 224), args.max_params)
             rows += more
+        except ImportError:
+            pass
+        try:
+            import transformers  # noqa: F401
+
+            tokens = (torch.randint(0, 1000, (2, 16)), torch.ones(2, 16, dtype=torch.long))  # both vocabularies
+            hf, more = run(list(HF), lambda n: HF[n], lambda n: tokens, args.max_params)
+            rows += more
+            others = {"total": others["total"] + hf["total"], "ok": others["ok"] + hf["ok"],
+                      "failed": {**others["failed"], **hf["failed"]}}
         except ImportError:
             pass
     share = summary["ok"] / max(summary["total"], 1)

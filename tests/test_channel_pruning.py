@@ -360,3 +360,23 @@ def test_hugging_face_head_pruning_is_reported_when_the_config_cannot_express_it
     result = prune(bundle.model, ChannelPruning(ratio=0.5), (ids, mask))
     assert bundle.model.encoder.encoder.layer[0].attention.self.query.out_features == 192  # 12 -> 6 heads
     assert "load_pruned" in result.skipped["encoder"]
+
+
+def test_a_token_concatenated_from_a_parameter_keeps_the_width_it_shares():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(6, 16)
+            self.cls = nn.Parameter(torch.randn(1, 1, 16))
+            self.up = nn.Linear(16, 32)
+            self.down = nn.Linear(32, 16)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            y = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
+            y = y + self.down(F.gelu(self.up(y)))
+            return self.head(y[:, 0])
+
+    model = Tokens()
+    exact_prune(model, torch.randn(2, 5, 6))
+    assert model.embed.out_features == 16 and model.up.out_features == 16

@@ -121,7 +121,7 @@ SPATIAL = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
            "upsample_nearest2d", "upsample_bilinear2d", "pad", "constant_pad_nd", "reflection_pad2d"}
 REDUCE = {"mean", "sum", "amax", "amin", "std", "var"}
 RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}
-MATMUL = {"baddbmm", "addmm", "einsum"}
+MATMUL = {"baddbmm", "einsum"}
 RECURRENT = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
 IGNORED = {"sym_size", "sym_numel", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
            "_set_grad_enabled", "size"}
@@ -187,6 +187,13 @@ class ChannelAnalysis:
                 self.graph.block(ids, "model output: its shape must not change")
 
     def visit(self, node) -> Any:
+        try:
+            return self._visit(node)
+        except Exception as error:  # an op whose arguments surprise a rule is handled conservatively
+            self.block_all(node, f"could not analyse {_op_name(node)} ({type(error).__name__}): channels kept")
+            return {}
+
+    def _visit(self, node) -> Any:
         name = _op_name(node)
         handler = getattr(self, f"op_{name}", None)
         if handler is not None:
@@ -454,8 +461,10 @@ class ChannelAnalysis:
         return {d - sum(r < d for r in removed): ids for d, ids in x_ids.items() if d not in removed}
 
     def op_cat(self, node) -> TensorIds:
-        tensors = list(node.args[0])
-        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(_shape(node))
+        ndim = len(_shape(node))
+        # Legacy cat accepts 1-D empty tensors beside n-D ones (e.g. an empty cache): they add nothing.
+        tensors = [a for a in node.args[0] if _shape(a) is not None and len(_shape(a)) == ndim]
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % ndim
         pieces = []
         for arg in tensors:
             ids = self.ids(arg).get(dim)
@@ -468,10 +477,18 @@ class ChannelAnalysis:
             if d == dim:
                 continue
             tracked = [self.ids(a)[d] for a in tensors if d in self.ids(a)]
+            if not tracked:
+                continue
             for other in tracked[1:]:
                 self.graph.uf.union(tracked[0], other)
-            if tracked:
-                out[d] = tracked[0]
+            for arg in tensors:
+                if d not in self.ids(arg) and _shape(arg)[d] > 1:
+                    if self.param(arg):
+                        self.graph.use(self.param(arg), d, tracked[0])
+                    else:  # e.g. a class token expanded from a parameter: its width is fixed
+                        self.graph.block(tracked[0], f"concatenated with {arg.name}, whose width cannot change",
+                                         self.layer_of(node))
+            out[d] = tracked[0]
         return out
 
     def op_chunk(self, node) -> list:
@@ -486,6 +503,8 @@ class ChannelAnalysis:
         size = node.args[1]
         if isinstance(size, (list, tuple)):
             return self._split(node, x_ids, shape, dim, len(size), sizes=list(size))
+        if dim in x_ids:  # the piece size is a number in the model's code: fine only if it is computed
+            self.graph.literal_reshapes.append((x_ids[dim], self.layer_of(node)))
         return self._split(node, x_ids, shape, dim, -(-shape[dim] // size))
 
     def op_split_with_sizes(self, node) -> list:
@@ -572,6 +591,25 @@ class ChannelAnalysis:
         return self._batched_product(node, left, right, _shape(node))
 
     op_bmm = op_mm = op_matmul
+
+    def op_addmm(self, node) -> TensorIds:
+        """bias + x @ W with W a parameter of shape (in, out): a Linear stored transposed (e.g. GPT-2's Conv1D)."""
+        bias, x, weight = node.args[:3]
+        weight_name = self.param(weight)
+        if weight_name is None:
+            self.block_all(node, "addmm with a computed weight")
+            return {}
+        module = self.module_of(weight_name)
+        self.graph.modules[module] = "linear-transposed"
+        out = self.graph.uf.new(_shape(weight)[1])
+        if 1 in self.ids(x):
+            self.graph.use(weight_name, 0, self.ids(x)[1])
+        self.graph.block(self.ids(x).get(0), "addmm over tracked rows", self.layer_of(node))
+        self.graph.use(weight_name, 1, out)
+        if self.param(bias) and _shape(bias) and _shape(bias)[-1] == len(out):
+            self.graph.use(self.param(bias), len(_shape(bias)) - 1, out)
+        self.graph.producers.append((module, out))
+        return {1: out}
 
     def op_scaled_dot_product_attention(self, node) -> TensorIds:
         q, k, v = node.args[:3]

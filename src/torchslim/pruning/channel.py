@@ -143,7 +143,7 @@ def _groups(graph: ChannelGraph, ignore: list[str]) -> list[_Group]:
 
 def _importance(model: nn.Module, graph: ChannelGraph, kind: str, seed: int) -> dict[int, float]:
     """Score every channel class: summed over every parameter slice it owns."""
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    tensors = _named_tensors(model)
     scores: dict[int, float] = {}
     if kind == "random":
         roots = sorted(set().union(*(set(graph.uf.roots(ids).tolist()) for ids in graph.param_ids.values())))
@@ -231,21 +231,35 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
             module.embedding_dim = module.weight.shape[1]
         elif isinstance(module, nn.EmbeddingBag):
             module.embedding_dim = module.weight.shape[1]
+        elif kind == "linear-transposed" and hasattr(module, "nf"):
+            module.nf = module.weight.shape[1]  # transformers' Conv1D: weight (in, out), output width nf
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, shared: nn.Parameter | None = None):
+    """Replace the tensor called ``name``; returns what was set, so that aliases can share one object."""
     module_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(module_name) if module_name else model
     current = getattr(owner, attr)
     if isinstance(current, nn.Parameter):
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=current.requires_grad)
-    else:
-        owner._buffers[attr] = value
+        shared = shared if shared is not None else nn.Parameter(value, requires_grad=current.requires_grad)
+        owner._parameters[attr] = shared
+        return shared
+    owner._buffers[attr] = value
+    return value
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Every name of every tensor: tied weights (e.g. an LM head sharing the embedding) answer to each alias.
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
 
 
 def remove_channels(model: nn.Module, graph: ChannelGraph, chosen: set[int]) -> dict[str, list[int]]:
     """Slice every parameter and buffer that carries a chosen channel; returns the new shapes by name."""
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    tensors = _named_tensors(model)
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in tensors.items():
+        aliases.setdefault(id(tensor), []).append(name)
     keep: dict[str, dict[int, np.ndarray]] = {}
     for (name, dim), ids in graph.param_ids.items():
         mask = np.array([root not in chosen for root in graph.uf.roots(ids).tolist()])
@@ -257,8 +271,11 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, chosen: set[int]) -> 
             tensor = tensors[name].detach()
             for dim, index in dims.items():
                 tensor = tensor.index_select(dim, torch.as_tensor(index, device=tensor.device))
-            _set_tensor(model, name, tensor.contiguous())
-            shapes[name] = list(tensor.shape)
+            tensor = tensor.contiguous()
+            shared = None
+            for alias in aliases[id(tensors[name])]:
+                shared = _set_tensor(model, alias, tensor, shared)
+                shapes[alias] = list(tensor.shape)
     _update_attributes(model, graph)
     return shapes
 

@@ -83,15 +83,25 @@ class TorchDeployable(Deployable):
 
 
 def load_safetensors(module: nn.Module, path: Path) -> None:
-    """Load a safetensors state dict into ``module`` (strict), keeping the module's own state-dict metadata:
-    some modules (e.g. torchvision's MNASNet) check the version recorded there."""
+    """Load a safetensors state dict into ``module``, as strictly as ``load_state_dict`` but for tied weights
+    (saved once, by safetensors' ``save_model``), keeping the module's own state-dict metadata: some modules
+    (e.g. torchvision's MNASNet) check the version recorded there."""
     from safetensors.torch import load_file
 
     state = OrderedDict(load_file(str(path)))
     metadata = getattr(module.state_dict(), "_metadata", None)
     if metadata is not None:
         state._metadata = metadata  # type: ignore[attr-defined]
-    module.load_state_dict(state)
+    result = module.load_state_dict(state, strict=False)
+    owners: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        owners.setdefault(id(tensor), []).append(name)
+    loaded = set(state)
+    missing = [k for k in result.missing_keys
+               if not any(alias in loaded for names in owners.values() if k in names for alias in names)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"{path}: state dict does not fit the model (missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]})")
 
 
 def _as_numpy_feed(session, inputs: Any) -> dict[str, np.ndarray]:
