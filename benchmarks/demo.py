@@ -1,6 +1,6 @@
 """The demo's targets, measured: `python benchmarks/demo.py [--json PATH]`.
 
-Runs `torchslim demo` (builtin:digits-cnn on builtin:digits: prune 50% -> distil -> int8 static, runtime auto,
+Runs `torchslim demo` (builtin:digits-cnn on builtin:digits: half the channels pruned -> distil -> int8, runtime auto,
 batch 256) in this process, timing the whole job, and checks the issue's goals: final vs baseline accuracy drop
 <= 0.5 points, artifact >= 4x smaller, batched latency >= 2x faster, wall time < 5 minutes. Baseline and final
 are measured in the same process, one after another. A reference row measures the same distilled float model

@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchslim", description="Make PyTorch models smaller and faster, "
                                      "recover their accuracy, and prove it with measured numbers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the embedded default: builtin:digits-cnn, prune -> distil -> int8")
+    demo = sub.add_parser("demo", help="run the embedded default: builtin:digits-cnn, prune channels -> distil -> int8")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     compress = sub.add_parser("compress", help="run a recipe (YAML)")
