@@ -57,7 +57,8 @@ def main() -> None:
         seconds = time.perf_counter() - started
         reference = float_onnx_reference(context, recipe, report["stages"][0], Path(scratch))
     print_table(report)
-    print(f"{reference['name']}: bs1 {reference['latency_ms_bs1']:.3f} ms, batch {reference['latency_ms_batch']:.2f} ms "
+    print(f"{reference['name']}: bs1 {reference['latency_ms_bs1']:.3f} ms, "
+          f"batch {reference['latency_ms_batch']:.2f} ms "
           f"@{reference['batch_size']} (speed-up vs eager fp32: bs1 {reference['speedup_bs1']:.2f}x, batch "
           f"{reference['speedup_batch']:.2f}x), accuracy {reference['score']:.4f}")
     base, final = report["stages"][0], report["stages"][-1]

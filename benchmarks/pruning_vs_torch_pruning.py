@@ -87,7 +87,8 @@ def main() -> None:
           f"{'batch ms':>9s} {'x':>6s}")
     for r in rows:
         print(f"{r['model']:14s} {r['tool']:14s} {r['macs_ratio']:6.3f} {r['params'] / 1e6:8.2f}M "
-              f"{r['latency_ms_bs1']:8.2f} {r['speedup_bs1']:6.2f} {r['latency_ms_batch']:9.2f} {r['speedup_batch']:6.2f}")
+              f"{r['latency_ms_bs1']:8.2f} {r['speedup_bs1']:6.2f} {r['latency_ms_batch']:9.2f} "
+              f"{r['speedup_batch']:6.2f}")
     goals = []
     ours = next((r for r in rows if r["model"] == "resnet50" and r["tool"] == "torchslim"), None)
     if ours:

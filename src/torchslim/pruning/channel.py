@@ -225,8 +225,8 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
             module.out_features, module.in_features = module.weight.shape
         elif isinstance(module, nn.modules.batchnorm._NormBase):
             module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
-        elif isinstance(module, nn.LayerNorm):
-            module.normalized_shape = (module.weight.shape[0],) if module.weight is not None else module.normalized_shape
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            module.normalized_shape = (module.weight.shape[0],)
         elif isinstance(module, nn.Embedding):
             module.embedding_dim = module.weight.shape[1]
         elif isinstance(module, nn.EmbeddingBag):
