@@ -113,7 +113,7 @@ UNARY = {
     "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardtanh", "hardtanh_", "hardswish", "hardswish_",
     "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "dropout", "clone", "contiguous", "alias", "detach",
     "_to_copy", "to", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "clamp", "clamp_min", "erf", "relu6",
-    "type_as", "lift_fresh_copy", "feature_dropout", "channel_shuffle_never",
+    "type_as", "lift_fresh_copy", "feature_dropout",
 }
 ELEMENTWISE = {"add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum", "where", "pow"}
 SPATIAL = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
