@@ -261,24 +261,29 @@ class ChannelAnalysis:
             self.graph.use(self.param(bias), 0, out)
         return {1: out}
 
+    def _dense(self, node, weight, bias, in_ids, out_axis: int, kind: str) -> np.ndarray | None:
+        """A parameter matrix with outputs along ``out_axis`` and inputs along the other: new output channels."""
+        weight_name = self.param(weight)
+        if weight_name is None:
+            self.block_all(node, f"{_op_name(node)} with a computed weight")
+            return None
+        module = self.module_of(weight_name)
+        self.graph.modules[module] = kind
+        out = self.graph.uf.new(_shape(weight)[out_axis])
+        if in_ids is not None:
+            self.graph.use(weight_name, 1 - out_axis, in_ids)
+        self.graph.use(weight_name, out_axis, out)
+        if self.param(bias):
+            self.graph.use(self.param(bias), len(_shape(bias)) - 1, out)
+        self.graph.producers.append((module, out))
+        return out
+
     def op_linear(self, node) -> TensorIds:
         x, weight = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
-        weight_name = self.param(weight)
-        x_ids, ndim = self.ids(x), len(_shape(x))
-        if weight_name is None:
-            self.block_all(node, "linear with a computed weight")
-            return {}
-        module = self.module_of(weight_name)
-        self.graph.modules[module] = "linear"
-        out = self.graph.uf.new(_shape(weight)[0])
-        if ndim - 1 in x_ids:
-            self.graph.use(weight_name, 1, x_ids[ndim - 1])
-        self.graph.use(weight_name, 0, out)
-        if self.param(bias):
-            self.graph.use(self.param(bias), 0, out)
-        self.graph.producers.append((module, out))
-        return {**{d: v for d, v in x_ids.items() if d != ndim - 1}, ndim - 1: out}
+        x_ids, last = self.ids(x), len(_shape(x)) - 1
+        out = self._dense(node, weight, bias, x_ids.get(last), 0, "linear")
+        return {} if out is None else {**{d: v for d, v in x_ids.items() if d != last}, last: out}
 
     def op_batch_norm(self, node) -> TensorIds:
         x_ids = self.ids(node.args[0])
@@ -595,21 +600,10 @@ class ChannelAnalysis:
     def op_addmm(self, node) -> TensorIds:
         """bias + x @ W with W a parameter of shape (in, out): a Linear stored transposed (e.g. GPT-2's Conv1D)."""
         bias, x, weight = node.args[:3]
-        weight_name = self.param(weight)
-        if weight_name is None:
-            self.block_all(node, "addmm with a computed weight")
-            return {}
-        module = self.module_of(weight_name)
-        self.graph.modules[module] = "linear-transposed"
-        out = self.graph.uf.new(_shape(weight)[1])
-        if 1 in self.ids(x):
-            self.graph.use(weight_name, 0, self.ids(x)[1])
         self.graph.block(self.ids(x).get(0), "addmm over tracked rows", self.layer_of(node))
-        self.graph.use(weight_name, 1, out)
-        if self.param(bias) and _shape(bias) and _shape(bias)[-1] == len(out):
-            self.graph.use(self.param(bias), len(_shape(bias)) - 1, out)
-        self.graph.producers.append((module, out))
-        return {1: out}
+        fits = _shape(bias) and _shape(weight) and _shape(bias)[-1] == _shape(weight)[1]
+        out = self._dense(node, weight, bias if fits else None, self.ids(x).get(1), 1, "linear-transposed")
+        return {} if out is None else {1: out}
 
     def op_scaled_dot_product_attention(self, node) -> TensorIds:
         q, k, v = node.args[:3]
