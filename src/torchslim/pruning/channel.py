@@ -308,11 +308,12 @@ def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any,
         latency_goal = config.target_latency ** share * latency_before if config.target_latency else 0.0
         kept_before = 1 - config.ratio * (step - 1) / config.steps
         ratio = 1 - (1 - config.ratio * share) / kept_before
-        result = _prune_once(model, config, example_inputs, ratio, macs_goal, latency_goal)
-        for module, count in result.removed_channels.items():
+        step_removed, step_skipped, step_shapes = _prune_once(model, config, example_inputs, ratio, macs_goal,
+                                                              latency_goal)
+        for module, count in step_removed.items():
             removed[module] = removed.get(module, 0) + count
-        skipped.update(result.skipped)
-        shapes.update(result.shapes)
+        skipped.update(step_skipped)
+        shapes.update(step_shapes)
         if recover is not None and step < config.steps:
             recover(model, step)
     skipped.update(hf_config.update_configs(model, linear_widths))
@@ -326,7 +327,8 @@ def _latency(model: nn.Module, inputs: Any) -> float:
 
 
 def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, ratio: float, macs_goal: float,
-                latency_goal: float) -> PruneResult:
+                latency_goal: float) -> tuple[dict[str, int], dict[str, str], dict[str, list[int]]]:
+    """One analyse -> select -> remove round; returns (removed channels per layer, skipped layers, new shapes)."""
     reference_shape, error = _output_shape(model, example_inputs)
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
@@ -358,8 +360,7 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
         count = int(sum(root in chosen for root in set(graph.uf.roots(ids).tolist())))
         if count:
             removed[module] = count
-    return PruneResult(macs_before=0, macs_after=0, params_before=0, params_after=0, removed_channels=removed,
-                       skipped=dict(graph.skipped), shapes={k: v for k, v in shapes.items() if v != before.get(k)})
+    return removed, dict(graph.skipped), {k: v for k, v in shapes.items() if v != before.get(k)}
 
 
 def _output_shape(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, str | None]:
