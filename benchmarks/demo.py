@@ -34,8 +34,7 @@ def float_onnx_reference(context, recipe, base: dict, scratch: Path) -> dict:
     export_onnx(context.model, context.example_inputs(2), path)
     deployable = OnnxRuntimeDeployable(path, context.model, context.threads)
     m = recipe.measure
-    samples = context.data.splits["test"]
-    batch = context.bundle.preprocess([samples[i % len(samples)] for i in range(m.batch_size)])
+    batch = context.data.fill_batch("test", context.bundle.preprocess, m.batch_size)
     row = measure_deployable(deployable, scratch / "reference", batch, m.batch_size, context.example_inputs(1),
                              warmup=m.warmup, repeats=m.repeats)
     outputs, labels = collect_outputs(deployable, context.data, context.bundle.preprocess, max(m.batch_size, 32), 0)

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, write_json  # noqa: E402
 
+from torchslim.errors import describe  # noqa: E402
 from torchslim.pruning.channel import ChannelPruning, load_pruned, prune, save_pruned  # noqa: E402
 from torchslim.zoo import call_model  # noqa: E402
 
@@ -77,7 +78,7 @@ def run(names, factory, example_for, max_params: float) -> tuple[dict, list]:
                 continue
             rows.append(check(name, build, example_for(name)))
         except Exception as error:  # a failure is a result here: record it and go on
-            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+            reason = describe(error, 200)
             failed[name] = reason
             rows.append({"model": name, "ok": False, "reason": reason})
             if "--verbose" in sys.argv:

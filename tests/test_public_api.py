@@ -20,3 +20,11 @@ def test_import_stays_light():
 def test_every_registered_method_is_listed_with_a_config():
     methods = {(m.kind, m.name) for m in torchslim.list_methods()}
     assert {("prune", "magnitude"), ("finetune", "distill"), ("quantize", "int8-static")} <= methods
+
+
+def test_describe_gives_one_line_even_for_empty_or_multiline_messages():
+    from torchslim.errors import describe
+
+    assert describe(ValueError("first\nsecond")) == "ValueError: first"
+    assert describe(RuntimeError("")) == "RuntimeError"
+    assert describe(OSError("\n\nlate line"), limit=4) == "OSError: late"

@@ -122,3 +122,10 @@ def test_hf_folder_spec_loads_a_local_encoder_offline():
 def test_hf_spec_without_a_model_folder_is_bad_input(tmp_path):
     with pytest.raises(InputError, match="is not a Hugging Face model folder"):
         resolve_model(f"hf:{tmp_path}")
+
+
+def test_fill_batch_cycles_a_split_to_the_requested_size():
+    data = resolve_data("builtin:digits")
+    batch = data.fill_batch("val", ImagePreprocess(32, 32, (0.3,), (0.4,), 1), 200)
+    assert batch.shape == (200, 1, 32, 32) and len(data.splits["val"]) == 180
+    assert torch.equal(batch[180], batch[0])

@@ -100,12 +100,6 @@ def _check_compatible(bundle: ModelBundle, data: DataBundle) -> None:
                              f"{outputs.shape[-1]}")
 
 
-def _latency_batch(data: DataBundle, bundle: ModelBundle, batch_size: int) -> Any:
-    # Real test samples (cycled if the split is smaller than the batch), the same for every stage.
-    samples = data.splits["test"]
-    return bundle.preprocess([samples[i % len(samples)] for i in range(batch_size)])
-
-
 class Pipeline:
     """Runs a recipe. Use `compress` unless you need the stages' live objects."""
 
@@ -144,7 +138,7 @@ class Pipeline:
         context = StepContext(model=bundle.model, teacher=teacher, bundle=bundle, data=data, seed=recipe.seed,
                               threads=threads, workdir=workdir, batch_size=recipe.measure.batch_size,
                               progress=self.progress)
-        latency_batch = _latency_batch(data, bundle, recipe.measure.batch_size)
+        latency_batch = data.fill_batch("test", bundle.preprocess, recipe.measure.batch_size)
         scratch = context.scratch("stages")
         deployable: Deployable = TorchDeployable(bundle.model)
         stages = [self._measure("baseline", None, deployable, 0.0, context, None, latency_batch, scratch)]

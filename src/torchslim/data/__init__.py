@@ -67,6 +67,12 @@ class DataBundle:
             target = torch.from_numpy(labels[index]).long() if labels is not None else None
             yield inputs, target
 
+    def fill_batch(self, split: str, preprocess: Callable, size: int) -> Any:
+        """One input batch of exactly ``size`` samples of ``split``, cycling through it if it is smaller
+        (latency is timed on real samples, the same for every stage and runtime)."""
+        samples = self.splits[split]
+        return preprocess([samples[i % len(samples)] for i in range(size)])
+
 
 def _load() -> None:
     from torchslim.data import digits, imagefolder, images, sentences  # noqa: F401  (registers resolvers)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.errors import InputError
+from torchslim.errors import InputError, describe
 
 OPSET = 18
 
@@ -57,5 +57,5 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | Path, *, dyn
                                       output_names=["output"], dynamic_axes=axes, opset_version=OPSET)
             return exporter
         except Exception as error:  # record and try the next exporter
-            errors.append(f"{exporter}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            errors.append(f"{exporter}: {describe(error)}")
     raise InputError(f"ONNX export failed ({'; '.join(errors)})")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.errors import InputError
+from torchslim.errors import InputError, describe
 
 
 def capture(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
@@ -26,7 +26,6 @@ def capture(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgr
             warnings.simplefilter("ignore")
             return torch.export.export(model, args, strict=False)
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"model cannot be captured by torch.export: {type(error).__name__}: {first[:300]}") from None
+        raise InputError(f"model cannot be captured by torch.export: {describe(error)}") from None
     finally:
         model.train(was_training)

@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from torchslim._config import check
-from torchslim.errors import InputError
+from torchslim.errors import InputError, describe
 from torchslim.graph import ChannelGraph, analyse_channels, capture
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
+from torchslim.measure.stage import first_samples
 from torchslim.pruning import hf_config
 from torchslim.registry import register_method
 from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
@@ -180,16 +181,23 @@ def _removable(group: _Group, fraction: float, round_to: int) -> int:
     return max(0, min(len(group.roots), group.size - keep))
 
 
-def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, ratio: float) -> set[int]:
-    """The channel classes to remove for ``ratio`` under ``config``'s importance, scope and limits."""
-    scores = _importance(model, graph, config.importance, config.seed)
+def _lowest(group: _Group, scores: dict[int, float], count: int) -> list[int]:
+    return sorted(group.roots.tolist(), key=lambda r: scores.get(r, 0.0))[:count]
+
+
+def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, ratio: float,
+                    scores: dict[int, float] | None = None) -> set[int]:
+    """The channel classes to remove for ``ratio`` under ``config``'s importance, scope and limits.
+
+    ``scores`` (channel class -> importance) are computed from ``model`` unless given, so that repeated
+    selections on one graph (a bisection, a retry) score once.
+    """
+    scores = scores if scores is not None else _importance(model, graph, config.importance, config.seed)
     groups = _groups(graph, config.ignore)
     chosen: set[int] = set()
     if config.scope == "local":
         for group in groups:
-            count = _removable(group, min(ratio, config.max_ratio), config.round_to)
-            order = sorted(group.roots.tolist(), key=lambda r: scores.get(r, 0.0))
-            chosen.update(order[:count])
+            chosen.update(_lowest(group, scores, _removable(group, min(ratio, config.max_ratio), config.round_to)))
         return chosen
     ranked = []
     for index, group in enumerate(groups):
@@ -207,9 +215,7 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
             taken[index] += 1
             budget -= 1
     for index, group in enumerate(groups):
-        count = min(_removable(group, taken[index] / group.size, config.round_to), len(group.roots))
-        order = sorted(group.roots.tolist(), key=lambda r: scores.get(r, 0.0))
-        chosen.update(order[:count])
+        chosen.update(_lowest(group, scores, _removable(group, taken[index] / group.size, config.round_to)))
     return chosen
 
 
@@ -227,9 +233,7 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
             module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
         elif isinstance(module, nn.LayerNorm) and module.weight is not None:
             module.normalized_shape = (module.weight.shape[0],)
-        elif isinstance(module, nn.Embedding):
-            module.embedding_dim = module.weight.shape[1]
-        elif isinstance(module, nn.EmbeddingBag):
+        elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             module.embedding_dim = module.weight.shape[1]
         elif kind == "linear-transposed" and hasattr(module, "nf"):
             module.nf = module.weight.shape[1]  # transformers' Conv1D: weight (in, out), output width nf
@@ -295,7 +299,7 @@ def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any,
     if config.importance == "taylor" and not any(p.grad is not None for p in model.parameters()):
         raise InputError("importance taylor needs gradients: run a backward pass on a few batches first "
                          "(the recipe step computes them from the training data)")
-    single = _first_sample(example_inputs)
+    single = first_samples(example_inputs, 1)
     macs_before, params_before = count_macs(model, single), count_params(model)
     linear_widths = hf_config.widths_before(model)
     latency_before = _latency(model, example_inputs) if config.target_latency else 0.0
@@ -332,15 +336,17 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
     reference_shape, error = _output_shape(model, example_inputs)
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
-    single = _first_sample(example_inputs)
+    single = first_samples(example_inputs, 1)
     graph = analyse_channels(capture(model, example_inputs))
+    scores = _importance(model, graph, config.importance, config.seed)
     if macs_goal:
-        ratio = _bisect_ratio(model, graph, config, lambda trial: count_macs(trial, single) <= macs_goal)
+        ratio = _bisect_ratio(model, graph, config, scores, lambda trial: count_macs(trial, single) <= macs_goal)
     elif latency_goal:
-        ratio = _bisect_ratio(model, graph, config, lambda trial: _latency(trial, example_inputs) <= latency_goal)
+        ratio = _bisect_ratio(model, graph, config, scores,
+                              lambda trial: _latency(trial, example_inputs) <= latency_goal)
     before = {name: list(t.shape) for name, t in model.state_dict().items()}
     original = copy.deepcopy(model) if graph.literal_reshapes else None
-    chosen = select_channels(model, graph, config, ratio)
+    chosen = select_channels(model, graph, config, ratio, scores)
     shapes = remove_channels(model, graph, chosen)
     shape, error = _output_shape(model, example_inputs)
     if error is not None and original is not None:
@@ -348,7 +354,7 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
         for ids, layer in graph.literal_reshapes:
             graph.block(ids, "reshape to a size written in the model's code", layer)
         _restore(model, original)
-        chosen = select_channels(model, graph, config, ratio)
+        chosen = select_channels(model, graph, config, ratio, scores)
         shapes = remove_channels(model, graph, chosen)
         shape, error = _output_shape(model, example_inputs)
     if error is not None:
@@ -368,7 +374,7 @@ def _output_shape(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, 
         with torch.no_grad():
             return tuple(call_model(model.eval(), example_inputs).shape), None
     except Exception as error:  # the caller decides whether a retry can fix it
-        return None, f"{type(error).__name__}: {str(error).strip()[:200]}"
+        return None, describe(error, 200)
 
 
 def _restore(model: nn.Module, original: nn.Module) -> None:
@@ -382,17 +388,14 @@ def _restore(model: nn.Module, original: nn.Module) -> None:
                 setattr(target, attr, value)
 
 
-def _first_sample(inputs: Any) -> Any:
-    return tuple(t[:1] for t in inputs) if isinstance(inputs, (tuple, list)) else inputs[:1]
-
-
-def _bisect_ratio(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, reached) -> float:
+def _bisect_ratio(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, scores: dict[int, float],
+                  reached) -> float:
     """The smallest ratio (to 1/4096) whose pruning, tried on copies, satisfies ``reached(trial_model)``."""
     low, high = 0.0, config.max_ratio
     for _ in range(12):
         middle = (low + high) / 2
         trial = copy.deepcopy(model)
-        remove_channels(trial, graph, select_channels(trial, graph, config, middle))
+        remove_channels(trial, graph, select_channels(trial, graph, config, middle, scores))
         if reached(trial):
             high = middle
         else:

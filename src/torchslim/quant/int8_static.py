@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from torchslim._config import check
-from torchslim.errors import InputError
+from torchslim.errors import InputError, describe
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
 from torchslim.measure.stage import first_samples
@@ -103,8 +103,7 @@ def quantize_int8_static(context, config: Int8Static) -> Deployable:
         deployable = BACKENDS[names[0]].build(context, config)
         deployable.details["runtime_choice"] = names[0] + (" (the only candidate)" if config.runtime == "auto" else "")
         return deployable
-    samples = context.data.splits["val"]
-    batch = context.bundle.preprocess([samples[i % len(samples)] for i in range(context.batch_size)])
+    batch = context.data.fill_batch("val", context.bundle.preprocess, context.batch_size)
     with torch.inference_mode():
         reference = call_model(context.model, batch)
     built, figures = {}, {}
@@ -115,7 +114,7 @@ def quantize_int8_static(context, config: Int8Static) -> Deployable:
                                             context.bundle.task)
         except Exception as error:  # a backend that fails on this model is reported, and the others compete
             built.pop(name, None)
-            figures[name] = {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"}
+            figures[name] = {"error": describe(error)}
     if not built:
         raise RuntimeError(f"{context.where}: every int8 runtime failed: {figures}")
     best = min(built, key=lambda n: figures[n]["score"])
