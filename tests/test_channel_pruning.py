@@ -14,16 +14,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.graph import analyse_channels, capture
+from torchslim.graph.trace import trace
 from torchslim.pruning.channel import (
     ChannelPruning, load_pruned, prune, remove_channels, save_pruned, select_channels,
 )
+
+CAPTURE = {"how": "export"}
+
+
+@pytest.fixture
+def capture_by(request):
+    """How `exact_prune` captures the graph: torch.export, or the traced fallback (``both`` runs each)."""
+    CAPTURE["how"] = getattr(request, "param", "export")
+    yield CAPTURE["how"]
+    CAPTURE["how"] = "export"
+
+
+both = pytest.mark.parametrize("capture_by", ["export", "trace"], indirect=True)
 
 
 def exact_prune(model: nn.Module, x, ratio: float = 0.5, **config):
     """Prune ``model`` at ``ratio`` and check the pruned outputs equal the silenced original's."""
     torch.manual_seed(0)
     model.eval()
-    graph = analyse_channels(capture(model, x))
+    args = x if isinstance(x, tuple) else (x,)
+    program = capture(model, x) if CAPTURE["how"] == "export" else trace(model, args, "testing the tracer")
+    graph = analyse_channels(program)
     settings = ChannelPruning(ratio=ratio, **config)
     chosen = select_channels(model, graph, settings, ratio)
     buffers = dict(model.named_buffers())
@@ -72,7 +88,8 @@ def randomise_norms(model):
     return model
 
 
-def test_residual_stream_is_cut_together_and_the_model_shrinks():
+@both
+def test_residual_stream_is_cut_together_and_the_model_shrinks(capture_by):
     model = randomise_norms(Residual())
     before = params(model)
     graph, chosen = exact_prune(model, torch.randn(2, 3, 8, 8))
@@ -82,7 +99,8 @@ def test_residual_stream_is_cut_together_and_the_model_shrinks():
     assert params(model) < 0.4 * before
 
 
-def test_depthwise_follows_its_input_and_grouped_conv_is_kept_and_reported():
+@both
+def test_depthwise_follows_its_input_and_grouped_conv_is_kept_and_reported(capture_by):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -114,7 +132,8 @@ def test_depthwise_follows_its_input_and_grouped_conv_is_kept_and_reported():
     assert model.pw.out_channels == model.dw.out_channels == model.dw.groups == model.dw.in_channels == 8
 
 
-def test_concat_split_chunk_and_flatten_map_indices():
+@both
+def test_concat_split_chunk_and_flatten_map_indices(capture_by):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -137,7 +156,8 @@ def test_concat_split_chunk_and_flatten_map_indices():
     assert model.fc.in_features == model.d.out_channels * 16
 
 
-def test_squeeze_excitation_gate_follows_the_channels_it_scales():
+@both
+def test_squeeze_excitation_gate_follows_the_channels_it_scales(capture_by):
     class SE(nn.Module):
         def __init__(self):
             super().__init__()
@@ -243,15 +263,56 @@ def test_round_to_max_ratio_ignore_and_macs_target():
     assert 0.3 <= result.macs_after / result.macs_before <= 0.4
 
 
-def test_an_uncapturable_model_is_a_clear_error():
+class DataDependent(nn.Module):
+    """Branches on a tensor's value: torch.export cannot capture it, the traced fallback can."""
+
+    def __init__(self, spare: bool = False):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.other = nn.Conv2d(16, 16, 1) if spare else None
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = self.body(x)
+        if float(y.mean()) > 1e6 and self.other is not None:  # never true on these inputs
+            y = self.other(y)
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_model_torch_export_cannot_capture_is_traced_and_pruned_where_the_path_is_known():
     from torchslim.errors import InputError
 
-    class DataDependent(nn.Module):
-        def forward(self, x):
-            return x[x > 0].sum().reshape(1) if float(x.sum()) > 0 else x
-
+    x = torch.randn(2, 3, 8, 8)
+    model = randomise_norms(DataDependent())
+    result = prune(model, ChannelPruning(ratio=0.5), x)
+    assert model.body[0].out_channels == 8 and model.body[3].in_channels == 8
+    # The branch condition averages over body[3]'s channels, so they stay (pruning would change the decision).
+    assert model.body[3].out_channels == 16 and model.head.in_features == 16
+    assert any(reason == "mean across channels" for reason in result.skipped.values())
+    assert result.macs_after / result.macs_before < 0.6
+    assert "torch.export failed" in result.skipped["(graph)"]
     with pytest.raises(InputError, match="cannot be captured by torch.export"):
-        prune(DataDependent(), ChannelPruning(), torch.randn(2, 3))
+        prune(DataDependent(), ChannelPruning(capture="export"), x)
+    # A layer the trace never ran could read any channel: then nothing is pruned, and the report says why.
+    model = DataDependent(spare=True)
+    result = prune(model, ChannelPruning(ratio=0.5), x)
+    assert result.macs_after == result.macs_before and model.body[0].out_channels == 16
+    assert "did not run on the example inputs" in result.skipped["body.0"]
+    assert "not run on the example inputs" in result.skipped["other"]
+
+
+def test_a_model_that_cannot_be_captured_either_way_is_a_clear_error():
+    from torchslim.errors import InputError
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            if float(x.sum()) > -1e9:
+                raise ValueError("this model only runs on Tuesdays")
+            return x
+
+    with pytest.raises(InputError, match=r"cannot be captured: torch.export failed .*trace its graph failed too .*only runs on Tuesdays"):
+        capture(Broken(), torch.randn(2, 3))
 
 
 class Attention(nn.Module):
@@ -285,7 +346,8 @@ class Attention(nn.Module):
         return self.head(x.mean(1))
 
 
-def test_attention_loses_whole_heads_and_ffn_neurons_exactly():
+@both
+def test_attention_loses_whole_heads_and_ffn_neurons_exactly(capture_by):
     model = Attention()
     graph, chosen = exact_prune(model, torch.randn(2, 5, 32))
     assert model.q.out_features == model.k.out_features == model.v.out_features == model.o.in_features == 16
@@ -293,7 +355,8 @@ def test_attention_loses_whole_heads_and_ffn_neurons_exactly():
     assert model.o.out_features == 32  # the residual stream is combined with the input: kept
 
 
-def test_grouped_query_attention_prunes_whole_query_groups():
+@both
+def test_grouped_query_attention_prunes_whole_query_groups(capture_by):
     model = Attention(heads=4, kv_heads=2)
     exact_prune(model, torch.randn(2, 5, 32))
     assert model.k.out_features == model.v.out_features == 8  # one of two kv heads (of 8 features)
@@ -362,7 +425,31 @@ def test_hugging_face_head_pruning_is_reported_when_the_config_cannot_express_it
     assert "load_pruned" in result.skipped["encoder"]
 
 
-def test_a_token_concatenated_from_a_parameter_keeps_the_width_it_shares():
+def test_gpt2_loses_whole_heads_of_its_fused_qkv_and_ffn_neurons(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from torchslim.zoo.hub import LogitsOnly
+
+    def build():
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=100)
+        return LogitsOnly(transformers.GPT2LMHeadModel(config)).eval()
+
+    model = build()
+    x = (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
+    result = prune(model, ChannelPruning(ratio=0.5, ignore=["*wte", "*wpe"]), x)
+    attention = model.model.transformer.h[0].attn
+    # Fused q/k/v: each of the three thirds loses the same whole heads; the split size and head count follow.
+    assert attention.c_attn.nf == 3 * attention.split_size == 3 * 32 and attention.num_heads == 2
+    assert model.model.transformer.h[0].mlp.c_fc.nf == 128 and model.model.config.n_inner == 128  # 256 -> 128
+    assert result.macs_after < 0.7 * result.macs_before
+    assert "load_pruned" in result.skipped["model"]  # GPT-2's config derives the head size from n_embd / n_head
+    save_pruned(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(build(), tmp_path)(*x), model(*x))
+
+
+@both
+def test_a_token_concatenated_from_a_parameter_keeps_the_width_it_shares(capture_by):
     class Tokens(nn.Module):
         def __init__(self):
             super().__init__()

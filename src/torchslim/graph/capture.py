@@ -1,8 +1,7 @@
-"""Capturing a model's graph with torch.export, with a clear error when a model cannot be captured."""
+"""Capturing a model's graph: torch.export first, a traced run of the model when export fails."""
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any
 
@@ -12,13 +11,17 @@ from torch import nn
 from torchslim.errors import InputError, describe
 
 
-def capture(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
-    """torch.export of ``model`` (eval mode, on a copy) for ``example_inputs`` (a tensor or a tuple of tensors).
+def capture(model: nn.Module, example_inputs: Any, how: str = "auto") -> Any:
+    """The graph of ``model`` (in eval mode) for ``example_inputs`` (a tensor or a tuple of tensors):
+    torch.export's ExportedProgram, or a graph recorded by running the model (`torchslim.graph.trace.trace`).
+    ``how``: "auto" (export, tracing when export fails), "export" or "trace".
 
     Raises:
-        InputError: the model cannot be captured; the message names the reason.
+        InputError: the model cannot be captured either way; the message names the reasons.
     """
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if how == "trace":
+        return _trace(model, args, "tracing was requested")
     was_training = model.training
     model.eval()
     try:
@@ -26,6 +29,19 @@ def capture(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgr
             warnings.simplefilter("ignore")
             return torch.export.export(model, args, strict=False)
     except Exception as error:
-        raise InputError(f"model cannot be captured by torch.export: {describe(error)}") from None
+        reason = describe(error, 200)
     finally:
         model.train(was_training)
+    if how == "export":
+        raise InputError(f"model cannot be captured by torch.export: {reason}")
+    return _trace(model, args, f"torch.export failed ({reason})")
+
+
+def _trace(model: nn.Module, args: tuple, why: str) -> Any:
+    from torchslim.graph.trace import trace
+
+    try:
+        return trace(model, args, why)
+    except Exception as error:
+        raise InputError(f"model cannot be captured: {why}, and running it to trace its graph failed too "
+                         f"({describe(error, 200)})") from None

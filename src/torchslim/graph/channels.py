@@ -101,24 +101,44 @@ def _shape(node) -> tuple[int, ...] | None:
     return tuple(int(s) for s in value.shape) if isinstance(value, torch.Tensor) else None
 
 
+# Python operators on tensors, as a traced graph (`torchslim.graph.trace`) names them.
+DUNDER = {"__add__": "add", "__radd__": "add", "__iadd__": "add_", "__sub__": "sub", "__rsub__": "sub",
+          "__isub__": "sub", "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul_", "__truediv__": "div",
+          "__rtruediv__": "div", "__itruediv__": "div", "__matmul__": "matmul", "__neg__": "neg", "__pow__": "pow",
+          "__getitem__": "subscript", "__setitem__": "setitem"}
+
+
 def _op_name(node) -> str:
     target = node.target
     if target is operator.getitem:
         return "getitem"
     packet = getattr(target, "overloadpacket", None)
-    return getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+    name = getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+    if name == "__get__":  # a tensor property (x.T, x.data): the descriptor names it
+        name = getattr(getattr(target, "__self__", None), "__name__", name)
+    return DUNDER.get(name, name)
+
+
+def _arg(node, index: int, name: str, default=None):
+    """Argument ``index`` of ``node``, or its keyword ``name`` (traced calls keep the caller's keywords)."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
 
 
 UNARY = {
     "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardtanh", "hardtanh_", "hardswish", "hardswish_",
     "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "dropout", "clone", "contiguous", "alias", "detach",
     "_to_copy", "to", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "clamp", "clamp_min", "erf", "relu6",
-    "type_as", "lift_fresh_copy", "feature_dropout",
+    "type_as", "lift_fresh_copy", "feature_dropout", "dropout_", "feature_dropout_", "alpha_dropout", "float", "half", "double", "bfloat16", "data",
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "nan_to_num",
 }
+FRESH = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}  # a new tensor: its sizes are given
 ELEMENTWISE = {"add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum", "where", "pow"}
 SPATIAL = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
            "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool2d", "max_pool2d_with_indices",
-           "upsample_nearest2d", "upsample_bilinear2d", "pad", "constant_pad_nd", "reflection_pad2d"}
+           "upsample_nearest2d", "upsample_bilinear2d", "pad", "constant_pad_nd", "reflection_pad2d",
+           "_max_pool2d", "max_pool2d_with_indices", "interpolate", "adaptive_max_pool1d", "_adaptive_max_pool2d"}
 REDUCE = {"mean", "sum", "amax", "amin", "std", "var"}
 RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}
 MATMUL = {"baddbmm", "einsum"}
@@ -176,6 +196,13 @@ class ChannelAnalysis:
                 self._block_outputs(node.args)
             else:
                 self.env[node.name] = {}
+        self.graph.skipped.update(getattr(self.program, "notes", {}))
+        unseen = getattr(self.program, "unseen", [])
+        if unseen:
+            # Layers the trace never ran may read any channel: nothing can be pruned safely.
+            reason = f"{len(unseen)} layer(s) did not run on the example inputs (e.g. {unseen[0]}): nothing pruned"
+            for module, ids in self.graph.producers:
+                self.graph.block(ids, reason, module)
         return self.graph
 
     def _block_outputs(self, arg) -> None:
@@ -208,7 +235,7 @@ class ChannelAnalysis:
             return self.reduce(node)
         if name in RESHAPE:
             return self.reshape(node)
-        if name in IGNORED:
+        if name in IGNORED or name in FRESH:
             return {}
         if name in RECURRENT:
             self.block_all(node, "recurrent layer: its input and hidden sizes are not pruned")
@@ -343,6 +370,8 @@ class ChannelAnalysis:
         value = self.env.get(node.args[0].name)
         if isinstance(value, list) and isinstance(node.args[1], int) and node.args[1] < len(value):
             return value[node.args[1]]
+        if isinstance(value, dict) and node.args[1] == 0:  # e.g. a traced max_pool2d(return_indices=True)
+            return value
         return {}
 
     def elementwise(self, node) -> TensorIds:
@@ -389,10 +418,10 @@ class ChannelAnalysis:
 
     def reduce(self, node) -> TensorIds:
         x_ids, ndim = self.ids(node.args[0]), len(_shape(node.args[0]))
-        dims = node.args[1] if len(node.args) > 1 else list(range(ndim))
+        dims = _arg(node, 1, "dim", None)
         dims = [dims] if isinstance(dims, int) else list(dims or range(ndim))
         dims = sorted(d % ndim for d in dims)
-        keepdim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)) is True
+        keepdim = _arg(node, 2, "keepdim", False) is True
         out = {}
         for d, ids in x_ids.items():
             if d in dims:
@@ -443,7 +472,7 @@ class ChannelAnalysis:
 
     def op_transpose(self, node) -> TensorIds:
         x_ids, ndim = self.ids(node.args[0]), len(_shape(node.args[0]))
-        a, b = node.args[1] % ndim, node.args[2] % ndim
+        a, b = _arg(node, 1, "dim0") % ndim, _arg(node, 2, "dim1") % ndim
         swap = {a: b, b: a}
         return {swap.get(d, d): ids for d, ids in x_ids.items()}
 
@@ -451,9 +480,18 @@ class ChannelAnalysis:
         x_ids = self.ids(node.args[0])
         return {1 - d: ids for d, ids in x_ids.items()}
 
+    def op_T(self, node) -> TensorIds:
+        x_ids, ndim = self.ids(node.args[0]), len(_shape(node.args[0]))
+        return {ndim - 1 - d: ids for d, ids in x_ids.items()}
+
+    def op_mT(self, node) -> TensorIds:
+        x_ids, ndim = self.ids(node.args[0]), len(_shape(node.args[0]))
+        swap = {ndim - 1: ndim - 2, ndim - 2: ndim - 1}
+        return {swap.get(d, d): ids for d, ids in x_ids.items()}
+
     def op_unsqueeze(self, node) -> TensorIds:
         x_ids, ndim = self.ids(node.args[0]), len(_shape(node))
-        at = node.args[1] % ndim
+        at = _arg(node, 1, "dim") % ndim
         return {d + (d >= at): ids for d, ids in x_ids.items()}
 
     def op_squeeze(self, node) -> TensorIds:
@@ -498,14 +536,14 @@ class ChannelAnalysis:
 
     def op_chunk(self, node) -> list:
         x_ids, shape = self.ids(node.args[0]), _shape(node.args[0])
-        chunks = node.args[1]
-        dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
+        chunks = _arg(node, 1, "chunks")
+        dim = _arg(node, 2, "dim", 0) % len(shape)
         return self._split(node, x_ids, shape, dim, chunks)
 
     def op_split(self, node) -> list:
         x_ids, shape = self.ids(node.args[0]), _shape(node.args[0])
-        dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
-        size = node.args[1]
+        dim = _arg(node, 2, "dim", 0) % len(shape)
+        size = _arg(node, 1, "split_size", None) or _arg(node, 1, "split_size_or_sections")
         if isinstance(size, (list, tuple)):
             return self._split(node, x_ids, shape, dim, len(size), sizes=list(size))
         if dim in x_ids:  # the piece size is a number in the model's code: fine only if it is computed
@@ -559,9 +597,45 @@ class ChannelAnalysis:
         self.graph.block(x_ids.get(dim), "indexing into channels", self.layer_of(node))
         return {d - (d > dim): ids for d, ids in x_ids.items() if d != dim}
 
+    def op_subscript(self, node) -> TensorIds:
+        """``x[index]`` in a traced graph: basic indexing by ints, slices, None and Ellipsis."""
+        x_ids, shape, out_shape = self.ids(node.args[0]), _shape(node.args[0]), _shape(node)
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) or isinstance(i, bool) for i in index):
+            self.block_all(node, "indexing with tensors or lists")
+            return {}
+        consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+        expanded: list = []
+        for i in index:
+            expanded += [slice(None)] * (len(shape) - consumed) if i is Ellipsis else [i]
+        expanded += [slice(None)] * (len(shape) - sum(1 for i in expanded if i is not None))
+        out: TensorIds = {}
+        d_in = d_out = 0
+        for i in expanded:
+            if i is None:
+                d_out += 1
+                continue
+            ids = x_ids.get(d_in)
+            if isinstance(i, int):
+                self.graph.block(ids, "indexing into channels", self.layer_of(node))
+            else:
+                if out_shape[d_out] == shape[d_in] and i.step in (None, 1):
+                    if ids is not None:
+                        out[d_out] = ids
+                else:
+                    self.graph.block(ids, "slice of channels: its bounds are written in the model's code",
+                                     self.layer_of(node))
+                d_out += 1
+            d_in += 1
+        return out
+
+    def op_setitem(self, node) -> TensorIds:
+        self.block_all(node, "assignment into a tensor (x[...] = ...): its channels stay")
+        return {}
+
     def op_softmax(self, node) -> TensorIds:
         x_ids, ndim = self.ids(node.args[0]), len(_shape(node.args[0]))
-        dim = node.args[1] % ndim
+        dim = _arg(node, 1, "dim") % ndim
         self.graph.block(x_ids.get(dim), "softmax across channels", self.layer_of(node))
         return dict(x_ids)
 

@@ -58,6 +58,8 @@ class ChannelPruning:
         steps: prune in this many steps (re-analysing and re-scoring each time), calling ``recover`` between
             steps when `prune` is given one.
         seed: for ``importance: random``.
+        capture: how the graph is captured: "auto" (torch.export; when it fails, a traced run of the example
+            inputs, which analyses only the path they take), "export" or "trace".
     """
 
     ratio: float = 0.3
@@ -70,6 +72,7 @@ class ChannelPruning:
     ignore: list[str] = field(default_factory=list)
     steps: int = 1
     seed: int = 0
+    capture: Literal["auto", "export", "trace"] = "auto"
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -235,8 +238,38 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
             module.normalized_shape = (module.weight.shape[0],)
         elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             module.embedding_dim = module.weight.shape[1]
-        elif kind == "linear-transposed" and hasattr(module, "nf"):
+        elif hasattr(module, "nf") and type(module).__name__ == "Conv1D":
             module.nf = module.weight.shape[1]  # transformers' Conv1D: weight (in, out), output width nf
+    _update_attention_attributes(model)
+
+
+_HEAD_SIZE = ("head_dim", "attention_head_size")
+_HEAD_COUNT = ("num_heads", "num_attention_heads", "n_head")
+_QUERY = ("q_proj", "query", "q", "c_attn")
+
+
+def _update_attention_attributes(model: nn.Module) -> None:
+    """Attention modules that keep their head count (and GPT-2's fused q/k/v split size) as attributes: make
+    them match the pruned query projection, so code such as ``qkv.split(self.split_size)`` keeps working."""
+    for module in model.modules():
+        head_size = next((getattr(module, a) for a in _HEAD_SIZE if isinstance(getattr(module, a, None), int)), 0)
+        query = next((getattr(module, q) for q in _QUERY if isinstance(getattr(module, q, None), nn.Module)), None)
+        if not head_size or query is None:
+            continue
+        width = getattr(query, "out_features", None) or getattr(query, "nf", None)
+        if not isinstance(width, int):
+            continue
+        if query is getattr(module, "c_attn", None):  # GPT-2: one projection makes q, k and v
+            if not isinstance(getattr(module, "split_size", None), int) or hasattr(module, "q_attn"):
+                continue
+            module.split_size = width = width // 3
+        if width % head_size:
+            continue
+        for attr in _HEAD_COUNT:
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, width // head_size)
+        if isinstance(getattr(module, "all_head_size", None), int):
+            module.all_head_size = width
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, shared: nn.Parameter | None = None):
@@ -333,11 +366,11 @@ def _latency(model: nn.Module, inputs: Any) -> float:
 def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, ratio: float, macs_goal: float,
                 latency_goal: float) -> tuple[dict[str, int], dict[str, str], dict[str, list[int]]]:
     """One analyse -> select -> remove round; returns (removed channels per layer, skipped layers, new shapes)."""
-    reference_shape, error = _output_shape(model, example_inputs)
+    reference_shape, error, _ = _output_shape(model, example_inputs)
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
     single = first_samples(example_inputs, 1)
-    graph = analyse_channels(capture(model, example_inputs))
+    graph = analyse_channels(capture(model, example_inputs, config.capture))
     scores = _importance(model, graph, config.importance, config.seed)
     if macs_goal:
         ratio = _bisect_ratio(model, graph, config, scores, lambda trial: count_macs(trial, single) <= macs_goal)
@@ -348,15 +381,19 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
     original = copy.deepcopy(model) if graph.literal_reshapes else None
     chosen = select_channels(model, graph, config, ratio, scores)
     shapes = remove_channels(model, graph, chosen)
-    shape, error = _output_shape(model, example_inputs)
-    if error is not None and original is not None:
-        # Some reshape wrote its channel count into the model's code: keep those channels and prune again.
-        for ids, layer in graph.literal_reshapes:
+    shape, error, where = _output_shape(model, example_inputs)
+    suspects = list(graph.literal_reshapes)
+    while error is not None and original is not None and suspects:
+        # A reshape or split wrote its channel count into the model's code. Keep the channels of the ones in
+        # the layer that failed (all of them when the failure names no layer) and prune again.
+        local = [(ids, layer) for ids, layer in suspects if where and _related(layer, where)]
+        for ids, layer in local or suspects:
             graph.block(ids, "reshape to a size written in the model's code", layer)
+        suspects = [s for s in suspects if local and not any(s is t for t in local)]
         _restore(model, original)
         chosen = select_channels(model, graph, config, ratio, scores)
         shapes = remove_channels(model, graph, chosen)
-        shape, error = _output_shape(model, example_inputs)
+        shape, error, where = _output_shape(model, example_inputs)
     if error is not None:
         raise RuntimeError(f"the pruned model fails to run ({error}); please report this model") from None
     if shape != reference_shape:
@@ -369,12 +406,26 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
     return removed, dict(graph.skipped), {k: v for k, v in shapes.items() if v != before.get(k)}
 
 
-def _output_shape(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, str | None]:
+def _output_shape(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, str | None, str | None]:
+    """(output shape, None, None), or (None, the error, the name of the innermost layer it was raised in)."""
     try:
         with torch.no_grad():
-            return tuple(call_model(model.eval(), example_inputs).shape), None
+            return tuple(call_model(model.eval(), example_inputs).shape), None, None
     except Exception as error:  # the caller decides whether a retry can fix it
-        return None, describe(error, 200)
+        names = {id(m): name for name, m in model.named_modules()}
+        where = None
+        trace = error.__traceback__
+        while trace is not None:
+            owner = trace.tb_frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and names.get(id(owner)):
+                where = names[id(owner)]
+            trace = trace.tb_next
+        return None, describe(error, 200), where
+
+
+def _related(layer: str, where: str) -> bool:
+    """Whether ``layer`` (where a reshape was recorded) is ``where`` (where the model failed) or inside it."""
+    return layer == where or layer.startswith(where + ".") or where.startswith(layer + ".")
 
 
 def _restore(model: nn.Module, original: nn.Module) -> None:
