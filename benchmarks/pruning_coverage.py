@@ -2,7 +2,8 @@
 
 Every classification model in torchvision (random weights), plus timm and Hugging Face models where installed:
 prune 30% of channels, run a forward pass, check the output shape, save and reload (safetensors + shapes JSON,
-rebuilt on a fresh instance of the model class) and compare outputs and MACs. Prints a table; the JSON holds
+rebuilt on a fresh instance of the model class) and compare outputs and MACs. `--capture trace` runs every model
+through the traced fallback used when torch.export fails. Prints a table; the JSON holds
 `{"torchvision": {"total", "ok", "failed": {name: reason}}, "others": {...}, "rows": [...]}`.
 """
 
@@ -45,11 +46,14 @@ INPUT_SIZE = {"inception_v3": 299}
 TIMM = ["efficientnet_b0", "mobilenetv3_large_100", "convnext_tiny", "vit_small_patch16_224"]
 
 
+CAPTURE = {"how": "auto"}
+
+
 def check(name: str, build, example) -> dict:
     started = time.perf_counter()
     torch.manual_seed(0)
     model = build().eval()
-    result = prune(model, ChannelPruning(ratio=0.3), example)
+    result = prune(model, ChannelPruning(ratio=0.3, capture=CAPTURE["how"]), example)
     with torch.no_grad():
         out = call_model(model, example)
     with tempfile.TemporaryDirectory() as folder:
@@ -94,8 +98,11 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--models", default="", help="comma-separated torchvision names (default: all)")
     p.add_argument("--max-params", type=float, default=1e9, help="skip models above this many million params")
+    p.add_argument("--capture", default="auto", choices=["auto", "export", "trace"],
+                   help="graph capture: trace = the fallback for models torch.export cannot capture, on every model")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    CAPTURE["how"] = args.capture
     import torchvision
 
     names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
@@ -125,7 +132,7 @@ def main() -> None:
     share = summary["ok"] / max(summary["total"], 1)
     print(f"torchvision: {summary['ok']} / {summary['total']} ({share:.1%}) pruned, run, saved and reloaded "
           f"(goal >= 95%); others: {others['ok']} / {others['total']}")
-    write_json(args.json, {"benchmark": "pruning_coverage", "torchvision": summary, "others": others, "rows": rows})
+    write_json(args.json, {"benchmark": "pruning_coverage", "capture": args.capture, "torchvision": summary, "others": others, "rows": rows})
 
 
 if __name__ == "__main__":
