@@ -35,27 +35,32 @@ class Int8Static:
 
     Args:
         runtime: "onnxruntime", "torchinductor", or "auto" (measure the available ones, keep the fastest).
-        observer: activation range estimation: "minmax", "percentile" (99.999th; onnxruntime) or "entropy"
-            (KL on onnxruntime); torchinductor uses a histogram (L2-optimal range) for both.
+        observer: activation range estimation (`torchslim.quant.observers`): "minmax", "moving_average",
+            "percentile" (99.99th), "mse" or "entropy" (KL). torchinductor uses torchao's observers: min-max,
+            moving-average min-max, or its histogram (an L2-optimal range) for the last three.
         per_channel: one weight scale per output channel (else per tensor; onnxruntime only).
         calibration_batches: number of calibration batches drawn from the data's ``calib`` split.
         calibration_batch_size: samples per calibration batch.
         skip: module-name patterns (fnmatch) kept in float, e.g. ["fc"].
+        fallback_layers: keep in float the layers whose own quantization error, measured in the simulated int8
+            model on calibration data, is largest (this many; onnxruntime). 0 = quantize every layer.
         prefer: what "fastest" means for ``runtime: auto``: "balanced" (geometric mean of the batch-1 and
             batched latencies), "batch" (batched latency) or "bs1" (batch-1 latency).
     """
 
     runtime: Literal["auto", "onnxruntime", "torchinductor"] = "auto"
-    observer: Literal["minmax", "percentile", "entropy"] = "minmax"
+    observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     per_channel: bool = True
     calibration_batches: int = 8
     calibration_batch_size: int = 32
     skip: list[str] = field(default_factory=list)
     prefer: Literal["balanced", "batch", "bs1"] = "balanced"
+    fallback_layers: int = 0
     version: int = 1
 
     def __post_init__(self) -> None:
         check(self.calibration_batches >= 1, "calibration_batches", f"must be >= 1, got {self.calibration_batches}")
+        check(self.fallback_layers >= 0, "fallback_layers", f"must be >= 0, got {self.fallback_layers}")
         check(self.calibration_batch_size >= 1, "calibration_batch_size",
               f"must be >= 1, got {self.calibration_batch_size}")
 
@@ -63,6 +68,8 @@ class Int8Static:
 def _unavailable(name: str, config: Int8Static) -> str | None:
     if name == "torchinductor" and not config.per_channel:
         return "quantizes weights per channel only (per_channel: false)"
+    if name == "torchinductor" and config.fallback_layers:
+        return "does not measure per-layer sensitivity (fallback_layers is onnxruntime's)"
     return BACKENDS[name].available()
 
 

@@ -30,7 +30,7 @@ from torchslim.quant.cpu import has_vnni, int8_features
 from torchslim.runtime import Deployable
 
 ARTIFACT_FORMAT = "torchslim.pt2e-int8/1"
-OBSERVERS = {"minmax": "MinMaxObserver", "percentile": "HistogramObserver", "entropy": "HistogramObserver"}
+OBSERVERS = {"minmax": "MinMaxObserver", "moving_average": "MovingAverageMinMaxObserver"}
 
 
 def available() -> str | None:
@@ -58,10 +58,11 @@ def _capture(module: nn.Module, example: Any) -> nn.Module:
 
 def _quantizer(module: nn.Module, config):
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
-    from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver
+    from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
 
     base = x86.get_default_x86_inductor_quantization_config(reduce_range=not has_vnni())
-    observer = MinMaxObserver if config.observer == "minmax" else HistogramObserver
+    observer = {"minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver}.get(config.observer,
+                                                                                            HistogramObserver)
     activation = dataclasses.replace(base.input_activation,
                                      observer_or_fake_quant_ctr=observer.with_args(eps=2 ** -12))
     if not config.per_channel:
@@ -180,7 +181,7 @@ def build(context, config) -> InductorInt8Deployable:
     for name in skipped:
         context.skip_layer(name, "kept in float (matched quantize.skip)")
     details = {"format": "PT2E x86-inductor", "weights": "int8 per-channel", "activations": "uint8 per-tensor",
-               "observer": OBSERVERS[config.observer],
+               "observer": "torchao " + OBSERVERS.get(config.observer, "HistogramObserver"),
                "reduce_range": not has_vnni(), "cpu_int8_features": int8_features(),
                "calibration_samples": sum(len(_args(b)[0]) for b in calibration)}
     return InductorInt8Deployable(converted, ranges, context.model, example, config, details=details)

@@ -1,0 +1,74 @@
+"""Activation ranges of an ONNX model measured with torchslim's observers, as ONNX Runtime quantizer overrides.
+
+The float model runs in ONNX Runtime with every intermediate float tensor added to its outputs; each tensor
+feeds one observer (`torchslim.quant.observers`), and the chosen ranges become scales and zero points
+(`torchslim.quant.qmath`) handed to ONNX Runtime's QDQ writer as ``TensorQuantOverrides``. ONNX Runtime then
+places QuantizeLinear/DequantizeLinear pairs where its integer kernels can fuse them, carrying our numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from torchslim.quant.observers import Observer, make_observer
+from torchslim.quant.qmath import QScheme
+
+
+def float_tensors(model) -> list[str]:
+    """Names of the graph inputs and node outputs that are float tensors (what activation quantization reads)."""
+    import onnx
+    from onnx import TensorProto
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    initializers = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializers]
+    names += [o for node in model.graph.node for o in node.output if o]
+    return [n for n in dict.fromkeys(names) if types.get(n) == TensorProto.FLOAT]
+
+
+def observe_activations(path: Path, batches: Iterable[dict[str, np.ndarray]], observer: str, scheme: QScheme,
+                        threads: int = 0) -> tuple[dict[str, Observer], int]:
+    """Run the float ONNX model on ``batches`` (input name -> array) and observe every float tensor."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    names = float_tensors(model)
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    # The model's outputs keep their full range whatever the observer: clipping logits changes the argmax.
+    outputs = {o.name for o in onnx.load(str(path), load_external_data=False).graph.output}
+    observers = {name: make_observer("minmax" if name in outputs else observer, scheme) for name in names}
+    samples = 0
+    for feed in batches:
+        values = session.run(names, feed)
+        samples += len(next(iter(feed.values())))
+        for name, value in zip(names, values):
+            observers[name].observe(torch.from_numpy(np.asarray(value)))
+    return observers, samples
+
+
+def quant_overrides(observers: dict[str, Observer]) -> dict[str, list[dict]]:
+    """TensorQuantOverrides (scale and zero point per tensor) from the observers' ranges and schemes."""
+    overrides = {}
+    for name, observer in observers.items():
+        if observer.lo is None:
+            continue
+        scale, zero_point = observer.qparams()
+        dtype = np.int8 if observer.scheme.signed else np.uint8
+        overrides[name] = [{"scale": np.array(float(scale), dtype=np.float32),
+                            "zero_point": np.array(int(zero_point), dtype=dtype)}]
+    return overrides

@@ -1,0 +1,77 @@
+"""The ONNX Runtime int8 path: our scales reach the QDQ file exactly, the deployed integer kernels compute what
+the simulation computes, and the most sensitive layers can stay in float."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from torchslim.quant.int8_static import Int8Static, quantize_int8_static
+from torchslim.quant.onnx_backend import ACTIVATIONS
+from torchslim.quant.onnx_ranges import observe_activations
+from torchslim.quant.qmath import qparams
+
+from test_methods import make_context
+
+pytest.importorskip("onnxruntime")
+
+
+def _scales(path) -> dict[str, tuple[float, int]]:
+    """QuantizeLinear scale and zero point of every quantized activation tensor of a QDQ file."""
+    graph = onnx.load(str(path)).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    # (ONNX Runtime renames a quantized graph output T to T_QuantizeLinear_Input.)
+    return {node.input[0].removesuffix("_QuantizeLinear_Input"): (float(constants[node.input[1]]),
+                                                                  int(constants[node.input[2]]))
+            for node in graph.node if node.op_type == "QuantizeLinear" and node.input[1] in constants}
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+def test_our_activation_scales_reach_the_qdq_file_exactly(tmp_path, observer):
+    context = make_context(tmp_path)
+    deployable = quantize_int8_static(context, Int8Static(calibration_batches=2, observer=observer,
+                                                          runtime="onnxruntime"))
+    prepared = next(context.workdir.glob("int8-static-onnxruntime/float.prepared.onnx"))
+    feeds = [{"input_0": x.numpy()} for x, _ in context.data.batches("calib", context.bundle.preprocess, 32,
+                                                                     limit=64)]
+    observers, samples = observe_activations(prepared, feeds, observer, ACTIVATIONS)
+    written = _scales(deployable.path)
+    ours = {name: tuple(float(v) for v in o.qparams()) for name, o in observers.items() if o.lo is not None}
+    assert samples == 64 and len(written) >= 4
+    own = [t for t, (scale, zero) in written.items()
+           if (np.float32(scale), zero) == (np.float32(ours[t][0]), int(ours[t][1]))]
+    # Every tensor carries our scale and zero point; ONNX Runtime gives the outputs of pooling and flatten their
+    # input's (they cannot leave the input's range), which is ours too.
+    assert {"input_0", "relu", "conv2d_1", "relu_1", "output"} <= set(own) and len(own) >= len(written) - 2
+    ours_set = {(np.float32(s), int(z)) for s, z in ours.values()}
+    assert all((np.float32(scale), zero) in ours_set for scale, zero in written.values())
+    assert deployable.details["observer"] == observer
+
+
+def test_deployed_integer_kernels_match_the_simulation(tmp_path):
+    context = make_context(tmp_path)
+    deployable = quantize_int8_static(context, Int8Static(calibration_batches=2, runtime="onnxruntime"))
+    check = deployable.details["deployed_vs_simulated"]
+    # With reduce_range chosen from the CPU's features, no int16 saturation: the fused kernels agree with the
+    # literal QuantizeLinear/DequantizeLinear simulation up to rounding of the requantization.
+    assert check["top1_agreement"] >= 0.97 and check["sqnr_db"] >= 25.0
+
+
+def test_fallback_keeps_the_most_sensitive_layers_in_float(tmp_path):
+    context = make_context(tmp_path)
+    deployable = quantize_int8_static(context, Int8Static(calibration_batches=2, runtime="onnxruntime",
+                                                          fallback_layers=1))
+    sensitive = deployable.details["sensitive_float_nodes_db"]
+    assert len(sensitive) == 1 and all(np.isfinite(v) for v in sensitive.values())
+    graph = onnx.load(str(deployable.path)).graph
+    kept = next(n for n in graph.node if n.name == next(iter(sensitive)))
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    weights = {t.name: t.data_type for t in graph.initializer}
+    # The layer kept in float reads a float weight, not a dequantized int8 one.
+    assert any(weights.get(i) == onnx.TensorProto.FLOAT and len(onnx.numpy_helper.to_array(
+        next(t for t in graph.initializer if t.name == i)).shape) >= 2 for i in kept.input)
+    assert not any(producers.get(i) == "DequantizeLinear" and "weight" in i for i in kept.input)
+    assert next(iter(sensitive)) in context.skipped
