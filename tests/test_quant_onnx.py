@@ -75,3 +75,19 @@ def test_fallback_keeps_the_most_sensitive_layers_in_float(tmp_path):
         next(t for t in graph.initializer if t.name == i)).shape) >= 2 for i in kept.input)
     assert not any(producers.get(i) == "DequantizeLinear" and "weight" in i for i in kept.input)
     assert next(iter(sensitive)) in context.skipped
+
+
+def test_int8_dynamic_quantizes_linear_weights_and_leaves_convolutions_in_float(tmp_path):
+    from torchslim.quant.int8_dynamic import Int8Dynamic, quantize_int8_dynamic
+
+    context = make_context(tmp_path)
+    deployable = quantize_int8_dynamic(context, Int8Dynamic())
+    graph = onnx.load(str(deployable.path)).graph
+    kinds = {n.op_type for n in graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= kinds and "Conv" in kinds
+    int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert len(int8) == 1 and list(int8[0].dims) in ([128, 10], [10, 128])  # fc only
+    x, _ = next(context.data.batches("test", context.bundle.preprocess, 128))
+    from torchslim.quant.qmath import sqnr_db
+
+    assert sqnr_db(context.teacher(x), deployable(x)) > 25.0

@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "torchslim.pruning.channel",
     "torchslim.recover.finetune",
     "torchslim.quant.int8_static",
+    "torchslim.quant.int8_dynamic",
 )
 
 # A kind whose steps may omit `method:` uses this one.
