@@ -7,7 +7,7 @@ model: builtin:digits-cnn
 data: builtin:digits
 steps:
   - prune: {method: channel, ratio: 0.5, scope: local, importance: l1, round_to: 8}
-  - finetune: {epochs: 8, batch_size: 64, optimizer: {name: sgd, lr: 0.01}, distill: {temperature: 4.0, alpha: 0.7}}
+  - finetune: {epochs: 12, batch_size: 64, optimizer: {name: sgd, lr: 0.02}, distill: {temperature: 4.0, alpha: 0.7}}
   - quantize: {method: int8-static, runtime: auto, observer: minmax, per_channel: true}
 measure: {batch_size: 256}
 """
