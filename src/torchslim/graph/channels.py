@@ -249,8 +249,8 @@ class ChannelAnalysis:
 
     # -- layers with parameters -----------------------------------------------------------------------------
     def op_conv2d(self, node) -> TensorIds:
-        x, weight, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
-        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
+        groups = _arg(node, 6, "groups", 1)
         return self._conv(node, x, weight, bias, groups)
 
     op_conv1d = op_conv3d = op_conv2d
@@ -307,7 +307,7 @@ class ChannelAnalysis:
 
     def op_linear(self, node) -> TensorIds:
         x, weight = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else None
+        bias = _arg(node, 2, "bias")
         x_ids, last = self.ids(x), len(_shape(x)) - 1
         out = self._dense(node, weight, bias, x_ids.get(last), 0, "linear")
         return {} if out is None else {**{d: v for d, v in x_ids.items() if d != last}, last: out}
@@ -507,7 +507,7 @@ class ChannelAnalysis:
         ndim = len(_shape(node))
         # Legacy cat accepts 1-D empty tensors beside n-D ones (e.g. an empty cache): they add nothing.
         tensors = [a for a in node.args[0] if _shape(a) is not None and len(_shape(a)) == ndim]
-        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % ndim
+        dim = _arg(node, 1, "dim", 0) % ndim
         pieces = []
         for arg in tensors:
             ids = self.ids(arg).get(dim)
@@ -552,7 +552,7 @@ class ChannelAnalysis:
 
     def op_split_with_sizes(self, node) -> list:
         x_ids, shape = self.ids(node.args[0]), _shape(node.args[0])
-        dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
+        dim = _arg(node, 2, "dim", 0) % len(shape)
         return self._split(node, x_ids, shape, dim, len(node.args[1]), sizes=list(node.args[1]))
 
     def _split(self, node, x_ids: TensorIds, shape, dim: int, count: int, sizes: list[int] | None = None) -> list:
@@ -575,13 +575,13 @@ class ChannelAnalysis:
 
     def op_unbind(self, node) -> list:
         x_ids, shape = self.ids(node.args[0]), _shape(node.args[0])
-        dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+        dim = _arg(node, 1, "dim", 0) % len(shape)
         self.graph.block(x_ids.get(dim), "unbind over channels", self.layer_of(node))
         return [{d - (d > dim): ids for d, ids in x_ids.items() if d != dim} for _ in range(shape[dim])]
 
     def op_slice(self, node) -> TensorIds:
         x_ids, shape = self.ids(node.args[0]), _shape(node.args[0])
-        dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+        dim = _arg(node, 1, "dim", 0) % len(shape)
         out = dict(x_ids)
         if dim in x_ids:
             if _shape(node)[dim] == shape[dim]:

@@ -32,29 +32,45 @@ def float_tensors(model) -> list[str]:
     return [n for n in dict.fromkeys(names) if types.get(n) == TensorProto.FLOAT]
 
 
+def session(model_or_path, optimise: bool, threads: int = 0):
+    """An ONNX Runtime CPU session; ``optimise=False`` runs every node literally (QDQ pairs included)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        options.intra_op_num_threads = threads
+    source = model_or_path if isinstance(model_or_path, bytes) else str(model_or_path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def with_outputs(model_or_path, names: list[str]) -> bytes:
+    """The model (a path or a loaded ModelProto) with the float tensors ``names`` added to its outputs."""
+    import onnx
+
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path))
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
 def observe_activations(path: Path, batches: Iterable[dict[str, np.ndarray]], observer: str, scheme: QScheme,
                         threads: int = 0) -> tuple[dict[str, Observer], int]:
     """Run the float ONNX model on ``batches`` (input name -> array) and observe every float tensor."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(path))
     names = float_tensors(model)
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     # The model's outputs keep their full range whatever the observer: clipping logits changes the argmax.
-    outputs = {o.name for o in onnx.load(str(path), load_external_data=False).graph.output}
+    outputs = {o.name for o in model.graph.output}
+    run = session(with_outputs(model, names), optimise=False, threads=threads)  # unoptimised: every tensor kept
     observers = {name: make_observer("minmax" if name in outputs else observer, scheme) for name in names}
     samples = 0
     for feed in batches:
-        values = session.run(names, feed)
+        values = run.run(names, feed)
         samples += len(next(iter(feed.values())))
         for name, value in zip(names, values):
             observers[name].observe(torch.from_numpy(np.asarray(value)))

@@ -16,32 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from torchslim.quant.onnx_ranges import session as _session, with_outputs as _with_outputs
 from torchslim.quant.qmath import sqnr_db
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the layers that carry quantized weights
-
-
-def _session(model_or_path, optimise: bool, threads: int = 0):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if threads:
-        options.intra_op_num_threads = threads
-    source = model_or_path if isinstance(model_or_path, bytes) else str(model_or_path)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def _with_outputs(path: Path, names: list[str]) -> bytes:
-    import onnx
-
-    model = onnx.load(str(path))
-    present = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in present:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model.SerializeToString()
 
 
 def deployed_vs_simulated(int8_path: Path, feed: dict[str, np.ndarray], threads: int = 0) -> dict:
