@@ -27,9 +27,10 @@ def make_context(tmp_path, bundle=None) -> StepContext:
 
 def small_config(entry):
     config = entry.config_cls()
-    for name, value in {"epochs": 1, "batch_size": 256, "calibration_batches": 2}.items():
-        if hasattr(config, name):
-            setattr(config, name, value)
+    for target in (config, getattr(config, "finetune", None)):  # QAT nests its fine-tuning run
+        for name, value in {"epochs": 1, "batch_size": 256, "calibration_batches": 2}.items():
+            if target is not None and hasattr(target, name):
+                setattr(target, name, value)
     return config
 
 

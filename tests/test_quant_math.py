@@ -91,7 +91,8 @@ def test_zero_is_exact_and_codes_round_trip_within_half_a_step():
 
 
 def test_reduce_range_drops_one_bit():
-    assert (QScheme(reduce_range=True).qmin, QScheme(reduce_range=True).qmax) == (-64, 63)
+    assert (QScheme(reduce_range=True).qmin, QScheme(reduce_range=True).qmax) == (-64, 64)  # ONNX Runtime's
+    assert (QScheme(reduce_range=True, symmetric=False).qmin, QScheme(reduce_range=True, symmetric=False).qmax) == (-64, 63)
     assert (QScheme(signed=False, reduce_range=True).qmin, QScheme(signed=False, reduce_range=True).qmax) == (0, 127)
 
 

@@ -37,7 +37,7 @@ def test_our_activation_scales_reach_the_qdq_file_exactly(tmp_path, observer):
     prepared = next(context.workdir.glob("int8-static-onnxruntime/float.prepared.onnx"))
     feeds = [{"input_0": x.numpy()} for x, _ in context.data.batches("calib", context.bundle.preprocess, 32,
                                                                      limit=64)]
-    observers, samples = observe_activations(prepared, feeds, observer, ACTIVATIONS)
+    observers, samples, _ = observe_activations(prepared, feeds, observer, ACTIVATIONS)
     written = _scales(deployable.path)
     ours = {name: tuple(float(v) for v in o.qparams()) for name, o in observers.items() if o.lo is not None}
     assert samples == 64 and len(written) >= 4
@@ -74,7 +74,8 @@ def test_fallback_keeps_the_most_sensitive_layers_in_float(tmp_path):
     assert any(weights.get(i) == onnx.TensorProto.FLOAT and len(onnx.numpy_helper.to_array(
         next(t for t in graph.initializer if t.name == i)).shape) >= 2 for i in kept.input)
     assert not any(producers.get(i) == "DequantizeLinear" and "weight" in i for i in kept.input)
-    assert next(iter(sensitive)) in context.skipped
+    node = next(iter(sensitive))
+    assert any(name == node or name.endswith(f"({node})") for name in context.skipped)
 
 
 def test_int8_dynamic_quantizes_linear_weights_and_leaves_convolutions_in_float(tmp_path):

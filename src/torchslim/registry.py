@@ -29,6 +29,7 @@ _BUILTIN_MODULES = (
     "torchslim.recover.finetune",
     "torchslim.quant.int8_static",
     "torchslim.quant.int8_dynamic",
+    "torchslim.quant.qat",
 )
 
 # A kind whose steps may omit `method:` uses this one.

@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Iterator
+
+import torch
+
+from torchslim.errors import InputError
+
+
+def _shapes(inputs: Any) -> list[tuple[int, ...]]:
+    items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    return [tuple(t.shape[1:]) if torch.is_tensor(t) else () for t in items]
 
 
 def calibration_batches(context, config) -> Iterator[Any]:
-    """Yield ``config.calibration_batches`` input batches of ``config.calibration_batch_size`` samples."""
+    """Yield ``config.calibration_batches`` input batches of ``config.calibration_batch_size`` samples.
+
+    Raises:
+        InputError: the ``calib`` split is empty, or a batch's sample shape is not the model's (a grayscale
+            folder for an RGB model, say), named before any quantization work is done.
+    """
+    if len(context.data.splits.get("calib", [])) == 0:
+        raise InputError(f"{context.where}: the data has no calibration samples (its 'calib' split is empty)")
+    expected = _shapes(context.example_inputs(1))
     limit = config.calibration_batches * config.calibration_batch_size
     for inputs, _ in context.data.batches("calib", context.bundle.preprocess, config.calibration_batch_size,
                                           limit=limit):
+        found = _shapes(inputs)
+        # Sequence models take any length: only the number of inputs and their ranks must match.
+        comparable = [len(e) for e in expected] == [len(f) for f in found]
+        if not comparable or (context.bundle.modality == "image" and found != expected):
+            raise InputError(f"{context.where}: calibration samples have shape {found}, the model takes "
+                             f"{expected} (per sample): the data does not fit the model")
         yield inputs
+
+
+def check_calibration(context, config) -> None:
+    """Fail early (before any export or training) if the calibration data is empty or does not fit the model."""
+    next(calibration_batches(context, SimpleNamespace(calibration_batches=1, calibration_batch_size=1)))

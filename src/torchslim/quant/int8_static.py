@@ -22,6 +22,7 @@ from torchslim.measure.latency import measure_latency
 from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
 from torchslim.measure.stage import first_samples
 from torchslim.quant import onnx_backend, pt2e_backend
+from torchslim.quant.calibration import check_calibration
 from torchslim.registry import register_method
 from torchslim.runtime import Deployable
 from torchslim.zoo import call_model
@@ -44,6 +45,8 @@ class Int8Static:
         skip: module-name patterns (fnmatch) kept in float, e.g. ["fc"].
         fallback_layers: keep in float the layers whose own quantization error, measured in the simulated int8
             model on calibration data, is largest (this many; onnxruntime). 0 = quantize every layer.
+        bias_correction: subtract each layer's expected weight-rounding offset from its bias, measured with the
+            calibration data's channel means (`torchslim.quant.bias_correction`; onnxruntime).
         prefer: what "fastest" means for ``runtime: auto``: "balanced" (geometric mean of the batch-1 and
             batched latencies), "batch" (batched latency) or "bs1" (batch-1 latency).
     """
@@ -56,6 +59,7 @@ class Int8Static:
     skip: list[str] = field(default_factory=list)
     prefer: Literal["balanced", "batch", "bs1"] = "balanced"
     fallback_layers: int = 0
+    bias_correction: bool = True
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -103,8 +107,7 @@ def _time_candidate(deployable: Deployable, batch, reference, prefer: str, task:
 @register_method("quantize", "int8-static", Int8Static)
 def quantize_int8_static(context, config: Int8Static) -> Deployable:
     """Quantize ``context.model`` to int8 with calibration; returns it on the chosen (or fastest) runtime."""
-    if len(context.data.splits.get("calib", [])) == 0:
-        raise InputError(f"{context.where}: the data has no calibration samples")
+    check_calibration(context, config)
     names = _candidates(context, config)
     if len(names) == 1:
         deployable = BACKENDS[names[0]].build(context, config)

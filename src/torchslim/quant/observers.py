@@ -31,9 +31,9 @@ class Observer:
     def _extremes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().float()
         if self.scheme.axis is None:
-            return x.min(), x.max()
+            return torch.aminmax(x)
         flat = x.movedim(self.scheme.axis, 0).reshape(x.shape[self.scheme.axis], -1)
-        return flat.min(1).values, flat.max(1).values
+        return torch.aminmax(flat, dim=1)
 
     def observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torchslim.export import export_onnx
 from torchslim.quant.cpu import has_vnni, int8_features
+from torchslim.quant.bias_correction import correct_onnx_biases
 from torchslim.quant.calibration import calibration_batches
 from torchslim.quant.onnx_ranges import observe_activations, quant_overrides
 from torchslim.quant.onnx_sensitivity import deployed_vs_simulated, layer_errors
@@ -46,6 +47,20 @@ def _node_module_names(node, initializers: set[str]) -> list[str]:
     return names
 
 
+def module_names(model_path: Path) -> dict[str, str]:
+    """ONNX node name -> the innermost module it was exported from (for reports in the model's own terms)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    names = {}
+    for node in graph.node:
+        owners = _node_module_names(node, initializers)
+        if owners:
+            names[node.name] = max(owners, key=lambda n: n.count("."))
+    return names
+
+
 def _nodes_to_exclude(model_path: Path, patterns: list[str]) -> list[str]:
     import onnx
 
@@ -61,6 +76,23 @@ def _nodes_to_exclude(model_path: Path, patterns: list[str]) -> list[str]:
 ACTIVATIONS = QScheme(signed=False, symmetric=False)  # uint8, asymmetric, per tensor
 
 
+def weight_scheme(per_channel: bool) -> QScheme:
+    """The weight grid ONNX Runtime's QDQ writer uses here: symmetric int8 with max-abs scales, [-64, 64]
+    (``reduce_range``) on CPUs without VNNI; per output channel or per tensor."""
+    return QScheme(signed=True, symmetric=True, axis=0 if per_channel else None, reduce_range=not has_vnni())
+
+
+def _corrected(prepared: Path, means: dict, exclude: list[str], per_channel: bool) -> tuple[Path, dict]:
+    """A copy of the prepared model whose quantized layers' biases cancel their weights' rounding offset."""
+    import onnx
+
+    model = onnx.load(str(prepared))
+    moved = correct_onnx_biases(model, means, set(exclude), per_channel, weight_scheme(per_channel))
+    path = prepared.with_name(prepared.stem + ".corrected.onnx")
+    onnx.save(model, str(path))
+    return path, moved
+
+
 def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, config) -> dict:
     """Calibrate an ONNX model file with torchslim's observers and write it as QDQ with ONNX Runtime's
     quantizer, our scales and zero points given as overrides; returns what was done."""
@@ -72,7 +104,12 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
     except Exception:  # pre-processing (shape inference, BN folding) is an optimisation, not a requirement
         prepared = float_path
-    observers, samples = observe_activations(prepared, batches, config.observer, ACTIVATIONS)
+    import onnx
+
+    layers = [n for n in onnx.load(str(prepared), load_external_data=False).graph.node if n.op_type in ("Conv", "Gemm")]
+    correct = getattr(config, "bias_correction", False)
+    observers, samples, means = observe_activations(prepared, batches, config.observer, ACTIVATIONS,
+                                                    means_of=[n.input[0] for n in layers] if correct else ())
     overrides = quant_overrides(observers)
     excluded = _nodes_to_exclude(float_path, config.skip)
     # Without VNNI, x86 u8 x s8 kernels sum pairs of products in int16 (vpmaddubsw), which saturates: measured
@@ -80,8 +117,16 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
     # 7-bit weights cannot saturate, so the deployed model computes what the simulation does.
     reduce_range = not has_vnni()
 
+    corrections: dict[str, float] = {}
+
     def write(exclude: list[str]) -> None:
-        quantize_static(str(prepared), str(int8_path), _Reader(batches[:1]), quant_format=QuantFormat.QDQ,
+        source = prepared
+        if correct:
+            source, moved = _corrected(prepared, means, exclude, config.per_channel)
+            corrections.clear()
+            corrections.update(moved)
+        # ONNX Runtime calibrates too before applying our overrides: one sample keeps that pass short.
+        quantize_static(str(source), str(int8_path), _Reader([{k: v[:1] for k, v in batches[0].items()}]), quant_format=QuantFormat.QDQ,
                         per_channel=config.per_channel, reduce_range=reduce_range,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude or None,
@@ -97,12 +142,41 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
         sensitive = {name: round(errors[name], 2) for name in worst[:config.fallback_layers]}
         write(excluded + list(sensitive))
     strip_debug_metadata(int8_path)
-    return {"format": "QDQ", "weights": ("int7" if reduce_range else "int8") + (" per-channel" if config.per_channel
+    return {"float_layers": float_layers(int8_path),"format": "QDQ", "weights": ("int7" if reduce_range else "int8") + (" per-channel" if config.per_channel
                                                                                else " per-tensor"),
             "activations": "uint8 per-tensor", "observer": config.observer, "reduce_range": reduce_range,
             "calibration_samples": samples, "cpu_int8_features": int8_features(), "kept_float_nodes": excluded,
-            "sensitive_float_nodes_db": sensitive,
+            "sensitive_float_nodes_db": sensitive, "bias_corrected_layers": len(corrections),
             "deployed_vs_simulated": deployed_vs_simulated(int8_path, batches[0])}
+
+
+_PLUMBING = {"QuantizeLinear", "DequantizeLinear", "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
+             "Transpose", "Concat", "Gather", "Slice", "Cast", "Constant", "Identity"}
+
+
+# Operators ONNX Runtime's CPU provider fuses with their Q/DQ neighbours into integer kernels (QLinear*).
+INTEGER_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool",
+               "MaxPool", "Concat", "Relu", "Clip", "Sigmoid", "LeakyRelu", "Softmax", "Resize", "Where", "Split",
+               "ArgMax"}
+
+
+def float_layers(int8_path: Path) -> dict[str, str]:
+    """``{node: op type}`` of the layers with parameters that still compute in float after quantization —
+    op types no integer kernel takes (InstanceNormalization, LayerNormalization, ...) or excluded layers."""
+    import onnx
+
+    graph = onnx.load(str(int8_path)).graph
+    weights = {t.name for t in graph.initializer if len(t.dims) >= 1}
+    weights |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    dequantized = {o for node in graph.node if node.op_type == "DequantizeLinear" for o in node.output}
+    weights |= {o for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights for o in n.output}
+    layers = {}
+    for node in graph.node:
+        if node.op_type in _PLUMBING or (node.op_type in INTEGER_OPS and any(i in dequantized for i in node.input)):
+            continue
+        if any(i in weights for i in node.input[1:]):
+            layers[node.name] = node.op_type
+    return layers
 
 
 def strip_debug_metadata(path: Path) -> None:
@@ -145,9 +219,18 @@ def build(context, config) -> OnnxRuntimeDeployable:
     exporter = export_onnx(context.model, context.example_inputs(2), float_path)
     details = quantize_onnx_static(float_path, int8_path, _feeds(context, config), config)
     details.update(exporter=exporter)
+    modules = module_names(float_path)
+
+    def layer(node: str) -> str:
+        return f"{modules[node]} ({node})" if node in modules else node
+
     for name in details["kept_float_nodes"]:
-        context.skip_layer(name, "kept in float (matched quantize.skip)")
+        context.skip_layer(layer(name), "kept in float (matched quantize.skip)")
+    chosen = set(details["kept_float_nodes"]) | set(details["sensitive_float_nodes_db"])
+    for name, op in details["float_layers"].items():
+        if name not in chosen:
+            context.skip_layer(layer(name), f"{op}: no integer kernel takes it in ONNX Runtime, kept in float")
     for name, loss in details["sensitive_float_nodes_db"].items():
-        context.skip_layer(name, f"kept in float: its int8 output lost {loss} dB SQNR, among the "
-                                 f"{config.fallback_layers} worst (quantize.fallback_layers)")
+        context.skip_layer(layer(name), f"kept in float: its int8 output lost {loss} dB SQNR, among the "
+                                        f"{config.fallback_layers} worst (quantize.fallback_layers)")
     return OnnxRuntimeDeployable(int8_path, context.model, context.threads, details=details)

@@ -58,8 +58,10 @@ def with_outputs(model_or_path, names: list[str]) -> bytes:
 
 
 def observe_activations(path: Path, batches: Iterable[dict[str, np.ndarray]], observer: str, scheme: QScheme,
-                        threads: int = 0) -> tuple[dict[str, Observer], int]:
-    """Run the float ONNX model on ``batches`` (input name -> array) and observe every float tensor."""
+                        threads: int = 0, means_of: Iterable[str] = ()) -> tuple[dict[str, Observer], int,
+                                                                                 dict[str, torch.Tensor]]:
+    """Run the float ONNX model on ``batches`` (input name -> array) and observe every float tensor; also
+    returns the mean per channel (dimension 1) of the tensors named in ``means_of`` (for bias correction)."""
     import onnx
 
     model = onnx.load(str(path))
@@ -68,13 +70,20 @@ def observe_activations(path: Path, batches: Iterable[dict[str, np.ndarray]], ob
     outputs = {o.name for o in model.graph.output}
     run = session(with_outputs(model, names), optimise=False, threads=threads)  # unoptimised: every tensor kept
     observers = {name: make_observer("minmax" if name in outputs else observer, scheme) for name in names}
+    wanted = set(means_of)
+    sums: dict[str, tuple[torch.Tensor, int]] = {}
     samples = 0
     for feed in batches:
         values = run.run(names, feed)
         samples += len(next(iter(feed.values())))
         for name, value in zip(names, values):
-            observers[name].observe(torch.from_numpy(np.asarray(value)))
-    return observers, samples
+            tensor = torch.from_numpy(np.asarray(value))
+            observers[name].observe(tensor)
+            if name in wanted and tensor.dim() >= 2:
+                dims = [d for d in range(tensor.dim()) if d != 1]
+                total, count = sums.get(name, (0.0, 0))
+                sums[name] = (total + tensor.sum(dim=dims, dtype=torch.float64), count + tensor.numel() // tensor.shape[1])
+    return observers, samples, {name: (total / count).float() for name, (total, count) in sums.items()}
 
 
 def quant_overrides(observers: dict[str, Observer]) -> dict[str, list[dict]]:

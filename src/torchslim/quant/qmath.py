@@ -5,7 +5,8 @@ and back ``x ~ (q - zero_point) * scale``. Symmetric schemes centre the range on
 integers, the middle code for unsigned ones); asymmetric ones spend every code on [lo, hi]. Ranges always
 include 0, so that zero (padding, ReLU's output) is exact. Per-channel schemes keep one scale per index along
 ``axis`` (a weight's output channels). ``reduce_range`` drops one bit: on x86 CPUs without VNNI the u8 x s8 pair
-sums of AVX2's ``vpmaddubsw`` saturate int16 otherwise.
+sums of AVX2's ``vpmaddubsw`` saturate int16 otherwise. Reduced symmetric signed codes span [-64, 64] as in ONNX
+Runtime (2 * 255 * 64 = 32640 still fits int16), so a weight simulated here lands on the grid the runtime uses.
 """
 
 from __future__ import annotations
@@ -50,7 +51,14 @@ class QScheme:
 
     @property
     def qmax(self) -> int:
-        return self.levels // 2 - 1 if self.signed else self.levels - 1
+        if self.signed:
+            return self.levels // 2 if self.symmetric and self.reduce_range else self.levels // 2 - 1
+        return self.levels - 1
+
+    @property
+    def half_range(self) -> int:
+        """Codes on each side of the zero point a symmetric range is spread over."""
+        return self.levels // 2 if self.signed and self.reduce_range else self.levels // 2 - 1
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,9 +71,9 @@ def qparams(lo: torch.Tensor | float, hi: torch.Tensor | float, scheme: QScheme)
     hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
     if scheme.symmetric:
         bound = torch.maximum(-lo, hi)
-        # [-bound, bound] onto +-(levels/2 - 1) codes around the zero point (int8: -127..127, leaving -128
-        # unused so that both ends are exact; uint8: 1..255 around 128).
-        scale = bound / (scheme.levels // 2 - 1)
+        # [-bound, bound] onto +-half_range codes around the zero point (int8: -127..127, leaving -128
+        # unused so that both ends are exact; reduced int8: -64..64; uint8: 1..255 around 128).
+        scale = bound / scheme.half_range
         zero_point = torch.full_like(scale, 0 if scheme.signed else (scheme.qmin + scheme.qmax + 1) // 2)
     else:
         scale = (hi - lo) / (scheme.qmax - scheme.qmin)

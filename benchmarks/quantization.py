@@ -1,0 +1,470 @@
+"""int8 side by side: `python benchmarks/quantization.py [--json PATH] [--crops N] [--models lite0,minilm] [--quick]`.
+
+For each model (EfficientNet-Lite0 on builtin:images, all-MiniLM-L6-v2 on builtin:sentences) this process builds
+and measures, one after another and by the same code:
+
+  1. fp32 eager PyTorch (the reference every fidelity figure is computed against);
+  2. fp32 ONNX Runtime (the same model exported by ``torchslim.export.export_onnx``);
+  3. ONNX Runtime's own quantizer, configured as its documentation recommends for this CPU: Lite0:
+     ``quant_pre_process`` then ``quantize_static`` (QDQ, MinMax calibration on the same 256 calibration crops,
+     per-channel QInt8 weights, QUInt8 activations, ``reduce_range`` where the CPU has no VNNI); MiniLM:
+     ``quant_pre_process`` then ``quantize_dynamic`` on MatMul/Gemm (per-channel QInt8, same ``reduce_range``);
+  4. ``torch.ao.quantization.quantize_dynamic`` on ``nn.Linear`` (eager; on Lite0 that is the classifier only);
+  5. torchao int8 compiled by torch.compile: Lite0 through PT2E with the X86InductorQuantizer (its default
+     histogram observers, calibrated on the same crops), MiniLM through ``quantize_`` with
+     ``Int8DynamicActivationInt8WeightConfig``; compile time (the first call at each timed shape) is separate;
+  6. torchslim: the example recipe run by ``torchslim.pipeline.Pipeline`` (Lite0 with ``--set``
+     ``steps.0.quantize.runtime=onnxruntime``); its int8 ONNX file is loaded into a fresh session here.
+
+Every ONNX file runs in a `torchslim.runtime.OnnxRuntimeDeployable` (CPU provider, intra-op threads = torch's).
+Latency: medians of repeated timings (``measure_latency``) at batch 1 and the batched size (Lite0 16, MiniLM 32
+at 64 tokens: real test sentences padded/truncated to 64). Fidelity on the test split against fp32 eager: Lite0
+top-1 agreement and mean KL(fp32 || row); MiniLM mean and minimum cosine similarity of the embeddings (inputs from
+the model's own preprocess, padded to the batch's longest). Artifact bytes: the ONNX file for ONNX rows; for torch
+rows the state dict saved with ``torch.save`` into memory (for the PT2E graph: only the tensors it reads).
+Prep time: calibration + quantization wall seconds (export included where the row exports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import goal, parser, write_json  # noqa: E402
+
+from torchslim.data import resolve_data  # noqa: E402
+from torchslim.errors import describe  # noqa: E402
+from torchslim.export import export_onnx  # noqa: E402
+from torchslim.measure import measure_latency, set_threads  # noqa: E402
+from torchslim.measure.metrics import cosine_similarity_stats, kl_divergence, top1_agreement  # noqa: E402
+from torchslim.quant.cpu import has_vnni, int8_features  # noqa: E402
+from torchslim.zoo import call_model, resolve_model  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
+SEQUENCE = 64  # MiniLM's timed sequence length
+
+
+@dataclass
+class Workload:
+    """One model with everything every row is fed: the same eval, latency and calibration batches."""
+
+    key: str
+    bundle: Any
+    task: str  # "classification" or "embedding"
+    batch_size: int
+    eval_batches: list
+    latency_bs1: Any
+    latency_batch: Any
+    calib_batches: list
+    recipe: Path
+    overrides: list[str]
+
+
+@dataclass
+class Candidate:
+    """A built row: ``run(inputs) -> outputs``, its artifact size and how long it took to build."""
+
+    name: str
+    runtime: str
+    run: Callable[[Any], torch.Tensor]
+    artifact_bytes: int
+    prep_s: float
+    notes: dict = field(default_factory=dict)
+    compiles: bool = False
+
+
+def _args(inputs: Any) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _first(inputs: Any, n: int) -> Any:
+    return tuple(t[:n] for t in inputs) if isinstance(inputs, (tuple, list)) else inputs[:n]
+
+
+def torch_bytes(tensors: dict) -> int:
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def graph_tensors(graph_module: nn.Module) -> dict:
+    """The tensors an FX graph reads (get_attr): int8 weights, scales, zero points, biases. Its state_dict would
+    also count the float weights convert_pt2e leaves registered but no longer reads."""
+    tensors = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            value = graph_module
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if isinstance(value, torch.Tensor):
+                tensors[node.target] = value
+    return tensors
+
+
+def eager(module: nn.Module) -> Callable:
+    def run(inputs):
+        with torch.inference_mode():
+            return call_model(module, inputs)
+    return run
+
+
+def onnx_session(path: Path, module: nn.Module, threads: int) -> Callable:
+    from torchslim.runtime import OnnxRuntimeDeployable
+
+    return OnnxRuntimeDeployable(path, module, threads)
+
+
+# ---------------------------------------------------------------------------------------------------- workloads
+def lite0_workload(crops: int) -> Workload:
+    bundle, data = resolve_model("builtin:efficientnet-lite0"), resolve_data("builtin:images")
+    batch = 16
+    return Workload(
+        key="lite0", bundle=bundle, task="classification", batch_size=batch,
+        eval_batches=[x for x, _ in data.batches("test", bundle.preprocess, batch, limit=crops)],
+        latency_bs1=data.fill_batch("test", bundle.preprocess, 1),
+        latency_batch=data.fill_batch("test", bundle.preprocess, batch),
+        calib_batches=[x for x, _ in data.batches("calib", bundle.preprocess, 32, limit=256)],
+        recipe=RECIPES / "efficientnet-lite0-int8.yaml", overrides=["steps.0.quantize.runtime=onnxruntime"])
+
+
+def minilm_workload(limit: int) -> Workload:
+    bundle, data = resolve_model("builtin:minilm"), resolve_data("builtin:sentences")
+    batch, test = 32, data.splits["test"]
+    encoded = bundle.preprocess.tokenizer([test[i % len(test)] for i in range(batch)], padding="max_length",
+                                          truncation=True, max_length=SEQUENCE, return_tensors="pt")
+    timed = (encoded["input_ids"], encoded["attention_mask"])
+    return Workload(
+        key="minilm", bundle=bundle, task="embedding", batch_size=batch,
+        eval_batches=[x for x, _ in data.batches("test", bundle.preprocess, batch, limit=limit)],
+        latency_bs1=_first(timed, 1), latency_batch=timed,
+        calib_batches=[x for x, _ in data.batches("calib", bundle.preprocess, 32, limit=256)],
+        recipe=RECIPES / "minilm-int8-dynamic.yaml", overrides=[])
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+def fp32_eager(w: Workload, scratch: Path, threads: int) -> Candidate:
+    model = w.bundle.model
+    return Candidate("fp32 eager", "torch", eager(model), torch_bytes(model.state_dict()), 0.0)
+
+
+def fp32_onnx(w: Workload, scratch: Path, threads: int) -> Candidate:
+    started = time.perf_counter()
+    path = scratch / f"{w.key}-fp32.onnx"
+    exporter = export_onnx(w.bundle.model, w.bundle.example_inputs(2), path)
+    seconds = time.perf_counter() - started
+    return Candidate("fp32 onnxruntime", "onnxruntime", onnx_session(path, w.bundle.model, threads),
+                     path.stat().st_size, seconds, {"exporter": exporter, "prep": "export"})
+
+
+class _Feeds:
+    """ONNX Runtime CalibrationDataReader over the workload's calibration batches."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+        self.rewind()
+
+    def get_next(self):
+        batch = next(self.iterator, None)
+        return None if batch is None else {f"input_{i}": t.numpy() for i, t in enumerate(_args(batch))}
+
+    def rewind(self):
+        self.iterator = iter(self.batches)
+
+
+def ort_peer(w: Workload, scratch: Path, threads: int) -> Candidate:
+    """ONNX Runtime's own quantizer on the fp32 ONNX file: its pre-processing, calibration and defaults."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32 = scratch / f"{w.key}-fp32.onnx"
+    prepared, int8 = scratch / f"{w.key}-ort-prepared.onnx", scratch / f"{w.key}-ort-int8.onnx"
+    reduce_range = not has_vnni()
+    started = time.perf_counter()
+    # ONNX Runtime's symbolic shape inference leaves sym_shape_infer_temp.onnx (+ data) in the working
+    # directory when it fails: keep that out of the caller's folder.
+    with contextlib.chdir(scratch):
+        try:
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
+            pre_process = "quant_pre_process"
+        except Exception as error:  # as its docstring advises when symbolic inference cannot finish
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            pre_process = ("quant_pre_process(skip_symbolic_shape=True): symbolic shape inference failed "
+                           f"({describe(error)})")
+    if w.task == "classification":
+        quantize_static(str(prepared), str(int8), _Feeds(w.calib_batches), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        name, notes = "ort quantize_static", {"calibration_samples": sum(len(_args(b)[0]) for b in w.calib_batches),
+                                              "format": "QDQ", "calibration": "MinMax"}
+    else:
+        quantize_dynamic(str(prepared), str(int8), per_channel=True, reduce_range=reduce_range,
+                         weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        name, notes = "ort quantize_dynamic", {"op_types": ["MatMul", "Gemm"]}
+    seconds = time.perf_counter() - started
+    notes.update(pre_process=pre_process, per_channel=True, weights="QInt8", activations="QUInt8",
+                 reduce_range=reduce_range)
+    return Candidate(name, "onnxruntime", onnx_session(int8, w.bundle.model, threads), int8.stat().st_size,
+                     seconds, notes)
+
+
+def torch_ao_dynamic(w: Workload, scratch: Path, threads: int) -> Candidate:
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(w.bundle.model), {nn.Linear},
+                                                       dtype=torch.qint8)
+    seconds = time.perf_counter() - started
+    quantized = sum(1 for m in model.modules() if type(m).__module__.startswith("torch.ao.nn.quantized"))
+    notes = {"quantized_linear_modules": quantized,
+             "deprecated": any(issubclass(c.category, DeprecationWarning) for c in caught)}
+    return Candidate("torch.ao quantize_dynamic", "torch", eager(model), torch_bytes(model.state_dict()), seconds,
+                     notes)
+
+
+def torchao_compiled(w: Workload, scratch: Path, threads: int) -> Candidate:
+    """torchao's int8 path for the model, compiled by TorchInductor (compile happens on the first calls)."""
+    model = copy.deepcopy(w.bundle.model).eval()
+    started = time.perf_counter()
+    if w.task == "embedding":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        quantize_(model, Int8DynamicActivationInt8WeightConfig())
+        nbytes = torch_bytes(model.state_dict())
+        compiled = torch.compile(model)
+        notes = {"flow": "quantize_(Int8DynamicActivationInt8WeightConfig) + torch.compile"}
+        name = "torchao int8-dyn+compile"
+
+        def run(inputs):
+            with torch.no_grad():
+                return compiled(*_args(inputs))
+    else:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = x86.X86InductorQuantizer().set_global(
+            x86.get_default_x86_inductor_quantization_config(reduce_range=not has_vnni()))
+        exported = torch.export.export(model, (w.bundle.example_inputs(2),),
+                                       dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+        prepared = prepare_pt2e(exported, quantizer)
+        with torch.no_grad():
+            for batch in w.calib_batches:
+                prepared(batch)
+        converted = convert_pt2e(prepared)
+        nbytes = torch_bytes(graph_tensors(converted))
+        # Static shapes (one compile per batch size): the int8 conv lowering does not take a dynamic batch.
+        compiled = torch.compile(converted, dynamic=False)
+        notes = {"flow": "PT2E X86InductorQuantizer (default histogram observers) + torch.compile, freezing",
+                 "reduce_range": not has_vnni()}
+        name = "torchao pt2e+compile"
+
+        def run(inputs):
+            with torch.no_grad(), torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return compiled(inputs)
+    seconds = time.perf_counter() - started
+    return Candidate(name, "torchinductor", run, nbytes, seconds, notes, compiles=True)
+
+
+def torchslim_pipeline(w: Workload, scratch: Path, threads: int) -> Candidate:
+    """The example recipe through torchslim's pipeline in this process; its int8 ONNX file, reloaded here."""
+    import shutil
+
+    from torchslim.pipeline import Pipeline
+    from torchslim.recipe import load_recipe
+
+    # The pipeline measures its own stages too; fewer samples there leave the quantize step untouched.
+    recipe = load_recipe(w.recipe, w.overrides + ["measure.max_eval_samples=64", "measure.repeats=3",
+                                                  f"measure.threads={threads}"])
+    with tempfile.TemporaryDirectory(dir=scratch) as workdir, contextlib.chdir(workdir):
+        stages, final, _ = Pipeline(recipe, progress=False, log=lambda message: None).run(Path(workdir))
+        path = scratch / f"{w.key}-torchslim-int8.onnx"
+        shutil.copyfile(final.path, path)
+    set_threads(threads)
+    stage = stages[-1]
+    notes = {"recipe": f"{w.recipe.name} {' '.join('--set ' + o for o in w.overrides)}".strip(),
+             "step": stage["step"], **{k: v for k, v in stage["details"].items()
+                                       if k in ("runtime_choice", "weights", "activations", "reduce_range",
+                                                "observer", "calibration_samples", "format")}}
+    return Candidate(f"torchslim {stage['step'].split(':')[1]}", "onnxruntime",
+                     onnx_session(path, w.bundle.model, threads), path.stat().st_size, stage["step_seconds"],
+                     notes)
+
+
+ROWS = (fp32_eager, fp32_onnx, ort_peer, torch_ao_dynamic, torchao_compiled, torchslim_pipeline)
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+def fidelity(task: str, outputs: torch.Tensor, reference: torch.Tensor) -> dict:
+    if task == "embedding":
+        mean, minimum = cosine_similarity_stats(outputs, reference)
+        scores = {"cosine_mean": round(mean, 5), "cosine_min": round(minimum, 5)}
+    else:
+        scores = {"agreement": round(top1_agreement(outputs, reference), 5),
+                  "kl": round(kl_divergence(outputs, reference), 5)}
+    return {**scores, "eval_samples": int(outputs.shape[0])}
+
+
+def measure(c: Candidate, w: Workload, reference: torch.Tensor | None, repeats: int) -> tuple[dict, torch.Tensor]:
+    """The row's latency (batch 1 and batched, medians), artifact size and fidelity, the same for every row."""
+    row: dict = {"model": w.key, "row": c.name, "runtime": c.runtime, "artifact_bytes": c.artifact_bytes,
+                 "prep_s": round(c.prep_s, 2), "notes": c.notes}
+    if c.compiles:  # the first call at each timed shape compiles; timed on its own
+        started = time.perf_counter()
+        c.run(w.latency_bs1)
+        c.run(w.latency_batch)
+        row["compile_s"] = round(time.perf_counter() - started, 1)
+    bs1 = measure_latency(c.run, w.latency_bs1, warmup=3, repeats=repeats * 2, min_seconds=0.5)
+    batched = measure_latency(c.run, w.latency_batch, warmup=2, repeats=repeats)
+    row.update(latency_ms_bs1=round(bs1.median_ms, 3), latency_ms_batch=round(batched.median_ms, 3),
+               batch_size=w.batch_size, latency_spread_ms_batch=[round(batched.min_ms, 3), round(batched.max_ms, 3)])
+    outputs = torch.cat([c.run(batch).float() for batch in w.eval_batches])
+    row.update(fidelity(w.task, outputs, outputs if reference is None else reference))
+    return row, outputs
+
+
+def run_workload(w: Workload, scratch: Path, threads: int, repeats: int, log: Callable[[str], None]) -> list[dict]:
+    rows, reference = [], None
+    for build in ROWS:
+        torch.manual_seed(0)
+        set_threads(threads)
+        log(f"{w.key}: {build.__name__} ...")
+        try:
+            candidate = build(w, scratch, threads)
+        except Exception as error:  # a path that fails on this stack is reported, and the others go on
+            rows.append({"model": w.key, "row": build.__name__, "error": describe(error)})
+            log(f"  failed: {describe(error)}\n{traceback.format_exc(limit=3)}")
+            continue
+        try:
+            row, outputs = measure(candidate, w, reference, repeats)
+            reference = outputs if reference is None else reference
+        except Exception as error:
+            row = {"model": w.key, "row": candidate.name, "runtime": candidate.runtime,
+                   "error": f"measuring: {describe(error)}"}
+            log(f"  failed: {describe(error)}\n{traceback.format_exc(limit=3)}")
+        rows.append(row)
+        del candidate
+    base = rows[0]
+    onnx_base = next((r for r in rows if r["row"] == "fp32 onnxruntime" and "error" not in r), None)
+    for row in rows:
+        if "error" in row:
+            continue
+        row["speedup_bs1"] = round(base["latency_ms_bs1"] / row["latency_ms_bs1"], 3)
+        row["speedup_batch"] = round(base["latency_ms_batch"] / row["latency_ms_batch"], 3)
+        size_base = onnx_base if row["runtime"] == "onnxruntime" and onnx_base else base
+        row["size_reduction"] = round(size_base["artifact_bytes"] / row["artifact_bytes"], 3)
+        row["size_reduction_vs"] = size_base["row"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'model':7s} {'row':26s} {'runtime':13s} {'bs1 ms':>8s} {'x':>6s} {'batch ms':>14s} {'x':>6s} "
+            f"{'MB':>6s} {'size x':>6s} {'fidelity':25s} {'prep s':>7s} {'compile s':>9s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:7s} {r['row']:26s} {r.get('runtime', ''):13s} ERROR: {r['error'][:110]}")
+            continue
+        if "agreement" in r:
+            fid = f"agree {r['agreement']:.4f} KL {r['kl']:.4f}"
+        else:
+            fid = f"cos {r['cosine_mean']:.4f} min {r['cosine_min']:.4f}"
+        batch = f"{r['latency_ms_batch']:.2f} @{r['batch_size']}"
+        print(f"{r['model']:7s} {r['row']:26s} {r['runtime']:13s} {r['latency_ms_bs1']:8.2f} {r['speedup_bs1']:6.2f} "
+              f"{batch:>14s} {r['speedup_batch']:6.2f} {r['artifact_bytes'] / 1e6:6.2f} {r['size_reduction']:6.2f} "
+              f"{fid:25s} {r['prep_s']:7.1f} {r.get('compile_s', ''):>9}")
+    print("x: speed-up vs fp32 eager. size x: fp32 ONNX file / ONNX file for ONNX Runtime rows, fp32 eager "
+          "torch.save(state_dict) / row's torch.save bytes for torch rows. prep s: calibration + quantization "
+          "(+ export) wall time.")
+
+
+def goals_for(rows: list[dict], min_crops: int = 500) -> list[dict]:
+    find = {(r["model"], r["row"]): r for r in rows if "error" not in r}
+    goals = []
+    ours = find.get(("lite0", "torchslim int8-static"))
+    if ours:
+        goals.append(goal("lite0 torchslim speed-up vs fp32 eager at batch 16 (x)", ours["speedup_batch"], ">= 8",
+                          ours["speedup_batch"] >= 8))
+        goals.append(goal(f"lite0 torchslim top-1 agreement on {ours['eval_samples']} crops", ours["agreement"],
+                          f">= 0.97 on >= {min_crops} crops",
+                          ours["agreement"] >= 0.97 and ours["eval_samples"] >= min_crops))
+        peer = find.get(("lite0", "ort quantize_static"))
+        if peer:
+            ratio = round(ours["latency_ms_batch"] / peer["latency_ms_batch"], 3)
+            goals.append(goal("lite0 torchslim / ort quantize_static latency at batch 16 (agreement "
+                              f"{ours['agreement']:.4f} vs {peer['agreement']:.4f})", ratio,
+                              "<= 1.0 with agreement >= peer's",
+                              ratio <= 1.0 and ours["agreement"] >= peer["agreement"]))
+        goals.append(goal("lite0 torchslim artifact vs fp32 ONNX (x smaller)", ours["size_reduction"], ">= 3.8",
+                          ours["size_reduction"] >= 3.8))
+        goals.append(goal("lite0 torchslim PTQ time (s)", ours["prep_s"], "<= 30", ours["prep_s"] <= 30))
+    ours = find.get(("minilm", "torchslim int8-dynamic"))
+    if ours:
+        goals.append(goal("minilm torchslim speed-up vs fp32 eager at batch 32, seq 64 (x)", ours["speedup_batch"],
+                          ">= 2.5", ours["speedup_batch"] >= 2.5))
+        goals.append(goal("minilm torchslim mean cosine", ours["cosine_mean"], ">= 0.99", ours["cosine_mean"] >= 0.99))
+        goals.append(goal("minilm torchslim artifact vs fp32 ONNX (x smaller)", ours["size_reduction"], ">= 3.8",
+                          ours["size_reduction"] >= 3.8))
+    return goals
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--crops", type=int, default=0, help="Lite0 evaluation crops of the 640 test crops (0: all)")
+    p.add_argument("--models", default="lite0,minilm", help="comma-separated: lite0, minilm")
+    p.add_argument("--quick", action="store_true", help="smoke test: 64 eval samples, few repeats")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads of torch and every ONNX Runtime session (0: all cores of this process)")
+    args = p.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - {"lite0", "minilm"})
+    if unknown:
+        raise SystemExit(f"--models: unknown {', '.join(unknown)} (choose from lite0, minilm)")
+    crops = 64 if args.quick and not args.crops else args.crops
+    repeats = 3 if args.quick else 10
+    threads = set_threads(args.threads)
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"threads {threads}, int8 CPU features {int8_features() or 'none'}, VNNI {has_vnni()}")
+    started, rows = time.perf_counter(), []
+    with tempfile.TemporaryDirectory(prefix="torchslim-quant-bench-") as scratch:
+        for key in models:
+            workload = lite0_workload(crops) if key == "lite0" else minilm_workload(64 if args.quick else 0)
+            rows += run_workload(workload, Path(scratch), threads, repeats, log)
+            del workload
+    print(f"\nthreads {threads}; CPU int8 features {', '.join(int8_features()) or 'none'} (VNNI: {has_vnni()}); "
+          f"torch {torch.__version__}; {'quick' if args.quick else 'full'} run, {repeats} batched repeats "
+          f"(median); {time.perf_counter() - started:.0f} s")
+    print_table(rows)
+    for r in rows:
+        if r.get("notes"):
+            print(f"  {r['model']} {r['row']}: " + "; ".join(f"{k}={v}" for k, v in r["notes"].items()))
+    failed = [r for r in rows if "error" in r]
+    for r in failed:
+        print(f"FAILED {r['model']} {r['row']}: {r['error']}")
+    goals = goals_for(rows)
+    import onnxruntime
+    import torchao
+
+    write_json(args.json, {"benchmark": "quantization", "quick": args.quick, "threads": threads,
+                           "cpu_int8_features": int8_features(), "vnni": has_vnni(),
+                           "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                                        "torchao": torchao.__version__},
+                           "rows": rows, "goals": goals})
+
+
+if __name__ == "__main__":
+    main()
