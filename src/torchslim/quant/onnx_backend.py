@@ -8,6 +8,7 @@ pair sums in AVX2's ``vpmaddubsw``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
 
     prepared = float_path.with_name(float_path.stem + ".prepared.onnx")
     try:
-        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
+        # (run in the scratch folder: when shape inference fails ONNX Runtime leaves temporary files in the cwd)
+        with contextlib.chdir(float_path.parent):
+            quant_pre_process(str(float_path.resolve()), str(prepared.resolve()), skip_symbolic_shape=False)
     except Exception:  # pre-processing (shape inference, BN folding) is an optimisation, not a requirement
         prepared = float_path
     import onnx
