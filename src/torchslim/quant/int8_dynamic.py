@@ -57,7 +57,7 @@ def quantize_int8_dynamic(context, config: Int8Dynamic) -> OnnxRuntimeDeployable
     for name in excluded:
         context.skip_layer(name, "kept in float (matched quantize.skip)")
     details = {"format": "dynamic (DynamicQuantizeLinear + MatMulInteger)",
-               "weights": ("int7" if reduce_range else "int8") + (" per-channel" if config.per_channel
+               "weights": ("int8 [-64, 64]" if reduce_range else "int8") + (" per-channel" if config.per_channel
                                                                   else " per-tensor"),
                "activations": "uint8 per-tensor, range measured per batch at run time", "reduce_range": reduce_range,
                "cpu_int8_features": int8_features(), "kept_float_nodes": excluded, "exporter": exporter,

@@ -2,14 +2,15 @@
 scales (ONNX Runtime's quantizer places the nodes), run on ONNX Runtime's integer kernels.
 
 ONNX Runtime fuses each DequantizeLinear -> op -> QuantizeLinear group into an integer kernel (QLinearConv,
-QGemm, ...). On CPUs without VNNI the weights use 7 bits (``reduce_range``) to avoid the saturation of u8*s8
-pair sums in AVX2's ``vpmaddubsw``.
+QGemm, ...). On CPUs without VNNI the weights use the codes [-64, 64] (``reduce_range``) to avoid the saturation
+of u8*s8 pair sums in AVX2's ``vpmaddubsw``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import time
 from pathlib import Path
 
 from torchslim.export import export_onnx
@@ -109,7 +110,8 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
         prepared = float_path
     import onnx
 
-    layers = [n for n in onnx.load(str(prepared), load_external_data=False).graph.node if n.op_type in ("Conv", "Gemm")]
+    layers = [n for n in onnx.load(str(prepared), load_external_data=False).graph.node
+              if n.op_type in ("Conv", "Gemm")]
     correct = getattr(config, "bias_correction", False)
     observers, samples, means = observe_activations(prepared, batches, config.observer, ACTIVATIONS,
                                                     means_of=[n.input[0] for n in layers] if correct else ())
@@ -129,9 +131,10 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
             corrections.clear()
             corrections.update(moved)
         # ONNX Runtime calibrates too before applying our overrides: one sample keeps that pass short.
-        quantize_static(str(source), str(int8_path), _Reader([{k: v[:1] for k, v in batches[0].items()}]), quant_format=QuantFormat.QDQ,
-                        per_channel=config.per_channel, reduce_range=reduce_range,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        one_sample = _Reader([{name: value[:1] for name, value in batches[0].items()}])
+        quantize_static(str(source), str(int8_path), one_sample, quant_format=QuantFormat.QDQ,
+                        per_channel=config.per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude or None,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                        "TensorQuantOverrides": overrides})
@@ -145,8 +148,9 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
         sensitive = {name: round(errors[name], 2) for name in worst[:config.fallback_layers]}
         write(excluded + list(sensitive))
     strip_debug_metadata(int8_path)
-    return {"float_layers": float_layers(int8_path),"format": "QDQ", "weights": ("int7" if reduce_range else "int8") + (" per-channel" if config.per_channel
-                                                                               else " per-tensor"),
+    weights = "int8 [-64, 64]" if reduce_range else "int8"
+    return {"format": "QDQ", "weights": weights + (" per-channel" if config.per_channel else " per-tensor"),
+            "float_layers": float_layers(int8_path),
             "activations": "uint8 per-tensor", "observer": config.observer, "reduce_range": reduce_range,
             "calibration_samples": samples, "cpu_int8_features": int8_features(), "kept_float_nodes": excluded,
             "sensitive_float_nodes_db": sensitive, "bias_corrected_layers": len(corrections),
@@ -219,9 +223,12 @@ def build(context, config) -> OnnxRuntimeDeployable:
     """Export ``context.model``, quantize it with calibration and load it in ONNX Runtime."""
     workdir = context.scratch("int8-static-onnxruntime")
     float_path, int8_path = workdir / "float.onnx", workdir / "int8.onnx"
+    started = time.perf_counter()
     exporter = export_onnx(context.model, context.example_inputs(2), float_path)
+    exported = time.perf_counter()
     details = quantize_onnx_static(float_path, int8_path, _feeds(context, config), config)
-    details.update(exporter=exporter)
+    details.update(exporter=exporter, export_seconds=round(exported - started, 2),
+                   ptq_seconds=round(time.perf_counter() - exported, 2))
     modules = module_names(float_path)
 
     def layer(node: str) -> str:

@@ -82,7 +82,7 @@ def observe_activations(path: Path, batches: Iterable[dict[str, np.ndarray]], ob
             if name in wanted and tensor.dim() >= 2:
                 dims = [d for d in range(tensor.dim()) if d != 1]
                 total, count = sums.get(name, (0.0, 0))
-                sums[name] = (total + tensor.sum(dim=dims, dtype=torch.float64), count + tensor.numel() // tensor.shape[1])
+                sums[name] = (total + tensor.sum(dim=dims).double(), count + tensor.numel() // tensor.shape[1])
     return observers, samples, {name: (total / count).float() for name, (total, count) in sums.items()}
 
 

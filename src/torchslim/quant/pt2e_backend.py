@@ -173,6 +173,21 @@ def load_artifact(module: nn.Module, example: Any, path: Path, config) -> Induct
     return InductorInt8Deployable(converted, ranges, module, example, config)
 
 
+def float_layers(converted: nn.Module) -> tuple[int, dict[str, str]]:
+    """Conv/linear calls of a converted graph: how many there are, and ``{layer: op}`` of those whose weight is
+    not dequantized from int8 — the quantizer left them float (torchao's x86 quantizer matches only exact
+    ``nn.Conv2d``/``nn.Linear`` patterns, so a subclass such as a "same"-padding conv is passed over)."""
+    ops = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.linear.default}
+    layers = [n for n in converted.graph.nodes if n.op == "call_function" and n.target in ops]
+    left = {}
+    for node in layers:
+        weight = node.args[1]
+        if not (isinstance(weight, torch.fx.Node) and "dequantize" in str(weight.target)):
+            stack = node.meta.get("nn_module_stack") or {}
+            left[list(stack.values())[-1][0] if stack else node.name] = str(node.target).split(".")[-2]
+    return len(layers), left
+
+
 def build(context, config) -> InductorInt8Deployable:
     """Quantize ``context.model`` with PT2E and calibration; compile lazily on first call."""
     example = context.example_inputs(2)
@@ -180,7 +195,12 @@ def build(context, config) -> InductorInt8Deployable:
     converted, ranges, skipped = _convert(context.model, example, config, calibrate=calibration)
     for name in skipped:
         context.skip_layer(name, "kept in float (matched quantize.skip)")
+    total, left = float_layers(converted)
+    for name, op in left.items():
+        if name not in skipped:
+            context.skip_layer(name, f"{op}: not matched by torchao's x86 Inductor quantizer, kept in float")
     details = {"format": "PT2E x86-inductor", "weights": "int8 per-channel", "activations": "uint8 per-tensor",
+               "int8_layers": f"{total - len(left)} of {total} conv/linear",
                "observer": "torchao " + OBSERVERS.get(config.observer, "HistogramObserver"),
                "reduce_range": not has_vnni(), "cpu_int8_features": int8_features(),
                "calibration_samples": sum(len(_args(b)[0]) for b in calibration)}
