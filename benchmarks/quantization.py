@@ -51,6 +51,7 @@ from torchslim.export import export_onnx  # noqa: E402
 from torchslim.measure import measure_latency, set_threads  # noqa: E402
 from torchslim.measure.size import artifact_bytes  # noqa: E402
 from torchslim.measure.metrics import cosine_similarity_stats, kl_divergence, top1_agreement  # noqa: E402
+from torchslim.quant import pt2e_backend  # noqa: E402
 from torchslim.quant.cpu import has_vnni, int8_features  # noqa: E402
 from torchslim.zoo import call_model, resolve_model  # noqa: E402
 
@@ -102,26 +103,10 @@ def torch_bytes(tensors: dict) -> int:
     return buffer.getbuffer().nbytes
 
 
-def graph_tensors(graph_module: nn.Module) -> dict:
-    """The tensors an FX graph reads (get_attr): int8 weights, scales, zero points, biases. Its state_dict would
-    also count the float weights convert_pt2e leaves registered but no longer reads."""
-    tensors = {}
-    for node in graph_module.graph.nodes:
-        if node.op == "get_attr":
-            value = graph_module
-            for part in node.target.split("."):
-                value = getattr(value, part)
-            if isinstance(value, torch.Tensor):
-                tensors[node.target] = value
-    return tensors
-
-
-def quantized_weights(graph_module: nn.Module) -> str:
-    """How many conv/linear nodes of a converted PT2E graph read a dequantized (int8) weight."""
-    targets = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default}
-    layers = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in targets]
-    quantized = [n for n in layers if isinstance(n.args[1], torch.fx.Node) and "dequantize" in str(n.args[1].target)]
-    return f"{len(quantized)} of {len(layers)} conv/linear"
+def int8_layers(converted: nn.Module) -> str:
+    """How many conv/linear calls of a converted PT2E graph read an int8 weight."""
+    total, left = pt2e_backend.float_layers(converted)
+    return f"{total - len(left)} of {total} conv/linear"
 
 
 def eager(module: nn.Module) -> Callable:
@@ -273,11 +258,11 @@ def torchao_compiled(w: Workload, scratch: Path, threads: int) -> Candidate:
             for batch in w.calib_batches:
                 prepared(batch)
         converted = convert_pt2e(prepared)
-        nbytes = torch_bytes(graph_tensors(converted))
+        nbytes = torch_bytes(pt2e_backend.graph_tensors(converted))  # not the float weights it no longer reads
         # Static shapes (one compile per batch size): the int8 conv lowering does not take a dynamic batch.
         compiled = torch.compile(converted, dynamic=False)
         notes = {"flow": "PT2E X86InductorQuantizer (default histogram observers) + torch.compile, freezing",
-                 "reduce_range": not has_vnni(), "int8_weights": quantized_weights(converted)}
+                 "reduce_range": not has_vnni(), "int8_weights": int8_layers(converted)}
         name = "torchao pt2e+compile"
 
         def run(inputs):

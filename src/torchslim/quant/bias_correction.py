@@ -12,6 +12,7 @@ the grid it rounds to.
 from __future__ import annotations
 
 import torch
+
 from torchslim.quant.qmath import QScheme, fake_quantize, qparams
 
 
@@ -35,8 +36,7 @@ def output_shift(delta: torch.Tensor, mean: torch.Tensor, groups: int = 1) -> to
     return (per_input * mean.reshape(groups, 1, -1)).sum(dim=-1).reshape(out_channels)
 
 
-def correct_onnx_biases(model, means: dict[str, torch.Tensor], skip: set[str], per_channel: bool,
-                        scheme: QScheme) -> dict[str, float]:
+def correct_onnx_biases(model, means: dict[str, torch.Tensor], skip: set[str], scheme: QScheme) -> dict[str, float]:
     """Correct the bias of every Conv and Gemm node of ``model`` (a loaded, BatchNorm-folded ModelProto) whose
     input mean is in ``means`` and whose name is not in ``skip``; a missing bias is added. In place.
 
@@ -59,9 +59,7 @@ def correct_onnx_biases(model, means: dict[str, torch.Tensor], skip: set[str], p
             if not attrs.get("transB", 0):
                 weight = weight.t()
         groups = int(attrs.get("group", 1))
-        layer_scheme = QScheme(bits=scheme.bits, signed=scheme.signed, symmetric=scheme.symmetric,
-                               axis=0 if per_channel else None, reduce_range=scheme.reduce_range)
-        delta = quantized_weight(weight, layer_scheme) - weight
+        delta = quantized_weight(weight, scheme) - weight  # weights as [out, in, ...]: the scheme's axis 0
         mean = means[node.input[0]].float()
         shift = output_shift(delta, mean, groups)
         reference = output_shift(weight, mean, groups).abs().mean().clamp_min(1e-12)

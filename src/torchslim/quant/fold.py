@@ -80,8 +80,6 @@ def fold_pair(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
     weight = layer.weight
-    if isinstance(layer, nn.modules.conv._ConvTransposeNd):  # pragma: no cover - excluded by _FOLDABLE
-        raise TypeError("transposed convolutions are not folded")
     weight.mul_(scale.reshape(-1, *[1] * (weight.dim() - 1)).to(weight.dtype))
     bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(bn.running_mean)
     new_bias = ((bias - bn.running_mean) * scale + shift).to(weight.dtype)

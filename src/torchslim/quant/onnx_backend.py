@@ -89,7 +89,7 @@ def _corrected(prepared: Path, means: dict, exclude: list[str], per_channel: boo
     import onnx
 
     model = onnx.load(str(prepared))
-    moved = correct_onnx_biases(model, means, set(exclude), per_channel, weight_scheme(per_channel))
+    moved = correct_onnx_biases(model, means, set(exclude), weight_scheme(per_channel))
     path = prepared.with_name(prepared.stem + ".corrected.onnx")
     onnx.save(model, str(path))
     return path, moved
@@ -112,24 +112,21 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
 
     layers = [n for n in onnx.load(str(prepared), load_external_data=False).graph.node
               if n.op_type in ("Conv", "Gemm")]
-    correct = getattr(config, "bias_correction", False)
+    correct = config.bias_correction
     observers, samples, means = observe_activations(prepared, batches, config.observer, ACTIVATIONS,
                                                     means_of=[n.input[0] for n in layers] if correct else ())
     overrides = quant_overrides(observers)
     excluded = _nodes_to_exclude(float_path, config.skip)
     # Without VNNI, x86 u8 x s8 kernels sum pairs of products in int16 (vpmaddubsw), which saturates: measured
     # here on EfficientNet-Lite0, 8-bit weights gave 61% top-1 agreement deployed against 81% simulated.
-    # 7-bit weights cannot saturate, so the deployed model computes what the simulation does.
+    # Weights on [-64, 64] cannot saturate, so the deployed model computes what the simulation does.
     reduce_range = not has_vnni()
 
-    corrections: dict[str, float] = {}
-
-    def write(exclude: list[str]) -> None:
-        source = prepared
+    def write(exclude: list[str]) -> dict[str, float]:
+        """Quantize to ``int8_path`` keeping ``exclude`` float; returns the layers bias correction moved."""
+        source, moved = prepared, {}
         if correct:
             source, moved = _corrected(prepared, means, exclude, config.per_channel)
-            corrections.clear()
-            corrections.update(moved)
         # ONNX Runtime calibrates too before applying our overrides: one sample keeps that pass short.
         one_sample = _Reader([{name: value[:1] for name, value in batches[0].items()}])
         quantize_static(str(source), str(int8_path), one_sample, quant_format=QuantFormat.QDQ,
@@ -138,15 +135,16 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude or None,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                        "TensorQuantOverrides": overrides})
+        return moved
 
-    write(excluded)
+    corrections = write(excluded)
     sensitive = {}
     if config.fallback_layers:
         # Measure each layer's own error in the simulated int8 model; the worst stay in float.
         errors = layer_errors(prepared, int8_path, batches[:2])
         worst = sorted((n for n in errors if n not in excluded), key=errors.get, reverse=True)
         sensitive = {name: round(errors[name], 2) for name in worst[:config.fallback_layers]}
-        write(excluded + list(sensitive))
+        corrections = write(excluded + list(sensitive))
     strip_debug_metadata(int8_path)
     weights = "int8 [-64, 64]" if reduce_range else "int8"
     return {"format": "QDQ", "weights": weights + (" per-channel" if config.per_channel else " per-tensor"),

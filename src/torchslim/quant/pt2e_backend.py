@@ -76,7 +76,7 @@ def _quantizer(module: nn.Module, config):
     return quantizer, skipped
 
 
-def _graph_tensors(graph_module: nn.Module) -> dict[str, torch.Tensor]:
+def graph_tensors(graph_module: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor the converted graph reads through get_attr (int8 weights, scales, zero points, biases)."""
     tensors = {}
     for node in graph_module.graph.nodes:
@@ -146,7 +146,7 @@ class InductorInt8Deployable(Deployable):
 
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "model.int8.safetensors"
-        tensors = {f"graph/{k}": v.contiguous() for k, v in _graph_tensors(self.converted).items()}
+        tensors = {f"graph/{k}": v.contiguous() for k, v in graph_tensors(self.converted).items()}
         # Observers shared between tensors (e.g. around a concat) share storage: store each copy on its own.
         tensors.update({f"observer/{k}": v.detach().clone() for k, v in self.ranges.items()})
         settings = {"observer": self.config.observer, "per_channel": self.config.per_channel,

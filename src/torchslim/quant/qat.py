@@ -29,7 +29,8 @@ from torchslim.quant import onnx_backend
 from torchslim.quant.calibration import calibration_batches, check_calibration
 from torchslim.quant.fold import fold_batchnorms
 from torchslim.quant.observers import make_observer
-from torchslim.quant.qmath import QScheme, fake_quantize, qparams
+from torchslim.quant.bias_correction import quantized_weight
+from torchslim.quant.qmath import QScheme, fake_quantize
 from torchslim.recover.finetune import FinetuneConfig, finetune
 from torchslim.recover.trainer import OptimizerConfig
 from torchslim.registry import register_method
@@ -85,10 +86,7 @@ class WeightFakeQuant(nn.Module):
         self.scheme = scheme
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        flat = weight.detach().abs().flatten(1) if self.scheme.axis is not None else weight.detach().abs()
-        bound = flat.amax(dim=1) if self.scheme.axis is not None else flat.max()
-        scale, zero_point = qparams(-bound, bound, self.scheme)
-        return fake_quantize(weight, scale, zero_point, self.scheme)
+        return quantized_weight(weight, self.scheme)
 
 
 class InputFakeQuant:
