@@ -99,3 +99,13 @@ def test_overrides_set_nested_fields_and_list_items():
 def test_bad_overrides(override, message):
     with pytest.raises(InputError, match=message):
         apply_overrides(TINY_RECIPE, [override])
+
+
+def test_every_example_recipe_loads():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[1] / "examples" / "recipes").glob("*.yaml"))
+    assert len(examples) >= 8
+    for path in examples:
+        recipe = load_recipe(path)
+        assert recipe.steps, path.name

@@ -36,6 +36,8 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         (item,) = typing.get_args(tp)
         return f"list of {_type_name(item)}"
+    if origin is dict:
+        return "mapping"
     if dataclasses.is_dataclass(tp):
         return "mapping"
     return getattr(tp, "__name__", str(tp))
@@ -67,6 +69,11 @@ def _convert(value: Any, tp: Any, field: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise FieldError(field, f"expected {_type_name(tp)}, got {value!r}")
         return [_convert(v, item, f"{field}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict) or not all(isinstance(k, key_type) for k in value):
+            raise FieldError(field, f"expected a mapping with {key_type.__name__} keys, got {value!r}")
+        return {k: _convert(v, value_type, f"{field}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise FieldError(field, f"expected a mapping, got {value!r}")
@@ -80,6 +87,11 @@ def _convert(value: Any, tp: Any, field: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -29,17 +29,22 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--batch-size", type=int, default=32, help="batched latency's batch size (default 32)")
     profile.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
     profile.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    for p in (demo, compress):
+        p.add_argument("--fresh", action="store_true",
+                       help="discard training checkpoints of an interrupted earlier run instead of resuming it")
     for p in (demo, compress, profile):
         p.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
-def _run_recipe(recipe, out: str, quiet: bool) -> None:
+def _run_recipe(recipe, out: str, quiet: bool, fresh: bool) -> None:
     from torchslim.pipeline import compress
     from torchslim.report import print_table
 
     log = (lambda *a, **k: None) if quiet else (lambda msg: print(f"torchslim: {msg}", file=sys.stderr))
-    report = compress(recipe, out, progress=not quiet, log=log)
+    report = compress(recipe, out, progress=not quiet, log=log, fresh=fresh)
+    if report is None:  # a torchrun rank other than 0: rank 0 prints and writes
+        return
     print_table(report)
     print(f"wrote {out}/report.json, report.md, recipe.yaml and {report.get('artifact')}")
 
@@ -51,14 +56,14 @@ def _demo(args) -> None:
     from torchslim.recipe import apply_overrides, parse_recipe
 
     raw = apply_overrides(yaml.safe_load(DEMO_RECIPE), args.set)
-    _run_recipe(parse_recipe(raw, source="demo"), args.out, args.quiet)
+    _run_recipe(parse_recipe(raw, source="demo"), args.out, args.quiet, args.fresh)
 
 
 def _compress(args) -> None:
     from torchslim.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    _run_recipe(recipe, args.out or f"out/{Path(args.recipe).stem}", args.quiet)
+    _run_recipe(recipe, args.out or f"out/{Path(args.recipe).stem}", args.quiet, args.fresh)
 
 
 def _profile(args) -> None:
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torchslim: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("torchslim: interrupted", file=sys.stderr)
+        print("torchslim: interrupted (training checkpoints are kept: rerun the same command to resume)",
+              file=sys.stderr)
         return 130
     except Exception as error:  # an internal failure: show the traceback for the bug report
         import traceback
@@ -103,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"torchslim: internal error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    finally:
+        from torchslim.recover import distributed
+
+        distributed.shutdown()
     return 0
 
 

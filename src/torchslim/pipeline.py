@@ -52,6 +52,9 @@ class StepContext:
     where: str = ""
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    checkpoints: Path | None = None
+    step_index: int = 0
+    recipe_dict: dict = field(default_factory=dict)
 
     def example_inputs(self, batch_size: int) -> Any:
         return self.bundle.example_inputs(batch_size)
@@ -63,6 +66,18 @@ class StepContext:
 
     def skip_layer(self, name: str, reason: str) -> None:
         self.skipped[name] = reason
+
+    def checkpoint_dir(self, name: str) -> Path | None:
+        """Where the running step keeps its training checkpoints (None when the run keeps none)."""
+        return None if self.checkpoints is None else self.checkpoints / f"step{self.step_index}-{name}"
+
+    def apply_masks(self) -> None:
+        """Zero the pruned weights again (after an optimiser step moved them)."""
+        if self.masks:
+            parameters = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, mask in self.masks.items():
+                    parameters[name].mul_(mask.to(parameters[name].device))
 
 
 @contextmanager
@@ -126,9 +141,16 @@ class Pipeline:
         record["_outputs"] = evaluation.outputs
         return record
 
-    def run(self, workdir: Path) -> tuple[list[dict], Deployable, StepContext]:
-        """Run every step and measure every stage; returns (stage records, final deployable, context)."""
+    def run(self, workdir: Path, checkpoints: Path | None = None) -> tuple[list[dict], Deployable, StepContext]:
+        """Run every step and measure every stage; returns (stage records, final deployable, context).
+
+        Under torchrun every rank runs the steps (training steps share the work); only rank 0 measures and
+        runs the quantize step, whose result is not trained further. Other ranks return no stage records.
+        """
+        from torchslim.recover import distributed
+
         recipe = self.recipe
+        main = distributed.current().is_main
         torch.manual_seed(recipe.seed)
         threads = set_threads(recipe.measure.threads)
         bundle = resolve_model(recipe.model)
@@ -137,37 +159,73 @@ class Pipeline:
         teacher = copy.deepcopy(bundle.model).eval().requires_grad_(False)
         context = StepContext(model=bundle.model, teacher=teacher, bundle=bundle, data=data, seed=recipe.seed,
                               threads=threads, workdir=workdir, batch_size=recipe.measure.batch_size,
-                              progress=self.progress)
+                              progress=self.progress and main, checkpoints=checkpoints)
         latency_batch = data.fill_batch("test", bundle.preprocess, recipe.measure.batch_size)
         scratch = context.scratch("stages")
         deployable: Deployable = TorchDeployable(bundle.model)
-        stages = [self._measure("baseline", None, deployable, 0.0, context, None, latency_batch, scratch)]
-        reference = stages[0]["_outputs"]
+        stages, reference = [], None
+        if main:
+            stages.append(self._measure("baseline", None, deployable, 0.0, context, None, latency_batch, scratch))
+            reference = stages[0]["_outputs"]
         for index, step in enumerate(recipe.steps):
             context.where = f"{recipe.source}: steps[{index}].{step.kind}"
+            context.step_index = index
+            context.recipe_dict = {"model": recipe.model, "data": recipe.data, "seed": recipe.seed,
+                                   "steps": [s.to_dict() for s in recipe.steps[:index + 1]]}
+            if step.kind == "quantize" and not main:
+                continue
             self.log(f"step {index + 1}/{len(recipe.steps)}: {step.name}")
             started = time.perf_counter()
             deployable = get_method(step.kind, step.method).handler(context, step.config)
             seconds = time.perf_counter() - started
-            stages.append(self._measure(f"{index + 1}-{step.name}", step.name, deployable, seconds, context,
-                                        reference, latency_batch, scratch))
+            if main:
+                stages.append(self._measure(f"{index + 1}-{step.name}", step.name, deployable, seconds, context,
+                                            reference, latency_batch, scratch))
         return stages, deployable, context
 
 
-def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: bool = True, log=print) -> dict:
+def checkpoint_root(out_dir: str | Path) -> Path:
+    """Where a run writing ``out_dir`` keeps its training checkpoints until it completes."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f"{out_dir.name}.checkpoints")
+
+
+def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: bool = True, log=print,
+             fresh: bool = False) -> dict | None:
     """Run ``recipe``; write report.json, report.md, recipe.yaml and the final artifact to ``out_dir``.
 
-    Nothing is written unless the whole run succeeds (the folder appears complete or not at all).
+    Nothing is written unless the whole run succeeds (the folder appears complete or not at all). Training
+    steps checkpoint to ``<out_dir>.checkpoints/``; running the same recipe again after an interruption resumes
+    from there (``fresh=True`` deletes them first); the folder is removed when the run completes. Under torchrun
+    (see `torchslim.recover.distributed`) only rank 0 measures and writes; other ranks return None.
 
     Returns:
         The report (see `torchslim.report.build_report`).
     """
+    from torchslim.recover import distributed
     from torchslim.report import build_report, write_outputs
 
+    info = distributed.init_from_env()
+    checkpoints = None if out_dir is None else checkpoint_root(out_dir)
+    if checkpoints is not None and fresh and info.is_main and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    distributed.barrier()
     with tempfile.TemporaryDirectory(prefix="torchslim-") as scratch:
-        stages, final, context = Pipeline(recipe, progress=progress, log=log).run(Path(scratch))
+        stages, final, context = Pipeline(recipe, progress=progress, log=log if info.is_main else _quiet).run(
+            Path(scratch), checkpoints)
+        if not info.is_main:
+            distributed.barrier()
+            return None
         report = build_report(recipe, stages, context)
+        report["processes"] = info.world_size
         if out_dir is not None:
             with atomic_output_dir(Path(out_dir)) as tmp:
                 write_outputs(tmp, report, recipe, final)
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        distributed.barrier()
     return report
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass

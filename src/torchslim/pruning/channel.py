@@ -32,6 +32,7 @@ from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.measure.stage import first_samples
 from torchslim.pruning import hf_config
+from torchslim.recover.finetune import FinetuneConfig, finetune
 from torchslim.registry import register_method
 from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
 from torchslim.zoo import call_model
@@ -60,6 +61,8 @@ class ChannelPruning:
         seed: for ``importance: random``.
         capture: how the graph is captured: "auto" (torch.export; when it fails, a traced run of the example
             inputs, which analyses only the path they take), "export" or "trace".
+        recover: in a recipe, a fine-tuning run (the ``finetune`` step's settings) between pruning steps
+            (iterative pruning: prune a little, recover, prune more); null: none.
     """
 
     ratio: float = 0.3
@@ -73,6 +76,7 @@ class ChannelPruning:
     steps: int = 1
     seed: int = 0
     capture: Literal["auto", "export", "trace"] = "auto"
+    recover: FinetuneConfig | None = None
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -504,16 +508,33 @@ def prune_channels(context, config: ChannelPruning) -> TorchDeployable:
         _taylor_gradients(context)
     # A latency target is measured at the recipe's batch size; otherwise a small batch suffices to capture.
     example = context.example_inputs(context.batch_size if config.target_latency else 2)
+    recovered: list[list[float]] = []
+
+    def recover(model: nn.Module, step: int) -> None:
+        _follow_masks(context)
+        where = context.where
+        context.where = f"{where}.recover (after pruning step {step})"
+        try:
+            recovered.append(finetune(context, config.recover, name=f"recover{step}").details["train_loss"])
+        finally:
+            context.where = where
+
     try:
-        result = prune(context.model, config, example)
+        result = prune(context.model, config, example, recover if config.recover is not None else None)
     finally:
         context.model.zero_grad(set_to_none=True)
-    if context.masks:
-        # Earlier unstructured masks follow their weights: what was zero stays zero in the smaller tensors.
-        parameters = dict(context.model.named_parameters())
-        context.masks = {name: parameters[name].detach() != 0 for name in context.masks if name in parameters}
+    _follow_masks(context)
     for layer, reason in result.skipped.items():
         context.skip_layer(layer, reason)
-    return TorchDeployable(context.model, details={
-        "macs_before": result.macs_before, "macs_after": result.macs_after,
-        "removed_channels": result.removed_channels})
+    details = {"macs_before": result.macs_before, "macs_after": result.macs_after,
+               "removed_channels": result.removed_channels}
+    if recovered:
+        details["recover_train_loss"] = recovered
+    return TorchDeployable(context.model, details=details)
+
+
+def _follow_masks(context) -> None:
+    """Earlier unstructured masks follow their weights: what was zero stays zero in the smaller tensors."""
+    if context.masks:
+        parameters = dict(context.model.named_parameters())
+        context.masks = {name: parameters[name].detach() != 0 for name in context.masks if name in parameters}

@@ -1,111 +1,245 @@
 """``finetune``: recover accuracy after compression, distilling from the uncompressed model.
 
-The loss mixes knowledge distillation from the teacher (the model before any step) with the hard-label loss:
-``alpha * KD(T) + (1 - alpha) * CE``; data without labels trains on the teacher alone. Pruning masks stay
-applied throughout, so pruned weights stay zero.
+The loss is a weighted sum of registered terms (`torchslim.recover.losses`):
+``alpha * kd(T) + (1 - alpha) * <loss.name> + feature_weight * feature + attention_weight * attention``.
+The teacher is the model before any step unless ``distill.teacher`` names another model spec. Data without
+labels trains on the teacher alone (logits, or embeddings for encoders). Pruning masks stay applied throughout,
+so pruned weights stay zero. Training runs on `torchslim.recover.trainer.Trainer`: checkpoints, resume,
+early stopping, mixed precision and torchrun all come from there.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from torchslim._config import check
+from torchslim._config import check, to_dict
 from torchslim.errors import InputError
-from torchslim.recover.losses import distillation_loss, embedding_distillation_loss
-from torchslim.recover.trainer import OptimizerConfig, ScheduleConfig, train
+from torchslim.recover.features import (TappedStudent, TappedTeacher, attention_heads, find_attention, find_module,
+                                        projection)
+from torchslim.recover.losses import get_loss
+from torchslim.recover.trainer import SplitDataset, TrainConfig, Trainer, batch_collate, to_device
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable
 from torchslim.zoo import call_model
 
 
 @dataclass
+class LossConfig:
+    """The hard-label loss: "cross_entropy" (with ``label_smoothing``) or "focal" (``gamma``; smoothing too)."""
+
+    name: Literal["cross_entropy", "focal"] = "cross_entropy"
+    label_smoothing: float = 0.0
+    gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        check(self.gamma >= 0, "gamma", f"must be >= 0, got {self.gamma}")
+
+
+@dataclass
 class DistillConfig:
-    """Knowledge distillation: ``temperature`` softens both distributions; ``alpha`` weighs KD vs labels."""
+    """Knowledge distillation from the teacher.
+
+    Args:
+        temperature: softens both logit distributions (KD is scaled by T^2).
+        alpha: weight of the logit/embedding term; ``1 - alpha`` goes to the hard-label loss.
+        embedding: encoders' output distance, "cosine" (1 - cos) or "mse".
+        features: ``[[student_layer, teacher_layer], ...]`` pairs of module names whose outputs are matched
+            (through a learned projection when the widths differ).
+        feature_loss: "mse" or "cosine" for the feature pairs.
+        feature_weight: weight of the feature term.
+        attention: distil the last attention layer's attention and value relations (MiniLM-style).
+        attention_weight: weight of the attention term.
+        teacher: a model spec for another teacher (default: the model before compression).
+    """
 
     temperature: float = 4.0
     alpha: float = 0.7
+    embedding: Literal["cosine", "mse"] = "cosine"
+    features: list[list[str]] = field(default_factory=list)
+    feature_loss: Literal["mse", "cosine"] = "mse"
+    feature_weight: float = 1.0
+    attention: bool = False
+    attention_weight: float = 1.0
+    teacher: str | None = None
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        check(self.feature_weight >= 0, "feature_weight", f"must be >= 0, got {self.feature_weight}")
+        check(self.attention_weight >= 0, "attention_weight", f"must be >= 0, got {self.attention_weight}")
+        for i, pair in enumerate(self.features):
+            check(len(pair) == 2, f"features[{i}]", f"expected [student_layer, teacher_layer], got {pair!r}")
 
 
 @dataclass
-class FinetuneConfig:
-    """Config of ``finetune: {...}`` (method ``distill``, the default).
+class FinetuneConfig(TrainConfig):
+    """Config of ``finetune: {...}`` (method ``distill``, the default): the `TrainConfig` fields (epochs,
+    batch_size, optimizer, schedule, grad_clip, accumulate, precision, device, early_stop, checkpoint_every)
+    plus the losses.
 
     Args:
-        epochs: passes over the training split.
-        batch_size: training batch size.
-        optimizer: a torch.optim optimiser (sgd, adamw, adam) and its settings.
-        schedule: warm-up + cosine (default) or constant learning rate.
+        loss: the hard-label loss (used where the data has labels and ``alpha < 1``).
         distill: distillation settings; ``null`` trains on labels alone.
-        label_smoothing: of the hard-label cross-entropy.
-        grad_clip: clip the gradient norm to this (0: off).
     """
 
-    epochs: int = 3
-    batch_size: int = 64
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(name="sgd", lr=0.01))
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillConfig | None = field(default_factory=DistillConfig)
-    label_smoothing: float = 0.0
-    grad_clip: float = 0.0
-    version: int = 1
-
-    def __post_init__(self) -> None:
-        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+    version: int = 2
 
 
-def _make_loss(context, config: FinetuneConfig):
-    teacher, distill = context.teacher, config.distill
+def _teacher_model(context, distill: DistillConfig | None) -> nn.Module:
+    if distill is None or distill.teacher is None:
+        return context.teacher
+    from torchslim.zoo import resolve_model
+
+    try:
+        return resolve_model(distill.teacher).model.eval().requires_grad_(False)
+    except InputError as error:
+        raise InputError(f"{context.where}.distill.teacher: {error}") from None
+
+
+def _student_and_teacher(context, config: FinetuneConfig, teacher_model: nn.Module):
+    """Wrap both models with the taps distillation reads; projections sized on one real batch."""
+    distill = config.distill
+    pairs = distill.features if distill else []
+    where = f"{context.where}.distill"
+    for i, (s, t) in enumerate(pairs):
+        find_module(context.model, s, f"{where}.features[{i}][0] (student)")
+        find_module(teacher_model, t, f"{where}.features[{i}][1] (teacher)")
+    s_attn = t_attn = None
+    heads = 1
+    if distill and distill.attention:
+        s_attn = find_attention(context.model, f"{where}.attention (student)")
+        t_attn = find_attention(teacher_model, f"{where}.attention (teacher)")
+        heads = attention_heads(teacher_model)
+    teacher = TappedTeacher(teacher_model, [t for _, t in pairs], t_attn)
+    student = TappedStudent(context.model, [s for s, _ in pairs], s_attn, [])
+    if pairs or s_attn:
+        inputs, _ = next(context.data.batches("train", context.bundle.preprocess, 2))
+        with torch.no_grad():
+            _, s_feats, s_states = call_model(student, inputs)
+            _, t_feats, t_states = teacher(inputs)
+        student.projections = nn.ModuleList(projection(s, t) for s, t in zip(s_feats, t_feats))
+        for states, name in ((s_states, "student"), (t_states, "teacher")):
+            for key, value in states.items():
+                if value.shape[-1] % heads:
+                    raise InputError(f"{where}.attention: the {name}'s {key} width {value.shape[-1]} does not "
+                                     f"split into the teacher's {heads} heads")
+    return student, teacher, heads
+
+
+def _attention_mask(inputs) -> torch.Tensor | None:
+    if isinstance(inputs, (tuple, list)) and len(inputs) >= 2 and inputs[1].shape == inputs[0].shape:
+        return inputs[1]
+    return None
+
+
+def _make_loss(context, config: FinetuneConfig, teacher: TappedTeacher, heads: int):
+    distill = config.distill
     labelled = context.data.has_labels and context.bundle.task == "classification"
     if distill is None and not labelled:
         raise InputError(f"{context.where}.distill: the data has no labels, so fine-tuning needs distillation")
     alpha = 1.0 if not labelled else (distill.alpha if distill else 0.0)
+    hard = get_loss(config.loss.name)
 
     def loss_fn(outputs, inputs, labels):
-        loss = outputs.new_zeros(())
+        outputs, s_feats, s_states = outputs
+        terms = {}
+        t_out, t_feats, t_states = teacher(inputs) if distill else (None, [], {})
         if alpha > 0:
-            with torch.no_grad():
-                target = call_model(teacher, inputs)
             if context.bundle.task == "embedding":
-                loss = loss + alpha * embedding_distillation_loss(outputs, target)
+                terms["embedding"] = alpha * get_loss("embedding")(outputs, t_out, distill.embedding)
             else:
-                loss = loss + alpha * distillation_loss(outputs, target, distill.temperature)
+                terms["kd"] = alpha * get_loss("kd")(outputs, t_out, distill.temperature)
         if alpha < 1:
-            loss = loss + (1 - alpha) * F.cross_entropy(outputs, labels, label_smoothing=config.label_smoothing)
-        return loss
+            terms[config.loss.name] = (1 - alpha) * hard(outputs, labels, label_smoothing=config.loss.label_smoothing,
+                                                         gamma=config.loss.gamma)
+        if s_feats:
+            feature = sum(get_loss("feature")(s, t, distill.feature_loss) for s, t in zip(s_feats, t_feats))
+            terms["feature"] = distill.feature_weight * feature / len(s_feats)
+        if s_states:
+            terms["attention"] = distill.attention_weight * get_loss("attention")(s_states, t_states, heads,
+                                                                                  _attention_mask(inputs))
+        return terms
 
     return loss_fn
 
 
+def _make_validate(context, teacher: nn.Module, batch_size: int):
+    """Validation metric on the ``val`` split, summed per rank and reduced: accuracy with labels, else agreement
+    with (classifiers) or mean cosine to (encoders) the teacher."""
+    from torchslim.recover import distributed
+
+    samples = context.data.splits.get("val") or []
+    if len(samples) == 0:
+        return None
+    labels = context.data.labels.get("val")
+    info = distributed.current()
+    shard = range(info.rank, len(samples), info.world_size)
+
+    def validate(student: TappedStudent, device) -> float:
+        total = count = 0.0
+        for start in range(0, len(shard), batch_size):
+            index = list(shard[start:start + batch_size])
+            inputs = to_device(context.bundle.preprocess([samples[i] for i in index]), device)
+            outputs = call_model(student.model, inputs).float()
+            if context.bundle.task == "embedding":
+                reference = call_model(teacher, inputs).float()
+                total += float(torch.nn.functional.cosine_similarity(outputs, reference, dim=-1).sum())
+            elif labels is not None:
+                total += float((outputs.argmax(-1).cpu() == torch.as_tensor(labels[index])).sum())
+            else:
+                total += float((outputs.argmax(-1) == call_model(teacher, inputs).argmax(-1)).sum())
+            count += len(index)
+        total, count = distributed.all_reduce_sum([total, count], device)
+        return total / max(count, 1.0)
+
+    return validate
+
+
+def fingerprint(context, config: FinetuneConfig) -> tuple[str, str]:
+    """(hash, description) identifying this training run: the recipe up to this step and the model's shapes."""
+    shapes = {k: list(v.shape) for k, v in context.model.state_dict().items()}
+    body = {"where": context.where, "recipe": context.recipe_dict, "shapes": shapes, "config": to_dict(config),
+            "seed": context.seed}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return digest, f"{context.where}, {sum(v.numel() for v in context.model.state_dict().values())} values"
+
+
 @register_method("finetune", "distill", FinetuneConfig)
-def finetune(context, config: FinetuneConfig) -> TorchDeployable:
-    """Fine-tune ``context.model`` in place; returns it with the per-epoch training loss in ``details``."""
+def finetune(context, config: FinetuneConfig, name: str = "finetune") -> TorchDeployable:
+    """Fine-tune ``context.model`` in place; returns it with the training history in ``details``.
+
+    Args:
+        name: names this run's checkpoint folder within the step (a step may train more than once).
+    """
     torch.manual_seed(context.seed)
-    loss_fn = _make_loss(context, config)
-    steps = math.ceil(len(context.data.splits["train"]) / config.batch_size)
-
-    def batches(epoch: int):
-        return context.data.batches("train", context.bundle.preprocess, config.batch_size, shuffle=True,
-                                    seed=context.seed * 1000 + epoch)
-
-    def keep_pruned_zeros() -> None:
-        if context.masks:
-            parameters = dict(context.model.named_parameters())
-            with torch.no_grad():
-                for name, mask in context.masks.items():
-                    parameters[name].mul_(mask)
-
-    history = train(context.model, batches, loss_fn, epochs=config.epochs, steps_per_epoch=steps,
-                    optimizer=config.optimizer, schedule=config.schedule, grad_clip=config.grad_clip,
-                    after_step=keep_pruned_zeros, description=context.where, progress=context.progress)
-    return TorchDeployable(context.model, details={"train_loss": [round(x, 5) for x in history]})
+    teacher_model = _teacher_model(context, config.distill)
+    student, teacher, heads = _student_and_teacher(context, config, teacher_model)
+    loss_fn = _make_loss(context, config, teacher, heads)
+    data = context.data
+    labels = data.labels.get("train") if data.has_labels else None
+    digest, describe = fingerprint(context, config)
+    trainer = Trainer(student, loss_fn, SplitDataset(data.splits["train"], labels),
+                      batch_collate(context.bundle.preprocess, labels is not None), config,
+                      validate=_make_validate(context, teacher_model, max(config.batch_size, 64)),
+                      checkpoint_dir=context.checkpoint_dir(name), fingerprint=digest, describe=describe,
+                      after_step=lambda: context.apply_masks(), seed=context.seed, description=context.where,
+                      progress=context.progress)
+    teacher_model.to(trainer.device)
+    try:
+        result = trainer.fit()
+    finally:
+        teacher_model.to("cpu")
+        teacher.remove_taps()
+        student.remove_taps()
+    details = result.details()
+    details["train_seconds"] = round(result.seconds, 2)
+    return TorchDeployable(context.model, details=details)

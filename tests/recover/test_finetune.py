@@ -1,0 +1,190 @@
+"""The finetune step: feature and attention distillation, bad layer names, and a killed CLI run resuming."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_bundle
+from torchslim.data import resolve_data
+from torchslim.errors import InputError
+from torchslim.pipeline import StepContext
+from torchslim.pruning.channel import ChannelPruning
+from torchslim.recover.finetune import DistillConfig, FinetuneConfig, LossConfig, finetune
+from torchslim.recover.optim import OptimizerConfig
+from torchslim.registry import get_method
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def _context(tmp_path) -> StepContext:
+    bundle = tiny_bundle()
+    return StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model).requires_grad_(False), bundle=bundle,
+                       data=resolve_data("builtin:digits"), seed=0, threads=1, workdir=tmp_path, progress=False,
+                       where="test: steps[1].finetune")
+
+
+def test_feature_distillation_learns_a_projection_to_the_teachers_width(tmp_path):
+    context = _context(tmp_path)
+    get_method("prune", "channel").handler(context, ChannelPruning(ratio=0.5))
+    assert context.model.conv2.out_channels == 4 and context.teacher.conv2.out_channels == 8
+    config = FinetuneConfig(epochs=3, batch_size=64, device="cpu", optimizer=OptimizerConfig(name="adamw", lr=3e-3),
+                            loss=LossConfig(name="focal", gamma=1.0),
+                            distill=DistillConfig(alpha=0.5, features=[["conv2", "conv2"]], feature_weight=5.0))
+    details = finetune(context, config).details
+    terms = details["loss_terms"]
+    assert set(terms) == {"kd", "focal", "feature"}
+    assert terms["feature"][-1] < 0.7 * terms["feature"][0]  # the projection and student learn the map
+    assert details["train_loss"][-1] < details["train_loss"][0]
+    assert len(details["val_metric"]) == 3 and 1 <= details["best_epoch"] <= 3
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.in_channels == 4 and m.out_channels == 8
+                   for m in context.model.modules())  # the projection trained beside the student, not in it
+
+
+def test_unknown_feature_layer_names_the_nearest(tmp_path):
+    context = _context(tmp_path)
+    config = FinetuneConfig(epochs=1, distill=DistillConfig(features=[["conv_2", "conv2"]]))
+    with pytest.raises(InputError, match=r"features\[0\]\[0\] \(student\): no layer named 'conv_2'.*nearest: conv2"):
+        finetune(context, config)
+    config = FinetuneConfig(epochs=1, distill=DistillConfig(teacher="builtin:no-such-model"))
+    with pytest.raises(InputError, match="distill.teacher"):
+        finetune(context, config)
+    config = FinetuneConfig(epochs=1, distill=DistillConfig(attention=True))
+    with pytest.raises(InputError, match="attention distillation needs query/key/value"):
+        finetune(context, config)
+
+
+def test_attention_distillation_reads_minilms_last_layer():
+    from torchslim.recover.features import TappedStudent, TappedTeacher, attention_heads, find_attention
+    from torchslim.recover.losses import attention_distillation_loss
+    from torchslim.zoo import call_model, resolve_model
+
+    bundle = resolve_model("builtin:minilm")
+    names = find_attention(bundle.model, "test")
+    assert names["query"].endswith("layer.5.attention.self.query") and names["value"].endswith("self.value")
+    assert attention_heads(bundle.model) == 12
+    student_model = copy.deepcopy(bundle.model)
+    teacher = TappedTeacher(bundle.model, [], names)
+    student = TappedStudent(student_model, [], names, [])
+    inputs = bundle.preprocess(["A short sentence.", "Another, somewhat longer sentence about pruning models."])
+    with torch.no_grad():
+        _, _, s_states = call_model(student, inputs)
+        _, _, t_states = teacher(inputs)
+        assert float(attention_distillation_loss(s_states, t_states, 12, inputs[1])) == pytest.approx(0, abs=1e-6)
+        query = dict(student_model.named_modules())[names["query"]]
+        query.weight.add_(0.05 * torch.randn_like(query.weight))
+        _, _, s_states = call_model(student, inputs)
+        assert float(attention_distillation_loss(s_states, t_states, 12, inputs[1])) > 1e-3
+
+
+_RUNNER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import conftest  # registers builtin:tiny-test-cnn
+    from torchslim.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _recipe(tmp_path) -> Path:
+    recipe = {
+        "model": "builtin:tiny-test-cnn", "data": "builtin:digits",
+        "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
+                  {"finetune": {"epochs": 25, "batch_size": 16, "checkpoint_every": 10, "device": "cpu",
+                                "optimizer": {"name": "sgd", "lr": 0.02}}}],
+        "measure": {"batch_size": 16, "warmup": 1, "repeats": 2, "max_eval_samples": 256, "threads": 1},
+    }
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _run(tmp_path, recipe: Path, out: Path, *extra: str, wait: bool = True):
+    runner = tmp_path / "runner.py"
+    runner.write_text(_RUNNER.format(tests=str(TESTS)))
+    command = [sys.executable, str(runner), "compress", str(recipe), "--out", str(out), "--quiet", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if wait:
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+def test_killed_cli_run_resumes_and_ends_with_the_uninterrupted_metric(tmp_path):
+    recipe = _recipe(tmp_path)
+    full = _run(tmp_path, recipe, tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    expected = json.loads((tmp_path / "full" / "report.json").read_text())
+
+    out = tmp_path / "killed"
+    state = out.with_name("killed.checkpoints") / "step1-finetune" / "latest" / "state.json"
+    process = _run(tmp_path, recipe, out, wait=False)
+    deadline, step = time.time() + 300, 0
+    while time.time() < deadline and process.poll() is None:
+        if state.exists():
+            try:
+                step = json.loads(state.read_text())["step"]
+            except (ValueError, OSError):  # caught between the two renames of an atomic write
+                pass
+            if step >= 400:
+                process.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and 400 <= step < 25 * 68, "the run was not killed mid-training"
+    assert not out.exists()  # nothing half-written
+
+    resumed = _run(tmp_path, recipe, out)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((out / "report.json").read_text())
+    stage = report["stages"][-1]
+    assert stage["details"]["resumed_from"]["step"] >= 400
+    assert stage["details"]["optimizer_steps"] == expected["stages"][-1]["details"]["optimizer_steps"]
+    assert stage["score"] == pytest.approx(expected["stages"][-1]["score"], abs=1e-9)
+    assert stage["details"]["train_loss"] == pytest.approx(expected["stages"][-1]["details"]["train_loss"], rel=1e-4)
+    assert not out.with_name("killed.checkpoints").exists()  # removed once the run completed
+
+
+def test_a_corrupted_checkpoint_stops_the_cli_with_exit_2(tmp_path):
+    from torchslim.recover.checkpoint import write_checkpoint
+
+    recipe = _recipe(tmp_path)
+    root = tmp_path / "out.checkpoints" / "step1-finetune"
+    write_checkpoint(root, {"model": {"w": torch.zeros(2)}}, {"fingerprint": "from-another-recipe"})
+    result = _run(tmp_path, recipe, tmp_path / "out")
+    assert result.returncode == 2
+    assert "checkpoint was written by a different run" in result.stderr and "--fresh" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_iterative_pruning_recovers_between_steps_with_the_same_trainer(tmp_path):
+    from torchslim._config import from_dict
+
+    context = _context(tmp_path)
+    config = from_dict(ChannelPruning, {"ratio": 0.5, "steps": 3, "recover": {
+        "epochs": 1, "batch_size": 64, "device": "cpu", "optimizer": {"name": "adamw", "lr": 0.003}}})
+    details = get_method("prune", "channel").handler(context, config).details
+    assert len(details["recover_train_loss"]) == 2  # after steps 1 and 2, not after the last
+    assert context.model.conv2.out_channels == 4  # the same final widths as one step
+    assert details["macs_after"] < 0.5 * details["macs_before"]
+
+
+def test_readme_finetune_example_parses():
+    from torchslim.recipe import parse_recipe
+
+    readme = (TESTS.parent / "README.md").read_text()
+    block = readme.split("A `finetune` step with every setting:")[1].split("```yaml")[1].split("```")[0]
+    recipe = parse_recipe({"model": "builtin:digits-cnn", "data": "builtin:digits", "steps": yaml.safe_load(block)})
+    config = recipe.steps[0].config
+    assert config.optimizer.groups[0].lr_scale == 10.0 and config.distill.features == [["blocks.5", "blocks.5"]]
+    assert config.loss.label_smoothing == 0.1 and config.early_stop.keep_best
