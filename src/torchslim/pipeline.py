@@ -167,6 +167,7 @@ class Pipeline:
         if main:
             stages.append(self._measure("baseline", None, deployable, 0.0, context, None, latency_batch, scratch))
             reference = stages[0]["_outputs"]
+        distributed.barrier()  # the other ranks wait: the baseline is timed on an otherwise idle machine
         for index, step in enumerate(recipe.steps):
             context.where = f"{recipe.source}: steps[{index}].{step.kind}"
             context.step_index = index

@@ -157,10 +157,11 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
 
 
 def _check_order(steps: list[Step], source: str) -> None:
-    # A quantized artifact runs on an inference runtime; nothing can train or prune it afterwards.
+    # A quantized artifact runs on an inference runtime, and run-time generated weights are frozen codes:
+    # nothing can train or prune either afterwards.
     for index, step in enumerate(steps[:-1]):
-        if step.kind == "quantize":
-            raise InputError(f"{source}: steps[{index}].quantize: must be the last step "
+        if step.kind in ("quantize", "materialize"):
+            raise InputError(f"{source}: steps[{index}].{step.kind}: must be the last step "
                              f"(steps after it would need a float model)")
 
 

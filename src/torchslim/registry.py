@@ -20,7 +20,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-STEP_KINDS = ("prune", "finetune", "quantize")
+STEP_KINDS = ("prune", "factorize", "share_weights", "compress_embeddings", "finetune", "materialize", "quantize")
 
 # Method modules imported on first lookup, so registering stays declarative and `import torchslim` stays light.
 _BUILTIN_MODULES = (
@@ -30,10 +30,11 @@ _BUILTIN_MODULES = (
     "torchslim.quant.int8_static",
     "torchslim.quant.int8_dynamic",
     "torchslim.quant.qat",
+    "torchslim.compact.materialize",
 )
 
 # A kind whose steps may omit `method:` uses this one.
-_DEFAULT_METHODS = {"finetune": "distill"}
+_DEFAULT_METHODS = {"finetune": "distill", "share_weights": "kmeans", "materialize": "on-demand"}
 
 
 @dataclass(frozen=True)

@@ -22,3 +22,16 @@ def artifact_bytes(path: str | Path) -> tuple[int, int]:
         raw += len(payload)
         compressed += len(zlib.compress(payload, 9))
     return raw, compressed
+
+
+def resident_parameter_bytes(module) -> int:
+    """Bytes of every parameter and buffer a torch module keeps in memory (each storage counted once): what
+    stays resident between calls, whatever is generated during a call."""
+    seen, total = set(), 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total

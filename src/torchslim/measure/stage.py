@@ -13,7 +13,7 @@ from torchslim.measure.macs import count_macs
 from torchslim.measure.memory import peak_memory_bytes
 from torchslim.measure.metrics import accuracy, cosine_similarity_stats, kl_divergence, top1_agreement
 from torchslim.measure.params import count_nonzero_params, count_params
-from torchslim.measure.size import artifact_bytes
+from torchslim.measure.size import artifact_bytes, resident_parameter_bytes
 
 
 @dataclass
@@ -79,5 +79,7 @@ def measure_deployable(deployable, artifact_dir: Path, batch: Any, batch_size: i
         "latency_spread_ms_batch": [round(batched.min_ms, 4), round(batched.max_ms, 4)],
         "batch_size": batch_size,
         "peak_memory_bytes": peak_memory_bytes(lambda: deployable.load_and_run(path, batch)),
+        # eager PyTorch keeps the module's tensors; another runtime holds the artifact's weights instead
+        "resident_param_bytes": resident_parameter_bytes(module) if deployable.runtime == "torch" else raw,
         "artifact": path.name,
     }

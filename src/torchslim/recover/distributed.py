@@ -52,6 +52,11 @@ def init_from_env() -> DistInfo:
     return current()
 
 
+def local_world_size() -> int:
+    """Processes sharing this machine (torchrun's LOCAL_WORLD_SIZE; 1 for a single process)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if current().active else 1
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

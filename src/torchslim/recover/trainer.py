@@ -239,6 +239,16 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        """Train (resuming from the checkpoint when there is one); returns what happened."""
+        threads = torch.get_num_threads()
+        # Processes sharing a machine share its cores (the pipeline sized threads for one process).
+        torch.set_num_threads(max(1, threads // distributed.local_world_size()))
+        try:
+            return self._fit()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         config, model, device = self.config, self.model, self.device
