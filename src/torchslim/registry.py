@@ -31,6 +31,7 @@ _BUILTIN_MODULES = (
     "torchslim.quant.int8_dynamic",
     "torchslim.quant.qat",
     "torchslim.compact.materialize",
+    "torchslim.factorize.svd",
 )
 
 # A kind whose steps may omit `method:` uses this one.

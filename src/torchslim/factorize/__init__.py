@@ -1,0 +1,1 @@
+"""Low-rank factorization methods (registered under the ``factorize`` step kind)."""
