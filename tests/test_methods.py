@@ -44,7 +44,7 @@ def test_every_method_keeps_outputs_shaped_and_saves_a_reloadable_artifact(tmp_p
     assert after.shape == before.shape
     assert torch.isfinite(after).all()
     path = deployable.save(tmp_path / "artifact")
-    assert path.stat().st_size > 0 and path.suffix in (".onnx", ".safetensors")
+    assert path.stat().st_size > 0 and path.suffix in (".onnx", ".safetensors", ".tslim")
     reloaded = deployable.load_and_run(path, inputs)
     reloaded = torch.as_tensor(reloaded[0] if isinstance(reloaded, list) else reloaded)
     assert torch.allclose(reloaded, after, atol=1e-5)

