@@ -33,6 +33,7 @@ _BUILTIN_MODULES = (
     "torchslim.compact.materialize",
     "torchslim.factorize.svd",
     "torchslim.compact.codebook",
+    "torchslim.compact.embeddings",
 )
 
 # A kind whose steps may omit `method:` uses this one.

@@ -11,7 +11,7 @@ import torch
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.memory import peak_memory_bytes
-from torchslim.measure.metrics import accuracy, cosine_similarity_stats, kl_divergence, top1_agreement
+from torchslim.measure.metrics import accuracy, cosine_similarity_stats, kl_divergence, roc_auc, top1_agreement
 from torchslim.measure.params import count_nonzero_params, count_params
 from torchslim.measure.size import artifact_bytes, resident_parameter_bytes
 
@@ -39,8 +39,11 @@ def collect_outputs(deployable, data, preprocess, batch_size: int,
 
 def evaluate(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor | None,
              task: str) -> Evaluation:
-    """Score outputs: accuracy where there are labels, else fidelity to the reference (baseline) outputs."""
+    """Score outputs: accuracy (ROC-AUC for "ctr") where there are labels, else fidelity to the reference
+    (baseline) outputs."""
     reference = outputs if reference is None else reference
+    if task == "ctr":
+        return evaluate_ctr(outputs, labels, reference)
     if task == "embedding":
         mean, minimum = cosine_similarity_stats(outputs, reference)
         return Evaluation("cosine", mean, {"cosine": mean, "cosine_min": minimum}, outputs)
@@ -49,6 +52,22 @@ def evaluate(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torc
         metrics = {"accuracy": accuracy(outputs, labels), **metrics}
         return Evaluation("accuracy", metrics["accuracy"], metrics, outputs)
     return Evaluation("agreement", metrics["agreement"], metrics, outputs)
+
+
+def evaluate_ctr(logits: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> Evaluation:
+    """Click-through models (one logit per sample): ROC-AUC and log-loss against the labels, and the mean
+    absolute difference of click probabilities to the reference (``prob_mae``; ``prob_fidelity`` is
+    ``1 - prob_mae``, the score where there are no labels)."""
+    probability = torch.sigmoid(logits.double().reshape(-1))
+    difference = float((probability - torch.sigmoid(reference.double().reshape(-1))).abs().mean())
+    metrics = {"prob_mae": difference}
+    if labels is None:
+        metrics["prob_fidelity"] = 1.0 - difference
+        return Evaluation("prob_fidelity", metrics["prob_fidelity"], metrics, logits)
+    target = labels.double().reshape(-1)
+    logloss = float(torch.nn.functional.binary_cross_entropy_with_logits(logits.double().reshape(-1), target))
+    metrics = {"roc_auc": roc_auc(probability, target), "logloss": logloss, **metrics}
+    return Evaluation("roc_auc", metrics["roc_auc"], metrics, logits)
 
 
 def first_samples(batch: Any, count: int) -> Any:

@@ -142,12 +142,17 @@ def _attention_mask(inputs) -> torch.Tensor | None:
 
 
 def _make_loss(context, config: FinetuneConfig, teacher: TappedTeacher, heads: int):
+    """The weighted loss terms. Click-through models ("ctr": one logit per sample) use binary forms: BCE for
+    the labels, whatever ``loss.name``, and the two-class KD."""
     distill = config.distill
-    labelled = context.data.has_labels and context.bundle.task == "classification"
+    task = context.bundle.task
+    labelled = context.data.has_labels and task in ("classification", "ctr")
     if distill is None and not labelled:
         raise InputError(f"{context.where}.distill: the data has no labels, so fine-tuning needs distillation")
     alpha = 1.0 if not labelled else (distill.alpha if distill else 0.0)
-    hard = get_loss(config.loss.name)
+    hard_name = "bce" if task == "ctr" else config.loss.name
+    hard = get_loss(hard_name)
+    kd = get_loss("binary_kd" if task == "ctr" else "kd")
 
     def loss_fn(outputs, inputs, labels):
         outputs, s_feats, s_states = outputs
@@ -157,10 +162,10 @@ def _make_loss(context, config: FinetuneConfig, teacher: TappedTeacher, heads: i
             if context.bundle.task == "embedding":
                 terms["embedding"] = alpha * get_loss("embedding")(outputs, t_out, distill.embedding)
             else:
-                terms["kd"] = alpha * get_loss("kd")(outputs, t_out, distill.temperature)
+                terms["kd"] = alpha * kd(outputs, t_out, distill.temperature)
         if alpha < 1:
-            terms[config.loss.name] = (1 - alpha) * hard(outputs, labels, label_smoothing=config.loss.label_smoothing,
-                                                         gamma=config.loss.gamma)
+            terms[hard_name] = (1 - alpha) * hard(outputs, labels, label_smoothing=config.loss.label_smoothing,
+                                                  gamma=config.loss.gamma)
         if s_feats:
             feature = sum(get_loss("feature")(s, t, distill.feature_loss) for s, t in zip(s_feats, t_feats))
             terms["feature"] = distill.feature_weight * feature / len(s_feats)
@@ -172,9 +177,19 @@ def _make_loss(context, config: FinetuneConfig, teacher: TappedTeacher, heads: i
     return loss_fn
 
 
+def _ctr_validation_sum(outputs: torch.Tensor, labels: torch.Tensor | None, reference) -> float:
+    """Click-through models: minus the summed log-loss on the labels (a sum, so that ranks add up), else minus
+    the summed absolute difference of click probabilities to the teacher's."""
+    if labels is not None:
+        return -float(torch.nn.functional.binary_cross_entropy_with_logits(
+            outputs.reshape(-1).cpu(), labels.float().reshape(-1), reduction="sum"))
+    return -float((torch.sigmoid(outputs) - torch.sigmoid(reference())).abs().sum())
+
+
 def _make_validate(context, teacher: nn.Module, batch_size: int):
     """Validation metric on the ``val`` split, summed per rank and reduced: accuracy with labels, else agreement
-    with (classifiers) or mean cosine to (encoders) the teacher."""
+    with (classifiers) or mean cosine to (encoders) the teacher; for click-through models minus the mean log-loss
+    (or minus the mean click-probability difference to the teacher)."""
     from torchslim.recover import distributed
 
     samples = context.data.splits.get("val") or []
@@ -193,6 +208,9 @@ def _make_validate(context, teacher: nn.Module, batch_size: int):
             if context.bundle.task == "embedding":
                 reference = call_model(teacher, inputs).float()
                 total += float(torch.nn.functional.cosine_similarity(outputs, reference, dim=-1).sum())
+            elif context.bundle.task == "ctr":
+                target = None if labels is None else torch.as_tensor(labels[index])
+                total += _ctr_validation_sum(outputs, target, lambda: call_model(teacher, inputs).float())
             elif labels is not None:
                 total += float((outputs.argmax(-1).cpu() == torch.as_tensor(labels[index])).sum())
             else:
@@ -202,6 +220,25 @@ def _make_validate(context, teacher: nn.Module, batch_size: int):
         return total / max(count, 1.0)
 
     return validate
+
+
+def _check_sparse_gradients(context, optimizer) -> None:
+    """Embedding tables with ``sparse=True`` (recommenders') give sparse gradients, which only SGD and Adagrad
+    without weight decay can apply: say so in one line rather than fail inside the optimiser."""
+    from torchslim.recover.optim import parameter_groups
+
+    sparse = {id(m.weight) for m in context.model.modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad}
+    if not sparse:
+        return
+    where = f"{context.where}.optimizer"
+    if optimizer.name not in ("sgd", "adagrad"):
+        raise InputError(f"{where}.name: {optimizer.name} cannot apply the sparse gradients of the model's "
+                         f"embedding tables; use adagrad or sgd (with weight_decay: 0)")
+    for group in parameter_groups(list(context.model.named_parameters()), optimizer):
+        if group["weight_decay"] and any(id(p) in sparse for p in group["params"]):
+            raise InputError(f"{where}.weight_decay: weight decay would densify the sparse gradients of the "
+                             f"model's embedding tables; set it to 0")
 
 
 def fingerprint(context, config: FinetuneConfig) -> tuple[str, str]:
@@ -221,6 +258,7 @@ def finetune(context, config: FinetuneConfig, name: str = "finetune") -> TorchDe
         name: names this run's checkpoint folder within the step (a step may train more than once).
     """
     torch.manual_seed(context.seed)
+    _check_sparse_gradients(context, config.optimizer)
     teacher_model = _teacher_model(context, config.distill)
     student, teacher, heads = _student_and_teacher(context, config, teacher_model)
     loss_fn = _make_loss(context, config, teacher, heads)

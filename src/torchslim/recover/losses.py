@@ -1,5 +1,6 @@
-"""Losses for training and recovery, in a registry: hard-label losses (cross-entropy with label smoothing, focal)
-and distillation losses (logits with temperature, embeddings, intermediate features, attention relations).
+"""Losses for training and recovery, in a registry: hard-label losses (cross-entropy with label smoothing, focal,
+binary cross-entropy for click-through models) and distillation losses (logits with temperature, binary logits,
+embeddings, intermediate features, attention relations).
 
 `finetune` combines them with weights: ``alpha * kd + (1 - alpha) * <loss.name> + feature_weight * feature +
 attention_weight * attention``; each term's epoch mean is reported.
@@ -117,3 +118,24 @@ def attention_distillation_loss(student: dict[str, torch.Tensor], teacher: dict[
         else:
             total = total + (kl * weights).sum() / (weights.sum() * heads)
     return total
+
+
+@register_loss("bce")
+def binary_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0,
+                         **_: float) -> torch.Tensor:
+    """Binary cross-entropy on one logit per sample (click-through models); ``label_smoothing`` moves the 0/1
+    targets that much towards 1/2."""
+    target = labels.float() * (1 - label_smoothing) + label_smoothing / 2
+    return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+
+@register_loss("binary_kd")
+def binary_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                             temperature: float) -> torch.Tensor:
+    """The two-class form of `distillation_loss` for one logit per sample: KL(teacher || student) between the
+    Bernoulli distributions ``sigmoid(logit / T)``, scaled by T^2 (zero when the logits agree)."""
+    student = student_logits.float() / temperature
+    teacher = torch.sigmoid(teacher_logits.float() / temperature)
+    cross = F.binary_cross_entropy_with_logits(student, teacher)
+    entropy = F.binary_cross_entropy(teacher, teacher)
+    return (cross - entropy) * temperature ** 2

