@@ -23,3 +23,25 @@ def write_json(path: str | None, payload: dict) -> None:
 def goal(name: str, value: float, target: str, met: bool) -> dict:
     print(f"{'MET ' if met else 'MISS'}  {name}: {value} (goal {target})")
     return {"goal": name, "value": value, "target": target, "met": bool(met)}
+
+
+def step_context(bundle, data, workdir: Path):
+    """A pipeline StepContext over a resolved model and data (the teacher is a frozen copy of the model)."""
+    import copy
+
+    import torch
+
+    from torchslim.pipeline import StepContext
+
+    return StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model).eval().requires_grad_(False),
+                       bundle=bundle, data=data, seed=0, threads=torch.get_num_threads(), workdir=workdir,
+                       progress=False, where="benchmark")
+
+
+def evaluate_model(model, context, reference=None):
+    """(Evaluation, outputs) of an eager model on the test split, scored as the pipeline scores a stage."""
+    from torchslim.measure.stage import collect_outputs, evaluate
+    from torchslim.runtime import TorchDeployable
+
+    outputs, labels = collect_outputs(TorchDeployable(model), context.data, context.bundle.preprocess, 64, 0)
+    return evaluate(outputs, labels, reference, context.bundle.task), outputs

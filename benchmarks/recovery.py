@@ -27,43 +27,29 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import goal, parser, write_json  # noqa: E402
+from _common import evaluate_model, goal, parser, step_context, write_json  # noqa: E402
 
 from torchslim.data import resolve_data  # noqa: E402
 from torchslim.measure.macs import count_macs  # noqa: E402
 from torchslim.measure.params import count_params  # noqa: E402
-from torchslim.measure.stage import collect_outputs, evaluate  # noqa: E402
-from torchslim.pipeline import StepContext  # noqa: E402
 from torchslim.pruning.channel import ChannelPruning  # noqa: E402
 from torchslim.recover.finetune import DistillConfig, FinetuneConfig, finetune  # noqa: E402
 from torchslim.recover.optim import OptimizerConfig, ScheduleConfig  # noqa: E402
 from torchslim.registry import get_method  # noqa: E402
-from torchslim.runtime import TorchDeployable  # noqa: E402
 from torchslim.zoo import resolve_model  # noqa: E402
 
 DIGITS_FEATURES = [["blocks.5", "blocks.5"], ["blocks.3", "blocks.3"]]
 
 
-def _context(bundle, data, workdir: Path) -> StepContext:
-    return StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model).eval().requires_grad_(False),
-                       bundle=bundle, data=data, seed=0, threads=torch.get_num_threads(), workdir=workdir,
-                       progress=False, where="benchmark")
-
-
-def _score(model, context, reference=None):
-    outputs, labels = collect_outputs(TorchDeployable(model), context.data, context.bundle.preprocess, 64, 0)
-    return evaluate(outputs, labels, reference, context.bundle.task), outputs
-
-
 def digits_part(workdir: Path, epochs: int) -> dict:
     bundle, data = resolve_model("builtin:digits-cnn"), resolve_data("builtin:digits")
-    context = _context(bundle, data, workdir)
+    context = step_context(bundle, data, workdir)
     example = bundle.example_inputs(1)
-    base_eval, _ = _score(context.model, context)
+    base_eval, _ = evaluate_model(context.model, context)
     macs_before, params_before = count_macs(context.model, example), count_params(context.model)
     get_method("prune", "channel").handler(context, ChannelPruning(target_macs=0.3, round_to=4))
     pruned = copy.deepcopy(context.model)
-    pruned_eval, _ = _score(pruned, context)
+    pruned_eval, _ = evaluate_model(pruned, context)
     budget = dict(epochs=epochs, batch_size=64, optimizer=OptimizerConfig(name="sgd", lr=0.02),
                   schedule=ScheduleConfig(name="cosine", warmup_fraction=0.05))
     variants = {
@@ -80,7 +66,7 @@ def digits_part(workdir: Path, epochs: int) -> dict:
         context.model = copy.deepcopy(pruned)
         started = time.perf_counter()
         details = finetune(context, config).details
-        result, _ = _score(context.model, context)
+        result, _ = evaluate_model(context.model, context)
         rows.append({"row": name, "accuracy": result.score, "macs": count_macs(context.model, example),
                      "params": count_params(context.model), "train_seconds": round(time.perf_counter() - started, 1),
                      "best_epoch": details.get("best_epoch")})
@@ -92,13 +78,13 @@ def digits_part(workdir: Path, epochs: int) -> dict:
 
 def minilm_part(workdir: Path, epochs: int) -> dict:
     bundle, data = resolve_model("builtin:minilm"), resolve_data("builtin:sentences")
-    context = _context(bundle, data, workdir)
+    context = step_context(bundle, data, workdir)
     example = bundle.preprocess(["A sentence to capture the graph with.", "And another one."])
-    base_eval, reference = _score(context.model, context)
+    base_eval, reference = evaluate_model(context.model, context)
     macs_before = count_macs(context.model, example)
     get_method("prune", "channel").handler(context, ChannelPruning(ratio=0.5, ignore=["*attention*"]))
     pruned = copy.deepcopy(context.model)
-    pruned_eval, _ = _score(pruned, context, reference)
+    pruned_eval, _ = evaluate_model(pruned, context, reference)
     budget = dict(epochs=epochs, batch_size=32, optimizer=OptimizerConfig(name="adamw", lr=1e-4, weight_decay=0.01),
                   schedule=ScheduleConfig(name="cosine", warmup_fraction=0.1))
     rows = [{"row": "unpruned baseline", "cosine": 1.0, "cosine_min": 1.0, "macs": macs_before},
@@ -110,7 +96,7 @@ def minilm_part(workdir: Path, epochs: int) -> dict:
         context.model = copy.deepcopy(pruned)
         started = time.perf_counter()
         finetune(context, FinetuneConfig(distill=distill, **budget))
-        result, _ = _score(context.model, context, reference)
+        result, _ = evaluate_model(context.model, context, reference)
         rows.append({"row": name, "cosine": result.metrics["cosine"], "cosine_min": result.metrics["cosine_min"],
                      "macs": count_macs(context.model, example),
                      "train_seconds": round(time.perf_counter() - started, 1)})

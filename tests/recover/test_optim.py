@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from torchslim._config import FieldError, from_dict
-from torchslim.recover.optim import (OptimizerConfig, ParamGroupConfig, ScheduleConfig, make_optimizer,
-                                     make_scheduler, optimizer_names)
+from torchslim.recover.optim import OptimizerConfig, ScheduleConfig, make_optimizer, make_scheduler, optimizer_names
 
 
 def _model():
