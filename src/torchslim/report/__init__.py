@@ -109,6 +109,12 @@ def to_markdown(report: dict) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
     lines += ["", "size: the artifact deflate-compressed (what is stored and shipped); size raw: the file as written.",
               "Latency: median of repeated runs after warm-up; MACs per sample; ratios against the baseline."]
+    lines += ["", "## Stages in detail", ""]
+    for stage in report["stages"]:
+        resident = stage.get("resident_param_bytes")
+        facts = json.dumps(stage.get("details") or {}, sort_keys=True, default=str)
+        facts = facts if len(facts) <= 800 else facts[:800] + " ...(report.json has all)"
+        lines.append(f"- **{stage['name']}**: parameters resident {_mb(resident)}; details `{facts}`")
     if report["skipped"]:
         lines += ["", "## Left as they were", ""] + [f"- `{k}`: {v}" for k, v in report["skipped"].items()]
     if report["notes"]:
