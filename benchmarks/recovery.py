@@ -76,7 +76,7 @@ def digits_part(workdir: Path, epochs: int) -> dict:
             "goal": goal("digits-cnn @30% MACs: best KD variant vs unpruned (points lost)", gap, "<= 0.5", gap <= 0.5)}
 
 
-def minilm_part(workdir: Path, epochs: int) -> dict:
+def minilm_part(workdir: Path, epochs: int, lr: float = 1e-4) -> dict:
     bundle, data = resolve_model("builtin:minilm"), resolve_data("builtin:sentences")
     context = step_context(bundle, data, workdir)
     example = bundle.preprocess(["A sentence to capture the graph with.", "And another one."])
@@ -85,7 +85,7 @@ def minilm_part(workdir: Path, epochs: int) -> dict:
     get_method("prune", "channel").handler(context, ChannelPruning(ratio=0.5, ignore=["*attention*"]))
     pruned = copy.deepcopy(context.model)
     pruned_eval, _ = evaluate_model(pruned, context, reference)
-    budget = dict(epochs=epochs, batch_size=32, optimizer=OptimizerConfig(name="adamw", lr=1e-4, weight_decay=0.01),
+    budget = dict(epochs=epochs, batch_size=32, optimizer=OptimizerConfig(name="adamw", lr=lr, weight_decay=0.01),
                   schedule=ScheduleConfig(name="cosine", warmup_fraction=0.1))
     rows = [{"row": "unpruned baseline", "cosine": 1.0, "cosine_min": 1.0, "macs": macs_before},
             {"row": "FFN halved, before recovery", "cosine": pruned_eval.metrics["cosine"],
@@ -154,6 +154,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--digits-epochs", type=int, default=15, help="recovery budget of part 1 (default 15)")
     p.add_argument("--minilm-epochs", type=int, default=2, help="recovery budget of part 2 (default 2)")
+    p.add_argument("--minilm-lr", type=float, default=1e-4, help="AdamW learning rate of part 2 (default 1e-4)")
     p.add_argument("--parts", default="digits,minilm,torchrun", help="comma-separated parts to run")
     args = p.parse_args()
     parts = set(args.parts.split(","))
@@ -165,7 +166,7 @@ def main() -> None:
             _print(f"digits-cnn pruned to {payload['digits']['macs_ratio']:.2f} of its MACs, "
                    f"{args.digits_epochs} epochs of recovery", payload["digits"]["rows"])
         if "minilm" in parts:
-            payload["minilm"] = minilm_part(tmp, args.minilm_epochs)
+            payload["minilm"] = minilm_part(tmp, args.minilm_epochs, args.minilm_lr)
             _print(f"minilm with half of its FFN neurons, {args.minilm_epochs} epochs of recovery",
                    payload["minilm"]["rows"])
         if "torchrun" in parts:
