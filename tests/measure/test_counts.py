@@ -39,3 +39,14 @@ def test_artifact_bytes_raw_and_compressed(tmp_path):
     raw, shipped = artifact_bytes(sparse)
     assert raw == 40_000 and shipped < 1_000  # zeros compress away
     assert artifact_bytes(tmp_path)[0] == 80_000  # a folder sums its files
+
+
+def test_packed_weight_only_matmuls_count_the_macs_of_the_float_layer():
+    from torchslim.quant.weight_only import WeightOnlyLinear
+
+    layer = torch.nn.Linear(256, 512)
+    for bits, group in ((4, 128), (8, 0)):
+        packed = WeightOnlyLinear.from_float(layer, bits=bits, group_size=group)
+        for rows in (1, 3):
+            expected = rows * 256 * 512
+            assert count_macs(packed, torch.randn(rows, 256)) == count_macs(layer, torch.randn(rows, 256)) == expected

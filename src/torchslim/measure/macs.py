@@ -15,6 +15,26 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchslim.zoo import call_model
 
 
+def _register_packed_matmuls() -> None:
+    """Weight-only packed matmuls (``x @ W.T`` with W packed int4/int8) have no formula of their own in the
+    counter; they cost what the float matmul costs: batch x out x in MACs."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    def formula(x, *args, out_val=None, **kwargs) -> int:
+        return 2 * x.numel() * out_val.shape[-1]
+
+    for name in ("_weight_int4pack_mm_for_cpu", "_weight_int8pack_mm"):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None:
+            try:
+                register_flop_formula(op, get_raw=True)(formula)
+            except Exception:  # registered already, or this torch changed the API: counted as before
+                pass
+
+
+_register_packed_matmuls()
+
+
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs of ``model`` on ``example_inputs`` (one batch, as given: pass batch size 1 for per-sample MACs)."""
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
