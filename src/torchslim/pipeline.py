@@ -21,6 +21,7 @@ from torch import nn
 
 from torchslim.data import DataBundle, resolve_data
 from torchslim.errors import InputError
+from torchslim.measure.generation import measure_generation
 from torchslim.measure.latency import set_threads
 from torchslim.measure.stage import collect_outputs, evaluate, measure_deployable
 from torchslim.recipe import Recipe
@@ -138,6 +139,9 @@ class Pipeline:
                       metrics={k: round(v, 6) for k, v in evaluation.metrics.items()},
                       eval_samples=int(outputs.shape[0]), step_seconds=round(seconds, 2),
                       details=deployable.details)
+        tokenizer = getattr(context.bundle.preprocess, "tokenizer", None)
+        if context.bundle.task == "lm" and deployable.runtime == "torch" and tokenizer is not None:
+            record.update(measure_generation(deployable.module, tokenizer))  # decode tokens/s at batch 1
         record["_outputs"] = evaluation.outputs
         return record
 

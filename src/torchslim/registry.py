@@ -26,10 +26,12 @@ STEP_KINDS = ("prune", "factorize", "share_weights", "compress_embeddings", "fin
 _BUILTIN_MODULES = (
     "torchslim.pruning.magnitude",
     "torchslim.pruning.channel",
+    "torchslim.pruning.oneshot",
     "torchslim.recover.finetune",
     "torchslim.quant.int8_static",
     "torchslim.quant.int8_dynamic",
     "torchslim.quant.qat",
+    "torchslim.quant.weight_only_step",
     "torchslim.compact.materialize",
     "torchslim.factorize.svd",
     "torchslim.compact.codebook",

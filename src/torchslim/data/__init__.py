@@ -75,7 +75,7 @@ class DataBundle:
 
 
 def _load() -> None:
-    from torchslim.data import clicks, digits, imagefolder, images, sentences  # noqa: F401  (registers resolvers)
+    from torchslim.data import clicks, digits, docs, imagefolder, images, sentences  # noqa: F401  (registers resolvers)
 
 
 _DATA = SpecRegistry("data", "built-in data set", _load)

