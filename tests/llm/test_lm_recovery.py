@@ -159,3 +159,45 @@ def test_weight_only_quantization_of_a_model_without_linear_layers_is_a_clear_er
     context = _context(bundle, DataBundle(spec="x", modality="image", splits={}, labels={}), tmp_path)
     with pytest.raises(InputError, match="has no Linear layers to quantize"):
         _apply(context, "quantize", "int8-weight", {})
+
+
+def test_width_pruning_of_gpt2_ffns_then_distillation(trained, tmp_path):
+    make, data = trained
+    context = _context(make(), data, tmp_path)
+    base = _perplexity(context)
+    _apply(context, "prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"]})
+    block = context.model.model.transformer.h[0]
+    assert block.mlp.c_fc.weight.shape == (64, 128) and block.mlp.c_proj.weight.shape == (128, 64)
+    pruned = _perplexity(context)
+    _apply(context, "finetune", "distill", {"epochs": 2, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 2e-3},
+                                            "distill": {"alpha": 0.5, "temperature": 2.0}})
+    recovered = _perplexity(context)
+    assert recovered < pruned and recovered < base * 1.2, (base, pruned, recovered)
+
+
+def test_a_causal_lm_recipe_runs_end_to_end_with_perplexity_and_decode_speed(trained, tmp_path):
+    import json
+
+    from torchslim.data import register_builtin_data
+    from torchslim.pipeline import compress
+    from torchslim.recipe import parse_recipe
+    from torchslim.zoo import register_builtin_model
+
+    make, data = trained
+    register_builtin_model("tiny-test-lm")(make)
+    register_builtin_data("tiny-test-cycle")(lambda seed=0: data)
+    recipe = parse_recipe({"model": "builtin:tiny-test-lm", "data": "builtin:tiny-test-cycle", "steps": [
+        {"prune": {"method": "wanda", "pattern": "4:8", "calibration_batches": 2, "batch_size": 16}},
+        {"quantize": {"method": "int8-weight"}}], "measure": {"batch_size": 8, "warmup": 1, "repeats": 3}})
+    report = compress(recipe, tmp_path / "out", progress=False, log=lambda *a: None)
+    base, pruned, final = report["stages"]
+    assert [s["metric"] for s in report["stages"]] == ["perplexity"] * 3
+    assert base["score"] == pytest.approx(base["metrics"]["perplexity"]) and base["metrics"]["perplexity_ratio"] == 1
+    assert final["ratios"]["score_ratio"] == pytest.approx(final["metrics"]["perplexity_ratio"], rel=1e-3)
+    assert all(s["decode_tokens_per_s"] > 0 and s["generated_text"] for s in report["stages"])
+    assert pruned["details"]["pattern"] == "4:8" and pruned["details"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert final["size_bytes_raw"] < base["size_bytes_raw"] / 2.5
+    assert final["params"] == base["params"]  # packed weights count as the weights they stand for
+    saved = json.loads((tmp_path / "out" / "model.weight_only.json").read_text())
+    assert saved["format"] == "torchslim.weight-only/1" and len(saved["layers"]) == 2 * 4 + 2
+    assert "perplexity +" in (tmp_path / "out" / "report.md").read_text()

@@ -182,12 +182,15 @@ class WeightOnlyLinear(nn.Module):
         return groups.reshape(self.out_features, self.in_features)
 
     def logical_numel(self) -> int:
-        """The number of weights this layer stands for (see `torchslim.measure.params`)."""
-        return self.out_features * self.in_features
+        """The number of parameters this layer stands for, weights and bias (see `torchslim.measure.params`)."""
+        bias = getattr(self, "bias", None)
+        return self.out_features * self.in_features + (0 if bias is None else bias.numel())
 
     def logical_nonzero(self) -> int:
+        bias = getattr(self, "bias", None)
         with torch.no_grad():
-            return int(self.dequantized_weight().count_nonzero())
+            nonzero = int(self.dequantized_weight().count_nonzero())
+            return nonzero + (0 if bias is None else int(bias.count_nonzero()))
 
     def kernel_applies(self) -> bool:
         """Whether a packed CPU kernel runs this layer's configuration (shape, group size, width); otherwise,
