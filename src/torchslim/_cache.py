@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -26,3 +27,12 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cached_json(path: Path, build):
+    """The JSON value cached at ``path``, or ``build()``'s result written there atomically on first use."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = build()
+    atomic_write_bytes(path, json.dumps(value, indent=0).encode())
+    return value

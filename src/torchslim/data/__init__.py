@@ -103,7 +103,22 @@ def split_indices(count: int, fractions: Sequence[float], seed: int) -> list[np.
     return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def text_bundle(spec: str, corpus: Sequence[str], fractions: Sequence[float], seed: int, describe) -> DataBundle:
+    """An unlabelled text bundle: ``corpus`` split by fixed fractions (split seed 7, the same for every run) and
+    256 calibration samples drawn from train with ``seed``. ``describe(digest, counts)`` gives the note, with
+    the corpus's sha256 prefix and the (train, val, test) sizes."""
+    import hashlib
+
+    train, val, test = split_indices(len(corpus), fractions, 7)
+    calib = train[np.random.default_rng(seed).permutation(len(train))[:256]]
+    parts = {"train": train, "val": val, "test": test, "calib": calib}
+    digest = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:12]
+    splits = {name: [corpus[i] for i in index] for name, index in parts.items()}
+    return DataBundle(spec=spec, modality="text", splits=splits, labels={name: None for name in parts},
+                      notes=[describe(digest, (len(train), len(val), len(test)))])
+
+
 __all__ = [
     "DataBundle", "SPLITS", "check_spec", "list_builtin_data", "list_data_prefixes", "register_builtin_data",
-    "register_data_prefix", "resolve_data", "split_indices",
+    "register_data_prefix", "resolve_data", "split_indices", "text_bundle",
 ]

@@ -17,16 +17,14 @@ import hashlib
 import importlib
 import inspect
 import io
-import json
 import pkgutil
 import re
 import sys
 import warnings
 
-import numpy as np
 
-from torchslim._cache import atomic_write_bytes, cache_dir
-from torchslim.data import DataBundle, register_builtin_data, split_indices
+from torchslim._cache import cache_dir, cached_json
+from torchslim.data import DataBundle, register_builtin_data, text_bundle
 
 CORPUS_VERSION = 1
 PASSAGE_WORDS = 80
@@ -126,11 +124,7 @@ def load_corpus() -> list[str]:
     key = hashlib.sha256(f"{sys.version_info[:2]} {numpy.__version__} {torch.__version__} "
                          f"{_versions()}".encode()).hexdigest()[:10]
     path = cache_dir("data") / f"docs-v{CORPUS_VERSION}-{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    corpus = build_corpus()
-    atomic_write_bytes(path, json.dumps(corpus, indent=0).encode())
-    return corpus
+    return cached_json(path, build_corpus)
 
 
 def _versions() -> str:
@@ -148,17 +142,9 @@ def _versions() -> str:
 @register_builtin_data("docs")
 def load_docs(seed: int = 0) -> DataBundle:
     corpus = load_corpus()
-    train, val, test = split_indices(len(corpus), (0.9, 0.05, 0.05), 7)
-    calib = train[np.random.default_rng(seed).permutation(len(train))[:256]]
-    parts = {"train": train, "val": val, "test": test, "calib": calib}
-    digest = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:12]
     words = sum(len(p.split()) for p in corpus)
-    return DataBundle(
-        spec="builtin:docs", modality="text",
-        splits={name: [corpus[i] for i in index] for name, index in parts.items()},
-        labels={name: None for name in parts},
-        notes=[f"docs: {len(corpus)} passages, {words} words of documentation prose (Python "
-               f"{sys.version_info[0]}.{sys.version_info[1]} standard library and language reference, numpy, "
-               f"scipy, scikit-learn, torch.nn/optim; sha256 {digest}); {len(train)} train / {len(val)} val / "
-               f"{len(test)} test"],
-    )
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return text_bundle("builtin:docs", corpus, (0.9, 0.05, 0.05), seed, lambda digest, n: (
+        f"docs: {len(corpus)} passages, {words} words of documentation prose (Python {version} standard library "
+        f"and language reference, numpy, scipy, scikit-learn, torch.nn/optim; sha256 {digest}); "
+        f"{n[0]} train / {n[1]} val / {n[2]} test"))

@@ -6,18 +6,15 @@ full stop, no code), deduplicated, shuffled with a fixed seed and split 80/10/10
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
-import json
 import re
 import sys
 import warnings
 
-import numpy as np
 
-from torchslim._cache import atomic_write_bytes, cache_dir
-from torchslim.data import DataBundle, register_builtin_data, split_indices
+from torchslim._cache import cache_dir, cached_json
+from torchslim.data import DataBundle, register_builtin_data, text_bundle
 
 MODULES = (
     "abc argparse ast asyncio base64 bdb binascii bisect builtins bz2 calendar cmath cmd codecs codeop collections "
@@ -85,24 +82,13 @@ def build_corpus() -> list[str]:
 def load_corpus() -> list[str]:
     """The cached corpus (built on first use for this Python version)."""
     path = cache_dir("data") / f"sentences-v{CORPUS_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    corpus = build_corpus()
-    atomic_write_bytes(path, json.dumps(corpus, indent=0).encode())
-    return corpus
+    return cached_json(path, build_corpus)
 
 
 @register_builtin_data("sentences")
 def load_sentences(seed: int = 0) -> DataBundle:
     corpus = load_corpus()
-    train, val, test = split_indices(len(corpus), (0.8, 0.1, 0.1), 7)
-    calib = train[np.random.default_rng(seed).permutation(len(train))[:256]]
-    parts = {"train": train, "val": val, "test": test, "calib": calib}
-    digest = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:12]
-    return DataBundle(
-        spec="builtin:sentences", modality="text",
-        splits={name: [corpus[i] for i in index] for name, index in parts.items()},
-        labels={name: None for name in parts},
-        notes=[f"sentences: {len(corpus)} sentences from Python {sys.version_info[0]}.{sys.version_info[1]} "
-               f"docstrings (sha256 {digest}); {len(train)} train / {len(val)} val / {len(test)} test"],
-    )
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return text_bundle("builtin:sentences", corpus, (0.8, 0.1, 0.1), seed, lambda digest, n: (
+        f"sentences: {len(corpus)} sentences from Python {version} docstrings (sha256 {digest}); "
+        f"{n[0]} train / {n[1]} val / {n[2]} test"))
