@@ -4,7 +4,8 @@ For builtin:tiny-lm (GPT-2-style, trained here on builtin:docs) and any `hf:PATH
 measures, one row after another on the same held-out passages: fp32; weight-only int8 (per channel) and int4 at
 group 128 with RTN, HQQ, GPTQ and AWQ; one-shot Wanda and SparseGPT at 50% unstructured and 2:4; and SparseGPT
 50% followed by int4 GPTQ. For each: perplexity (and its change against fp32), artifact bytes, peak memory of
-loading the artifact and scoring one batch, and greedy decode tokens/s at batch 1 (median of 5).
+loading the artifact and scoring one batch, and greedy decode tokens/s at batch 1 (48 tokens; median of 7 runs
+timed alternately with the fp32 model, whose median is the row's reference).
 
 Goals (issue 7): int4 g128 with the best algorithm <= +3% perplexity at >= 6x smaller artifact; Wanda/SparseGPT
 at 50% <= +15% perplexity; int4 decode tokens/s >= fp32's.
@@ -50,6 +51,23 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
 }
 
 
+def decode_side_by_side(base, candidate, tokenizer, rounds: int = 7, new_tokens: int = 48) -> tuple[dict, float]:
+    """Greedy decode tokens/s at batch 1 of ``candidate`` and of the fp32 ``base``, timed alternately (one run
+    each per round, after one warm-up each) so that both see the same machine; medians over the rounds."""
+    import statistics
+
+    measure_generation(base, tokenizer, new_tokens=new_tokens, repeats=0)
+    first = measure_generation(candidate, tokenizer, new_tokens=new_tokens, repeats=0)
+    base_speeds, speeds = [], []
+    for _ in range(rounds):
+        base_speeds.append(measure_generation(base, tokenizer, new_tokens=new_tokens, repeats=1,
+                                              warmup=False)["decode_tokens_per_s"])
+        speeds.append(measure_generation(candidate, tokenizer, new_tokens=new_tokens, repeats=1,
+                                         warmup=False)["decode_tokens_per_s"])
+    return ({"decode_tokens_per_s": round(statistics.median(speeds), 2), "generated_text": first["generated_text"]},
+            round(statistics.median(base_speeds), 2))
+
+
 def measure_row(name: str, steps, bundle, data, workdir: Path, reference, eval_limit: int) -> dict:
     context = step_context(bundle, data, workdir)
     context.model = copy.deepcopy(bundle.model)
@@ -65,10 +83,12 @@ def measure_row(name: str, steps, bundle, data, workdir: Path, reference, eval_l
     raw, _ = artifact_bytes(artifact_dir)
     batch = data.fill_batch("test", bundle.preprocess, 8)
     peak = peak_memory_bytes(lambda: deployable.load_and_run(path, batch))
-    generation = measure_generation(context.model, bundle.preprocess.tokenizer, new_tokens=32, repeats=5)
+    generation, base_speed = decode_side_by_side(bundle.model, context.model, bundle.preprocess.tokenizer)
     row = {"row": name, "perplexity": round(evaluation.score, 3), "artifact_bytes": raw, "peak_memory_bytes": peak,
-           "decode_tokens_per_s": generation.get("decode_tokens_per_s"), "step_seconds": round(seconds, 1),
-           "sample": generation.get("generated_text", "")[:120], "details": deployable.details}
+           "decode_tokens_per_s": generation["decode_tokens_per_s"], "fp32_decode_tokens_per_s": base_speed,
+           "decode_speed_ratio": round(generation["decode_tokens_per_s"] / base_speed, 3),
+           "step_seconds": round(seconds, 1), "sample": generation["generated_text"][:120],
+           "details": deployable.details}
     print(f"  {name}: perplexity {row['perplexity']}, {raw / 1e6:.2f} MB, "
           f"{row['decode_tokens_per_s']} tok/s ({seconds:.0f} s)", flush=True)
     return row, outputs
@@ -87,7 +107,6 @@ def run_model(spec: str, workdir: Path, rows: list[str], eval_limit: int) -> dic
     for row in results:
         row["perplexity_change"] = round(row["perplexity"] / base["perplexity"] - 1, 4)
         row["size_ratio"] = round(base["artifact_bytes"] / row["artifact_bytes"], 2)
-        row["decode_speed_ratio"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
     return {"model": spec, "notes": bundle.notes + data.notes, "rows": results, "goals": _goals(results)}
 
 

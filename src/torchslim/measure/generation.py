@@ -31,8 +31,11 @@ def _greedy(lm: nn.Module, tokenizer, prompt: str, new_tokens: int) -> torch.Ten
 
 
 def measure_generation(module: nn.Module, tokenizer, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 32,
-                       repeats: int = 5) -> dict:
+                       repeats: int = 5, warmup: bool = True) -> dict:
     """Decode tokens/s at batch 1 (median of ``repeats`` after one warm-up) and the greedy continuation.
+
+    Args:
+        warmup: decode once untimed first (the greedy text comes from the first decode either way).
 
     Returns:
         ``{"decode_tokens_per_s", "decode_tokens_per_s_spread", "generated_text"}``, or ``{}`` when ``module``
@@ -41,13 +44,17 @@ def measure_generation(module: nn.Module, tokenizer, *, prompt: str = DEFAULT_PR
     lm = language_model(module)
     if lm is None:
         return {}
-    speeds = []
+    speeds, output = [], None
     with torch.inference_mode():
-        output = _greedy(lm, tokenizer, prompt, new_tokens)
+        if warmup:
+            output = _greedy(lm, tokenizer, prompt, new_tokens)
         for _ in range(repeats):
             started = time.perf_counter()
-            _greedy(lm, tokenizer, prompt, new_tokens)
+            result = _greedy(lm, tokenizer, prompt, new_tokens)
             speeds.append(new_tokens / (time.perf_counter() - started))
-    return {"decode_tokens_per_s": round(statistics.median(speeds), 2),
-            "decode_tokens_per_s_spread": [round(min(speeds), 2), round(max(speeds), 2)],
-            "generated_text": tokenizer.decode(output[0], skip_special_tokens=True)}
+            output = result if output is None else output
+    result = {"generated_text": tokenizer.decode(output[0], skip_special_tokens=True)}
+    if speeds:  # repeats=0: a warm-up (and the text) only
+        result.update(decode_tokens_per_s=round(statistics.median(speeds), 2),
+                      decode_tokens_per_s_spread=[round(min(speeds), 2), round(max(speeds), 2)])
+    return result

@@ -110,10 +110,16 @@ def minmax_params(groups: torch.Tensor, bits: int, symmetric: bool = False) -> t
     hi = groups.amax(-1).clamp(min=0.0)
     if symmetric:
         half = 2 ** (bits - 1)
-        scales = (torch.maximum(-lo, hi) / (half - 1)).clamp(min=EPS)
+        scales = storable_scales((torch.maximum(-lo, hi) / (half - 1)).clamp(min=EPS))
         return scales, torch.full_like(scales, float(half))
-    scales = ((hi - lo) / qmax).clamp(min=EPS)
+    scales = storable_scales(((hi - lo) / qmax).clamp(min=EPS))
     return scales, torch.round(-lo / scales).clamp(0, qmax)
+
+
+def storable_scales(scales: torch.Tensor) -> torch.Tensor:
+    """``scales`` rounded to the nearest float16 values (as float32): packed layers store scales in float16, so
+    codes are chosen against exactly the scales that will be stored and dequantization is reproduced exactly."""
+    return scales.to(torch.float16).float().clamp(min=2.0 ** -24)  # the smallest float16 (subnormal)
 
 
 def _codes(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -137,6 +143,7 @@ def quantize_with_params(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
         The `QuantizedWeight`.
     """
     qmax = _check_bits(bits)
+    scales = storable_scales(scales)
     groups = grouped(w.detach().float(), group_size)
     scales, zeros = scales.float().reshape(groups.shape[:2]), zeros.float().reshape(groups.shape[:2])
     codes = _codes(groups, scales, zeros, qmax).reshape(w.shape).to(torch.uint8)

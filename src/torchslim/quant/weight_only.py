@@ -89,7 +89,7 @@ class WeightOnlyLinear(nn.Module):
     """A linear layer with int4 (packed two a byte) or int8 weights and float activations.
 
     Buffers (all saved): ``qweight`` (uint8 (out, in/2) for int4, int8 (out, in) for int8), ``scales`` and
-    ``zeros`` (float32 (out, n_groups)), ``bias`` (out,) and ``input_scale`` (in,) or None. See the module
+    ``zeros`` (float16 (out, n_groups)), ``bias`` (out,) and ``input_scale`` (in,) or None. See the module
     docstring for the convention and the kernels.
 
     Args:
@@ -118,8 +118,10 @@ class WeightOnlyLinear(nn.Module):
             self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         else:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scales", torch.ones(out_features, n_groups))
-        self.register_buffer("zeros", torch.zeros(out_features, n_groups))
+        # float16 storage: zero points are small integers (exact), scales keep 11 significant bits; float32 would
+        # add 12% to an int4 g128 file (8 bytes per 64 bytes of codes) for no measurable accuracy
+        self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
         self.register_buffer("input_scale", torch.ones(in_features) if has_input_scale else None)
         self.use_kernel = True
@@ -143,7 +145,7 @@ class WeightOnlyLinear(nn.Module):
             input_scale: (in,) factor the input is multiplied by (`awq_quantize`'s), or None.
 
         Returns:
-            The module (float32 buffers, on ``qw``'s device).
+            The module (float16 scales and zero points, on ``qw``'s device).
         """
         out_features, in_features = qw.shape
         module = cls(in_features, out_features, qw.bits, qw.group_size, bias is not None, input_scale is not None)
@@ -249,7 +251,7 @@ class WeightOnlyLinear(nn.Module):
     def _build_int8_kernel(self, dtype: torch.dtype):
         qweight = self.qweight.contiguous()
         scales = self.scales[:, 0].to(dtype).contiguous()
-        offset = (self.zeros[:, 0] * self.scales[:, 0]).float()  # w = q s - z s
+        offset = self.zeros[:, 0].float() * self.scales[:, 0].float()  # w = q s - z s
         symmetric = bool((self.zeros == 0).all())
 
         def run(rows: torch.Tensor) -> torch.Tensor:
