@@ -140,13 +140,15 @@ def test_pruned_weights_stay_exactly_zero_through_int4_gptq(trained, tmp_path):
     make, data = trained
     context = _context(make(), data, tmp_path)
     _apply(context, "prune", "sparsegpt", {"sparsity": 0.5, "calibration_batches": 2, "batch_size": 16})
-    mask = context.masks["model.transformer.h.0.mlp.c_fc.weight"].t()  # Conv1D keeps (in, out)
+    names = ["mlp.c_fc", "attn.c_proj"]  # attn.c_proj is square: its mask's layout cannot be told by shape
+    masks = {n: context.masks[f"model.transformer.h.0.{n}.weight"].t() for n in names}  # Conv1D keeps (in, out)
     _apply(context, "quantize", "int4-weight", {"algorithm": "gptq", "group_size": 32, "calibration_batches": 2,
                                                "batch_size": 16})
-    weight = context.model.model.transformer.h[0].mlp.c_fc.dequantized_weight()
-    assert float((~mask).float().mean()) == pytest.approx(0.5, abs=0.01)
-    assert int((weight[~mask] != 0).sum()) == 0
-    assert float((weight[mask] != 0).float().mean()) > 0.9
+    for name, mask in masks.items():
+        weight = context.model.model.transformer.h[0].get_submodule(name).dequantized_weight()
+        assert float((~mask).float().mean()) == pytest.approx(0.5, abs=0.01)
+        assert int((weight[~mask] != 0).sum()) == 0
+        assert float((weight[mask] != 0).float().mean()) > 0.9
 
 
 def test_weight_only_quantization_of_a_model_without_linear_layers_is_a_clear_error(tmp_path):
@@ -201,3 +203,15 @@ def test_a_causal_lm_recipe_runs_end_to_end_with_perplexity_and_decode_speed(tra
     saved = json.loads((tmp_path / "out" / "model.weight_only.json").read_text())
     assert saved["format"] == "torchslim.weight-only/1" and len(saved["layers"]) == 2 * 4 + 2
     assert "perplexity +" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("kind, method, settings", [
+    ("quantize", "int4-weight", {"algorithm": "gptq", "group_size": 32}),
+    ("prune", "wanda", {"sparsity": 0.5})])
+def test_a_calibration_set_too_small_is_a_clear_error(trained, tmp_path, kind, method, settings):
+    from torchslim.errors import InputError
+
+    make, data = trained
+    context = _context(make(), data, tmp_path)
+    with pytest.raises(InputError, match="calibration samples/tokens, fewer than the 64"):
+        _apply(context, kind, method, {**settings, "calibration_batches": 1, "batch_size": 2})

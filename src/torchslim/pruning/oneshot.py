@@ -118,13 +118,6 @@ def _to_device(inputs, device: torch.device):
     return inputs.to(device) if torch.is_tensor(inputs) else inputs
 
 
-def _real_tokens(batches: list, rows: int) -> int:
-    """Tokens that are not padding, for ``(input_ids, attention_mask)`` batches; else the rows the layers saw."""
-    masks = [b[1] for b in batches if isinstance(b, (tuple, list)) and len(b) > 1 and torch.is_tensor(b[1])
-             and b[1].shape == b[0].shape and not b[1].is_floating_point()]
-    return int(sum(int(m.sum()) for m in masks)) if len(masks) == len(batches) else rows
-
-
 def _param_layout(module: nn.Module, keep: Tensor) -> Tensor:
     return keep if isinstance(module, nn.Linear) else keep.t()  # GPT-2 Conv1D stores (in, out)
 
@@ -144,7 +137,7 @@ def prune_one_shot(context, config: OneShotPruning, prune_layer: LayerPruner, wa
         The pruned model; ``details`` holds the achieved sparsity over the pruned layers, the pattern, each
         layer's sparsity and the number of calibration tokens (padding not counted).
     """
-    from torchslim.quant.calibration import calibration_batches
+    from torchslim.quant.calibration import calibration_batches, require_calibration_tokens
 
     layers = _candidates(context, config, method)
     details = {"sparsity": 0.0, "pattern": config.pattern, "layers": {}, "calibration_tokens": 0}
@@ -154,6 +147,7 @@ def prune_one_shot(context, config: OneShotPruning, prune_layer: LayerPruner, wa
     device = next(context.model.parameters()).device
     source = SimpleNamespace(calibration_batches=config.calibration_batches, calibration_batch_size=config.batch_size)
     batches = [_to_device(inputs, device) for inputs in calibration_batches(context, source)]
+    tokens = require_calibration_tokens(batches, context.where, method)
     keeps: dict[str, Tensor] = {}
 
     def process(block_name: str, block: nn.Module, stats: dict[str, LayerStats]) -> None:
@@ -169,13 +163,13 @@ def prune_one_shot(context, config: OneShotPruning, prune_layer: LayerPruner, wa
             keeps[name] = keep
 
     others = [name for name in linear_layers(context.model) if name not in layers]
-    run = run_sequential(context.model, batches, process, want=(want,), skip=others)
+    run_sequential(context.model, batches, process, want=(want,), skip=others)
     for name in layers:
         if name not in keeps:
             context.skip_layer(name, "not called by the model's forward during calibration")
     total = sum(keep.numel() for keep in keeps.values())
     zeros = sum(int((~keep).sum()) for keep in keeps.values())
-    details.update(sparsity=round(zeros / max(total, 1), 4), calibration_tokens=_real_tokens(batches, run.tokens),
+    details.update(sparsity=round(zeros / max(total, 1), 4), calibration_tokens=tokens,
                    layers={name: round(1 - float(keep.float().mean()), 4) for name, keep in keeps.items()})
     return TorchDeployable(context.model, details=details)
 

@@ -40,3 +40,29 @@ def calibration_batches(context, config) -> Iterator[Any]:
 def check_calibration(context, config) -> None:
     """Fail early (before any export or training) if the calibration data is empty or does not fit the model."""
     next(calibration_batches(context, SimpleNamespace(calibration_batches=1, calibration_batch_size=1)))
+
+
+MIN_CALIBRATION_TOKENS = 64
+
+
+def calibration_tokens(batches: list) -> int:
+    """Samples the calibration batches hold: real tokens (attention-mask ones) for ``(input_ids,
+    attention_mask)`` batches, else rows of the first input."""
+    count = 0
+    for batch in batches:
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        mask = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        text = torch.is_tensor(mask) and mask.shape == first.shape and not mask.is_floating_point()
+        count += int(mask.sum()) if text else int(first.shape[0])
+    return count
+
+
+def require_calibration_tokens(batches: list, where: str, method: str) -> int:
+    """The calibration token count; InputError when it is below `MIN_CALIBRATION_TOKENS` (statistics from fewer
+    samples than that describe the calibration text, not the layer's inputs)."""
+    count = calibration_tokens(batches)
+    if count < MIN_CALIBRATION_TOKENS:
+        raise InputError(f"{where}.calibration_batches: {method} got {count} calibration samples/tokens, fewer than "
+                         f"the {MIN_CALIBRATION_TOKENS} it needs; use more calibration_batches or a larger "
+                         f"calib split")
+    return count

@@ -135,8 +135,8 @@ class _Quantizer:
             return
         started = time.perf_counter()
         mask = self.context.masks.get(f"{name}.weight")
-        if mask is not None and mask.shape != weight.shape:
-            mask = mask.t()  # Conv1D stores (in, out)
+        if mask is not None and not isinstance(module, nn.Linear):
+            mask = mask.t()  # masks are in the parameter's layout: GPT-2's Conv1D stores (in, out)
         input_scale = None
         if algorithm == "gptq":
             qweight, _ = gptq.gptq_quantize(weight, stats.hessian, bits, group, symmetric=config.symmetric,
@@ -184,9 +184,10 @@ def quantize_weights_(context, config: WeightOnly) -> dict:
     tokens = 0
     if config.algorithm in ("gptq", "awq"):
         want = ("hessian",) if config.algorithm == "gptq" else ("samples",)
+        from torchslim.quant.calibration import require_calibration_tokens
+
         batches = _calibration_batches(context, config)
-        tokens = sum(int(b[1].sum()) if isinstance(b, (tuple, list)) and len(b) > 1 else b.shape[0]
-                     for b in batches)
+        tokens = require_calibration_tokens(batches, context.where, config.algorithm)
 
         def process(block_name, block, stats) -> None:
             for name, layer_stats in stats.items():
