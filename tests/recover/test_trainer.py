@@ -178,3 +178,13 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
         assert torch.allclose(value, got["state"][name], atol=1e-5), name
     assert got["loss"] == pytest.approx(expected.history[-1]["total"], rel=1e-5)
     assert got["val"] == pytest.approx(expected.val_history, abs=1e-9)
+
+
+def test_checkpoints_store_tied_tensors_and_read_them_back(tmp_path):
+    shared = torch.arange(6.0).reshape(2, 3)  # e.g. GPT-2's lm_head.weight is wte.weight
+    write_checkpoint(tmp_path, {"model": {"wte.weight": shared, "lm_head.weight": shared, "b": torch.ones(2)}},
+                     {"fingerprint": "f"})
+    tensors, state = read_checkpoint(tmp_path, "f")
+    assert torch.equal(tensors["model"]["wte.weight"], shared)
+    assert torch.equal(tensors["model"]["lm_head.weight"], shared)
+    assert state["fingerprint"] == "f"

@@ -46,6 +46,19 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"checkpoint state holds a {type(value).__name__}, which has no JSON form")
 
 
+def _unshared(group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of ``group`` in which no two tensors share memory (safetensors refuses aliases): a tensor tied
+    to an earlier one (GPT-2's lm_head and wte) is stored as a copy of its own; loading both names into the
+    model's one tied parameter restores it."""
+    seen, out = set(), {}
+    for key, value in group.items():
+        tensor = value.detach().cpu().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
+
+
 def write_checkpoint(root: Path, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
     """Write ``<root>/latest`` atomically.
 
@@ -65,7 +78,7 @@ def write_checkpoint(root: Path, tensors: dict[str, dict[str, torch.Tensor]], st
         digests = {}
         for stem, group in tensors.items():
             path = tmp / f"{stem}.safetensors"
-            save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(path))
+            save_file(_unshared(group), str(path))
             digests[path.name] = _digest(path)
         body = {"format": FORMAT, "version": VERSION, "files": digests, **state}
         with open(tmp / "state.json", "w") as handle:
