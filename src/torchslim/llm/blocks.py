@@ -56,7 +56,7 @@ def weight_matrix(module: nn.Module) -> Tensor:
         return module.weight
     if _is_conv1d(module):
         return module.weight.t()
-    raise TypeError(f"{type(module).__name__} is not a linear-like layer")
+    raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D layer")
 
 
 def set_weight_matrix_(module: nn.Module, w: Tensor) -> None:
@@ -90,6 +90,18 @@ def tied_modules(model: nn.Module) -> dict[str, str]:
             owners.setdefault(id(parameter), []).append(name)
     return {name: next(n for n in names if n != name) for names in owners.values() if len(names) > 1
             for name in names}
+
+
+def output_head(model: nn.Module) -> tuple[str | None, str | None]:
+    """Names of the output head and of the input embedding tied to it (None where there is none)."""
+    owners = [m for m in model.modules() if callable(getattr(m, "get_output_embeddings", None))]
+    if not owners:
+        return None, None
+    head, embedding = owners[0].get_output_embeddings(), owners[0].get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    tied = (head is not None and embedding is not None and getattr(head, "weight", None) is not None
+            and head.weight is getattr(embedding, "weight", None))
+    return names.get(id(head)), (names.get(id(embedding)) if tied else None)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim.llm.blocks import is_linear_like  # noqa: F401  (re-exported: part of this module's helpers)
+from torchslim.llm.blocks import weight_matrix as linear_weight  # (out, in); a transposed view for Conv1D
 from torchslim.quant.cpu import cpu_flags
 from torchslim.quant.groupwise import (QuantizedWeight, check_group_size, pack_int4, quantize_rtn, unpack_int4,
                                       unpack_int4_as)
@@ -56,23 +58,6 @@ INT8_OFFSET = 128  # unsigned QuantizedWeight code - 128 = stored int8 code
 def fast_bfloat16_cpu() -> bool:
     """Whether this CPU has native bfloat16 dot products, which the packed kernels need to be fast."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """``nn.Linear`` or transformers' ``Conv1D`` (GPT-2: weight (in, out), ``y = x @ W + b``), found by duck
-    typing so that this module does not import transformers."""
-    if isinstance(module, nn.Linear):
-        return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of a linear-like module (a transposed view for ``Conv1D``)."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if is_linear_like(module):
-        return module.weight.t()
-    raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D layer")
 
 
 def linear_bias(module: nn.Module) -> torch.Tensor | None:

@@ -32,6 +32,8 @@ from torch import nn
 
 from torchslim._config import check
 from torchslim.errors import InputError
+from torchslim.llm.blocks import output_head
+from torchslim.quant.fold import _set_module
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable, load_safetensors
 
@@ -88,23 +90,6 @@ class Int8Weight(WeightOnly):
 
     group_size: int = 0
     bits = 8
-
-
-def output_head(model: nn.Module) -> tuple[str | None, str | None]:
-    """Names of the output head and of the input embedding tied to it (None where there is none)."""
-    owners = [m for m in model.modules() if callable(getattr(m, "get_output_embeddings", None))]
-    if not owners:
-        return None, None
-    head, embedding = owners[0].get_output_embeddings(), owners[0].get_input_embeddings()
-    names = {id(m): n for n, m in model.named_modules()}
-    tied = (head is not None and embedding is not None and getattr(head, "weight", None) is not None
-            and head.weight is getattr(embedding, "weight", None))
-    return names.get(id(head)), (names.get(id(embedding)) if tied else None)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

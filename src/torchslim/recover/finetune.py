@@ -138,7 +138,7 @@ def _student_and_teacher(context, config: FinetuneConfig, teacher_model: nn.Modu
 
 
 def _lm_head(model: nn.Module, where: str) -> str:
-    from torchslim.quant.weight_only_step import output_head
+    from torchslim.llm.blocks import output_head
 
     head, _ = output_head(model)
     if head is None:
