@@ -68,7 +68,7 @@ def decode_side_by_side(base, candidate, tokenizer, rounds: int = 7, new_tokens:
             round(statistics.median(base_speeds), 2))
 
 
-def measure_row(name: str, steps, bundle, data, workdir: Path, reference, eval_limit: int) -> dict:
+def measure_row(name: str, steps, bundle, data, workdir: Path, reference) -> tuple[dict, torch.Tensor]:
     context = step_context(bundle, data, workdir)
     context.model = copy.deepcopy(bundle.model)
     deployable = TorchDeployable(context.model)
@@ -99,11 +99,11 @@ def run_model(spec: str, workdir: Path, rows: list[str], eval_limit: int) -> dic
     data = resolve_data("builtin:docs")
     if eval_limit:
         data.splits["test"] = data.splits["test"][:eval_limit]
-    base, reference = measure_row("fp32", [], bundle, data, workdir, None, eval_limit)
+    base, reference = measure_row("fp32", [], bundle, data, workdir, None)
     results = [base]
     for name in rows:
         if name != "fp32":
-            results.append(measure_row(name, ROWS[name], bundle, data, workdir, reference, eval_limit)[0])
+            results.append(measure_row(name, ROWS[name], bundle, data, workdir, reference)[0])
     for row in results:
         row["perplexity_change"] = round(row["perplexity"] / base["perplexity"] - 1, 4)
         row["size_ratio"] = round(base["artifact_bytes"] / row["artifact_bytes"], 2)
