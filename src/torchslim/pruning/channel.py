@@ -18,7 +18,7 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.measure.stage import first_samples
-from torchslim.pruning import hf_config
+from torchslim.llm.blocks import is_linear_like
+from torchslim.pruning import calibrate, hf_config
 from torchslim.recover.finetune import FinetuneConfig, finetune
 from torchslim.registry import register_method
 from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
@@ -50,6 +51,8 @@ class ChannelPruning:
             <= this fraction of the baseline's (measured, medians; 0 = unused).
         importance: "l1" / "l2" weight magnitude, "bn" (|BatchNorm scale|), "taylor" (|weight x gradient|,
             first order; needs gradients, which the recipe step computes from a few training batches),
+            "activation" (``||W[:, j]|| * rms(x_j)`` summed over the layers reading channel j, on calibration
+            inputs: what removing it takes out of their outputs; see `torchslim.pruning.calibrate`),
             "random" (a control).
         scope: "local" (each group loses ``ratio``) or "global" (one ranking over groups, scores normalised
             per group; a group loses at most ``max_ratio``).
@@ -61,6 +64,11 @@ class ChannelPruning:
         seed: for ``importance: random``.
         capture: how the graph is captured: "auto" (torch.export; when it fails, a traced run of the example
             inputs, which analyses only the path they take), "export" or "trace".
+        reconstruct: refit every linear layer that lost input channels by least squares on calibration
+            inputs, so its output (bias included) stays as close as possible to the unpruned layer's.
+        damping: ``reconstruct`` adds this fraction of the mean input second moment to the diagonal it
+            inverts (keeps the solve stable when kept channels are nearly collinear; 0 = exact least squares).
+        calibration_samples: training samples that ``activation`` and ``reconstruct`` read (recipe step).
         recover: in a recipe, a fine-tuning run (the ``finetune`` step's settings) between pruning steps
             (iterative pruning: prune a little, recover, prune more); null: none.
     """
@@ -68,7 +76,7 @@ class ChannelPruning:
     ratio: float = 0.3
     target_macs: float = 0.0
     target_latency: float = 0.0
-    importance: Literal["l1", "l2", "bn", "taylor", "random"] = "l1"
+    importance: Literal["l1", "l2", "bn", "taylor", "activation", "random"] = "l1"
     scope: Literal["local", "global"] = "local"
     round_to: int = 1
     max_ratio: float = 0.9
@@ -76,6 +84,9 @@ class ChannelPruning:
     steps: int = 1
     seed: int = 0
     capture: Literal["auto", "export", "trace"] = "auto"
+    reconstruct: bool = False
+    damping: float = 0.01
+    calibration_samples: int = 256
     recover: FinetuneConfig | None = None
     version: int = 1
 
@@ -88,11 +99,19 @@ class ChannelPruning:
               f"must be in (0, 1) or 0 (unused), got {self.target_latency}")
         check(not (self.target_macs and self.target_latency), "target_latency", "give target_macs or target_latency")
         check(1 <= self.steps <= 100, "steps", f"must be in [1, 100], got {self.steps}")
+        check(0.0 <= self.damping <= 1.0, "damping", f"must be in [0, 1], got {self.damping}")
+        check(self.calibration_samples >= 1, "calibration_samples", f"must be >= 1, got {self.calibration_samples}")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether pruning reads calibration inputs."""
+        return self.importance == "activation" or self.reconstruct
 
 
 @dataclass
 class PruneResult:
-    """What `prune` did: sizes before and after, and what it left alone (layer name -> reason)."""
+    """What `prune` did: sizes before and after, what it left alone (layer name -> reason) and, with
+    ``reconstruct``, each refitted layer's relative output error on the calibration inputs (last step)."""
 
     macs_before: int
     macs_after: int
@@ -101,6 +120,7 @@ class PruneResult:
     removed_channels: dict[str, int]
     skipped: dict[str, str]
     shapes: dict[str, list[int]]
+    refit_errors: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -322,20 +342,27 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, chosen: set[int]) -> 
 
 
 def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any,
-          recover: Callable[[nn.Module, int], None] | None = None) -> PruneResult:
+          recover: Callable[[nn.Module, int], None] | None = None,
+          calibration: Sequence[Any] | None = None) -> PruneResult:
     """Remove channels from ``model`` in place (see the module docstring); returns what changed.
 
     Args:
         example_inputs: one input batch (a tensor or a tuple of tensors) to capture and check the model with.
         recover: called as ``recover(model, step)`` after each of ``config.steps`` steps but the last (e.g. a
             short fine-tune); Taylor importance reads the gradients present on the parameters.
+        calibration: input batches (like ``example_inputs``) for ``importance: activation`` and
+            ``reconstruct``; read again at every step.
 
     Raises:
-        InputError: the model cannot be captured, or Taylor importance finds no gradients.
+        InputError: the model cannot be captured, Taylor importance finds no gradients, or activation
+            importance / reconstruction has no calibration inputs.
     """
     if config.importance == "taylor" and not any(p.grad is not None for p in model.parameters()):
         raise InputError("importance taylor needs gradients: run a backward pass on a few batches first "
                          "(the recipe step computes them from the training data)")
+    if config.calibrated and not calibration:
+        raise InputError("importance activation and reconstruct need calibration inputs (the recipe step reads "
+                         "calibration_samples training samples)")
     single = first_samples(example_inputs, 1)
     macs_before, params_before = count_macs(model, single), count_params(model)
     linear_widths = hf_config.widths_before(model)
@@ -343,23 +370,26 @@ def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any,
     removed: dict[str, int] = {}
     skipped: dict[str, str] = {}
     shapes: dict[str, list[int]] = {}
+    refit_errors: dict[str, float] = {}
     for step in range(1, config.steps + 1):
         share = step / config.steps  # cumulative targets follow a geometric path to the final one
         macs_goal = config.target_macs ** share * macs_before if config.target_macs else 0.0
         latency_goal = config.target_latency ** share * latency_before if config.target_latency else 0.0
         kept_before = 1 - config.ratio * (step - 1) / config.steps
         ratio = 1 - (1 - config.ratio * share) / kept_before
-        step_removed, step_skipped, step_shapes = _prune_once(model, config, example_inputs, ratio, macs_goal,
-                                                              latency_goal)
+        step_removed, step_skipped, step_shapes, step_errors = _prune_once(model, config, example_inputs, ratio, macs_goal,
+                                                              latency_goal, calibration)
         for module, count in step_removed.items():
             removed[module] = removed.get(module, 0) + count
         skipped.update(step_skipped)
         shapes.update(step_shapes)
+        refit_errors.update(step_errors)
         if recover is not None and step < config.steps:
             recover(model, step)
     skipped.update(hf_config.update_configs(model, linear_widths))
     return PruneResult(macs_before=macs_before, macs_after=count_macs(model, single), params_before=params_before,
-                       params_after=count_params(model), removed_channels=removed, skipped=skipped, shapes=shapes)
+                       params_after=count_params(model), removed_channels=removed, skipped=skipped, shapes=shapes,
+                       refit_errors=refit_errors)
 
 
 def _latency(model: nn.Module, inputs: Any) -> float:
@@ -368,14 +398,17 @@ def _latency(model: nn.Module, inputs: Any) -> float:
 
 
 def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, ratio: float, macs_goal: float,
-                latency_goal: float) -> tuple[dict[str, int], dict[str, str], dict[str, list[int]]]:
-    """One analyse -> select -> remove round; returns (removed channels per layer, skipped layers, new shapes)."""
+                latency_goal: float, calibration: Sequence[Any] | None = None) -> tuple[dict, dict, dict, dict]:
+    """One analyse -> select -> remove round; returns (removed channels per layer, skipped layers, new shapes,
+    relative output errors of refitted layers)."""
     reference_shape, error, _ = _output_shape(model, example_inputs)
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
     single = first_samples(example_inputs, 1)
     graph = analyse_channels(capture(model, example_inputs, config.capture))
-    scores = _importance(model, graph, config.importance, config.seed)
+    stats = calibrate.collect(model, graph.modules, calibration) if config.importance == "activation" else None
+    scores = _scores(model, graph, config, stats)
+    unpruned = copy.deepcopy(model) if config.reconstruct else None  # the refit's targets
     if macs_goal:
         ratio = _bisect_ratio(model, graph, config, scores, lambda trial: count_macs(trial, single) <= macs_goal)
     elif latency_goal:
@@ -402,12 +435,55 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
         raise RuntimeError(f"the pruned model fails to run ({error}); please report this model") from None
     if shape != reference_shape:
         raise RuntimeError(f"structured pruning changed the output shape {reference_shape} -> {shape}")
+    skipped = dict(graph.skipped)
+    errors = {}
+    if config.reconstruct:
+        errors = calibrate.refit_sequential(model, unpruned, _kept_linear_positions(model, graph, chosen, skipped),
+                                            list(calibration), config.damping)
     removed = {}
     for module, ids in graph.producers:
         count = int(sum(root in chosen for root in set(graph.uf.roots(ids).tolist())))
         if count:
             removed[module] = count
-    return removed, dict(graph.skipped), {k: v for k, v in shapes.items() if v != before.get(k)}
+    return removed, skipped, {k: v for k, v in shapes.items() if v != before.get(k)}, errors
+
+
+def _scores(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, stats) -> dict[int, float]:
+    """Importance of every channel class; activation scores fall back to L2 magnitude (rescaled to the
+    activation scores' level) for classes no recorded layer reads."""
+    if config.importance != "activation":
+        return _importance(model, graph, config.importance, config.seed)
+    magnitude = _importance(model, graph, "l2", config.seed)
+    scores = calibrate.activation_scores(model, graph.param_ids, graph.uf.roots, stats)
+    both = [scores[r] / magnitude[r] for r in scores if magnitude.get(r, 0) > 0]
+    scale = float(np.median(both)) if both else 1.0
+    return {r: scores.get(r, scale * m) for r, m in {**magnitude, **scores}.items()}
+
+
+def _kept_linear_positions(model: nn.Module, graph: ChannelGraph, chosen: set[int],
+                           skipped: dict[str, str]) -> dict:
+    """Linear layer -> (kept output rows or None, kept input columns) for the layers that lost input channels;
+    layers whose weight is tied to another tensor (an LM head sharing the embedding) go to ``skipped``."""
+    names: dict[int, int] = {}
+    for _, tensor in model.named_parameters(remove_duplicate=False):
+        names[id(tensor)] = names.get(id(tensor), 0) + 1
+    found = {}
+    for name in graph.modules:
+        module = model.get_submodule(name)
+        if not is_linear_like(module):
+            continue
+        if names.get(id(module.weight), 0) > 1:
+            skipped.setdefault(name, "weight tied to another tensor: pruned but not refitted")
+            continue
+        in_dim = 1 if isinstance(module, nn.Linear) else 0
+        kept = []
+        for dim in (1 - in_dim, in_dim):
+            ids = graph.param_ids.get((f"{name}.weight", dim))
+            mask = None if ids is None else np.array([r not in chosen for r in graph.uf.roots(ids).tolist()])
+            kept.append(None if mask is None or mask.all() else np.flatnonzero(mask))
+        if kept[1] is not None:
+            found[name] = tuple(kept)
+    return found
 
 
 def _output_shape(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, str | None, str | None]:
@@ -519,8 +595,16 @@ def prune_channels(context, config: ChannelPruning) -> TorchDeployable:
         finally:
             context.where = where
 
+    calibration = None
+    if config.calibrated:
+        # Text goes one sequence at a time: padding positions would otherwise weigh in the statistics.
+        size = 1 if context.bundle.modality == "text" else 32
+        calibration = [inputs for inputs, _ in context.data.batches(
+            "train", context.bundle.preprocess, size, shuffle=True, seed=context.seed,
+            limit=config.calibration_samples)]
     try:
-        result = prune(context.model, config, example, recover if config.recover is not None else None)
+        result = prune(context.model, config, example, recover if config.recover is not None else None,
+                       calibration)
     finally:
         context.model.zero_grad(set_to_none=True)
     _follow_masks(context)
@@ -530,6 +614,10 @@ def prune_channels(context, config: ChannelPruning) -> TorchDeployable:
                "removed_channels": result.removed_channels}
     if recovered:
         details["recover_train_loss"] = recovered
+    if result.refit_errors:
+        details["refit_relative_error"] = {"layers": len(result.refit_errors),
+                                           "mean": round(float(np.mean(list(result.refit_errors.values()))), 4),
+                                           "max": round(max(result.refit_errors.values()), 4)}
     return TorchDeployable(context.model, details=details)
 
 

@@ -1,0 +1,186 @@
+"""Data-aware structured pruning: what each layer's input channels carry, and refitting layers that lost some.
+
+Two uses by `torchslim.pruning.channel`:
+
+- ``importance: activation`` scores a channel by what removing it takes out of the next layers' outputs: for
+  every linear or convolution layer reading the channel, ``||W[:, j]|| * rms(x_j)`` (the column of weights that
+  reads it times the root mean square of its values on calibration inputs), summed over those layers. For an
+  FFN neuron this is the expected size of its contribution to the block's output, which weight magnitude alone
+  cannot see (a large weight on a neuron that is rarely active costs little to remove).
+- ``reconstruct: true`` refits every linear layer that lost input channels by least squares, one after another
+  in the order they run: each layer's new weights and bias map the inputs it now receives (through the layers
+  pruned and refitted before it) onto the unpruned model's output of that layer on the same calibration inputs,
+  ``[W' b'] = E[y x~^T] (E[x~ x~^T] + damping)^-1`` with ``x~ = [x, 1]``. Correlated kept channels take over the
+  removed ones' share, a removed channel's mean moves into the bias, and the error earlier layers left behind
+  is corrected where it can be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.llm.blocks import is_linear_like, weight_matrix
+from torchslim.zoo import call_model
+
+
+@dataclass
+class InputStats:
+    """Running statistics of one layer's input channels (float64)."""
+
+    count: int = 0
+    square: torch.Tensor | None = None  # sum of x_j^2 per channel
+
+    def rms(self) -> torch.Tensor:
+        return (self.square / max(self.count, 1)).sqrt()
+
+
+def _consumers(model: nn.Module, modules: dict[str, str]) -> dict[str, nn.Module]:
+    """The linear-like and ungrouped convolution layers of the analysed graph (the layers that read channels)."""
+    found = {}
+    for name, kind in modules.items():
+        if kind not in ("linear", "linear-transposed", "conv"):
+            continue
+        module = model.get_submodule(name)
+        if is_linear_like(module) or (isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1):
+            found[name] = module
+    return found
+
+
+def collect(model: nn.Module, modules: dict[str, str], batches: Iterable[Any]) -> dict[str, InputStats]:
+    """Run ``batches`` (model inputs) through ``model`` and record the input statistics of the layers that read
+    channels (``modules``: layer name -> kind, as `torchslim.graph.ChannelGraph.modules` records them)."""
+    result: dict[str, InputStats] = {}
+    handles = []
+
+    def hook(name: str, module: nn.Module):
+        def record(_module, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            x = args[0].detach()
+            if isinstance(module, nn.modules.conv._ConvNd):
+                x = x.movedim(1, -1)
+            x = x.reshape(-1, x.shape[-1]).double()
+            stats = result.setdefault(name, InputStats())
+            stats.count += x.shape[0]
+            square = x.pow(2).sum(0)
+            stats.square = square if stats.square is None else stats.square + square
+        return record
+
+    for name, module in _consumers(model, modules).items():
+        handles.append(module.register_forward_pre_hook(hook(name, module)))
+    try:
+        with torch.no_grad():
+            for inputs in batches:
+                call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result
+
+
+def _input_dim(module: nn.Module) -> int:
+    """The dimension of a layer's weight tensor that runs over its input channels."""
+    return 0 if is_linear_like(module) and not isinstance(module, nn.Linear) else 1
+
+
+def activation_scores(model: nn.Module, param_ids: dict[tuple[str, int], np.ndarray], roots_of,
+                      stats_by_layer: dict[str, InputStats]) -> dict[int, float]:
+    """Channel class -> summed ``||W[:, j]|| * rms(x_j)`` over the layers that read it (see the module doc).
+
+    ``roots_of(ids)`` maps channel ids to their classes. Classes read by no recorded layer are absent.
+    """
+    scores: dict[int, float] = {}
+    for name, stats in stats_by_layer.items():
+        module = model.get_submodule(name)
+        dim = _input_dim(module)
+        ids = param_ids.get((f"{name}.weight", dim))
+        if ids is None or stats.square is None:
+            continue
+        weight = module.weight.detach().double()
+        columns = weight.movedim(dim, 0).reshape(weight.shape[dim], -1).norm(dim=1)
+        if columns.shape[0] != stats.square.shape[0]:
+            continue  # a layer whose weight does not read its input channel by channel
+        values = (columns * stats.rms()).tolist()
+        for root, value in zip(roots_of(ids).tolist(), values):
+            scores[root] = scores.get(root, 0.0) + value
+    return scores
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer of interest has run: the rest of the forward is not needed."""
+
+
+def _run_until(model: nn.Module, module: nn.Module, inputs: Any, record) -> None:
+    """Run ``inputs`` through ``model`` up to ``module``; ``record(args, output)`` sees that layer's call."""
+    def hook(_module, args, output):
+        record(args, output)
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+
+
+def execution_order(model: nn.Module, names: Iterable[str], inputs: Any) -> list[str]:
+    """``names`` in the order their layers first run on ``inputs``."""
+    order: list[str] = []
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n in names]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
+
+
+def refit_sequential(model: nn.Module, teacher: nn.Module, kept: dict[str, tuple[np.ndarray | None, np.ndarray]],
+                     batches: list[Any], damping: float = 0.01) -> dict[str, float]:
+    """Refit the linear layers in ``kept`` one after another, in the order they run: each maps the inputs it
+    now receives (from the already pruned and refitted layers before it) onto the unpruned ``teacher``'s outputs
+    of the same layer on the same calibration ``batches``, by least squares with a bias.
+
+    Returns:
+        Layer name -> relative output error ``||Y' - Y|| / ||Y||`` on the calibration inputs after the refit.
+    """
+    errors = {}
+    for name in execution_order(model, kept, batches[0]):
+        rows = kept[name][0]
+        module, reference = model.get_submodule(name), teacher.get_submodule(name)
+        gram = cross = None
+        target_square = 0.0
+        for inputs in batches:
+            seen: dict[str, torch.Tensor] = {}
+            _run_until(teacher, reference, inputs, lambda args, out: seen.__setitem__("y", out.detach()))
+            _run_until(model, module, inputs, lambda args, out: seen.__setitem__("x", args[0].detach()))
+            x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+            y = seen["y"].reshape(-1, seen["y"].shape[-1]).double()
+            if rows is not None:
+                y = y[:, torch.as_tensor(rows, dtype=torch.long)]
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+            gram = x.T @ x if gram is None else gram + x.T @ x
+            cross = y.T @ x if cross is None else cross + y.T @ x
+            target_square += float(y.pow(2).sum())
+        if getattr(module, "bias", None) is None:  # no bias to move a constant into: fit the weights alone
+            gram, cross = gram[:-1, :-1], cross[:, :-1]
+        damped = gram + damping * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        solution = torch.linalg.solve(damped, cross.T).T  # (out, in [+ 1])
+        error = (torch.einsum("oi,ij,oj->", solution, gram, solution) - 2 * (solution * cross).sum()
+                 + target_square)
+        errors[name] = float((error.clamp_min(0) / max(target_square, 1e-30)) ** 0.5)
+        with torch.no_grad():
+            target = weight_matrix(module)
+            target.copy_(solution[:, :target.shape[1]].to(target.dtype))
+            if module.bias is not None:
+                module.bias.copy_(solution[:, -1].to(module.bias.dtype))
+    return errors

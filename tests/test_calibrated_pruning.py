@@ -1,0 +1,107 @@
+"""Data-aware channel pruning: activation importance and the least-squares refit of layers that lost inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from torchslim.errors import InputError
+from torchslim.pruning.channel import ChannelPruning, prune
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def calibration(batches: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(64, 6, generator=generator) for _ in range(batches)]
+
+
+def test_the_refit_recovers_exactly_what_kept_neurons_can_express():
+    torch.manual_seed(0)
+    model = MLP()
+    with torch.no_grad():  # neurons 4..7 are half of neurons 0..3 (relu(z/2) = relu(z)/2) with smaller weights
+        model.fc1.weight[4:] = model.fc1.weight[:4] / 2
+        model.fc1.bias[4:] = model.fc1.bias[:4] / 2
+        model.fc2.weight[:, 4:] = model.fc2.weight[:, :4] / 4
+    x = torch.randn(32, 6)
+    reference = model(x).detach()
+    plain = copy.deepcopy(model)
+    prune(plain, ChannelPruning(ratio=0.5), x[:2])
+    damped = copy.deepcopy(model)
+    prune(damped, ChannelPruning(ratio=0.5, reconstruct=True), x[:2], calibration=calibration())
+    result = prune(model, ChannelPruning(ratio=0.5, reconstruct=True, damping=0.0), x[:2], calibration=calibration())
+    assert model.fc1.out_features == plain.fc1.out_features == 4
+    assert torch.equal(model.fc1.weight, plain.fc1.weight)  # the same neurons go (l1 picks the small ones)
+    assert (plain(x) - reference).abs().max() > 0.05  # without the refit their share is lost ...
+    assert (model(x) - reference).abs().max() < 1e-4  # ... with it the kept columns take it over exactly
+    assert (damped(x) - reference).abs().max() < 0.2 * (plain(x) - reference).abs().max()  # 1% damping: close
+    assert set(result.refit_errors) == {"fc2"} and result.refit_errors["fc2"] < 1e-4
+
+
+def test_a_constant_neuron_moves_into_the_bias():
+    torch.manual_seed(0)
+    model = MLP()
+    with torch.no_grad():
+        model.fc1.weight[0] = 0.0
+        model.fc1.bias[0] = 0.5  # always 0.5 after the relu, the lowest l1 score
+    x = torch.randn(16, 6)
+    reference = model(x).detach()
+    prune(model, ChannelPruning(ratio=1 / 8, reconstruct=True, damping=0.0), x[:2], calibration=calibration())
+    assert model.fc1.out_features == 7
+    assert (model(x) - reference).abs().max() < 1e-4
+
+
+def test_activation_importance_removes_neurons_the_data_never_uses():
+    torch.manual_seed(0)
+    model = MLP()
+    with torch.no_grad():
+        model.fc1.weight[:4] *= 10  # large weights, but a bias no input in the data overcomes: never active
+        model.fc1.bias[:4] = -1000.0
+        model.fc2.weight[:, :4] *= 10
+    x = torch.randn(16, 6)
+    reference = model(x).detach()
+    by_magnitude = copy.deepcopy(model)
+    prune(by_magnitude, ChannelPruning(ratio=0.5), x[:2])
+    assert (by_magnitude.fc1.bias == -1000.0).sum() == 4  # weight magnitude keeps the dead neurons
+    prune(model, ChannelPruning(ratio=0.5, importance="activation"), x[:2], calibration=calibration())
+    assert (model.fc1.bias == -1000.0).sum() == 0  # activation importance removes them
+    assert (model(x) - reference).abs().max() < 1e-5  # and nothing the data uses is lost
+
+
+def test_calibrated_pruning_without_calibration_inputs_is_a_clear_error():
+    for config in (ChannelPruning(importance="activation"), ChannelPruning(reconstruct=True)):
+        with pytest.raises(InputError, match="need calibration inputs"):
+            prune(MLP(), config, torch.randn(2, 6))
+    with pytest.raises(Exception, match="calibration_samples"):
+        ChannelPruning(calibration_samples=0)
+
+
+def test_recipe_step_prunes_a_gpt2_ffn_with_activation_importance_and_refits_its_conv1d_layers(tmp_path):
+    pytest.importorskip("transformers")
+    from test_oneshot_pruning import relative_error, text_context
+
+    from torchslim.registry import get_method
+
+    errors = {}
+    for name, config in {"l1": ChannelPruning(ratio=0.5, ignore=["*attn*", "*wte*", "*wpe*", "*ln*"]),
+                         "activation+refit": ChannelPruning(ratio=0.5, ignore=["*attn*", "*wte*", "*wpe*", "*ln*"],
+                                                            importance="activation", reconstruct=True)}.items():
+        context = text_context(tmp_path)
+        deployable = get_method("prune", "channel").handler(context, config)
+        mlp = context.model.model.transformer.h[0].mlp
+        assert mlp.c_fc.nf == 128 and mlp.c_proj.weight.shape == (128, 64)  # Conv1D: (in, out)
+        errors[name] = relative_error(context)
+        if name != "l1":
+            refit = deployable.details["refit_relative_error"]
+            assert refit["layers"] == 2 and 0 < refit["mean"] <= refit["max"] < 1
+    assert errors["activation+refit"] < 0.5 * errors["l1"]
