@@ -177,6 +177,34 @@ def test_width_pruning_of_gpt2_ffns_then_distillation(trained, tmp_path):
     assert recovered < pruned and recovered < base * 1.2, (base, pruned, recovered)
 
 
+def test_data_aware_width_pruning_of_a_trained_lm_beats_weight_magnitude(trained, tmp_path):
+    make, data = trained
+    perplexity = {}
+    for name, settings in {"l1": {}, "random": {"importance": "random"}, "taylor": {"importance": "taylor"},
+                           "activation+refit": {"importance": "activation", "reconstruct": True}}.items():
+        context = _context(make(), data, tmp_path)
+        details = _apply(context, "prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"], **settings}).details
+        assert context.model.model.transformer.h[0].mlp.c_fc.nf == 128  # 256 -> 128
+        perplexity[name] = _perplexity(context)
+        if name == "activation+refit":
+            assert details["refit_relative_error"]["layers"] == 2  # both blocks' c_proj
+    # Taylor scores come from the next-token loss (no labels needed): better than chance; activation importance
+    # with the refit loses less than weight magnitude.
+    assert perplexity["taylor"] < perplexity["random"], perplexity
+    assert perplexity["activation+refit"] < perplexity["l1"], perplexity
+
+
+def test_taylor_importance_on_unlabelled_encoder_data_is_a_clear_error(trained, tmp_path):
+    import dataclasses
+
+    from torchslim.errors import InputError
+
+    make, data = trained
+    bundle = dataclasses.replace(make(), task="embedding")  # no labels and no next-token loss to take gradients of
+    with pytest.raises(InputError, match="taylor needs a task loss .* use importance: activation"):
+        _apply(_context(bundle, data, tmp_path), "prune", "channel", {"importance": "taylor"})
+
+
 def test_a_causal_lm_recipe_runs_end_to_end_with_perplexity_and_decode_speed(trained, tmp_path):
     import json
 

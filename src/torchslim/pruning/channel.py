@@ -559,21 +559,28 @@ def load_pruned(model: nn.Module, directory: str | Path) -> nn.Module:
 
 
 def _taylor_gradients(context, batches: int = 4, batch_size: int = 32) -> None:
-    """Gradients for Taylor importance: the task loss (labels) or the distance to the teacher, a few batches."""
-    import torch.nn.functional as F
+    """Gradients for Taylor importance from a few training batches of the task's own loss: cross-entropy on
+    labels, BCE for click-through models, the next-token loss for causal LMs.
 
-    model = context.model
+    Raises:
+        InputError: the data has no such loss (unlabelled sentences for an encoder): the distance to the
+            unpruned model would be the only loss, and its gradient is zero at the unpruned model.
+    """
+    from torchslim.recover.losses import get_loss
+
+    task, model = context.bundle.task, context.model
+    labelled = context.data.has_labels and task in ("classification", "ctr")
+    if not labelled and task != "lm":
+        raise InputError(f"{context.where}.importance: taylor needs a task loss (labels, or a language model's "
+                         f"next-token loss) and this {task} model's data has none; use importance: activation")
     model.zero_grad(set_to_none=True)
-    labelled = context.data.has_labels and context.bundle.task == "classification"
     for inputs, labels in context.data.batches("train", context.bundle.preprocess, batch_size, shuffle=True,
                                                seed=context.seed, limit=batches * batch_size):
         outputs = call_model(model, inputs)
-        if labelled:
-            loss = F.cross_entropy(outputs, labels)
+        if task == "lm":  # per sequence: [summed next-token NLL, tokens]
+            loss = outputs[:, 0].sum() / outputs[:, 1].sum().clamp_min(1)
         else:
-            with torch.no_grad():
-                target = call_model(context.teacher, inputs)
-            loss = F.mse_loss(outputs, target)
+            loss = get_loss("bce" if task == "ctr" else "cross_entropy")(outputs, labels)
         loss.backward()
 
 
