@@ -3,7 +3,8 @@
 For builtin:tiny-lm (GPT-2-style, trained here on builtin:docs) and any `hf:PATH` causal LM given, one process
 measures, one row after another on the same held-out passages: fp32; weight-only int8 (per channel) and int4 at
 group 128 with RTN, HQQ, GPTQ and AWQ; one-shot Wanda and SparseGPT at 50% unstructured and 2:4; and SparseGPT
-50% followed by int4 GPTQ. For each: perplexity (and its change against fp32), artifact bytes, peak memory of
+50% followed by int4 GPTQ; structured width pruning (half of every FFN's neurons removed, no recovery) by
+weight magnitude and by activation importance with the least-squares refit. For each: perplexity (and its change against fp32), artifact bytes, peak memory of
 loading the artifact and scoring one batch, and greedy decode tokens/s at batch 1 (48 tokens; median of 7 runs
 timed alternately with the fp32 model, whose median is the row's reference).
 
@@ -48,6 +49,9 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
     "sparsegpt 2:4": [("prune", "sparsegpt", {"pattern": "2:4", **CALIBRATION})],
     "sparsegpt 50% + int4 gptq g128": [("prune", "sparsegpt", {"sparsity": 0.5, **CALIBRATION}),
                                        ("quantize", "int4-weight", {"algorithm": "gptq", **CALIBRATION})],
+    "ffn/2 channel l1": [("prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"]})],
+    "ffn/2 channel activation+refit": [("prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"],
+                                                             "importance": "activation", "reconstruct": True})],
 }
 
 

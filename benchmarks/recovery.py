@@ -105,7 +105,7 @@ MINILM_PRUNING = {  # name -> (row label, config)
 
 
 def minilm_part(workdir: Path, epochs: int, lr: float = 1e-4, passages: int = 0, attention: bool = True,
-                importance: str = "activation+refit") -> dict:
+                importance: str = "activation+refit", features: bool = False) -> dict:
     bundle, data = resolve_model("builtin:minilm"), resolve_data("builtin:sentences")
     if passages:
         data.splits["train"] = list(data.splits["train"]) + distillation_passages(data, passages)
@@ -125,9 +125,10 @@ def minilm_part(workdir: Path, epochs: int, lr: float = 1e-4, passages: int = 0,
     pruned = copy.deepcopy(context.model)
     budget = dict(epochs=epochs, batch_size=32, optimizer=OptimizerConfig(name="adamw", lr=lr, weight_decay=0.01),
                   schedule=ScheduleConfig(name="cosine", warmup_fraction=0.1))
-    variants = {"embedding distillation": DistillConfig(embedding="cosine"),
+    layers = [[f"encoder.encoder.layer.{i}.output"] * 2 for i in range(6)] if features else []
+    variants = {"embedding distillation": DistillConfig(embedding="cosine", features=layers),
                 "embedding + attention distillation": DistillConfig(embedding="cosine", attention=True,
-                                                                    attention_weight=1.0)}
+                                                                    attention_weight=1.0, features=layers)}
     if not attention:
         variants.pop("embedding + attention distillation")
     for name, distill in variants.items():
@@ -192,11 +193,13 @@ def _print(title: str, rows: list[dict]) -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--digits-epochs", type=int, default=15, help="recovery budget of part 1 (default 15)")
-    p.add_argument("--minilm-epochs", type=int, default=2, help="recovery budget of part 2 (default 2)")
+    p.add_argument("--minilm-epochs", type=int, default=8, help="recovery budget of part 2 (default 8)")
     p.add_argument("--minilm-lr", type=float, default=1e-4, help="AdamW learning rate of part 2 (default 1e-4)")
     p.add_argument("--minilm-passages", type=int, default=0,
                    help="part 2 also distils on this many builtin:docs passages (none holding a held-out sentence)")
     p.add_argument("--minilm-no-attention", action="store_true", help="part 2 runs embedding distillation only")
+    p.add_argument("--minilm-features", action="store_true",
+                   help="part 2 also distils every layer's hidden states (MSE on the 6 layers' outputs)")
     p.add_argument("--minilm-importance", default="activation+refit", choices=sorted(MINILM_PRUNING),
                    help="part 2 recovers from this selection (default activation+refit)")
     p.add_argument("--parts", default="digits,minilm,torchrun", help="comma-separated parts to run")
@@ -211,7 +214,8 @@ def main() -> None:
                    f"{args.digits_epochs} epochs of recovery", payload["digits"]["rows"])
         if "minilm" in parts:
             payload["minilm"] = minilm_part(tmp, args.minilm_epochs, args.minilm_lr, args.minilm_passages,
-                                            not args.minilm_no_attention, args.minilm_importance)
+                                            not args.minilm_no_attention, args.minilm_importance,
+                                            args.minilm_features)
             _print(f"minilm with half of its FFN neurons, {args.minilm_epochs} epochs of recovery",
                    payload["minilm"]["rows"])
         if "torchrun" in parts:
