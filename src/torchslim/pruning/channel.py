@@ -50,7 +50,8 @@ class ChannelPruning:
         target_latency: instead of ``ratio``: prune until the eager PyTorch latency on the example inputs is
             <= this fraction of the baseline's (measured, medians; 0 = unused).
         importance: "l1" / "l2" weight magnitude, "bn" (|BatchNorm scale|), "taylor" (|weight x gradient|,
-            first order; needs gradients, which the recipe step computes from a few training batches),
+            first order; needs gradients, which the recipe step computes from a few training batches of the
+            task's loss: labels, or a causal LM's next-token loss),
             "activation" (``||W[:, j]|| * rms(x_j)`` summed over the layers reading channel j, on calibration
             inputs: what removing it takes out of their outputs; see `torchslim.pruning.calibrate`),
             "random" (a control).
