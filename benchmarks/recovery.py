@@ -16,6 +16,7 @@ Every row of a part starts from the same pruned weights; the baseline is measure
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -105,7 +106,7 @@ MINILM_PRUNING = {  # name -> (row label, config)
 
 
 def minilm_part(workdir: Path, epochs: int, lr: float = 1e-4, passages: int = 0, attention: bool = True,
-                importance: str = "activation+refit", features: bool = False) -> dict:
+                importance: str = "activation+refit", features: bool = False, calibration: int = 1024) -> dict:
     bundle, data = resolve_model("builtin:minilm"), resolve_data("builtin:sentences")
     if passages:
         data.splits["train"] = list(data.splits["train"]) + distillation_passages(data, passages)
@@ -118,6 +119,7 @@ def minilm_part(workdir: Path, epochs: int, lr: float = 1e-4, passages: int = 0,
     for name in sorted(MINILM_PRUNING, key=lambda n: n == importance):  # the one recovered from comes last
         context.model = copy.deepcopy(unpruned)
         label, config = MINILM_PRUNING[name]
+        config = dataclasses.replace(config, calibration_samples=calibration)
         get_method("prune", "channel").handler(context, config)
         pruned_eval, _ = evaluate_model(context.model, context, reference)
         rows.append({"row": f"FFN halved by {label}, before recovery", "cosine": pruned_eval.metrics["cosine"],
@@ -140,7 +142,7 @@ def minilm_part(workdir: Path, epochs: int, lr: float = 1e-4, passages: int = 0,
                      "macs": count_macs(context.model, example),
                      "train_seconds": round(time.perf_counter() - started, 1)})
     best = max(r["cosine"] for r in rows[1 + len(MINILM_PRUNING):])
-    return {"rows": rows, "epochs": epochs, "lr": lr, "importance": importance,
+    return {"rows": rows, "epochs": epochs, "lr": lr, "importance": importance, "calibration_samples": calibration,
             "train_samples": len(data.splits["train"]),
             "goal": goal("minilm FFN/2: mean cosine after recovery", round(best, 4), ">= 0.97", best >= 0.97)}
 
@@ -200,6 +202,8 @@ def main() -> None:
     p.add_argument("--minilm-no-attention", action="store_true", help="part 2 runs embedding distillation only")
     p.add_argument("--minilm-features", action="store_true",
                    help="part 2 also distils every layer's hidden states (MSE on the 6 layers' outputs)")
+    p.add_argument("--minilm-calibration", type=int, default=1024,
+                   help="training sentences the activation selections and the refit read (default 1024)")
     p.add_argument("--minilm-importance", default="activation+refit", choices=sorted(MINILM_PRUNING),
                    help="part 2 recovers from this selection (default activation+refit)")
     p.add_argument("--parts", default="digits,minilm,torchrun", help="comma-separated parts to run")
@@ -215,7 +219,7 @@ def main() -> None:
         if "minilm" in parts:
             payload["minilm"] = minilm_part(tmp, args.minilm_epochs, args.minilm_lr, args.minilm_passages,
                                             not args.minilm_no_attention, args.minilm_importance,
-                                            args.minilm_features)
+                                            args.minilm_features, args.minilm_calibration)
             _print(f"minilm with half of its FFN neurons, {args.minilm_epochs} epochs of recovery",
                    payload["minilm"]["rows"])
         if "torchrun" in parts:
