@@ -105,3 +105,17 @@ def test_recipe_step_prunes_a_gpt2_ffn_with_activation_importance_and_refits_its
             refit = deployable.details["refit_relative_error"]
             assert refit["layers"] == 2 and 0 < refit["mean"] <= refit["max"] < 1
     assert errors["activation+refit"] < 0.5 * errors["l1"]
+
+
+def test_activation_importance_reads_convolution_channels_along_dim_1():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        model[0].weight[:4] *= 10  # large weights, never active on the data
+        model[0].bias[:4] = -1000.0
+    x = torch.randn(4, 3, 8, 8)
+    reference = model(x).detach()
+    batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    prune(model, ChannelPruning(ratio=0.5, importance="activation"), x[:2], calibration=batches)
+    assert model[0].out_channels == 4 and (model[0].bias == -1000.0).sum() == 0
+    assert (model(x) - reference).abs().max() < 1e-5

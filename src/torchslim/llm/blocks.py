@@ -218,6 +218,8 @@ class _StatsHooks:
     def _hook_for(self, name: str) -> Callable:
         def hook(module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()))
+            if isinstance(module, nn.modules.conv._ConvNd):
+                x = x.movedim(1, -1)  # convolutions read channels along dim 1: one row per position
             self._record(name, x)
         return hook
 
@@ -248,8 +250,10 @@ class _StatsHooks:
         return {name: finished[name] for name in self.names if name in finished}  # layers never run: absent
 
 
-def _collect(layers: dict[str, nn.Module], runs: Sequence[Callable[[], Any]], want: Sequence[str],
-             max_samples: int) -> dict[str, LayerStats]:
+def collect_stats(layers: dict[str, nn.Module], runs: Sequence[Callable[[], Any]], want: Sequence[str],
+                  max_samples: int = 0) -> dict[str, LayerStats]:
+    """LayerStats (``want``: "hessian", "sq_norm", "abs_mean", "samples") of ``layers``' inputs over the calls
+    ``runs`` make; a convolution's rows are its input positions, ``in_channels`` wide. Layers never run are absent."""
     hooks = _StatsHooks(layers, want, max_samples)
     try:
         for run in runs:
@@ -262,7 +266,7 @@ def _collect(layers: dict[str, nn.Module], runs: Sequence[Callable[[], Any]], wa
 
 # -------------------------------------------------------------------------------------------- block inputs --
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward pass once the inputs it needs are captured."""
 
 
@@ -311,7 +315,7 @@ def _block_input(args: tuple, kwargs: dict) -> _BlockInput:
     key = "hidden_states" if isinstance(kwargs.get("hidden_states"), Tensor) else next(
         (k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
     if key is None:
-        raise _StopForward  # nothing to carry from block to block: treated as a model without blocks
+        raise StopForward  # nothing to carry from block to block: treated as a model without blocks
     return _BlockInput(args, kwargs, key)
 
 
@@ -329,7 +333,7 @@ def _capture_inputs(model: nn.Module, blocks: nn.Module, batches: Sequence[Any],
     def before_first(module, args, kwargs):
         captured.append(_block_input(args, kwargs))
         if len(captured) > 1 or chained[0]:
-            raise _StopForward
+            raise StopForward
 
     def after_first(module, args, kwargs, output):
         first_output.append(_first_tensor(output))
@@ -338,7 +342,7 @@ def _capture_inputs(model: nn.Module, blocks: nn.Module, batches: Sequence[Any],
         following = _block_input(args, kwargs).hidden()
         chained[0] = bool(first_output) and following.shape == first_output[0].shape and torch.equal(
             following, first_output[0])
-        raise _StopForward
+        raise StopForward
 
     handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
     if len(blocks) > 1:
@@ -348,7 +352,7 @@ def _capture_inputs(model: nn.Module, blocks: nn.Module, batches: Sequence[Any],
         for index, batch in enumerate(batches):
             try:
                 call(model, batch)
-            except _StopForward:
+            except StopForward:
                 pass
             if len(captured) != index + 1 or not chained[0]:
                 return None
@@ -463,7 +467,7 @@ def run_sequential(model: nn.Module, batches: Sequence[Any], process: Process, *
                 selected = {n: m for n, m in names.items() if not _matches(n, skip)}
                 if selected:
                     log(f"calibrating {block_name} ({index + 1}/{len(blocks)}): {len(selected)} layers")
-                    stats = _collect(selected, [lambda i=i: i.run(block) for i in inputs], want, max_samples)
+                    stats = collect_stats(selected, [lambda i=i: i.run(block) for i in inputs], want, max_samples)
                     process(block_name, block, stats)
                     run.layers.extend(stats)
                     del stats
@@ -473,7 +477,7 @@ def run_sequential(model: nn.Module, batches: Sequence[Any], process: Process, *
         outside = {n: m for n, m in layers.items() if n not in inside and not _matches(n, skip)}
         if outside:
             log(f"calibrating {len(outside)} layers outside the blocks")
-            stats = _collect(outside, [lambda b=b: call(model, b) for b in batches], want, max_samples)
+            stats = collect_stats(outside, [lambda b=b: call(model, b) for b in batches], want, max_samples)
             process("", model, stats)
             run.layers.extend(stats)
             run.tokens = run.tokens or max((s.tokens for s in stats.values()), default=0)

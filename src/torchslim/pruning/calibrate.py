@@ -17,26 +17,14 @@ Two uses by `torchslim.pruning.channel`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from torchslim.llm.blocks import is_linear_like, weight_matrix
+from torchslim.llm.blocks import LayerStats, StopForward, collect_stats, is_linear_like, weight_matrix
 from torchslim.zoo import call_model
-
-
-@dataclass
-class InputStats:
-    """Running statistics of one layer's input channels (float64)."""
-
-    count: int = 0
-    square: torch.Tensor | None = None  # sum of x_j^2 per channel
-
-    def rms(self) -> torch.Tensor:
-        return (self.square / max(self.count, 1)).sqrt()
 
 
 def _consumers(model: nn.Module, modules: dict[str, str]) -> dict[str, nn.Module]:
@@ -51,45 +39,24 @@ def _consumers(model: nn.Module, modules: dict[str, str]) -> dict[str, nn.Module
     return found
 
 
-def collect(model: nn.Module, modules: dict[str, str], batches: Iterable[Any]) -> dict[str, InputStats]:
-    """Run ``batches`` (model inputs) through ``model`` and record the input statistics of the layers that read
-    channels (``modules``: layer name -> kind, as `torchslim.graph.ChannelGraph.modules` records them)."""
-    result: dict[str, InputStats] = {}
-    handles = []
-
-    def hook(name: str, module: nn.Module):
-        def record(_module, args):
-            if not args or not isinstance(args[0], torch.Tensor):
-                return
-            x = args[0].detach()
-            if isinstance(module, nn.modules.conv._ConvNd):
-                x = x.movedim(1, -1)
-            x = x.reshape(-1, x.shape[-1]).double()
-            stats = result.setdefault(name, InputStats())
-            stats.count += x.shape[0]
-            square = x.pow(2).sum(0)
-            stats.square = square if stats.square is None else stats.square + square
-        return record
-
-    for name, module in _consumers(model, modules).items():
-        handles.append(module.register_forward_pre_hook(hook(name, module)))
-    try:
+def collect(model: nn.Module, modules: dict[str, str], batches: Iterable[Any]) -> dict[str, LayerStats]:
+    """Run ``batches`` (model inputs) through ``model`` and record ``Σ x_j²`` per input channel (``sq_norm``) of
+    the layers that read channels (``modules``: layer name -> kind, as `torchslim.graph.ChannelGraph.modules`
+    records them)."""
+    def run(inputs):
         with torch.no_grad():
-            for inputs in batches:
-                call_model(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return result
+            call_model(model, inputs)
+
+    return collect_stats(_consumers(model, modules), [lambda b=b: run(b) for b in batches], ("sq_norm",))
 
 
-def _input_dim(module: nn.Module) -> int:
-    """The dimension of a layer's weight tensor that runs over its input channels."""
+def input_dim(module: nn.Module) -> int:
+    """The dimension of a layer's weight tensor that runs over its input channels (0 for GPT-2's Conv1D)."""
     return 0 if is_linear_like(module) and not isinstance(module, nn.Linear) else 1
 
 
 def activation_scores(model: nn.Module, param_ids: dict[tuple[str, int], np.ndarray], roots_of,
-                      stats_by_layer: dict[str, InputStats]) -> dict[int, float]:
+                      stats_by_layer: dict[str, LayerStats]) -> dict[int, float]:
     """Channel class -> summed ``||W[:, j]|| * rms(x_j)`` over the layers that read it (see the module doc).
 
     ``roots_of(ids)`` maps channel ids to their classes. Classes read by no recorded layer are absent.
@@ -97,35 +64,32 @@ def activation_scores(model: nn.Module, param_ids: dict[tuple[str, int], np.ndar
     scores: dict[int, float] = {}
     for name, stats in stats_by_layer.items():
         module = model.get_submodule(name)
-        dim = _input_dim(module)
+        dim = input_dim(module)
         ids = param_ids.get((f"{name}.weight", dim))
-        if ids is None or stats.square is None:
+        if ids is None or stats.sq_norm is None:
             continue
         weight = module.weight.detach().double()
         columns = weight.movedim(dim, 0).reshape(weight.shape[dim], -1).norm(dim=1)
-        if columns.shape[0] != stats.square.shape[0]:
+        if columns.shape[0] != stats.sq_norm.shape[0]:
             continue  # a layer whose weight does not read its input channel by channel
-        values = (columns * stats.rms()).tolist()
+        rms = (stats.sq_norm.double() / max(stats.tokens, 1)).sqrt()
+        values = (columns * rms).tolist()
         for root, value in zip(roots_of(ids).tolist(), values):
             scores[root] = scores.get(root, 0.0) + value
     return scores
-
-
-class _Stop(Exception):
-    """Raised by a hook once the layer of interest has run: the rest of the forward is not needed."""
 
 
 def _run_until(model: nn.Module, module: nn.Module, inputs: Any, record) -> None:
     """Run ``inputs`` through ``model`` up to ``module``; ``record(args, output)`` sees that layer's call."""
     def hook(_module, args, output):
         record(args, output)
-        raise _Stop
+        raise StopForward  # the rest of the forward is not needed
 
     handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
             call_model(model, inputs)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         handle.remove()

@@ -31,7 +31,7 @@ from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.measure.stage import first_samples
-from torchslim.llm.blocks import is_linear_like
+from torchslim.llm.blocks import is_linear_like, tied_modules
 from torchslim.pruning import calibrate, hf_config
 from torchslim.recover.finetune import FinetuneConfig, finetune
 from torchslim.registry import register_method
@@ -465,18 +465,16 @@ def _kept_linear_positions(model: nn.Module, graph: ChannelGraph, chosen: set[in
                            skipped: dict[str, str]) -> dict:
     """Linear layer -> (kept output rows or None, kept input columns) for the layers that lost input channels;
     layers whose weight is tied to another tensor (an LM head sharing the embedding) go to ``skipped``."""
-    names: dict[int, int] = {}
-    for _, tensor in model.named_parameters(remove_duplicate=False):
-        names[id(tensor)] = names.get(id(tensor), 0) + 1
+    tied = tied_modules(model)
     found = {}
     for name in graph.modules:
         module = model.get_submodule(name)
         if not is_linear_like(module):
             continue
-        if names.get(id(module.weight), 0) > 1:
-            skipped.setdefault(name, "weight tied to another tensor: pruned but not refitted")
+        if name in tied:
+            skipped.setdefault(name, f"weight tied to {tied[name]}: pruned but not refitted")
             continue
-        in_dim = 1 if isinstance(module, nn.Linear) else 0
+        in_dim = calibrate.input_dim(module)
         kept = []
         for dim in (1 - in_dim, in_dim):
             ids = graph.param_ids.get((f"{name}.weight", dim))
