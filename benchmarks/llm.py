@@ -52,6 +52,8 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
     "ffn/2 channel l1": [("prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"]})],
     "ffn/2 channel activation+refit": [("prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"],
                                                              "importance": "activation", "reconstruct": True})],
+    "ffn/2 channel obs+refit": [("prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"], "importance": "obs",
+                                                      "reconstruct": True})],
 }
 
 

@@ -102,6 +102,9 @@ MINILM_PRUNING = {  # name -> (row label, config)
     "activation+refit": ("activation importance + least-squares refit",
                          ChannelPruning(ratio=0.5, ignore=["*attention*"], importance="activation", reconstruct=True,
                                         calibration_samples=1024)),
+    "obs+refit": ("optimal-brain-surgeon order + least-squares refit",
+                  ChannelPruning(ratio=0.5, ignore=["*attention*"], importance="obs", reconstruct=True,
+                                 calibration_samples=1024)),
 }
 
 

@@ -107,7 +107,8 @@ def test_recipe_step_prunes_a_gpt2_ffn_with_activation_importance_and_refits_its
     assert errors["activation+refit"] < 0.5 * errors["l1"]
 
 
-def test_activation_importance_reads_convolution_channels_along_dim_1():
+@pytest.mark.parametrize("importance", ["activation", "obs"])
+def test_data_aware_importance_reads_convolution_channels_along_dim_1(importance):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
     with torch.no_grad():
@@ -116,6 +117,46 @@ def test_activation_importance_reads_convolution_channels_along_dim_1():
     x = torch.randn(4, 3, 8, 8)
     reference = model(x).detach()
     batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    prune(model, ChannelPruning(ratio=0.5, importance="activation"), x[:2], calibration=batches)
+    prune(model, ChannelPruning(ratio=0.5, importance=importance), x[:2], calibration=batches)
     assert model[0].out_channels == 4 and (model[0].bias == -1000.0).sum() == 0
     assert (model(x) - reference).abs().max() < 1e-5
+
+
+def test_removal_costs_pick_the_column_whose_least_squares_removal_costs_least():
+    from torchslim.pruning.calibrate import removal_costs
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=generator, dtype=torch.float64)
+    x[:, 3] = 0.9 * x[:, 1] + 0.1 * x[:, 3]  # columns 1 and 3 nearly collinear
+    weight = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+    y = x @ weight.T
+    brute = []  # output RMS error of removing each column alone, the others re-solved by least squares
+    for j in range(8):
+        kept = [i for i in range(8) if i != j]
+        solution = torch.linalg.lstsq(x[:, kept], y).solution
+        brute.append(float(((x[:, kept] @ solution - y) ** 2).sum() / 300) ** 0.5)
+    scores = removal_costs(weight, x.T @ x / 300, damping=0.0, steps=7)
+    first = int(scores.argmin())
+    assert first == min(range(8), key=brute.__getitem__)
+    assert scores[first].item() == pytest.approx(brute[first], rel=1e-6)
+    assert sorted(scores.tolist()) == scores.sort().values.tolist() and len(set(scores.tolist())) == 8
+
+
+def test_obs_importance_removes_a_redundant_neuron_that_activation_importance_keeps():
+    torch.manual_seed(0)
+    model = MLP()
+    with torch.no_grad():  # neuron 7 copies neuron 0 at twice the size; both are read with large weights
+        model.fc1.weight[7] = 2 * model.fc1.weight[0]
+        model.fc1.bias[7] = 2 * model.fc1.bias[0]
+        model.fc2.weight[:, 0] *= 5
+        model.fc2.weight[:, 7] = 2 * model.fc2.weight[:, 0]
+    x = torch.randn(32, 6)
+    reference = model(x).detach()
+    by_activation = copy.deepcopy(model)
+    prune(by_activation, ChannelPruning(ratio=1 / 8, importance="activation", reconstruct=True, damping=0.0), x[:2],
+          calibration=calibration())
+    prune(model, ChannelPruning(ratio=1 / 8, importance="obs", reconstruct=True, damping=0.0), x[:2],
+          calibration=calibration())
+    assert model.fc1.out_features == by_activation.fc1.out_features == 7
+    assert (by_activation(x) - reference).abs().max() > 0.05  # activation keeps the loud pair, loses a neuron
+    assert (model(x) - reference).abs().max() < 1e-4  # obs removes one of the pair: nothing is lost

@@ -142,6 +142,7 @@ class LayerStats:
         sq_norm: ``(in,)`` float32, ``Σ x_j²`` per input channel (Wanda's ‖X_j‖₂ squared).
         abs_mean: ``(in,)`` float32, mean ``|x_j|`` per input channel (AWQ's activation scale).
         samples: ``(≤ max_samples, in)`` float32, a uniform random subset of the rows (AWQ's scale search).
+        mean: ``(in,)`` float32, mean ``x_j`` per input channel.
 
     Fields that were not asked for are None. Layers that read the very same input tensor (q/k/v projections)
     share one LayerStats object: treat it as read-only.
@@ -152,6 +153,7 @@ class LayerStats:
     sq_norm: Tensor | None = None
     abs_mean: Tensor | None = None
     samples: Tensor | None = None
+    mean: Tensor | None = None
 
 
 class _Accumulator:
@@ -165,6 +167,7 @@ class _Accumulator:
         self.xtx: Tensor | None = None
         self.sq_sum: Tensor | None = None
         self.abs_sum: Tensor | None = None
+        self.sum: Tensor | None = None
         self.samples: Tensor | None = None
         self.keys: Tensor | None = None
 
@@ -176,6 +179,8 @@ class _Accumulator:
             self.sq_sum = _add(self.sq_sum, (x * x).sum(0))
         if "abs_mean" in self.want:
             self.abs_sum = _add(self.abs_sum, x.abs().sum(0))
+        if "mean" in self.want:
+            self.sum = _add(self.sum, x.sum(0))
         if "samples" in self.want:
             # Reservoir sampling by random keys: the rows with the smallest keys are a uniform random subset.
             keys = torch.rand(x.shape[0], generator=self.generator).to(x.device)
@@ -193,7 +198,8 @@ class _Accumulator:
                           hessian=None if self.xtx is None else self.xtx * (2.0 / n),
                           sq_norm=self.sq_sum,
                           abs_mean=None if self.abs_sum is None else self.abs_sum / n,
-                          samples=self.samples)
+                          samples=self.samples,
+                          mean=None if self.sum is None else self.sum / n)
 
 
 def _add(total: Tensor | None, value: Tensor) -> Tensor:
@@ -252,7 +258,7 @@ class _StatsHooks:
 
 def collect_stats(layers: dict[str, nn.Module], runs: Sequence[Callable[[], Any]], want: Sequence[str],
                   max_samples: int = 0) -> dict[str, LayerStats]:
-    """LayerStats (``want``: "hessian", "sq_norm", "abs_mean", "samples") of ``layers``' inputs over the calls
+    """LayerStats (``want``: "hessian", "sq_norm", "abs_mean", "samples", "mean") of ``layers``' inputs over the calls
     ``runs`` make; a convolution's rows are its input positions, ``in_channels`` wide. Layers never run are absent."""
     hooks = _StatsHooks(layers, want, max_samples)
     try:

@@ -1,12 +1,16 @@
 """Data-aware structured pruning: what each layer's input channels carry, and refitting layers that lost some.
 
-Two uses by `torchslim.pruning.channel`:
+Three uses by `torchslim.pruning.channel`:
 
 - ``importance: activation`` scores a channel by what removing it takes out of the next layers' outputs: for
   every linear or convolution layer reading the channel, ``||W[:, j]|| * rms(x_j)`` (the column of weights that
   reads it times the root mean square of its values on calibration inputs), summed over those layers. For an
   FFN neuron this is the expected size of its contribution to the block's output, which weight magnitude alone
   cannot see (a large weight on a neuron that is rarely active costs little to remove).
+- ``importance: obs`` orders each linear layer's input columns the optimal-brain-surgeon way, greedily
+  (`removal_costs`): a channel's cost is the output error its removal adds once the remaining channels are
+  re-solved by least squares, ``||W[:, j]||² / [C⁻¹]_jj`` with ``C`` the inputs' covariance. Unlike the
+  activation score it sees redundancy: a loud channel that kept channels can stand in for costs little.
 - ``reconstruct: true`` refits every linear layer that lost input channels by least squares, one after another
   in the order they run: each layer's new weights and bias map the inputs it now receives (through the layers
   pruned and refitted before it) onto the unpruned model's output of that layer on the same calibration inputs,
@@ -39,15 +43,16 @@ def _consumers(model: nn.Module, modules: dict[str, str]) -> dict[str, nn.Module
     return found
 
 
-def collect(model: nn.Module, modules: dict[str, str], batches: Iterable[Any]) -> dict[str, LayerStats]:
-    """Run ``batches`` (model inputs) through ``model`` and record ``Σ x_j²`` per input channel (``sq_norm``) of
-    the layers that read channels (``modules``: layer name -> kind, as `torchslim.graph.ChannelGraph.modules`
-    records them)."""
+def collect(model: nn.Module, modules: dict[str, str], batches: Iterable[Any],
+            want: tuple[str, ...] = ("sq_norm",)) -> dict[str, LayerStats]:
+    """Run ``batches`` (model inputs) through ``model`` and record the statistics ``want`` (`LayerStats`
+    fields) of the inputs of the layers that read channels (``modules``: layer name -> kind, as
+    `torchslim.graph.ChannelGraph.modules` records them)."""
     def run(inputs):
         with torch.no_grad():
             call_model(model, inputs)
 
-    return collect_stats(_consumers(model, modules), [lambda b=b: run(b) for b in batches], ("sq_norm",))
+    return collect_stats(_consumers(model, modules), [lambda b=b: run(b) for b in batches], want)
 
 
 def input_dim(module: nn.Module) -> int:
@@ -74,6 +79,70 @@ def activation_scores(model: nn.Module, param_ids: dict[tuple[str, int], np.ndar
             continue  # a layer whose weight does not read its input channel by channel
         rms = (stats.sq_norm.double() / max(stats.tokens, 1)).sqrt()
         values = (columns * rms).tolist()
+        for root, value in zip(roots_of(ids).tolist(), values):
+            scores[root] = scores.get(root, 0.0) + value
+    return scores
+
+
+def removal_costs(weight: torch.Tensor, covariance: torch.Tensor, damping: float, steps: int) -> torch.Tensor:
+    """Greedy optimal-brain-surgeon order of a linear layer's input columns: remove, ``steps`` times, the column
+    whose removal, with the remaining columns re-solved by least squares to compensate, adds the least output
+    error ``||W[:, j]||² / [C⁻¹]_jj``; then update the weights and ``C⁻¹`` as that solve does. ``covariance``
+    is the inputs' (centred: a bias takes the mean); ``weight`` is ``(out, in)``.
+
+    Returns:
+        ``(in,)``: per column, the output root-mean-square error accumulated when it was removed; columns not
+        removed within ``steps`` get the total plus their own next cost. Lower = removed earlier.
+    """
+    weight = weight.detach().double().clone()
+    covariance = covariance.double()
+    n = covariance.shape[0]
+    # damping 0 still gets a tiny ridge: duplicate or never-active channels make the covariance singular
+    ridge = max(damping, 1e-9) * covariance.diagonal().mean().clamp_min(1e-12)
+    inverse = torch.linalg.inv(covariance + ridge * torch.eye(n, dtype=covariance.dtype))
+    index = torch.arange(n)  # original column of each row/column still held
+    alive = torch.ones(n, dtype=torch.bool)
+    scores = torch.empty(n, dtype=torch.float64)
+    total = 0.0
+    for _ in range(min(steps, n - 1)):
+        if alive.sum() <= 0.75 * len(index):  # drop removed columns: later updates touch less memory
+            inverse, weight, index = inverse[alive][:, alive], weight[:, alive], index[alive]
+            alive = alive[alive]
+        cost = weight.pow(2).sum(0) / inverse.diagonal().clamp_min(1e-30)
+        cost[~alive] = float("inf")
+        j = int(cost.argmin())
+        total += float(cost[j])
+        scores[index[j]] = total
+        row = inverse[j] / inverse[j, j]
+        weight.addr_(weight[:, j].clone(), row, alpha=-1)
+        inverse.addr_(inverse[:, j].clone(), row, alpha=-1)
+        alive[j] = False
+    if alive.any():
+        cost = weight.pow(2).sum(0) / inverse.diagonal().clamp_min(1e-30)
+        scores[index[alive]] = total + cost[alive]
+    return scores.clamp_min(0).sqrt()
+
+
+def surgeon_scores(model: nn.Module, param_ids: dict[tuple[str, int], np.ndarray], roots_of,
+                   stats_by_layer: dict[str, LayerStats], damping: float, fraction: float) -> dict[int, float]:
+    """Channel class -> summed `removal_costs` over the linear layers reading it (``fraction`` of each layer's
+    columns are ordered greedily); convolutions, whose channels span several weight columns each, add their
+    `activation_scores` (the same unit: output RMS lost). Classes read by no recorded layer are absent."""
+    others = {name: LayerStats(stats.tokens, sq_norm=stats.hessian.diagonal() * (stats.tokens / 2))
+              for name, stats in stats_by_layer.items() if not is_linear_like(model.get_submodule(name))}
+    scores = activation_scores(model, param_ids, roots_of, others)
+    for name, stats in stats_by_layer.items():
+        module = model.get_submodule(name)
+        ids = param_ids.get((f"{name}.weight", input_dim(module)))
+        if ids is None or stats.hessian is None or name in others:
+            continue
+        weight = weight_matrix(module)
+        if weight.shape[1] != stats.hessian.shape[0]:
+            continue
+        covariance = stats.hessian.double() / 2
+        if getattr(module, "bias", None) is not None:
+            covariance = covariance - torch.outer(stats.mean.double(), stats.mean.double())
+        values = removal_costs(weight, covariance, damping, int(np.ceil(fraction * weight.shape[1]))).tolist()
         for root, value in zip(roots_of(ids).tolist(), values):
             scores[root] = scores.get(root, 0.0) + value
     return scores
@@ -137,7 +206,7 @@ def refit_sequential(model: nn.Module, teacher: nn.Module, kept: dict[str, tuple
             target_square += float(y.pow(2).sum())
         if getattr(module, "bias", None) is None:  # no bias to move a constant into: fit the weights alone
             gram, cross = gram[:-1, :-1], cross[:, :-1]
-        damped = gram + damping * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        damped = gram + max(damping, 1e-9) * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
         solution = torch.linalg.solve(damped, cross.T).T  # (out, in [+ 1])
         error = (torch.einsum("oi,ij,oj->", solution, gram, solution) - 2 * (solution * cross).sum()
                  + target_square)

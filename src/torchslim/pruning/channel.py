@@ -54,6 +54,10 @@ class ChannelPruning:
             task's loss: labels, or a causal LM's next-token loss),
             "activation" (``||W[:, j]|| * rms(x_j)`` summed over the layers reading channel j, on calibration
             inputs: what removing it takes out of their outputs; see `torchslim.pruning.calibrate`),
+            "obs" (optimal brain surgeon, greedy: per linear layer reading the channels, remove one input column
+            at a time, the one whose removal adds least output error when the remaining columns are re-solved by
+            least squares on the calibration inputs' covariance; catches channels that others can stand in for;
+            pair it with ``reconstruct``, which performs that re-solve),
             "random" (a control).
         scope: "local" (each group loses ``ratio``) or "global" (one ranking over groups, scores normalised
             per group; a group loses at most ``max_ratio``).
@@ -77,7 +81,7 @@ class ChannelPruning:
     ratio: float = 0.3
     target_macs: float = 0.0
     target_latency: float = 0.0
-    importance: Literal["l1", "l2", "bn", "taylor", "activation", "random"] = "l1"
+    importance: Literal["l1", "l2", "bn", "taylor", "activation", "obs", "random"] = "l1"
     scope: Literal["local", "global"] = "local"
     round_to: int = 1
     max_ratio: float = 0.9
@@ -106,7 +110,7 @@ class ChannelPruning:
     @property
     def calibrated(self) -> bool:
         """Whether pruning reads calibration inputs."""
-        return self.importance == "activation" or self.reconstruct
+        return self.importance in ("activation", "obs") or self.reconstruct
 
 
 @dataclass
@@ -407,7 +411,8 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
         raise InputError(f"the model does not run on the example inputs: {error}")
     single = first_samples(example_inputs, 1)
     graph = analyse_channels(capture(model, example_inputs, config.capture))
-    stats = calibrate.collect(model, graph.modules, calibration) if config.importance == "activation" else None
+    want = {"activation": ("sq_norm",), "obs": ("hessian", "mean")}.get(config.importance)
+    stats = calibrate.collect(model, graph.modules, calibration, want) if want else None
     scores = _scores(model, graph, config, stats)
     unpruned = copy.deepcopy(model) if config.reconstruct else None  # the refit's targets
     if macs_goal:
@@ -452,10 +457,14 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
 def _scores(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, stats) -> dict[int, float]:
     """Importance of every channel class; activation scores fall back to L2 magnitude (rescaled to the
     activation scores' level) for classes no recorded layer reads."""
-    if config.importance != "activation":
+    if config.importance not in ("activation", "obs"):
         return _importance(model, graph, config.importance, config.seed)
     magnitude = _importance(model, graph, "l2", config.seed)
-    scores = calibrate.activation_scores(model, graph.param_ids, graph.uf.roots, stats)
+    if config.importance == "obs":
+        scores = calibrate.surgeon_scores(model, graph.param_ids, graph.uf.roots, stats, config.damping,
+                                          config.max_ratio)
+    else:
+        scores = calibrate.activation_scores(model, graph.param_ids, graph.uf.roots, stats)
     both = [scores[r] / magnitude[r] for r in scores if magnitude.get(r, 0) > 0]
     scale = float(np.median(both)) if both else 1.0
     return {r: scores.get(r, scale * m) for r, m in {**magnitude, **scores}.items()}
