@@ -160,3 +160,42 @@ def test_obs_importance_removes_a_redundant_neuron_that_activation_importance_ke
     assert model.fc1.out_features == by_activation.fc1.out_features == 7
     assert (by_activation(x) - reference).abs().max() > 0.05  # activation keeps the loud pair, loses a neuron
     assert (model(x) - reference).abs().max() < 1e-4  # obs removes one of the pair: nothing is lost
+
+
+class Residual(nn.Module):
+    """Post-norm residual MLP blocks: ``x = norm(x + scale * fc2(relu(fc1(x))))``."""
+
+    def __init__(self, blocks: int = 2, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        self.layers = nn.ModuleList(nn.ModuleDict({"fc1": nn.Linear(8, 32), "fc2": nn.Linear(32, 8),
+                                                   "norm": nn.LayerNorm(8)}) for _ in range(blocks))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["norm"](x + self.scale * layer["fc2"](torch.relu(layer["fc1"](x))))
+        return x
+
+
+def test_the_refit_corrects_the_residual_stream_where_a_layer_adds_into_it(monkeypatch):
+    from torchslim.pruning import calibrate
+
+    torch.manual_seed(0)
+    model = Residual()
+    x = torch.randn(256, 8)
+    reference = model(x).detach()
+    batches = [torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    norms = calibrate._norm_layers(model)
+    assert calibrate._residual_norm(model, "layers.0.fc2", batches[0], norms) == "layers.0.norm"
+    scaled = Residual(scale=0.5)  # a scale between the layer and the sum: the stream cannot be fitted through it
+    assert calibrate._residual_norm(scaled, "layers.0.fc2", batches[0], calibrate._norm_layers(scaled)) is None
+
+    config = ChannelPruning(ratio=0.5, importance="obs", reconstruct=True)
+    plain = copy.deepcopy(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(calibrate, "_residual_norm", lambda *args: None)
+        assert prune(plain, config, x[:2], calibration=batches).refit_residual == []
+    result = prune(model, config, x[:2], calibration=batches)
+    assert result.refit_residual == ["layers.0.fc2", "layers.1.fc2"]
+    with_stream, without = (model(x) - reference).norm(), (plain(x) - reference).norm()
+    assert with_stream < 0.95 * without  # the second block also repairs what the first one's pruning left (0.93)

@@ -62,6 +62,12 @@ def _is_prose(sentence: str) -> bool:
             and not _CODE_LIKE.search(sentence) and sum(w.isalpha() for w in words) >= 0.7 * len(words))
 
 
+def prose_sentences(text: str) -> list[str]:
+    """The sentences of ``text`` (one paragraph, whitespace collapsed) that pass the corpus's prose filter:
+    6-40 words, capitalised, ending in a full stop, mostly words and nothing code-like."""
+    return [s for s in _SENTENCE_END.split(text) if _is_prose(s)]
+
+
 def build_corpus() -> list[str]:
     """Every prose sentence of the standard library's docstrings, deduplicated, in a stable order."""
     sentences: set[str] = set()
@@ -75,7 +81,7 @@ def build_corpus() -> list[str]:
             for doc in _docstrings(module):
                 for paragraph in re.split(r"\n\s*\n", doc):
                     text = " ".join(paragraph.split())
-                    sentences.update(s for s in _SENTENCE_END.split(text) if _is_prose(s))
+                    sentences.update(prose_sentences(text))
     return sorted(sentences)
 
 

@@ -177,27 +177,85 @@ def execution_order(model: nn.Module, names: Iterable[str], inputs: Any) -> list
     return list(dict.fromkeys(order))
 
 
+def _norm_layers(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if name and type(module).__name__.endswith("Norm")]
+
+
+def _residual_norm(model: nn.Module, name: str, inputs: Any, norms: list[str]) -> str | None:
+    """The normalisation layer whose input is layer ``name``'s output plus something else (a residual stream),
+    or None: the first norm to run after the layer, accepted only if a random change added to the layer's
+    output arrives unchanged in that norm's input (nothing scales, gates or transforms it on the way)."""
+    order = execution_order(model, [name, *norms], inputs)
+    if name not in order or order.index(name) + 1 >= len(order):
+        return None
+    norm = order[order.index(name) + 1]
+    module, generator = model.get_submodule(name), torch.Generator().manual_seed(0)
+    calls, seen = [], {}
+
+    def nudge(_module, _args, output):
+        calls.append(1)
+        if "delta" in seen:
+            return output + seen["delta"]
+        seen["delta"] = torch.randn(output.shape, generator=generator).to(output) * output.detach().std()
+
+    handle = module.register_forward_hook(nudge)
+    try:
+        _run_until(model, model.get_submodule(norm), inputs, lambda args, out: seen.__setitem__("plain", args[0]))
+        _run_until(model, model.get_submodule(norm), inputs, lambda args, out: seen.__setitem__("nudged", args[0]))
+    finally:
+        handle.remove()
+    if len(calls) != 2 or seen["plain"].shape != seen["delta"].shape:
+        return None
+    change = seen["nudged"].double() - seen["plain"].double()
+    scale = float(seen["delta"].abs().max())
+    return norm if float((change - seen["delta"].double()).abs().max()) <= 1e-3 * scale else None
+
+
+def _layer_rows(model: nn.Module, teacher: nn.Module, name: str, norm: str | None, inputs: Any):
+    """(the layer's input rows in ``model``, its target output rows) on one calibration batch: the teacher's
+    output of the layer, or, where the layer's output is added to a residual stream just before ``norm``, the
+    output that makes the student's sum there equal the teacher's (correcting what earlier layers left)."""
+    module, seen = model.get_submodule(name), {}
+    if norm is None:
+        _run_until(teacher, teacher.get_submodule(name), inputs, lambda args, out: seen.__setitem__("y", out))
+        _run_until(model, module, inputs, lambda args, out: seen.__setitem__("x", args[0]))
+        x, y = seen["x"], seen["y"]
+    else:
+        _run_until(teacher, teacher.get_submodule(norm), inputs, lambda args, out: seen.__setitem__("t", args[0]))
+        handle = module.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+        try:
+            _run_until(model, model.get_submodule(norm), inputs, lambda args, out: seen.__setitem__("s", args[0]))
+        finally:
+            handle.remove()
+        x, y = seen["x"], seen["y"].double() + seen["t"].double() - seen["s"].double()
+    return x.detach().reshape(-1, x.shape[-1]).double(), y.detach().reshape(-1, y.shape[-1]).double()
+
+
 def refit_sequential(model: nn.Module, teacher: nn.Module, kept: dict[str, tuple[np.ndarray | None, np.ndarray]],
-                     batches: list[Any], damping: float = 0.01) -> dict[str, float]:
+                     batches: list[Any], damping: float = 0.01) -> tuple[dict[str, float], list[str]]:
     """Refit the linear layers in ``kept`` one after another, in the order they run: each maps the inputs it
     now receives (from the already pruned and refitted layers before it) onto the unpruned ``teacher``'s outputs
-    of the same layer on the same calibration ``batches``, by least squares with a bias.
+    of the same layer on the same calibration ``batches``, by least squares with a bias. A layer whose whole
+    output is added to a residual stream right before a normalisation layer (a transformer block's output
+    projections) is fitted instead so that the sum entering that norm matches the teacher's: the error the
+    earlier pruned layers left in the residual stream is corrected too.
 
     Returns:
-        Layer name -> relative output error ``||Y' - Y|| / ||Y||`` on the calibration inputs after the refit.
+        (layer name -> relative error ``||Y' - Y|| / ||Y||`` of its target on the calibration inputs after the
+        refit, the layers fitted to the residual stream).
     """
-    errors = {}
+    errors, residual = {}, []
+    norms = _norm_layers(model)
     for name in execution_order(model, kept, batches[0]):
         rows = kept[name][0]
-        module, reference = model.get_submodule(name), teacher.get_submodule(name)
+        module = model.get_submodule(name)
+        norm = _residual_norm(model, name, batches[0], norms) if rows is None else None
+        if norm is not None:
+            residual.append(name)
         gram = cross = None
         target_square = 0.0
         for inputs in batches:
-            seen: dict[str, torch.Tensor] = {}
-            _run_until(teacher, reference, inputs, lambda args, out: seen.__setitem__("y", out.detach()))
-            _run_until(model, module, inputs, lambda args, out: seen.__setitem__("x", args[0].detach()))
-            x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
-            y = seen["y"].reshape(-1, seen["y"].shape[-1]).double()
+            x, y = _layer_rows(model, teacher, name, norm, inputs)
             if rows is not None:
                 y = y[:, torch.as_tensor(rows, dtype=torch.long)]
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
@@ -216,4 +274,4 @@ def refit_sequential(model: nn.Module, teacher: nn.Module, kept: dict[str, tuple
             target.copy_(solution[:, :target.shape[1]].to(target.dtype))
             if module.bias is not None:
                 module.bias.copy_(solution[:, -1].to(module.bias.dtype))
-    return errors
+    return errors, residual

@@ -116,7 +116,8 @@ class ChannelPruning:
 @dataclass
 class PruneResult:
     """What `prune` did: sizes before and after, what it left alone (layer name -> reason) and, with
-    ``reconstruct``, each refitted layer's relative output error on the calibration inputs (last step)."""
+    ``reconstruct``, each refitted layer's relative output error on the calibration inputs and the layers fitted
+    to the residual stream they add to (last step)."""
 
     macs_before: int
     macs_after: int
@@ -126,6 +127,7 @@ class PruneResult:
     skipped: dict[str, str]
     shapes: dict[str, list[int]]
     refit_errors: dict[str, float] = field(default_factory=dict)
+    refit_residual: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -376,25 +378,27 @@ def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any,
     skipped: dict[str, str] = {}
     shapes: dict[str, list[int]] = {}
     refit_errors: dict[str, float] = {}
+    refit_residual: list[str] = []
     for step in range(1, config.steps + 1):
         share = step / config.steps  # cumulative targets follow a geometric path to the final one
         macs_goal = config.target_macs ** share * macs_before if config.target_macs else 0.0
         latency_goal = config.target_latency ** share * latency_before if config.target_latency else 0.0
         kept_before = 1 - config.ratio * (step - 1) / config.steps
         ratio = 1 - (1 - config.ratio * share) / kept_before
-        step_removed, step_skipped, step_shapes, step_errors = _prune_once(model, config, example_inputs, ratio, macs_goal,
+        step_removed, step_skipped, step_shapes, (step_errors, step_residual) = _prune_once(model, config, example_inputs, ratio, macs_goal,
                                                               latency_goal, calibration)
         for module, count in step_removed.items():
             removed[module] = removed.get(module, 0) + count
         skipped.update(step_skipped)
         shapes.update(step_shapes)
         refit_errors.update(step_errors)
+        refit_residual = step_residual
         if recover is not None and step < config.steps:
             recover(model, step)
     skipped.update(hf_config.update_configs(model, linear_widths))
     return PruneResult(macs_before=macs_before, macs_after=count_macs(model, single), params_before=params_before,
                        params_after=count_params(model), removed_channels=removed, skipped=skipped, shapes=shapes,
-                       refit_errors=refit_errors)
+                       refit_errors=refit_errors, refit_residual=refit_residual)
 
 
 def _latency(model: nn.Module, inputs: Any) -> float:
@@ -403,9 +407,9 @@ def _latency(model: nn.Module, inputs: Any) -> float:
 
 
 def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, ratio: float, macs_goal: float,
-                latency_goal: float, calibration: Sequence[Any] | None = None) -> tuple[dict, dict, dict, dict]:
+                latency_goal: float, calibration: Sequence[Any] | None = None) -> tuple[dict, dict, dict, tuple]:
     """One analyse -> select -> remove round; returns (removed channels per layer, skipped layers, new shapes,
-    relative output errors of refitted layers)."""
+    (relative output errors of refitted layers, the layers refitted to the residual stream))."""
     reference_shape, error, _ = _output_shape(model, example_inputs)
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
@@ -442,7 +446,7 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
     if shape != reference_shape:
         raise RuntimeError(f"structured pruning changed the output shape {reference_shape} -> {shape}")
     skipped = dict(graph.skipped)
-    errors = {}
+    errors: tuple[dict, list] = ({}, [])
     if config.reconstruct:
         errors = calibrate.refit_sequential(model, unpruned, _kept_linear_positions(model, graph, chosen, skipped),
                                             list(calibration), config.damping)
@@ -632,7 +636,8 @@ def prune_channels(context, config: ChannelPruning) -> TorchDeployable:
     if result.refit_errors:
         details["refit_relative_error"] = {"layers": len(result.refit_errors),
                                            "mean": round(float(np.mean(list(result.refit_errors.values()))), 4),
-                                           "max": round(max(result.refit_errors.values()), 4)}
+                                           "max": round(max(result.refit_errors.values()), 4),
+                                           "to_residual_stream": len(result.refit_residual)}
     return TorchDeployable(context.model, details=details)
 
 
