@@ -385,8 +385,8 @@ def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any,
         latency_goal = config.target_latency ** share * latency_before if config.target_latency else 0.0
         kept_before = 1 - config.ratio * (step - 1) / config.steps
         ratio = 1 - (1 - config.ratio * share) / kept_before
-        step_removed, step_skipped, step_shapes, (step_errors, step_residual) = _prune_once(model, config, example_inputs, ratio, macs_goal,
-                                                              latency_goal, calibration)
+        step_removed, step_skipped, step_shapes, (step_errors, step_residual) = _prune_once(
+            model, config, example_inputs, ratio, macs_goal, latency_goal, calibration)
         for module, count in step_removed.items():
             removed[module] = removed.get(module, 0) + count
         skipped.update(step_skipped)
