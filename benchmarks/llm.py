@@ -4,9 +4,10 @@ For builtin:tiny-lm (GPT-2-style, trained here on builtin:docs) and any `hf:PATH
 measures, one row after another on the same held-out passages: fp32; weight-only int8 (per channel) and int4 at
 group 128 with RTN, HQQ, GPTQ and AWQ; one-shot Wanda and SparseGPT at 50% unstructured and 2:4; and SparseGPT
 50% followed by int4 GPTQ; structured width pruning (half of every FFN's neurons removed, no recovery) by
-weight magnitude and by activation importance with the least-squares refit. For each: perplexity (and its change against fp32), artifact bytes, peak memory of
-loading the artifact and scoring one batch, and greedy decode tokens/s at batch 1 (48 tokens; median of 7 runs
-timed alternately with the fp32 model, whose median is the row's reference).
+weight magnitude, and by activation importance or the obs order with the least-squares refit. For each:
+perplexity (and its change against fp32), artifact bytes, peak memory of loading the artifact and scoring one
+batch, and greedy decode tokens/s at batch 1 (48 tokens; median of 7 runs timed alternately with the fp32
+model, whose median is the row's reference).
 
 Goals (issue 7): int4 g128 with the best algorithm <= +3% perplexity at >= 6x smaller artifact; Wanda/SparseGPT
 at 50% <= +15% perplexity; int4 decode tokens/s >= fp32's.

@@ -227,9 +227,9 @@ def main() -> None:
     p.add_argument("--minilm-features", action="store_true",
                    help="part 2 also distils every layer's hidden states (MSE on the 6 layers' outputs)")
     p.add_argument("--minilm-calibration", type=int, default=1024,
-                   help="training sentences the activation selections and the refit read (default 1024)")
+                   help="training sentences the data-aware selections and the refit read (default 1024)")
     p.add_argument("--minilm-importance", default="obs+refit", choices=sorted(MINILM_PRUNING),
-                   help="part 2 recovers from this selection (default activation+refit)")
+                   help="part 2 recovers from this selection (default obs+refit)")
     p.add_argument("--parts", default="digits,minilm,torchrun", help="comma-separated parts to run")
     args = p.parse_args()
     parts = set(args.parts.split(","))

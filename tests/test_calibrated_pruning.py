@@ -185,10 +185,10 @@ def test_the_refit_corrects_the_residual_stream_where_a_layer_adds_into_it(monke
     x = torch.randn(256, 8)
     reference = model(x).detach()
     batches = [torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
-    norms = calibrate._norm_layers(model)
-    assert calibrate._residual_norm(model, "layers.0.fc2", batches[0], norms) == "layers.0.norm"
+    assert calibrate._norm_layers(model) == ["layers.0.norm", "layers.1.norm"]
+    assert calibrate._residual_norm(model, "layers.0.fc2", "layers.0.norm", batches[0]) == "layers.0.norm"
     scaled = Residual(scale=0.5)  # a scale between the layer and the sum: the stream cannot be fitted through it
-    assert calibrate._residual_norm(scaled, "layers.0.fc2", batches[0], calibrate._norm_layers(scaled)) is None
+    assert calibrate._residual_norm(scaled, "layers.0.fc2", "layers.0.norm", batches[0]) is None
 
     config = ChannelPruning(ratio=0.5, importance="obs", reconstruct=True)
     plain = copy.deepcopy(model)

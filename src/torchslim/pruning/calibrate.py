@@ -181,14 +181,12 @@ def _norm_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if name and type(module).__name__.endswith("Norm")]
 
 
-def _residual_norm(model: nn.Module, name: str, inputs: Any, norms: list[str]) -> str | None:
-    """The normalisation layer whose input is layer ``name``'s output plus something else (a residual stream),
-    or None: the first norm to run after the layer, accepted only if a random change added to the layer's
+def _residual_norm(model: nn.Module, name: str, norm: str | None, inputs: Any) -> str | None:
+    """``norm`` (the first normalisation layer to run after layer ``name``) if its input is the layer's output
+    plus something else (a residual stream), else None: accepted only if a random change added to the layer's
     output arrives unchanged in that norm's input (nothing scales, gates or transforms it on the way)."""
-    order = execution_order(model, [name, *norms], inputs)
-    if name not in order or order.index(name) + 1 >= len(order):
+    if norm is None:
         return None
-    norm = order[order.index(name) + 1]
     module, generator = model.get_submodule(name), torch.Generator().manual_seed(0)
     calls, seen = [], {}
 
@@ -245,11 +243,15 @@ def refit_sequential(model: nn.Module, teacher: nn.Module, kept: dict[str, tuple
         refit, the layers fitted to the residual stream).
     """
     errors, residual = {}, []
-    norms = _norm_layers(model)
-    for name in execution_order(model, kept, batches[0]):
+    norms = set(_norm_layers(model))
+    order = execution_order(model, [*kept, *norms], batches[0])
+    for position, name in enumerate(order):
+        if name not in kept:
+            continue
         rows = kept[name][0]
         module = model.get_submodule(name)
-        norm = _residual_norm(model, name, batches[0], norms) if rows is None else None
+        following = next((n for n in order[position + 1:] if n in norms), None)
+        norm = _residual_norm(model, name, following, batches[0]) if rows is None else None
         if norm is not None:
             residual.append(name)
         gram = cross = None
