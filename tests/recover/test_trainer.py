@@ -129,6 +129,22 @@ def test_gradient_accumulation_equals_the_larger_batch():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_dropout_override_trains_like_a_model_without_dropout_and_is_undone():
+    config = dict(epochs=2, device="cpu", batch_size=32, optimizer=OptimizerConfig(name="sgd", lr=0.05,
+                                                                                   weight_decay=0.0))
+    noisy, reference, kept = _mlp(0.5), _mlp(0.0), _mlp(0.5)
+    result = _trainer(noisy, TrainConfig(dropout=0.0, **config)).fit()
+    _trainer(reference, TrainConfig(**config)).fit()
+    _trainer(kept, TrainConfig(**config)).fit()
+    assert result.dropout == {"p": 0.0, "modules": 1} and result.details()["dropout"]["modules"] == 1
+    assert noisy[2].p == 0.5  # the model's own probability is back
+    gap = max(float((a - b).abs().max()) for a, b in zip(noisy.parameters(), reference.parameters()))
+    kept_gap = max(float((a - b).abs().max()) for a, b in zip(kept.parameters(), reference.parameters()))
+    assert gap == 0.0 and kept_gap > 1e-3  # dropout 0.5 left alone trains to other weights
+    with pytest.raises(Exception, match="dropout"):
+        TrainConfig(dropout=1.0)
+
+
 def test_early_stopping_keeps_the_best_epoch():
     model = _mlp()
     # A learning rate that diverges after the first epochs: validation stops improving.

@@ -29,6 +29,8 @@ from torchslim.recover import distributed
 from torchslim.recover.optim import OptimizerConfig, ScheduleConfig, make_optimizer, make_scheduler
 from torchslim.zoo import call_model
 
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
 
 @dataclass
 class EarlyStopConfig:
@@ -65,6 +67,11 @@ class TrainConfig:
         device: "auto" (CUDA when present), "cpu" or "cuda"; the model returns to the CPU afterwards.
         early_stop: validation, early stopping and keeping the best epoch.
         checkpoint_every: also checkpoint every this many optimiser steps (0: at the end of each epoch only).
+        dropout: the probability every dropout module of the model (``nn.Dropout`` and its kin, and so the
+            attention dropout of Hugging Face models, which reads ``self.dropout.p``) uses while training; the
+            model's own values come back afterwards. 0 turns dropout off, as distilling a compressed model back
+            to its teacher wants: the student is fitted to the teacher's exact outputs, not regularised towards
+            a noisy copy of them. ``null`` (default) keeps the model's own.
     """
 
     epochs: int = 3
@@ -77,6 +84,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     checkpoint_every: int = 0
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
@@ -84,6 +92,8 @@ class TrainConfig:
         check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         check(self.accumulate >= 1, "accumulate", f"must be >= 1, got {self.accumulate}")
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout",
+              f"must be in [0, 1) or null, got {self.dropout}")
 
 
 @dataclass
@@ -97,6 +107,7 @@ class TrainResult:
     resumed_from: dict | None
     steps: int
     seconds: float
+    dropout: dict | None = None  # {"p", "modules"}: the dropout probability trained with and how many modules
 
     def details(self) -> dict:
         out = {"train_loss": [round(h["total"], 5) for h in self.history], "optimizer_steps": self.steps}
@@ -110,6 +121,8 @@ class TrainResult:
             out["stopped_early_after_epoch"] = len(self.history)
         if self.resumed_from:
             out["resumed_from"] = self.resumed_from
+        if self.dropout is not None:
+            out["dropout"] = self.dropout
         return out
 
 
@@ -243,10 +256,19 @@ class Trainer:
         threads = torch.get_num_threads()
         # Processes sharing a machine share its cores (the pipeline sized threads for one process).
         torch.set_num_threads(max(1, threads // distributed.local_world_size()))
+        own = {m: m.p for m in self.model.modules() if isinstance(m, _DROPOUT)} if self.config.dropout is not None \
+            else {}
+        for module in own:
+            module.p = self.config.dropout
         try:
-            return self._fit()
+            result = self._fit()
+            if self.config.dropout is not None:
+                result.dropout = {"p": self.config.dropout, "modules": len(own)}
+            return result
         finally:
             torch.set_num_threads(threads)
+            for module, p in own.items():
+                module.p = p
 
     def _fit(self) -> TrainResult:
         from tqdm.auto import tqdm
