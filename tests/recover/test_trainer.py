@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
+from torchslim._config import FieldError
 from torchslim.recover.checkpoint import (CheckpointError, flatten_optimizer, read_checkpoint, unflatten_optimizer,
                                           write_checkpoint)
 from torchslim.recover.optim import OptimizerConfig, ScheduleConfig
@@ -141,7 +142,7 @@ def test_dropout_override_trains_like_a_model_without_dropout_and_is_undone():
     gap = max(float((a - b).abs().max()) for a, b in zip(noisy.parameters(), reference.parameters()))
     kept_gap = max(float((a - b).abs().max()) for a, b in zip(kept.parameters(), reference.parameters()))
     assert gap == 0.0 and kept_gap > 1e-3  # dropout 0.5 left alone trains to other weights
-    with pytest.raises(Exception, match="dropout"):
+    with pytest.raises(FieldError, match="dropout"):
         TrainConfig(dropout=1.0)
 
 
