@@ -30,6 +30,10 @@ from torch import nn
 from torchslim.llm.blocks import LayerStats, StopForward, collect_stats, is_linear_like, weight_matrix
 from torchslim.zoo import call_model
 
+# Both least-squares solves get at least this relative ridge, even at damping 0: duplicate or never-active
+# channels make the covariance singular.
+_MIN_DAMPING = 1e-9
+
 
 def _consumers(model: nn.Module, modules: dict[str, str]) -> dict[str, nn.Module]:
     """The linear-like and ungrouped convolution layers of the analysed graph (the layers that read channels)."""
@@ -97,8 +101,7 @@ def removal_costs(weight: torch.Tensor, covariance: torch.Tensor, damping: float
     weight = weight.detach().double().clone()
     covariance = covariance.double()
     n = covariance.shape[0]
-    # damping 0 still gets a tiny ridge: duplicate or never-active channels make the covariance singular
-    ridge = max(damping, 1e-9) * covariance.diagonal().mean().clamp_min(1e-12)
+    ridge = max(damping, _MIN_DAMPING) * covariance.diagonal().mean().clamp_min(1e-12)
     inverse = torch.linalg.inv(covariance + ridge * torch.eye(n, dtype=covariance.dtype))
     index = torch.arange(n)  # original column of each row/column still held
     alive = torch.ones(n, dtype=torch.bool)
@@ -266,7 +269,8 @@ def refit_sequential(model: nn.Module, teacher: nn.Module, kept: dict[str, tuple
             target_square += float(y.pow(2).sum())
         if getattr(module, "bias", None) is None:  # no bias to move a constant into: fit the weights alone
             gram, cross = gram[:-1, :-1], cross[:, :-1]
-        damped = gram + max(damping, 1e-9) * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        ridge = max(damping, _MIN_DAMPING) * gram.diagonal().mean()
+        damped = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
         solution = torch.linalg.solve(damped, cross.T).T  # (out, in [+ 1])
         error = (torch.einsum("oi,ij,oj->", solution, gram, solution) - 2 * (solution * cross).sum()
                  + target_square)
