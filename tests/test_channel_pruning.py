@@ -263,6 +263,18 @@ def test_round_to_max_ratio_ignore_and_macs_target():
     assert 0.3 <= result.macs_after / result.macs_before <= 0.4
 
 
+
+def test_per_group_ratios_cut_each_matched_group_by_its_own_ratio():
+    x = torch.randn(2, 3, 8, 8)
+    model = Residual()
+    prune(model, ChannelPruning(ratio=0.25, ratios={"a.0": 0.75}), x)
+    assert model.a[0].out_channels == 8  # the block's hidden width: 32 -> 8
+    assert model.stem[0].out_channels == model.a[3].out_channels == 12  # the stream: the default 0.25 of 16
+    with pytest.raises(ValueError, match="ratios.a.0"):
+        ChannelPruning(ratios={"a.0": 1.0})
+    with pytest.raises(ValueError, match="scope: local"):
+        ChannelPruning(ratios={"a.0": 0.5}, scope="global")
+
 class DataDependent(nn.Module):
     """Branches on a tensor's value: torch.export cannot capture it, the traced fallback can."""
 

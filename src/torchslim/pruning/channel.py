@@ -46,6 +46,9 @@ class ChannelPruning:
 
     Args:
         ratio: fraction of each group's channels removed (local), or of all prunable channels (global).
+        ratios: per-group ratios (local scope): module-name pattern (fnmatch) -> the fraction removed from the
+            group of every layer that pattern matches (the first matching pattern wins); groups no pattern
+            matches lose ``ratio``. E.g. ``{"stem.0": 0.25, "blocks.*.conv1": 0.6}``.
         target_macs: instead of ``ratio``: prune until MACs <= this fraction of the baseline's (0 = unused).
         target_latency: instead of ``ratio``: prune until the eager PyTorch latency on the example inputs is
             <= this fraction of the baseline's (measured, medians; 0 = unused).
@@ -79,6 +82,7 @@ class ChannelPruning:
     """
 
     ratio: float = 0.3
+    ratios: dict[str, float] = field(default_factory=dict)
     target_macs: float = 0.0
     target_latency: float = 0.0
     importance: Literal["l1", "l2", "bn", "taylor", "activation", "obs", "random"] = "l1"
@@ -97,6 +101,10 @@ class ChannelPruning:
 
     def __post_init__(self) -> None:
         check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
+        for pattern, value in self.ratios.items():
+            check(0.0 <= value < 1.0, f"ratios.{pattern}", f"must be in [0, 1), got {value}")
+        check(not self.ratios or (self.scope == "local" and self.steps == 1), "ratios",
+              "per-group ratios need scope: local and steps: 1")
         check(0.0 <= self.target_macs < 1.0, "target_macs", f"must be in (0, 1) or 0 (unused), got {self.target_macs}")
         check(self.round_to >= 1, "round_to", f"must be >= 1, got {self.round_to}")
         check(0.0 < self.max_ratio < 1.0, "max_ratio", f"must be in (0, 1), got {self.max_ratio}")
@@ -219,6 +227,14 @@ def _lowest(group: _Group, scores: dict[int, float], count: int) -> list[int]:
     return sorted(group.roots.tolist(), key=lambda r: scores.get(r, 0.0))[:count]
 
 
+def _group_ratio(group: _Group, ratios: dict[str, float], default: float) -> float:
+    """The ratio of the first pattern in ``ratios`` that matches one of the group's layers, else ``default``."""
+    for pattern, value in ratios.items():
+        if any(fnmatch.fnmatch(m, pattern) for m in group.modules):
+            return value
+    return default
+
+
 def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, ratio: float,
                     scores: dict[int, float] | None = None) -> set[int]:
     """The channel classes to remove for ``ratio`` under ``config``'s importance, scope and limits.
@@ -231,7 +247,8 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
     chosen: set[int] = set()
     if config.scope == "local":
         for group in groups:
-            chosen.update(_lowest(group, scores, _removable(group, min(ratio, config.max_ratio), config.round_to)))
+            fraction = min(_group_ratio(group, config.ratios, ratio), config.max_ratio)
+            chosen.update(_lowest(group, scores, _removable(group, fraction, config.round_to)))
         return chosen
     ranked = []
     for index, group in enumerate(groups):
