@@ -184,6 +184,14 @@ def _groups(graph: ChannelGraph, ignore: list[str]) -> list[_Group]:
     return groups
 
 
+
+def channel_groups(model: nn.Module, example_inputs: Any, how: str = "auto",
+                   ignore: Sequence[str] = ()) -> list[tuple[list[str], int, int]]:
+    """The dependency groups structured pruning cuts together, as ``(layers creating the group's channels,
+    prunable channels, all channels)``; a group answers to any of its layer names in `ChannelPruning.ratios`."""
+    graph = analyse_channels(capture(model, example_inputs, how))
+    return [(list(g.modules), len(g.roots), g.size) for g in _groups(graph, list(ignore))]
+
 def _importance(model: nn.Module, graph: ChannelGraph, kind: str, seed: int) -> dict[int, float]:
     """Score every channel class: summed over every parameter slice it owns."""
     tensors = _named_tensors(model)
