@@ -81,9 +81,10 @@ class Recipe:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     seed: int = 0
     source: str = "<recipe>"
+    search: Any = None  # a `torchslim.search.config.SearchConfig` for `torchslim auto`, or None
 
     def to_dict(self) -> dict:
-        return {
+        raw = {
             "version": SCHEMA_VERSION,
             "model": self.model,
             "data": self.data,
@@ -91,9 +92,12 @@ class Recipe:
             "steps": [step.to_dict() for step in self.steps],
             "measure": to_dict(self.measure),
         }
+        if self.search is not None:
+            raw["search"] = to_dict(self.search)
+        return raw
 
 
-_TOP_LEVEL = ("version", "model", "data", "steps", "measure", "seed")
+_TOP_LEVEL = ("version", "model", "data", "steps", "measure", "seed", "search")
 
 
 def _parse_step(item: Any, index: int, where: str) -> Step:
@@ -153,7 +157,23 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise InputError(f"{source}: seed: expected a non-negative int, got {seed!r}")
-    return Recipe(model=raw["model"], data=raw["data"], steps=steps, measure=measure, seed=seed, source=source)
+    return Recipe(model=raw["model"], data=raw["data"], steps=steps, measure=measure, seed=seed, source=source,
+                  search=_parse_search(raw, source))
+
+
+def _parse_search(raw: dict, source: str) -> Any:
+    """The ``search:`` section (`torchslim auto`) as a validated `SearchConfig`, or None without one."""
+    if "search" not in raw:
+        return None
+    from torchslim.search.config import SearchConfig
+
+    body = raw["search"] if raw["search"] is not None else {}
+    if not isinstance(body, dict):
+        raise InputError(f"{source}: search: expected a mapping (space, objectives, constraints, ...), got {body!r}")
+    try:
+        return from_dict(SearchConfig, body, prefix="search.")
+    except FieldError as error:
+        raise InputError(f"{source}: {error}") from None
 
 
 def _check_order(steps: list[Step], source: str) -> None:

@@ -27,11 +27,11 @@ class Evaluation:
     outputs: torch.Tensor
 
 
-def collect_outputs(deployable, data, preprocess, batch_size: int,
-                    limit: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run ``deployable`` over the test split; returns (outputs, labels or None), concatenated."""
+def collect_outputs(deployable, data, preprocess, batch_size: int, limit: int,
+                    split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``deployable`` over ``split`` (the test split unless told); returns (outputs, labels or None)."""
     outputs, labels = [], []
-    for inputs, target in data.batches("test", preprocess, batch_size, limit=limit):
+    for inputs, target in data.batches(split, preprocess, batch_size, limit=limit):
         outputs.append(deployable(inputs).float())
         if target is not None:
             labels.append(target)
