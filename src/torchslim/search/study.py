@@ -8,7 +8,7 @@
   attribute (``torchslim``): `torchslim worker --storage URL --study NAME` needs nothing else.
 - Objectives are minimised: the score's drop and the cost ratios to the baseline; constraints (drop minus
   ``max_drop``, target ratio minus ``budget``; <= 0 is feasible) are the trial's ``constraints`` user
-  attribute, which the sampler reads through ``constraints_func``.
+  attribute and the trial's Optuna constraints (``Trial.set_constraint``), which the sampler reads.
 
 optuna is imported here only, when a search runs (never at ``import torchslim``).
 """
@@ -70,7 +70,7 @@ def open_storage(url: str | None, default_journal: Path):
         engine["connect_args"] = {"connect_timeout": 10}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120,
-                                          failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+                                          heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1))
     except ModuleNotFoundError as error:
         raise InputError(f"--storage {masked(url)}: its database driver is not installed ({error.name}; e.g. pip "
                          f"install psycopg2-binary for PostgreSQL)") from None
@@ -78,17 +78,13 @@ def open_storage(url: str | None, default_journal: Path):
         raise InputError(f"--storage {masked(url)}: cannot open the database ({describe(error, 200)})") from None
 
 
-def constraints_func(trial) -> list[float]:
-    """The sampler's view of a trial's constraints (<= 0: met); a trial without figures counts as infeasible."""
-    return list(trial.user_attrs.get("constraints", [1.0]))
-
-
 def make_sampler(name: str, seed: int, startup: int):
     optuna = require_optuna()
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    # Constraints reach the sampler through each trial's set_constraint (see torchslim.search.worker).
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                      n_startup_trials=startup, constraints_func=constraints_func)
+                                      n_startup_trials=startup)
 
 
 def load_study(storage, name: str, sampler=None):
@@ -122,7 +118,6 @@ def _alive(pid: int) -> bool:
 def recover_interrupted(study, local_only: bool) -> list[int]:
     """Fail the trials left RUNNING by dead workers on this machine (and, when the journal is private to this
     search, RUNNING trials no worker claimed yet) and enqueue their plans again; returns their numbers."""
-    optuna = require_optuna()
     from optuna.trial import TrialState
 
     host = socket.gethostname()
@@ -139,7 +134,6 @@ def recover_interrupted(study, local_only: bool) -> list[int]:
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number}, skip_if_exists=False)
         lost.append(trial.number)
-    del optuna
     return lost
 
 

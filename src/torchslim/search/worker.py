@@ -30,6 +30,11 @@ def constraint_values(figures: dict, constraints: dict) -> list[float]:
     return values
 
 
+def constraint_names(constraints: dict) -> list[str]:
+    """The names of `constraint_values`' entries, in order."""
+    return [name for name, key in (("max_drop", "max_drop"), ("budget", "budget")) if constraints.get(key) is not None]
+
+
 def suggest(trial, space: SearchSpace) -> dict:
     """The trial's plan: every decision that applies under the choices made before it."""
     plan: dict = {}
@@ -110,7 +115,10 @@ def objective_for(runner: TrialRunner, space: SearchSpace, payload: dict, log: C
             trial.set_user_attr("error", describe(error))
             raise
         trial.set_user_attr("figures", figures)
-        trial.set_user_attr("constraints", constraint_values(figures, constraints))
+        excess = constraint_values(figures, constraints)
+        trial.set_user_attr("constraints", excess)
+        for key, value in zip(constraint_names(constraints), excess):
+            trial.set_constraint(key, value)  # what the sampler reads
         return [figures[OBJECTIVE_KEYS[name]] for name in objectives]
 
     return objective
@@ -144,7 +152,7 @@ def run_worker(storage, study_name: str, workdir: Path, *, runner: TrialRunner |
     ready()
     if counted(study) < search["trials"] and (timeout is None or timeout > 0):
         study.optimize(objective_for(runner, space, payload, log), timeout=timeout, catch=(Exception,),
-                       callbacks=[_Budget(search["trials"]), Progress(payload, log)], gc_after_trial=True)
+                       callbacks=[_Budget(search["trials"]), Progress(payload, log)])
     return _mine(study) - before
 
 
