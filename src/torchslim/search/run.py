@@ -131,6 +131,22 @@ def _new_study(recipe, runner, storage, name: str, log: Callable) -> tuple[Any, 
     return study, payload
 
 
+def _resume(study, payload: dict, recipe, name: str, log: Callable) -> None:
+    """Continue ``study`` with this command's trial and time budget; interrupted trials run again."""
+    from torchslim.search import study as studies
+
+    config = recipe.search
+    if payload.get("key") != _payload_key(recipe.to_dict()):
+        raise InputError(f"--study {name}: that study holds another search (model, data, space or constraints "
+                         f"differ); use another --study or --out, or --fresh")
+    payload["deadline"] = time.time() + config.seconds if config.seconds else None
+    payload["recipe"]["search"].update(trials=config.trials, workers=config.workers)
+    study.set_user_attr(studies.PAYLOAD, payload)
+    lost = studies.recover_interrupted(study, studies.is_journal(config.storage))
+    log(f"resuming study {name}: {studies.counted(study)} trials done"
+        + (f"; interrupted trials {lost} failed and enqueued again" if lost else ""))
+
+
 def auto(model: str | None = None, data: str | None = None, out: str | Path | None = None, *,
          recipe: Any = None, seed: int | None = None, batch_size: int | None = None, study: str | None = None,
          progress: bool = True, log: Callable[[str], None] = print, fresh: bool = False, **settings) -> dict:
@@ -178,15 +194,7 @@ def auto(model: str | None = None, data: str | None = None, out: str | Path | No
         existing, payload = studies.load_study(storage, name)
         runner = TrialRunner(recipe, workdir / "worker-0", threads, default_lock_path(), config.repeats, log)
         if payload is not None:
-            if payload.get("key") != _payload_key(recipe.to_dict()):
-                raise InputError(f"--study {name}: that study holds another search (model, data, space or "
-                                 f"constraints differ); use another --study or --out, or --fresh")
-            payload["deadline"] = time.time() + config.seconds if config.seconds else None
-            payload["recipe"]["search"].update(trials=config.trials, workers=workers)
-            existing.set_user_attr(studies.PAYLOAD, payload)
-            lost = studies.recover_interrupted(existing, studies.is_journal(config.storage))
-            log(f"resuming study {name}: {studies.counted(existing)} trials done"
-                + (f"; interrupted trials {lost} failed and enqueued again" if lost else ""))
+            _resume(existing, payload, recipe, name, log)
         else:
             _new_study(recipe, runner, storage, name, log)
         url = config.storage or f"journal:{journal.resolve()}"

@@ -1,0 +1,198 @@
+"""`torchslim auto`'s goals, measured: `python benchmarks/auto.py [--parts ...] [--json PATH]`.
+
+Each part runs in its own process (this script calls itself with ``--part NAME``), baseline and results side
+by side in that process, and prints one table row and its goal lines:
+
+- ``digits``: builtin:digits-cnn on builtin:digits, ``--max-drop 0.005 --target latency`` at batch 256, within
+  ``--time-budget`` (30 min); the hand-written demo recipe (examples/recipes/demo.yaml) runs first in the same
+  process as the reference. Goal: best/ at least 1.3x the demo's batched speed-up at no larger drop (test split).
+- ``lite0``: builtin:efficientnet-lite0 on builtin:images, top-1 agreement >= 0.97 (``--max-drop 0.03``), batch
+  16. Goal: the fastest feasible point on the front >= 10x faster than fp32 eager.
+- ``minilm``: builtin:minilm on builtin:sentences, cosine >= 0.99 (``--max-drop 0.01``), batch 32. Goal: >= 3x.
+- ``quality``: TPE against random search over the same space, equal trials, seeds 0..runs-1 on digits-cnn:
+  the front's hypervolume (mean and spread) and the first feasible trial (goal: within 20 full evaluations).
+- reproducibility (in ``digits``): its best recipe.yaml re-run with `compress`; score (goal: within 0.5 points)
+  and batched latency (against the two runs' own min-max spreads).
+
+Latencies on a machine shared with other work are preliminary: quote ratios, rerun alone for final figures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import goal, parser, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "digits": ("builtin:digits-cnn", "builtin:digits", 0.005, 256),
+    "lite0": ("builtin:efficientnet-lite0", "builtin:images", 0.03, 16),
+    "minilm": ("builtin:minilm", "builtin:sentences", 0.01, 32),
+}
+
+
+def _quiet(message: str) -> None:
+    print(f"  {message}", flush=True)
+
+
+def _search(name: str, args, out: Path, seed: int = 0, sampler: str = "tpe") -> tuple[dict, float]:
+    import torchslim
+
+    model, data, drop, batch = MODELS[name]
+    recipe = {"model": model, "data": data, "search": {"space": {}}}
+    if args.epochs:
+        recipe["search"]["space"]["epochs"] = [int(e) for e in args.epochs.split(",")]
+    started = time.perf_counter()
+    report = torchslim.auto(recipe=recipe, out=out, max_drop=drop, target="latency", trials=args.trials,
+                            time_budget=args.time_budget, workers=args.workers, seed=seed, sampler=sampler,
+                            batch_size=batch, log=_quiet, fresh=True)
+    return report, time.perf_counter() - started
+
+
+def _final(report: dict) -> dict:
+    stage = report["stages"][-1]
+    return {"speedup_batch": stage["ratios"]["speedup_batch"], "speedup_bs1": stage["ratios"]["speedup_bs1"],
+            "score": stage["score"], "score_delta": stage["ratios"]["score_delta"], "runtime": stage["runtime"],
+            "latency_ms_batch": stage["latency_ms_batch"], "size_reduction": stage["ratios"]["size_reduction"]}
+
+
+def part_digits(args, scratch: Path) -> dict:
+    from torchslim.pipeline import compress
+    from torchslim.recipe import load_recipe
+
+    demo = compress(load_recipe(ROOT / "examples/recipes/demo.yaml"), scratch / "demo", progress=False, log=_quiet)
+    report, seconds = _search("digits", args, scratch / "auto")
+    search = report["search"]
+    row = {"demo": _final(demo), "auto": _final(report) if report["stages"] else None, "seconds": round(seconds, 1),
+           "search": _summary(search)}
+    if row["auto"]:
+        ratio = row["auto"]["speedup_batch"] / row["demo"]["speedup_batch"]
+        row["goals"] = [
+            goal("digits: auto / demo batched speed-up (x)", round(ratio, 3), ">= 1.3", ratio >= 1.3),
+            goal("digits: auto drop <= demo drop (points, test split)", round(-row["auto"]["score_delta"] * 100, 3),
+                 f"<= {round(-row['demo']['score_delta'] * 100, 3)}",
+                 row["auto"]["score_delta"] >= row["demo"]["score_delta"]),
+            goal("digits: search wall time (s)", row["seconds"], "<= 1800 (30 min)", seconds <= 1800)]
+        row["repro"] = _repro(report, scratch / "auto", scratch)
+        row["goals"] += row["repro"]["goals"]
+    else:
+        row["goals"] = [goal("digits: a feasible point", 0, ">= 1", False)]
+    return row
+
+
+def _summary(search: dict) -> dict:
+    chosen = search["chosen"] or {}
+    return {"trials": search["trials"], "feasible": search["feasible"], "proxy": search["proxy"],
+            "hypervolume": search["hypervolume"], "front": len(search["front"]),
+            "chosen": {k: chosen.get(k) for k in ("trial", "drop", "latency_ratio", "size_ratio", "runtime")}}
+
+
+def part_model(name: str, goal_speedup: float):
+    def run(args, scratch: Path) -> dict:
+        report, seconds = _search(name, args, scratch / name)
+        search = report["search"]
+        feasible = [p for p in search["front"] if p["feasible"]]
+        fastest = min(feasible, key=lambda p: p["latency_ratio"], default=None)
+        speedup = round(1 / fastest["latency_ratio"], 3) if fastest else 0.0
+        return {"seconds": round(seconds, 1), "search": _summary(search), "fastest_feasible": fastest,
+                "best": _final(report) if report["stages"] else None,
+                "goals": [goal(f"{name}: fastest feasible point vs fp32 eager, batched (x)", speedup,
+                               f">= {goal_speedup}", speedup >= goal_speedup)]}
+
+    return run
+
+
+def part_quality(args, scratch: Path) -> dict:
+    import statistics
+
+    rows = {"tpe": [], "random": []}
+    for seed in range(args.quality_runs):
+        for sampler in rows:
+            report, seconds = _search("digits", args, scratch / f"{sampler}-{seed}", seed=seed, sampler=sampler)
+            search = report["search"]
+            rows[sampler].append({"seed": seed, "hypervolume": search["hypervolume"]["value"],
+                                  "first_feasible": search["trials"]["first_feasible"],
+                                  "complete": search["trials"]["complete"], "seconds": round(seconds, 1)})
+
+    def stats(sampler: str) -> dict:
+        values = [r["hypervolume"] for r in rows[sampler]]
+        return {"mean": round(statistics.mean(values), 6),
+                "spread": round(statistics.stdev(values), 6) if len(values) > 1 else 0.0}
+
+    tpe, random = stats("tpe"), stats("random")
+    firsts = [r["first_feasible"] for r in rows["tpe"]]
+    return {"runs": rows, "tpe": tpe, "random": random, "goals": [
+        goal("quality: hypervolume TPE mean > random mean", tpe["mean"], f"> {random['mean']}",
+             tpe["mean"] > random["mean"]),
+        goal("quality: first feasible trial (TPE, worst seed; 0-based)", max((f for f in firsts if f is not None),
+                                                                          default=-1),
+             "< 20", all(f is not None and f < 20 for f in firsts))]}
+
+
+def _repro(report: dict, out: Path, scratch: Path) -> dict:
+    """Re-run the best point's recipe.yaml with `compress`; compare score and latency with best/."""
+    from torchslim.pipeline import compress
+    from torchslim.recipe import load_recipe
+
+    chosen = report["search"]["chosen"]
+    again = compress(load_recipe(out / chosen["recipe"]), scratch / "again", progress=False, log=_quiet)
+    first, second = report["stages"][-1], again["stages"][-1]
+    drift = round(abs(first["score"] - second["score"]) * 100, 3)
+    spreads = [first["latency_spread_ms_batch"], second["latency_spread_ms_batch"]]
+    change = round(second["latency_ms_batch"] / first["latency_ms_batch"], 4)
+    overlap = spreads[0][0] <= spreads[1][1] and spreads[1][0] <= spreads[0][1]
+    return {"best": _final(report), "again": _final(again), "latency_spread_ms_batch": spreads, "goals": [
+        goal("repro: score difference (points, test split)", drift, "<= 0.5", drift <= 0.5),
+        goal("repro: batched latency, rerun / best (x)", change, "the two runs' min-max spreads overlap", overlap)]}
+
+
+PARTS = {"digits": part_digits, "lite0": part_model("lite0", 10.0), "minilm": part_model("minilm", 3.0),
+         "quality": part_quality}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--parts", default="digits,lite0,minilm,quality", help="comma-separated parts")
+    p.add_argument("--part", default=None, help=argparse_hidden())
+    p.add_argument("--trials", type=int, default=40, help="trials per search (default 40)")
+    p.add_argument("--time-budget", default="30m", help="each search's time budget (default 30m)")
+    p.add_argument("--workers", type=int, default=1, help="local workers per search")
+    p.add_argument("--quality-runs", type=int, default=3, help="seeds per sampler in the quality part")
+    p.add_argument("--epochs", default="", help="recovery epoch options, e.g. 2,4 (default: the space's own)")
+    args = p.parse_args()
+    if args.part:  # one part, in this process
+        with tempfile.TemporaryDirectory(prefix=f"auto-{args.part}-") as scratch:
+            result = PARTS[args.part](args, Path(scratch))
+        print("RESULT " + json.dumps(result, default=str))
+        return
+    from torchslim.report import environment
+
+    results = {}
+    for name in args.parts.split(","):
+        print(f"== {name}", flush=True)
+        command = [sys.executable, __file__, "--part", name, "--trials", str(args.trials), "--time-budget",
+                   args.time_budget, "--workers", str(args.workers), "--quality-runs", str(args.quality_runs),
+                   "--epochs", args.epochs]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        print(completed.stdout[-4000:], end="")
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        results[name] = json.loads(lines[-1][7:]) if lines else {"error": completed.stderr[-2000:]}
+    write_json(args.json, {"benchmark": "auto", "environment": environment(0), "trials": args.trials,
+                           "time_budget": args.time_budget, "parts": results,
+                           "note": "latencies preliminary unless the machine was otherwise idle"})
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
