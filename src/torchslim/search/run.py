@@ -102,7 +102,7 @@ def _payload_key(raw: dict) -> dict:
     return {**{k: v for k, v in raw.items() if k != "search"}, "search": search}
 
 
-def _new_study(recipe, runner, storage, name: str, log: Callable) -> tuple[Any, dict]:
+def _new_study(recipe, runner, storage, name: str, log: Callable, started: float) -> tuple[Any, dict]:
     from torchslim.search import allocation, sensitivity, space as spaces, study as studies
 
     config = recipe.search
@@ -121,8 +121,8 @@ def _new_study(recipe, runner, storage, name: str, log: Callable) -> tuple[Any, 
     plans = allocation.allocate(space, result, target, constraints.budget, config.sensitivity.plans)
     payload = {"schema": studies.PAYLOAD_SCHEMA, "recipe": recipe.to_dict(), "key": _payload_key(recipe.to_dict()),
                "space": space.to_dict(), "sensitivity": result, "baseline": runner.baseline, "seed": recipe.seed,
-               "started": time.time(), "target": target, "enqueued": plans}
-    payload["deadline"] = time.time() + config.seconds if config.seconds else None
+               "started": started, "target": target, "enqueued": plans}
+    payload["deadline"] = started + config.seconds if config.seconds else None
     study = studies.create_study(storage, name, len(config.objectives), payload,
                                  studies.make_sampler(config.sampler, recipe.seed, len(plans) + 4))
     for plan in plans:
@@ -131,7 +131,7 @@ def _new_study(recipe, runner, storage, name: str, log: Callable) -> tuple[Any, 
     return study, payload
 
 
-def _resume(study, payload: dict, recipe, name: str, log: Callable) -> None:
+def _resume(study, payload: dict, recipe, name: str, log: Callable, started: float) -> None:
     """Continue ``study`` with this command's trial and time budget; interrupted trials run again."""
     from torchslim.search import study as studies
 
@@ -139,7 +139,7 @@ def _resume(study, payload: dict, recipe, name: str, log: Callable) -> None:
     if payload.get("key") != _payload_key(recipe.to_dict()):
         raise InputError(f"--study {name}: that study holds another search (model, data, space or constraints "
                          f"differ); use another --study or --out, or --fresh")
-    payload["deadline"] = time.time() + config.seconds if config.seconds else None
+    payload["deadline"] = started + config.seconds if config.seconds else None
     payload["recipe"]["search"].update(trials=config.trials, workers=config.workers)
     study.set_user_attr(studies.PAYLOAD, payload)
     lost = studies.recover_interrupted(study, studies.is_journal(config.storage))
@@ -173,6 +173,7 @@ def auto(model: str | None = None, data: str | None = None, out: str | Path | No
     from torchslim.search.trial import TrialRunner, default_lock_path
     from torchslim.search.worker import run_worker, start_local_workers
 
+    started = time.time()  # the time budget covers the sensitivity pass and the trials
     recipe = search_recipe(model, data, recipe, seed, batch_size, **settings)
     config = recipe.search
     _check_runtime(recipe)
@@ -194,9 +195,9 @@ def auto(model: str | None = None, data: str | None = None, out: str | Path | No
         existing, payload = studies.load_study(storage, name)
         runner = TrialRunner(recipe, workdir / "worker-0", threads, default_lock_path(), config.repeats, log)
         if payload is not None:
-            _resume(existing, payload, recipe, name, log)
+            _resume(existing, payload, recipe, name, log, started)
         else:
-            _new_study(recipe, runner, storage, name, log)
+            _new_study(recipe, runner, storage, name, log, started)
         url = config.storage or f"journal:{journal.resolve()}"
         helpers, helpers_ready = start_local_workers(workers - 1, url, name, workdir, threads, not progress)
         try:

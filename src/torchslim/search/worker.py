@@ -85,14 +85,23 @@ def _best_so_far(study, key: str):
 
 
 class _Budget:
-    """Stops the study once enough trials count (completed or failed by their own error)."""
+    """Stops the study once enough trials count (completed or failed by their own error), or when the time left
+    before the deadline is shorter than a typical trial (so the last one ends near the deadline, not past it)."""
 
-    def __init__(self, trials: int):
-        self.trials = trials
+    def __init__(self, trials: int, deadline: float | None):
+        self.trials, self.deadline = trials, deadline
 
     def __call__(self, study, trial) -> None:
+        import statistics
+
         if counted(study) >= self.trials:
             study.stop()
+            return
+        if self.deadline:
+            durations = [t.duration.total_seconds() for t in study.get_trials(deepcopy=False)
+                         if t.state.name == "COMPLETE" and t.duration is not None]
+            if durations and self.deadline - time.time() < statistics.median(durations):
+                study.stop()
 
 
 def objective_for(runner: TrialRunner, space: SearchSpace, payload: dict, log: Callable[[str], None]):
@@ -152,7 +161,7 @@ def run_worker(storage, study_name: str, workdir: Path, *, runner: TrialRunner |
     ready()
     if counted(study) < search["trials"] and (timeout is None or timeout > 0):
         study.optimize(objective_for(runner, space, payload, log), timeout=timeout, catch=(Exception,),
-                       callbacks=[_Budget(search["trials"]), Progress(payload, log)])
+                       callbacks=[_Budget(search["trials"], deadline), Progress(payload, log)])
     return _mine(study) - before
 
 
