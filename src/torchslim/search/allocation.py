@@ -87,8 +87,9 @@ class Predictor:
         return prediction["loss"] if kind == "loss" else prediction["noise"]
 
 
-def _sweep(space: SearchSpace, predictor: Predictor, base: dict, target: str) -> list[dict]:
-    """Plans along the Lagrangian path for one precision: from no compression to the most compressing."""
+def _sweep(space: SearchSpace, predictor: Predictor, base: dict, target: str, proxy: str) -> list[dict]:
+    """Plans along the Lagrangian path for one precision: from no compression to the most compressing
+    (``proxy``: "loss" or "noise", the prediction's key the losses come from)."""
     decisions = [d for d in space.active(base) if d.kind in (PRUNE, RANK, FLOAT)]
     neutral = predictor.predict(base)
     table = []  # per decision: [(option, loss delta, cost delta)]
@@ -98,7 +99,7 @@ def _sweep(space: SearchSpace, predictor: Predictor, base: dict, target: str) ->
             if not predictor.usable(d.name, value):
                 continue
             trial = predictor.predict({**base, d.name: value})
-            rows.append((value, trial["loss"] - neutral["loss"], trial[target] - neutral[target]))
+            rows.append((value, trial[proxy] - neutral[proxy], trial[target] - neutral[target]))
         table.append((d, rows))
     losses = [abs(r[1]) for _, rows in table for r in rows if r[1]]
     costs = [abs(r[2]) for _, rows in table for r in rows if r[2]]
@@ -116,10 +117,13 @@ def _sweep(space: SearchSpace, predictor: Predictor, base: dict, target: str) ->
     return plans
 
 
-def allocate(space: SearchSpace, sensitivity: dict, target: str, budget: float | None, count: int) -> list[dict]:
+def allocate(space: SearchSpace, sensitivity: dict, target: str, budget: float | None, count: int,
+             proxy: str = "loss") -> list[dict]:
     """Up to ``count`` first plans: for a budget, the plans predicted to lose least within it (one per
     precision first, then more compressing ones in case the prediction is optimistic); without one, plans
-    spread from mild to strong compression along the predicted front. Epochs: the largest option."""
+    spread from mild to strong compression along the predicted front. Epochs: the largest option.
+    ``proxy``: what predicts the loss, "loss" or "sqnr"."""
+    proxy = "noise" if proxy == "sqnr" else "loss"
     if count <= 0:
         return []
     predictor = Predictor(space, sensitivity)
@@ -132,14 +136,14 @@ def allocate(space: SearchSpace, sensitivity: dict, target: str, budget: float |
         if precision is not None and not predictor.usable(PRECISION, precision):
             continue
         start = space.complete({**base, PRECISION: precision} if precision is not None else base)
-        for plan in _sweep(space, predictor, start, target):
+        for plan in _sweep(space, predictor, start, target, proxy):
             prediction = predictor.predict(plan)
             if math.isfinite(prediction[target]):
                 candidates.append((plan, prediction))
     candidates = [c for c in candidates if c[0] != space.complete(base) or len(candidates) == 1]
-    front = _predicted_front(candidates, target)
+    front = _predicted_front(candidates, target, proxy)
     if budget is not None:
-        within = sorted([c for c in front if c[1][target] <= budget], key=lambda c: c[1]["loss"])
+        within = sorted([c for c in front if c[1][target] <= budget], key=lambda c: c[1][proxy])
         beyond = sorted([c for c in front if c[1][target] > budget], key=lambda c: c[1][target])
         ordered = within[:1] + beyond[:1] + within[1:] + beyond[1:]
         ordered = within[:max(1, count - 1)] + [c for c in ordered if c not in within[:max(1, count - 1)]]
@@ -150,11 +154,11 @@ def allocate(space: SearchSpace, sensitivity: dict, target: str, budget: float |
     return [plan for plan, _ in ordered[:count]]
 
 
-def _predicted_front(candidates: list[tuple[dict, dict]], target: str) -> list[tuple[dict, dict]]:
+def _predicted_front(candidates: list[tuple[dict, dict]], target: str, proxy: str) -> list[tuple[dict, dict]]:
     front = []
     for plan, p in candidates:
-        dominated = any(q["loss"] <= p["loss"] and q[target] <= p[target] and (q["loss"], q[target]) !=
-                        (p["loss"], p[target]) for _, q in candidates)
+        dominated = any(q[proxy] <= p[proxy] and q[target] <= p[target] and (q[proxy], q[target]) !=
+                        (p[proxy], p[target]) for _, q in candidates)
         if not dominated and all(plan != f[0] for f in front):
             front.append((plan, p))
     return front

@@ -118,7 +118,8 @@ def _new_study(recipe, runner, storage, name: str, log: Callable, started: float
         raise InputError(f"{recipe.source}: search.constraints.budget: {constraints.budget} of the baseline's "
                          f"{target} is out of reach: the most compressing plan in this space is predicted at "
                          f"{reachable:.3f} (widen search.space or raise the budget)")
-    plans = allocation.allocate(space, result, target, constraints.budget, config.sensitivity.plans)
+    plans = allocation.allocate(space, result, target, constraints.budget, config.sensitivity.plans,
+                                config.sensitivity.proxy)
     payload = {"schema": studies.PAYLOAD_SCHEMA, "recipe": recipe.to_dict(), "key": _payload_key(recipe.to_dict()),
                "space": space.to_dict(), "sensitivity": result, "baseline": runner.baseline, "seed": recipe.seed,
                "started": started, "target": target, "enqueued": plans}
