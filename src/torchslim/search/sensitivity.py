@@ -29,33 +29,12 @@ from torch import nn
 
 from torchslim.errors import describe
 from torchslim.measure.metrics import kl_divergence
-from torchslim.search.space import PRECISION, PRUNE, RANK, SearchSpace
+from torchslim.search.space import PRECISION, PRUNE, RANK, SearchSpace, module_work
 from torchslim.zoo import call_model
 
 
 def _leaves(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if name and not list(m.children())}
-
-
-def module_work(model: nn.Module, inputs: Any) -> dict[str, tuple[float, int]]:
-    """Leaf layer -> (work on ``inputs``: MACs for Conv/Linear, output elements otherwise; its own parameters)."""
-    work: dict[str, tuple[float, int]] = {}
-    handles = []
-    for name, module in _leaves(model).items():
-        def hook(mod, args, out, name=name):
-            size = out.numel() if torch.is_tensor(out) else sum(t.numel() for t in out if torch.is_tensor(t))
-            weight = getattr(mod, "weight", None)
-            per_output = weight[0].numel() if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)) else 1
-            params = sum(p.numel() for p in mod.parameters(recurse=False))
-            work[name] = (work.get(name, (0.0, 0))[0] + float(size * per_output), params)
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.inference_mode():
-            call_model(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return work
 
 
 def module_times(model: nn.Module, inputs: Any, repeats: int) -> tuple[dict[str, float], float]:

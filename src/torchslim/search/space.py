@@ -163,26 +163,41 @@ def _quantize_step(precision: str, float_layers: list[str]) -> dict:
     return {"method": precision}
 
 
-def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
-    """MACs of every Conv/Linear layer on ``example_inputs``, from forward hooks (output size x reduction)."""
-    from torchslim.zoo import call_model
+def module_work(model: nn.Module, inputs: Any) -> dict[str, tuple[float, int]]:
+    """Leaf layer -> (work on ``inputs``: MACs for Conv/Linear, output elements otherwise; its own parameters),
+    from forward hooks."""
     import torch
 
-    macs: dict[str, int] = {}
+    from torchslim.zoo import call_model
+
+    work: dict[str, tuple[float, int]] = {}
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            def hook(mod, args, out, name=name):
-                per_output = mod.weight[0].numel()  # in/groups x kernel, or in_features
-                macs[name] = macs.get(name, 0) + out.numel() * per_output
-            handles.append(module.register_forward_hook(hook))
+        if not name or list(module.children()):
+            continue
+
+        def hook(mod, args, out, name=name):
+            size = out.numel() if torch.is_tensor(out) else sum(t.numel() for t in out if torch.is_tensor(t))
+            per_output = mod.weight[0].numel() if isinstance(mod, _MATMUL_LAYERS) else 1  # in/groups x kernel
+            params = sum(p.numel() for p in mod.parameters(recurse=False))
+            work[name] = (work.get(name, (0.0, 0))[0] + float(size * per_output), params)
+        handles.append(module.register_forward_hook(hook))
     try:
         with torch.inference_mode():
-            call_model(model, example_inputs)
+            call_model(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return macs
+    return work
+
+
+_MATMUL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """MACs of every Conv/Linear layer on ``example_inputs``."""
+    return {name: int(work) for name, (work, _) in module_work(model, example_inputs).items()
+            if isinstance(model.get_submodule(name), _MATMUL_LAYERS)}
 
 
 def _skipped(name: str, patterns: list[str]) -> bool:
