@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import goal, parser, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# model, data, max drop, batch size, recovery epoch options (an epoch of Lite0 or MiniLM costs minutes here)
 MODELS = {
-    "digits": ("builtin:digits-cnn", "builtin:digits", 0.005, 256),
-    "lite0": ("builtin:efficientnet-lite0", "builtin:images", 0.03, 16),
-    "minilm": ("builtin:minilm", "builtin:sentences", 0.01, 32),
+    "digits": ("builtin:digits-cnn", "builtin:digits", 0.005, 256, [4, 8, 12]),
+    "lite0": ("builtin:efficientnet-lite0", "builtin:images", 0.03, 16, [0, 1, 2]),
+    "minilm": ("builtin:minilm", "builtin:sentences", 0.01, 32, [0, 1, 2]),
 }
 
 
@@ -44,10 +45,9 @@ def _quiet(message: str) -> None:
 def _search(name: str, args, out: Path, seed: int = 0, sampler: str = "tpe") -> tuple[dict, float]:
     import torchslim
 
-    model, data, drop, batch = MODELS[name]
-    recipe = {"model": model, "data": data, "search": {"space": {}}}
-    if args.epochs:
-        recipe["search"]["space"]["epochs"] = [int(e) for e in args.epochs.split(",")]
+    model, data, drop, batch, epochs = MODELS[name]
+    epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else epochs
+    recipe = {"model": model, "data": data, "search": {"space": {"epochs": epochs}}}
     started = time.perf_counter()
     report = torchslim.auto(recipe=recipe, out=out, max_drop=drop, target="latency", trials=args.trials,
                             time_budget=args.time_budget, workers=args.workers, seed=seed, sampler=sampler,
@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--time-budget", default="30m", help="each search's time budget (default 30m)")
     p.add_argument("--workers", type=int, default=1, help="local workers per search")
     p.add_argument("--quality-runs", type=int, default=3, help="seeds per sampler in the quality part")
-    p.add_argument("--epochs", default="", help="recovery epoch options, e.g. 2,4 (default: the space's own)")
+    p.add_argument("--epochs", default="", help="recovery epoch options for every model, e.g. 2,4 (default: per model)")
     args = p.parse_args()
     if args.part:  # one part, in this process
         with tempfile.TemporaryDirectory(prefix=f"auto-{args.part}-") as scratch:
