@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _search_parsers(sub) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     auto = sub.add_parser("auto", help="search compression plans under a budget; writes the Pareto front and best/")
-    auto.add_argument("specs", nargs="+", metavar="SPEC", help="MODEL_SPEC DATA_SPEC, or a recipe with a search: section")
+    auto.add_argument("specs", nargs="+", metavar="SPEC",
+                      help="MODEL_SPEC DATA_SPEC, or a recipe with a search: section")
     auto.add_argument("--out", default=None, help="output folder (default: out/auto-<model>)")
     auto.add_argument("--max-drop", type=float, default=None, help="metric drop allowed (relative for perplexity)")
     auto.add_argument("--target", choices=("latency", "size", "macs"), default=None, help="the cost --budget limits")

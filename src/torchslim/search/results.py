@@ -67,8 +67,9 @@ def _section(recipe, payload: dict, points: list[dict], front: list[dict], chose
     c = config.constraints
     lines = []
     if c.max_drop is not None:
+        metric = payload["baseline"]["metric"]
         lines.append({"name": "max_drop", "objective": "score", "key": "drop", "limit": c.max_drop,
-                      "relative": payload["baseline"]["metric"] == "perplexity", "metric": payload["baseline"]["metric"]})
+                      "relative": metric == "perplexity", "metric": metric})
     if c.budget is not None:
         lines.append({"name": "budget", "objective": c.target, "key": TARGET_KEYS[c.target], "limit": c.budget,
                       "of": "the baseline's " + {"latency": "batched latency", "size": "shipped bytes",
@@ -107,7 +108,8 @@ def _median(values: list[float]) -> float | None:
 
 def _public(point: dict) -> dict:
     hidden = ("artifact", "recipe", "constraint_excess")
-    return {k: v for k, v in point.items() if k not in hidden} | {"recipe": f"front/trial-{point['trial']:04d}/recipe.yaml"}
+    recipe = f"front/trial-{point['trial']:04d}/recipe.yaml"
+    return {k: v for k, v in point.items() if k not in hidden} | {"recipe": recipe}
 
 
 def _counts(study) -> dict:

@@ -24,6 +24,7 @@ import torch
 
 from torchslim.measure.latency import set_threads
 from torchslim.measure.macs import count_macs
+from torchslim.measure.params import count_params
 from torchslim.measure.size import artifact_bytes
 from torchslim.measure.stage import collect_outputs, evaluate, first_samples
 from torchslim.runtime import Deployable, TorchDeployable
@@ -142,7 +143,7 @@ class TrialRunner:
         path = self.baseline_deployable.save(self.workdir / "baseline")
         raw, shipped = artifact_bytes(path)
         return {"split": self.split, "metric": evaluation.metric, "score": round(evaluation.score, 6),
-                "size_bytes": shipped, "size_bytes_raw": raw, "params": sum(p.numel() for p in self.teacher.parameters()),
+                "size_bytes": shipped, "size_bytes_raw": raw, "params": count_params(self.teacher),
                 "macs": count_macs(self.teacher, self.bundle.example_inputs(1)),
                 "batch_size": self.recipe.measure.batch_size, "runtime": "torch"}
 
