@@ -161,8 +161,15 @@ def finish(recipe, storage, name: str, runner, out: Path, log: Callable[[str], N
         report = None
         if chosen is not None and chosen["feasible"]:
             log(f"best point: trial {chosen['trial']}; re-running its recipe as a full compress run into best/")
-            report = compress(parse_recipe(chosen["recipe"], source=f"trial {chosen['trial']}"), tmp / "best",
-                              progress=False, log=log)
+            try:
+                report = compress(parse_recipe(chosen["recipe"], source=f"trial {chosen['trial']}"), tmp / "best",
+                                  progress=False, log=log)
+            except Exception as error:  # the search's results are still worth writing
+                from torchslim.errors import describe
+
+                section["chosen"]["best"] = None
+                section["chosen"]["best_error"] = describe(error)
+                log(f"best/ could not be built: {describe(error)}")
         for point in front + ([chosen] if chosen is not None and chosen not in front else []):
             _write_yaml(tmp / "front" / f"trial-{point['trial']:04d}" / "recipe.yaml", point["recipe"],
                         f"# torchslim auto, study {name}, trial {point['trial']}: drop {point['drop']}, latency "
