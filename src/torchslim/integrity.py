@@ -3,7 +3,8 @@
 Every output folder of a run ends with ``manifest.json``, written last over every other file in the folder::
 
     {"format": "torchslim.manifest/1", "torchslim": "0.1.0",
-     "files": {"model.safetensors": {"format": "safetensors", "size": 12345, "sha256": "9f2c..."}, ...}}
+     "files": {"model.safetensors": {"format": "safetensors", "size": 12345, "sha256": "9f2c..."}, ...},
+     "manifest_sha256": "..."}    # of the rest of this document (sorted keys): the manifest is checked too
 
 Loaders (`torchslim.pruning.channel.load_pruned`, `load_factorized`, `load_weight_only`, the ``.tslim`` and PT2E
 readers, ...) call `verify_manifest` on the files they read: a file whose size or SHA-256 differs from the
@@ -84,6 +85,7 @@ def write_manifest(folder: str | Path) -> Path:
         path = folder / name
         files[name] = {"format": _file_format(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
     body = {"format": FORMAT, "torchslim": __version__, "files": files}
+    body["manifest_sha256"] = _self_digest(body)
     handle = tempfile.NamedTemporaryFile("w", dir=folder, prefix=".manifest-", suffix=".tmp", delete=False)
     try:
         with handle:
@@ -102,6 +104,12 @@ def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def _self_digest(body: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON without this digest: a damaged manifest is detected too."""
+    rest = {k: v for k, v in body.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def _check_entry(path: Path, name: object, entry: object) -> None:
@@ -131,6 +139,8 @@ def read_manifest(folder: str | Path) -> dict | None:
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         stamp = body.get("format") if isinstance(body, dict) else None
         raise ArtifactError(f"{path}: not a {FORMAT} manifest (format {shorten(stamp)})")
+    if body.get("manifest_sha256") != _self_digest(body):
+        raise ArtifactError(f"{path}: the manifest is damaged or was edited (its own SHA-256 differs)")
     if not isinstance(body.get("files"), dict):
         raise ArtifactError(f"{path}: 'files' must be a mapping of file name -> entry")
     for name, entry in body["files"].items():

@@ -151,8 +151,7 @@ class Pipeline:
         for index, step in enumerate(recipe.steps):
             context.where = f"{recipe.source}: steps[{index}].{step.kind}"
             context.step_index = index
-            context.recipe_dict = {"model": recipe.model, "data": recipe.data, "seed": recipe.seed,
-                                   "steps": [s.to_dict() for s in recipe.steps[:index + 1]]}
+            context.recipe_dict = _resolved_up_to(recipe, index)
             if step.kind == "quantize" and not main:
                 continue
             self.log(f"step {index + 1}/{len(recipe.steps)}: {step.name}")
@@ -196,6 +195,15 @@ def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: boo
         return _compress(recipe, target, info, progress, log, fresh)
     with OutputLock(target):
         return _compress(recipe, target, info, progress, log, fresh)
+
+
+def _resolved_up_to(recipe: Recipe, index: int) -> dict:
+    """What identifies a training run in steps[index] (its checkpoints' fingerprint): the resolved recipe content
+    up to that step; how the recipe's path was spelled and how stages are measured play no part."""
+    resolved = recipe.to_dict()
+    resolved.pop("measure")
+    resolved["steps"] = resolved["steps"][:index + 1]
+    return resolved
 
 
 def _compress(recipe: Recipe, out_dir: Path | None, info, progress: bool, log, fresh: bool) -> dict | None:

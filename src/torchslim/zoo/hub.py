@@ -184,8 +184,9 @@ def _call_user(function, what: str, spec: str, path: Path, *args):
     """Call a function of the user's ``file:`` module; what it raises is the user's fault, so an InputError."""
     try:
         return function(*args)
-    except (Exception, SystemExit) as error:
-        raise InputError(f"model: {spec}: {path}: {what} raised {describe(error, 200)}") from None
+    except (Exception, SystemExit) as error:  # torchslim's own errors (a loader's) are kept whole: they say what to do
+        limit = 600 if isinstance(error, InputError) else 200
+        raise InputError(f"model: {spec}: {path}: {what} raised {describe(error, limit)}") from None
 
 
 @register_model_prefix("file")
