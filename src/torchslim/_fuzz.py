@@ -70,14 +70,20 @@ def _seeded(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
+def _save(deployable, folder: Path) -> None:
+    """The deployable's artifact and the manifest over it, as a run's output step writes them."""
+    from torchslim.integrity import write_manifest
+
+    deployable.save(folder)
+    write_manifest(folder)
+
+
 # -- builders and loaders ------------------------------------------------------------------------------------
 def _build_pruned(folder: Path) -> None:
-    from torchslim.integrity import write_manifest
     from torchslim.runtime import TorchDeployable
 
     _seeded()
-    TorchDeployable(_Tiny(width=4)).save(folder)  # a "pruned" model: fewer channels than the class's default
-    write_manifest(folder)
+    _save(TorchDeployable(_Tiny(width=4)), folder)  # a "pruned" model: fewer channels than the class's default
 
 
 def _load_pruned(folder: Path, verify: bool) -> Any:
@@ -88,14 +94,12 @@ def _load_pruned(folder: Path, verify: bool) -> Any:
 
 def _build_factorized(folder: Path) -> None:
     from torchslim.factorize.svd import factorized_layers
-    from torchslim.integrity import write_manifest
     from torchslim.runtime import TorchDeployable
 
     _seeded()
     model = _Mlp()
     model.fc1 = factorized_layers(model.fc1, 8)
-    TorchDeployable(model).save(folder)
-    write_manifest(folder)
+    _save(TorchDeployable(model), folder)
 
 
 def _load_factorized(folder: Path, verify: bool) -> Any:
@@ -105,7 +109,6 @@ def _load_factorized(folder: Path, verify: bool) -> Any:
 
 
 def _build_weight_only(folder: Path) -> None:
-    from torchslim.integrity import write_manifest
     from torchslim.quant.groupwise import quantize_rtn
     from torchslim.quant.weight_only import WeightOnlyLinear
     from torchslim.quant.weight_only_step import WeightOnlyDeployable
@@ -114,8 +117,7 @@ def _build_weight_only(folder: Path) -> None:
     model = _Mlp()
     model.fc1 = WeightOnlyLinear.from_quantized(quantize_rtn(model.fc1.weight.detach(), 4, 16), model.fc1.bias)
     model.fc2 = WeightOnlyLinear.from_quantized(quantize_rtn(model.fc2.weight.detach(), 8, 0), model.fc2.bias)
-    WeightOnlyDeployable(model).save(folder)
-    write_manifest(folder)
+    _save(WeightOnlyDeployable(model), folder)
 
 
 def _load_weight_only(folder: Path, verify: bool) -> Any:
