@@ -13,7 +13,7 @@ import torch
 
 from torchslim._fuzz import READERS, Pristine, _Mlp, _Tiny
 from torchslim.errors import ArtifactError, InputError
-from torchslim.integrity import FORMAT, read_manifest, verify_manifest, write_manifest
+from torchslim.integrity import FORMAT, read_manifest, verify_manifest
 
 
 def _pruned_folder(tmp_path):

@@ -4,7 +4,6 @@ is wrong, no traceback, and nothing of the user's touched."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
