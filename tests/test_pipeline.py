@@ -48,7 +48,8 @@ def test_outputs_are_complete_and_the_artifact_reproduces_the_score(tiny_run):
     from torchslim.data import resolve_data
 
     report, out = tiny_run
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "recipe.yaml", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "recipe.yaml", "report.json",
+                                                     "report.md"]
     assert parse_recipe(yaml.safe_load((out / "recipe.yaml").read_text())).to_dict() == report["recipe"]
     assert "| 3-quantize:int8-static | onnxruntime |" in (out / "report.md").read_text()
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -70,15 +71,24 @@ def test_a_failing_run_leaves_no_output_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_rerun_replaces_an_existing_output_folder(tmp_path):
+def test_rerun_replaces_a_previous_runs_folder_and_overwrite_a_foreign_one(tmp_path):
+    from torchslim.errors import InputError
+
     raw = copy.deepcopy(TINY_RECIPE)
-    raw["steps"] = [{"prune": {"method": "magnitude", "sparsity": 0.3}}]
+    raw["steps"] = []
     out = tmp_path / "run"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    report = compress(parse_recipe(raw), out, progress=False, log=lambda m: None)
+    with pytest.raises(InputError, match="was not written by torchslim"):  # a folder of the user's
+        compress(parse_recipe(raw), out, progress=False, log=lambda m: None)
+    assert (out / "stale.txt").read_text() == "old"
+    compress(parse_recipe(raw), out, progress=False, log=lambda m: None, overwrite=True)
+    assert not (out / "stale.txt").exists()
+    raw["steps"] = [{"prune": {"method": "magnitude", "sparsity": 0.3}}]
+    report = compress(parse_recipe(raw), out, progress=False, log=lambda m: None)  # a previous run's: replaced
     assert sorted(p.name for p in out.iterdir()) == [
-        "model.safetensors", "model.shapes.json", "recipe.yaml", "report.json", "report.md"]
+        "manifest.json", "model.safetensors", "model.shapes.json", "recipe.yaml", "report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no lock, no .run.old-PID, no partial folder
     assert report["stages"][-1]["runtime"] == "torch"
     prunable = 8 * 9 + 8 * 8 * 9 + 128 * 10  # conv1, conv2 and fc weights
     assert report["stages"][0]["params_nonzero"] - report["stages"][-1]["params_nonzero"] == int(0.3 * prunable)

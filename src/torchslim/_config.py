@@ -2,14 +2,38 @@
 
 Config classes are ordinary dataclasses with type hints; range checks live in their ``__post_init__`` and raise
 `FieldError` so that the recipe loader can say which file, step and field is wrong.
+
+Every conversion also enforces what no config needs to state itself: float fields hold finite numbers (``.inf``,
+``.nan`` and ``1e999`` are refused), int fields fit in 64 bits, and counts named in the shared vocabulary have sane
+upper bounds (`LIMITS`: a ``batch_size`` of 10**9 is refused before anything allocates it). Messages echo values
+through `torchslim.errors.shorten`, never whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union
+
+from torchslim.errors import key_text, shorten
+
+# Upper bounds of count fields, by the end of the field's name (one vocabulary across every config, so the
+# bound follows a field wherever it is nested or renamed). Far above any real use, far below what exhausts memory.
+LIMITS = {
+    "batch_size": 1 << 16,
+    "samples": 100_000_000,
+    "batches": 1_000_000,
+    "epochs": 100_000,
+    "steps": 1_000_000,
+    "iterations": 1_000_000,
+    "threads": 4096,
+    "warmup": 100_000,
+    "repeats": 100_000,
+    "max_length": 1 << 20,
+}
+_INT_RANGE = 1 << 63
 
 
 class FieldError(ValueError):
@@ -25,6 +49,34 @@ def check(condition: bool, field: str, message: str) -> None:
     """Raise FieldError(field, message) unless condition holds (for ``__post_init__`` range checks)."""
     if not condition:
         raise FieldError(field, message)
+
+
+def limit_for(field: str) -> int | None:
+    """The upper bound `LIMITS` sets on the (dotted) field ``field``, or None."""
+    name = field.rpartition(".")[2].split("[")[0]
+    for suffix, limit in LIMITS.items():
+        if name == suffix or name.endswith("_" + suffix):
+            return limit
+    return None
+
+
+def _checked_int(value: int, field: str) -> int:
+    if not -_INT_RANGE < value < _INT_RANGE:
+        raise FieldError(field, f"out of range, got {shorten(value)}")
+    limit = limit_for(field)
+    if limit is not None and value > limit:
+        raise FieldError(field, f"must be <= {limit:,}, got {value:,}")
+    return value
+
+
+def _checked_float(value: Any, field: str) -> float:
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise FieldError(field, f"must be a finite number, got {shorten(value)}") from None
+    if not math.isfinite(number):
+        raise FieldError(field, f"must be a finite number, got {shorten(value)}")
+    return number
 
 
 def _type_name(tp: Any) -> str:
@@ -59,45 +111,55 @@ def _convert(value: Any, tp: Any, field: str) -> Any:
                 return _convert(value, arg, field)
             except FieldError:
                 continue
-        raise FieldError(field, f"expected {_type_name(tp)}, got {value!r}")
+        raise FieldError(field, f"expected {_type_name(tp)}, got {shorten(value)}")
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if _hashable(value) and value in typing.get_args(tp):
             return value
-        raise FieldError(field, f"expected one of {_type_name(tp)}, got {value!r}")
+        raise FieldError(field, f"expected one of {_type_name(tp)}, got {shorten(value)}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise FieldError(field, f"expected {_type_name(tp)}, got {value!r}")
+            raise FieldError(field, f"expected {_type_name(tp)}, got {shorten(value)}")
         return [_convert(v, item, f"{field}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         key_type, value_type = typing.get_args(tp)
         if not isinstance(value, dict) or not all(isinstance(k, key_type) for k in value):
-            raise FieldError(field, f"expected a mapping with {key_type.__name__} keys, got {value!r}")
+            raise FieldError(field, f"expected a mapping with {key_type.__name__} keys, got {shorten(value)}")
         return {k: _convert(v, value_type, f"{field}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise FieldError(field, f"expected a mapping, got {value!r}")
+            raise FieldError(field, f"expected a mapping, got {shorten(value)}")
         return from_dict(tp, value, prefix=f"{field}.")
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _checked_int(value, field)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            return _checked_float(value, field)
+        if isinstance(value, str) and len(value) < 100:  # YAML 1.1 reads 5e-4 (no dot) as a string
             try:
-                return float(value)
+                float(value)
             except ValueError:
                 pass
+            else:
+                return _checked_float(value, field)
     elif tp is str:
         if isinstance(value, str):
             return value
     else:
         raise TypeError(f"unsupported config field type {tp!r} for {field}")
-    raise FieldError(field, f"expected {_type_name(tp)}, got {value!r}")
+    raise FieldError(field, f"expected {_type_name(tp)}, got {shorten(value)}")
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -106,12 +168,14 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     Raises:
         FieldError: an unknown key, a wrong type or an out-of-range value; ``field`` is the dotted path.
     """
+    if not isinstance(data, dict):
+        raise FieldError(prefix.rstrip(".") or cls.__name__, f"expected a mapping, got {shorten(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
             known = ", ".join(fields) or "none"
-            raise FieldError(f"{prefix}{key}", f"unknown key (known: {known})")
+            raise FieldError(f"{prefix}{key_text(key)}", f"unknown key (known: {known})")
     kwargs = {key: _convert(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
     try:
         return cls(**kwargs)

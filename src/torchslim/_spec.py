@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from torchslim.errors import InputError
+from torchslim.errors import InputError, shorten
 
 
 class SpecRegistry:
@@ -63,14 +63,16 @@ class SpecRegistry:
     def check(self, spec: str) -> tuple[str, str]:
         """Split and check a spec without resolving it; returns ``(prefix, rest)``. Raises InputError."""
         self._ensure_loaded()
+        if not isinstance(spec, str):
+            raise InputError(f"{self.field}: expected a spec string, got {shorten(spec)}")
         prefix, sep, rest = spec.partition(":")
         if not sep or prefix not in self.resolvers:
             known = ", ".join(f"{p}:" for p in sorted(self.resolvers))
-            raise InputError(f"{self.field}: unknown {self.field} spec {spec!r} (known prefixes: {known})")
+            raise InputError(f"{self.field}: unknown {self.field} spec {shorten(spec)} (known prefixes: {known})")
         if not rest:
-            raise InputError(f"{self.field}: spec {spec!r} names nothing after '{prefix}:'")
+            raise InputError(f"{self.field}: spec {shorten(spec)} names nothing after '{prefix}:'")
         if prefix == "builtin" and rest not in self.builtins:
-            raise InputError(f"{self.field}: unknown {self.builtin_noun} {rest!r} "
+            raise InputError(f"{self.field}: unknown {self.builtin_noun} {shorten(rest)} "
                              f"(known: {', '.join(sorted(self.builtins))})")
         return prefix, rest
 

@@ -4,9 +4,43 @@
 exits with code 2. Anything else that escapes is an internal failure (exit code 1).
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class InputError(ValueError):
     """Bad input from the user; the message names what and where."""
+
+
+class ArtifactError(InputError):
+    """A saved model (an output folder or one of its files) that cannot be used as it is: not one, another
+    version, truncated, corrupted, or changed since torchslim wrote it. The message names the file."""
+
+
+def shorten(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to at most about ``limit`` characters, for messages that echo a user's value.
+
+    A recipe value can be arbitrarily large (a megabyte string, a list of a million items, a 4,000-digit int):
+    a message must never print it whole.
+
+    Example:
+        >>> shorten("x" * 1000, 20)
+        "'xxxxxxxxxxxxx... (1002 characters)"
+    """
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > 1000:
+        return f"<{type(value).__name__} of {len(value)} items>"  # repr of a huge container is itself costly
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int beyond Python's repr digit limit, or a self-nesting list
+        return f"<{type(value).__name__} of {value.bit_length()} bits>" if isinstance(value, int) else \
+            f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit - 6]}... ({len(text)} characters)"
+
+
+def key_text(key: Any, limit: int = 60) -> str:
+    """A mapping key as a message names it: a short string as it is, anything else through `shorten`."""
+    return key if isinstance(key, str) and len(key) <= limit and key.isprintable() else shorten(key, limit)
 
 
 def describe(error: BaseException, limit: int = 300) -> str:

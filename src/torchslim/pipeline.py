@@ -7,18 +7,17 @@ with the same inputs, threads and repetitions, so that every ratio in the report
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from torchslim._output import OutputLock, atomic_output_dir, check_output_dir, checkpoint_root
 from torchslim.data import DataBundle, resolve_data
 from torchslim.errors import InputError
 from torchslim.measure.generation import measure_generation
@@ -79,29 +78,6 @@ class StepContext:
             with torch.no_grad():
                 for name, mask in self.masks.items():
                     parameters[name].mul_(mask.to(parameters[name].device))
-
-
-@contextmanager
-def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; renamed to ``out_dir`` only when the block completes."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _check_compatible(bundle: ModelBundle, data: DataBundle) -> None:
@@ -175,8 +151,7 @@ class Pipeline:
         for index, step in enumerate(recipe.steps):
             context.where = f"{recipe.source}: steps[{index}].{step.kind}"
             context.step_index = index
-            context.recipe_dict = {"model": recipe.model, "data": recipe.data, "seed": recipe.seed,
-                                   "steps": [s.to_dict() for s in recipe.steps[:index + 1]]}
+            context.recipe_dict = _resolved_up_to(recipe, index)
             if step.kind == "quantize" and not main:
                 continue
             self.log(f"step {index + 1}/{len(recipe.steps)}: {step.name}")
@@ -189,33 +164,58 @@ class Pipeline:
         return stages, deployable, context
 
 
-def checkpoint_root(out_dir: str | Path) -> Path:
-    """Where a run writing ``out_dir`` keeps its training checkpoints until it completes."""
-    out_dir = Path(out_dir)
-    return out_dir.with_name(f"{out_dir.name}.checkpoints")
-
-
 def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: bool = True, log=print,
-             fresh: bool = False) -> dict | None:
-    """Run ``recipe``; write report.json, report.md, recipe.yaml and the final artifact to ``out_dir``.
+             fresh: bool = False, overwrite: bool = False) -> dict | None:
+    """Run ``recipe``; write report.json, report.md, recipe.yaml, the final artifact and manifest.json to
+    ``out_dir``.
 
-    Nothing is written unless the whole run succeeds (the folder appears complete or not at all). Training
-    steps checkpoint to ``<out_dir>.checkpoints/``; running the same recipe again after an interruption resumes
-    from there (``fresh=True`` deletes them first); the folder is removed when the run completes. Under torchrun
-    (see `torchslim.recover.distributed`) only rank 0 measures and writes; other ranks return None.
+    ``out_dir`` is checked before any work starts (see `torchslim._output`): a new path, an empty folder or a
+    previous run's output folder; ``overwrite=True`` also allows replacing another file or folder, but never the
+    working or home folder, a filesystem root or a folder holding the recipe. A lock beside it keeps a second run
+    away while this one lasts. Nothing is written unless the whole run succeeds (the folder appears complete or
+    not at all). Training steps checkpoint to ``<out_dir>.checkpoints/``; running the same recipe again after an
+    interruption resumes from there (``fresh=True`` deletes them first); the folder is removed when the run
+    completes. Under torchrun (see `torchslim.recover.distributed`) only rank 0 measures and writes; other ranks
+    return None.
 
     Returns:
         The report (see `torchslim.report.build_report`).
+
+    Raises:
+        InputError: a bad recipe, spec or data, an ``out_dir`` the rules refuse, or a folder in use by another run.
     """
+    from torchslim.recover import distributed
+
+    info = distributed.init_from_env()
+    target = None
+    if out_dir is not None:
+        source = Path(recipe.source)
+        target = check_output_dir(out_dir, overwrite=overwrite, protect=[source] if source.is_file() else [])
+    if target is None or not info.is_main:
+        return _compress(recipe, target, info, progress, log, fresh)
+    with OutputLock(target):
+        return _compress(recipe, target, info, progress, log, fresh)
+
+
+def _resolved_up_to(recipe: Recipe, index: int) -> dict:
+    """What identifies a training run in steps[index] (its checkpoints' fingerprint): the resolved recipe content
+    up to that step; how the recipe's path was spelled and how stages are measured play no part."""
+    resolved = recipe.to_dict()
+    resolved.pop("measure")
+    resolved["steps"] = resolved["steps"][:index + 1]
+    return resolved
+
+
+def _compress(recipe: Recipe, out_dir: Path | None, info, progress: bool, log, fresh: bool) -> dict | None:
+    from torchslim.integrity import write_manifest
     from torchslim.recover import distributed
     from torchslim.report import build_report, write_outputs
 
-    info = distributed.init_from_env()
     checkpoints = None if out_dir is None else checkpoint_root(out_dir)
     if checkpoints is not None and fresh and info.is_main and checkpoints.exists():
         shutil.rmtree(checkpoints)
     distributed.barrier()
-    with tempfile.TemporaryDirectory(prefix="torchslim-") as scratch:
+    with _scratch_folder() as scratch:
         stages, final, context = Pipeline(recipe, progress=progress, log=log if info.is_main else _quiet).run(
             Path(scratch), checkpoints)
         if not info.is_main:
@@ -224,12 +224,21 @@ def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: boo
         report = build_report(recipe, stages, context)
         report["processes"] = info.world_size
         if out_dir is not None:
-            with atomic_output_dir(Path(out_dir)) as tmp:
+            with atomic_output_dir(out_dir) as tmp:
                 write_outputs(tmp, report, recipe, final)
+                write_manifest(tmp)  # last: it covers every file written above
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
         distributed.barrier()
     return report
+
+
+def _scratch_folder() -> tempfile.TemporaryDirectory:
+    try:
+        return tempfile.TemporaryDirectory(prefix="torchslim-")
+    except OSError as error:
+        raise InputError(f"cannot create a scratch folder in {tempfile.gettempdir()} (set TMPDIR to a writable "
+                         f"folder): {error.strerror or error}") from None
 
 
 def _quiet(*args, **kwargs) -> None:

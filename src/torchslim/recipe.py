@@ -9,6 +9,8 @@
     measure: {batch_size: 256}
 
 `load_recipe` reads and validates it into a `Recipe`; every error names the file, the step index and the field.
+YAML is read by `RecipeLoader` (PyYAML's safe loader, stricter): no anchors or aliases, no duplicate keys, at
+most `MAX_RECIPE_BYTES` of text.
 """
 
 from __future__ import annotations
@@ -23,10 +25,61 @@ import yaml
 from torchslim import data as data_specs
 from torchslim import zoo
 from torchslim._config import FieldError, check, from_dict, to_dict
-from torchslim.errors import InputError
+from torchslim.errors import InputError, key_text, shorten
 from torchslim.registry import STEP_KINDS, default_method, get_method
 
 SCHEMA_VERSION = 1
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses anchors and aliases and duplicate keys.
+
+    Aliases let a few hundred bytes expand to gigabytes ("billion laughs") and a recipe never needs them; a
+    duplicate key would silently let the last value win.
+    """
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "recipes do not use YAML anchors or aliases (&name, *name): write each value out",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shorten(key)} (first at line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse recipe YAML with `RecipeLoader`.
+
+    Raises:
+        InputError: malformed YAML, an anchor or alias, a duplicate key, or nesting too deep; names ``source``
+            and the line.
+    """
+    try:
+        return yaml.load(text, Loader=RecipeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or "malformed YAML"
+        raise InputError(f"{source}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise InputError(f"{source}: malformed YAML: nested too deeply") from None
+    except ValueError as error:  # e.g. an int of more digits than Python converts
+        raise InputError(f"{source}: malformed YAML: {str(error).split(';')[0][:200]}") from None
 
 
 @dataclass
@@ -104,19 +157,21 @@ def _parse_step(item: Any, index: int, where: str) -> Step:
     at = f"{where}: steps[{index}]"
     if not isinstance(item, dict) or len(item) != 1:
         raise InputError(f"{at}: each step must be a mapping with exactly one key naming its kind "
-                         f"({', '.join(STEP_KINDS)}), got {item!r}")
+                         f"({', '.join(STEP_KINDS)}), got {shorten(item)}")
     ((kind, body),) = item.items()
-    if kind not in STEP_KINDS:
-        raise InputError(f"{at}: unknown step kind {kind!r} (known: {', '.join(STEP_KINDS)})")
+    if not isinstance(kind, str) or kind not in STEP_KINDS:
+        raise InputError(f"{at}: unknown step kind {shorten(kind)} (known: {', '.join(STEP_KINDS)})")
     body = {} if body is None else body
     if not isinstance(body, dict):
-        raise InputError(f"{at}.{kind}: expected a mapping of settings, got {body!r}")
+        raise InputError(f"{at}.{kind}: expected a mapping of settings, got {shorten(body)}")
     body = dict(body)
     method = body.pop("method", None) or default_method(kind)
     if method is None:
         raise InputError(f"{at}.{kind}.method: required (e.g. method: magnitude)")
+    if not isinstance(method, str) or len(method) > 100:
+        raise InputError(f"{at}.{kind}.method: expected a method name, got {shorten(method)}")
     try:
-        entry = get_method(kind, str(method))
+        entry = get_method(kind, method)
     except KeyError as error:
         raise InputError(f"{at}.{kind}.method: {error.args[0]}") from None
     try:
@@ -132,10 +187,10 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         raise InputError(f"{source}: a recipe must be a mapping with keys model, data, steps, got {type(raw).__name__}")
     for key in raw:
         if key not in _TOP_LEVEL:
-            raise InputError(f"{source}: {key}: unknown key (known: {', '.join(_TOP_LEVEL)})")
+            raise InputError(f"{source}: {key_text(key)}: unknown key (known: {', '.join(_TOP_LEVEL)})")
     if raw.get("version", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise InputError(f"{source}: version: this torchslim reads recipe version {SCHEMA_VERSION}, "
-                         f"got {raw['version']!r}")
+                         f"got {shorten(raw['version'])}")
     for key in ("model", "data"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise InputError(f"{source}: {key}: required, a spec string such as "
@@ -147,7 +202,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         raise InputError(f"{source}: {error}") from None
     steps_raw = raw.get("steps") or []
     if not isinstance(steps_raw, list):
-        raise InputError(f"{source}: steps: expected a list of steps, got {steps_raw!r}")
+        raise InputError(f"{source}: steps: expected a list of steps, got {shorten(steps_raw)}")
     steps = [_parse_step(item, i, source) for i, item in enumerate(steps_raw)]
     _check_order(steps, source)
     try:
@@ -155,8 +210,8 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     except FieldError as error:
         raise InputError(f"{source}: {error}") from None
     seed = raw.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise InputError(f"{source}: seed: expected a non-negative int, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 63:
+        raise InputError(f"{source}: seed: expected a non-negative int, got {shorten(seed)}")
     return Recipe(model=raw["model"], data=raw["data"], steps=steps, measure=measure, seed=seed, source=source,
                   search=_parse_search(raw, source))
 
@@ -169,7 +224,8 @@ def _parse_search(raw: dict, source: str) -> Any:
 
     body = raw["search"] if raw["search"] is not None else {}
     if not isinstance(body, dict):
-        raise InputError(f"{source}: search: expected a mapping (space, objectives, constraints, ...), got {body!r}")
+        raise InputError(f"{source}: search: expected a mapping (space, objectives, constraints, ...), "
+                         f"got {shorten(body)}")
     try:
         return from_dict(SearchConfig, body, prefix="search.")
     except FieldError as error:
@@ -193,22 +249,22 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> d
     result = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
-            raise InputError(f"{source} {item!r}: expected key=value, e.g. measure.batch_size=128")
+            raise InputError(f"{source} {shorten(item)}: expected key=value, e.g. measure.batch_size=128")
         path, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
+            value = load_yaml(text, f"{source} {path}")
+        except InputError:
+            value = text  # not YAML: the text itself (a spec such as file:a.py:make)
         keys = path.split(".")
         node: Any = result
         for depth, key in enumerate(keys):
             last = depth == len(keys) - 1
             if isinstance(node, list):
                 if not key.isdigit() or int(key) >= len(node):
-                    raise InputError(f"{source} {item!r}: {'.'.join(keys[:depth + 1])}: no such list index")
+                    raise InputError(f"{source} {shorten(item)}: {'.'.join(keys[:depth + 1])}: no such list index")
                 key = int(key)
             elif not isinstance(node, dict):
-                raise InputError(f"{source} {item!r}: {'.'.join(keys[:depth])} is not a mapping")
+                raise InputError(f"{source} {shorten(item)}: {'.'.join(keys[:depth])} is not a mapping")
             if last:
                 node[key] = value
             else:
@@ -228,14 +284,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise InputError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(error, "problem", None) or "malformed YAML"
-        raise InputError(f"{path}: malformed YAML{where}: {problem}") from None
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise InputError(f"{path}: {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} bytes of YAML")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{path}: not a text file") from None
+        raise InputError(f"{path}: not a text file (UTF-8)") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read the recipe: {error.strerror or error}") from None
+    raw = load_yaml(text, str(path))
     if isinstance(raw, dict) and overrides:
         raw = apply_overrides(raw, overrides)
     return parse_recipe(raw, source=str(path))

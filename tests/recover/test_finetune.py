@@ -144,7 +144,8 @@ def test_killed_cli_run_resumes_and_ends_with_the_uninterrupted_metric(tmp_path)
     assert process.returncode == -signal.SIGKILL and 400 <= step < 25 * 68, "the run was not killed mid-training"
     assert not out.exists()  # nothing half-written
 
-    resumed = _run(tmp_path, recipe, out)
+    respelled = f"{tmp_path}/../{tmp_path.name}/./{recipe.name}"  # the same recipe, its path spelled otherwise
+    resumed = _run(tmp_path, respelled, out)
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((out / "report.json").read_text())
     stage = report["stages"][-1]
@@ -164,6 +165,7 @@ def test_a_corrupted_checkpoint_stops_the_cli_with_exit_2(tmp_path):
     result = _run(tmp_path, recipe, tmp_path / "out")
     assert result.returncode == 2
     assert "checkpoint was written by a different run" in result.stderr and "--fresh" in result.stderr
+    assert result.stderr.index("run the recipe as it was") < result.stderr.index("--fresh")  # not the first remedy
     assert not (tmp_path / "out").exists()
 
 

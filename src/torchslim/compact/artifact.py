@@ -52,7 +52,7 @@ from torch import nn
 from torchslim._cache import atomic_write_bytes
 from torchslim.compact.entropy import CodingError, SectionReader, SectionWriter
 from torchslim.compact.sharing import MAX_BITS, shared_layers, unshare_
-from torchslim.errors import InputError
+from torchslim.errors import ArtifactError
 from torchslim.runtime import TorchDeployable
 from torchslim.zoo import call_model
 
@@ -62,10 +62,6 @@ PREAMBLE = struct.Struct("<4sBII")
 SECTIONS = ("codebooks", "indices", "positions", "tensors")
 ARTIFACT_NAME = "model.tslim"
 _CAST = {"f16": torch.float16, "f32": torch.float32}
-
-
-class ArtifactError(InputError):
-    """A compact artifact that cannot be read: not one, another version, truncated or corrupted."""
 
 
 @dataclass
@@ -242,13 +238,60 @@ def _read_header(data: bytes, source: str) -> tuple[dict, int]:
     if zlib.crc32(data[PREAMBLE.size:end]) != crc:
         raise ArtifactError(f"{source}: section 'header' is corrupted (CRC32 mismatch)")
     try:
-        header = json.loads(zlib.decompress(data[PREAMBLE.size:end], -15))
-        names = [name for name, _, _ in header["sections"]]
-    except (ValueError, KeyError, TypeError, zlib.error) as error:
-        raise ArtifactError(f"{source}: section 'header' does not decode: {error}") from None
-    if names != list(SECTIONS):
-        raise ArtifactError(f"{source}: section 'header' lists sections {names}, expected {list(SECTIONS)}")
+        header = json.loads(zlib.decompressobj(-15).decompress(data[PREAMBLE.size:end], MAX_HEADER_BYTES))
+    except (ValueError, RecursionError, zlib.error) as error:
+        raise ArtifactError(f"{source}: section 'header' does not decode: {str(error)[:120]}") from None
+    problem = _header_problem(header, len(data))
+    if problem:
+        raise ArtifactError(f"{source}: section 'header' is malformed: {problem}")
     return header, end
+
+
+MAX_HEADER_BYTES = 64 << 20
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and len(value) <= 8 and all(type(d) is int and 0 <= d < 1 << 31 for d in value)
+
+
+def _entry_problem(kind: str, entry: Any, budget: int) -> str | None:
+    """Why one ``shared`` or ``tensors`` header entry is malformed, or None. ``budget`` bounds its values: the
+    file cannot describe more than a few thousand values per byte (pruned positions cost a few bits each)."""
+    width = 5 if kind == "shared" else 4
+    if not (isinstance(entry, list) and len(entry) == width and isinstance(entry[0], str) and _is_shape(entry[1])
+            and isinstance(entry[2], str)):
+        return f"{kind} entry {str(entry)[:80]} is not [name, shape, dtype, ...]"
+    if not isinstance(getattr(torch, entry[2], None), torch.dtype):
+        return f"{entry[0][:60]}: unknown dtype {entry[2][:20]!r}"
+    if int(np.prod(entry[1], dtype=np.float64)) > budget:
+        return f"{entry[0][:60]}: shape {entry[1]} is larger than the file can hold"
+    if kind == "shared":
+        if not (type(entry[3]) is int and 1 <= entry[3] <= MAX_BITS and type(entry[4]) is int
+                and 0 <= entry[4] <= np.prod(entry[1], dtype=np.float64)):
+            return f"{entry[0][:60]}: bits {str(entry[3])[:10]} / non-zeros {str(entry[4])[:20]} out of range"
+    elif not (isinstance(entry[3], str) and (entry[3] in ("raw", "i8", *_CAST) or entry[3].startswith("="))):
+        return f"{entry[0][:60]}: unknown storage {str(entry[3])[:20]}"
+    return None
+
+
+def _header_problem(header: Any, file_bytes: int) -> str | None:
+    """Why a decoded header does not follow the schema in this module's docstring, or None."""
+    if not isinstance(header, dict) or header.get("codebook") not in _CAST:
+        return "not a mapping with codebook f16 or f32"
+    sections = header.get("sections")
+    if not (isinstance(sections, list) and [s[0] if isinstance(s, list) and s else None for s in sections]
+            == list(SECTIONS)) or not all(len(s) == 3 and all(type(v) is int and v >= 0 for v in s[1:])
+                                          for s in sections):
+        return f"sections must be {list(SECTIONS)}, each [name, length, crc32]"
+    budget = 4096 * file_bytes + (1 << 20)
+    for kind in ("shared", "tensors"):
+        if not isinstance(header.get(kind), list):
+            return f"{kind} must be a list"
+        for entry in header[kind]:
+            problem = _entry_problem(kind, entry, budget)
+            if problem:
+                return problem
+    return None
 
 
 def _split_sections(data: bytes, header: dict, start: int, source: str) -> dict[str, bytes]:
@@ -316,14 +359,19 @@ def decode_artifact(data: bytes, source: str = "<bytes>") -> dict[str, torch.Ten
                             ("tensors", lambda: _decode_tensors(header, sections["tensors"]))):
         try:
             state.update(decode())
-        except (CodingError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        except (CodingError, ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError,
+                struct.error, OverflowError, MemoryError) as error:
             raise ArtifactError(f"{source}: section '{section}' does not decode: {error}") from None
     return state
 
 
-def read_artifact(path: str | Path) -> dict[str, torch.Tensor]:
-    """`decode_artifact` of the file at ``path``."""
+def read_artifact(path: str | Path, *, verify: bool = True) -> dict[str, torch.Tensor]:
+    """`decode_artifact` of the file at ``path``, checked first against its folder's ``manifest.json`` (unless
+    ``verify=False``; see `torchslim.integrity`)."""
+    from torchslim.integrity import verify_manifest
+
     path = Path(path)
+    verify_manifest(path.parent, [path.name], verify=verify)
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -331,13 +379,13 @@ def read_artifact(path: str | Path) -> dict[str, torch.Tensor]:
     return decode_artifact(data, str(path))
 
 
-def load_compact(template: nn.Module, path: str | Path) -> nn.Module:
+def load_compact(template: nn.Module, path: str | Path, *, verify: bool = True) -> nn.Module:
     """A fresh plain copy of ``template`` (shared layers as dense weights) holding the artifact's tensors.
 
     Every state-dict entry of the copy is overwritten from the file (strictly), so nothing of the template's
     values survives; the template only gives the architecture.
     """
-    state = read_artifact(path)
+    state = read_artifact(path, verify=verify)
     fresh = unshare_(copy.deepcopy(template))
     try:
         fresh.load_state_dict(state, strict=True)

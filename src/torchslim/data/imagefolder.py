@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from torchslim.data import DataBundle, register_data_prefix, split_indices
-from torchslim.errors import InputError
+from torchslim.errors import InputError, describe
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -28,8 +28,13 @@ class ImageFiles(Sequence):
     def __getitem__(self, index):  # type: ignore[override]
         from PIL import Image
 
-        with Image.open(self.paths[index]) as image:
-            return np.asarray(image.convert("RGB"))
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # what PIL raises
+            raise InputError(f"data: {path}: cannot decode the image ({describe(error, 120)}); "
+                             f"remove or replace the file") from None
 
 
 @register_data_prefix("imagefolder")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import fnmatch
 import heapq
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from torchslim._config import check
-from torchslim.errors import InputError, describe
+from torchslim.errors import ArtifactError, InputError, describe, shorten
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.measure.stage import first_samples
@@ -80,7 +79,7 @@ class SvdFactorization:
               f"must be in (0, 1) or 0 (unused), got {self.target_macs}")
         check(not (self.rank_ratio and self.target_macs), "target_macs", "give rank_ratio or target_macs, not both")
         check(bool(self.layers), "layers", "needs at least one pattern (\"*\": every layer)")
-        check(self.conv in ("channel", "spatial"), "conv", f"expected 'channel' or 'spatial', got {self.conv!r}")
+        check(self.conv in ("channel", "spatial"), "conv", f"expected 'channel' or 'spatial', got {shorten(self.conv)}")
         check(self.round_to >= 1, "round_to", f"must be >= 1, got {self.round_to}")
 
 
@@ -370,23 +369,34 @@ def factorize_svd(model: nn.Module, config: SvdFactorization, example_inputs: An
         skipped=skipped, target_reached=macs_after <= config.target_macs * macs_before if config.target_macs else True)
 
 
-def load_factorized(model: nn.Module, directory: str | Path) -> nn.Module:
+def load_factorized(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
     """Rebuild a factorized model, saved by ``TorchDeployable.save``, on a fresh instance of its original class
     (changed in place and returned): every layer saved as two factors is factorized again, then loaded.
+
+    Args:
+        verify: check the files against the folder's ``manifest.json`` (see `torchslim.integrity`).
+
+    Raises:
+        ArtifactError: a damaged, altered or inconsistent file, named (shapes are checked against the weights
+            file's header before anything is allocated).
 
     Example:
         >>> TorchDeployable(factorized).save(Path("out"))
         >>> model = load_factorized(DigitsCNN(), "out")
     """
+    from torchslim._validate import read_shapes
+    from torchslim.integrity import verify_manifest
+
     directory = Path(directory)
-    spec = json.loads((directory / "model.shapes.json").read_text())
-    if spec.get("format") != SHAPES_FORMAT:
-        raise InputError(f"{directory}/model.shapes.json: not a {SHAPES_FORMAT} file")
-    shapes = spec["shapes"]
+    verify_manifest(directory, ["model.shapes.json", "model.safetensors"], verify=verify)
+    shapes = read_shapes(directory, SHAPES_FORMAT)
     for name, module in list(model.named_modules()):
         first, second = shapes.get(f"{name}.0.weight"), shapes.get(f"{name}.1.weight")
         if type(module) not in (nn.Linear, nn.Conv2d) or first is None or second is None:
             continue
+        if len(first) != module.weight.dim() or len(second) != module.weight.dim() or not first[0]:
+            raise ArtifactError(f"{directory}/model.shapes.json: {name}'s factors {first} and {second} do not "
+                                f"factorize a {type(module).__name__}")
         # Spatial pairs end in a 1 x kw kernel; a 1 x 1 second layer is a channel pair (or an equivalent kw = 1).
         conv = "channel" if isinstance(module, nn.Linear) or second[2:] == [1, 1] else "spatial"
         _set_module(model, name, _empty_pair(module, first[0], conv))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -576,15 +575,25 @@ def save_pruned(model: nn.Module, directory: str | Path) -> Path:
     return TorchDeployable(model).save(Path(directory))
 
 
-def load_pruned(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Rebuild a pruned model on a fresh instance of its original class (changed in place and returned)."""
+def load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
+    """Rebuild a pruned model on a fresh instance of its original class (changed in place and returned).
+
+    Args:
+        verify: check the files against the folder's ``manifest.json`` (see `torchslim.integrity`).
+
+    Raises:
+        ArtifactError: a damaged, altered or inconsistent file, named; nothing is allocated before the recorded
+            shapes have been checked against the weights file's header.
+    """
+    from torchslim._validate import read_shapes
+    from torchslim.integrity import verify_manifest
+
     directory = Path(directory)
-    spec = json.loads((directory / "model.shapes.json").read_text())
-    if spec.get("format") != SHAPES_FORMAT:
-        raise InputError(f"{directory}/model.shapes.json: not a {SHAPES_FORMAT} file")
+    verify_manifest(directory, ["model.shapes.json", "model.safetensors"], verify=verify)
+    shapes = read_shapes(directory, SHAPES_FORMAT)
     state = model.state_dict()
     graph = ChannelGraph()
-    for name, shape in spec["shapes"].items():
+    for name, shape in shapes.items():
         if name not in state:
             raise InputError(f"{directory}: the model has no tensor {name!r}; is this the original model class?")
         if list(state[name].shape) != shape:

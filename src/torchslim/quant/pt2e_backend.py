@@ -160,16 +160,32 @@ class InductorInt8Deployable(Deployable):
         return loaded(inputs)
 
 
-def load_artifact(module: nn.Module, example: Any, path: Path, config) -> InductorInt8Deployable:
-    """Rebuild the int8 model saved at ``path`` on ``module``'s architecture (its weights are not used)."""
-    from safetensors.torch import load_file
+def load_artifact(module: nn.Module, example: Any, path: Path, config, *, verify: bool = True
+                  ) -> InductorInt8Deployable:
+    """Rebuild the int8 model saved at ``path`` on ``module``'s architecture (its weights are not used).
 
-    saved = load_file(str(path))
+    Raises:
+        ArtifactError: a damaged or altered file (checked against the folder's ``manifest.json`` unless
+            ``verify=False``), another format, or a tensor that does not fit the model.
+    """
+    from torchslim._validate import load_tensors, require, safetensors_header
+    from torchslim.errors import ArtifactError
+    from torchslim.integrity import verify_manifest
+
+    path = Path(path)
+    verify_manifest(path.parent, [path.name], verify=verify)
+    names, metadata = safetensors_header(path)
+    require(metadata.get("format") == ARTIFACT_FORMAT, path, f"not a {ARTIFACT_FORMAT} file")
+    require(all(k.startswith(("graph/", "observer/")) for k in names), path, "holds tensors of another format")
+    saved = load_tensors(path)
     ranges = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith("observer/")}
     converted, _, _ = _convert(module, example, config, ranges=ranges)
     for key, value in saved.items():
         if key.startswith("graph/"):
-            _set_graph_tensor(converted, key.split("/", 1)[1], value)
+            try:
+                _set_graph_tensor(converted, key.split("/", 1)[1], value)
+            except (AttributeError, ValueError) as error:
+                raise ArtifactError(f"{path}: {key}: {error}") from None
     return InductorInt8Deployable(converted, ranges, module, example, config)
 
 

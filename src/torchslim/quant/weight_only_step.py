@@ -210,16 +210,29 @@ class WeightOnlyDeployable(TorchDeployable):
         return path
 
 
-def load_weight_only(model: nn.Module, directory: str | Path) -> nn.Module:
+def load_weight_only(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
     """Turn a float model (the same architecture, e.g. freshly built from its spec) into the saved weight-only
-    model in ``directory`` (written by `WeightOnlyDeployable.save`), in place; returns it."""
+    model in ``directory`` (written by `WeightOnlyDeployable.save`), in place; returns it.
+
+    Args:
+        verify: check the files against the folder's ``manifest.json`` (see `torchslim.integrity`).
+
+    Raises:
+        ArtifactError: a damaged, altered or inconsistent file, named (every packed table's shape is checked
+            against the weights file's header before anything is allocated).
+    """
+    from torchslim._validate import check_weight_only_layers, read_json
+    from torchslim.integrity import verify_manifest
     from torchslim.quant.weight_only import restore_weight_only_
 
     directory = Path(directory)
-    spec = json.loads((directory / "model.weight_only.json").read_text())
-    if spec.get("format") != FORMAT:
-        raise InputError(f"{directory}: not a torchslim weight-only artifact (format {spec.get('format')!r})")
-    restore_weight_only_(model, spec["layers"])
+    path, weights = directory / "model.weight_only.json", directory / "model.safetensors"
+    verify_manifest(directory, [path.name, weights.name], verify=verify)
+    layers = check_weight_only_layers(read_json(path), path, weights, FORMAT)
+    try:
+        restore_weight_only_(model, layers)
+    except ValueError as error:  # a recorded module the model does not have
+        raise InputError(f"{path}: {error}") from None
     load_safetensors(model, directory / "model.safetensors")
     return model.eval()
 

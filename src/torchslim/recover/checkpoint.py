@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from torchslim.errors import InputError
+from torchslim.integrity import sha256_file
 
 FORMAT = "torchslim-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: state.json carries the SHA-256 of its own content ("state_sha256"); 1 is still read
 LATEST = "latest"
 
 
@@ -30,12 +31,10 @@ class CheckpointError(InputError):
     """A checkpoint exists but cannot be used (corrupted, incomplete, or written by a different run)."""
 
 
-def _digest(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
+def _state_digest(state: dict) -> str:
+    """SHA-256 of ``state``'s canonical JSON (sorted keys), without its own ``state_sha256``."""
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _json_default(value: Any) -> Any:
@@ -79,10 +78,12 @@ def write_checkpoint(root: Path, tensors: dict[str, dict[str, torch.Tensor]], st
         for stem, group in tensors.items():
             path = tmp / f"{stem}.safetensors"
             save_file(_unshared(group), str(path))
-            digests[path.name] = _digest(path)
-        body = {"format": FORMAT, "version": VERSION, "files": digests, **state}
+            digests[path.name] = sha256_file(path)
+        body = json.loads(json.dumps({"format": FORMAT, "version": VERSION, "files": digests, **state},
+                                     default=_json_default))
+        body["state_sha256"] = _state_digest(body)  # counters and histories are checked too, not only tensors
         with open(tmp / "state.json", "w") as handle:
-            json.dump(body, handle, default=_json_default)
+            json.dump(body, handle)
             handle.flush()
             os.fsync(handle.fileno())
         final, old = root / LATEST, root / f".{LATEST}.old"
@@ -129,18 +130,25 @@ def read_checkpoint(root: Path, fingerprint: str) -> tuple[dict[str, dict[str, t
         raise CheckpointError(f"{folder}/state.json: unreadable checkpoint ({error}); {hint}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{folder}/state.json: not a torchslim checkpoint; {hint}")
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"{folder}: checkpoint format version {state.get('version')!r}, this torchslim "
-                              f"reads {VERSION}; {hint}")
+    if type(state.get("version")) is not int or state["version"] not in (1, VERSION):
+        raise CheckpointError(f"{folder}/state.json: checkpoint format version {str(state.get('version'))[:20]}, this "
+                              f"torchslim reads 1 and {VERSION}; {hint}")
+    if state["version"] >= 2 and state.get("state_sha256") != _state_digest(state):
+        raise CheckpointError(f"{folder}/state.json: checkpoint state is corrupted (checksum mismatch); {hint}")
+    if not isinstance(state.get("files"), dict):
+        raise CheckpointError(f"{folder}/state.json: 'files' must map file names to digests; {hint}")
     if state.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"{folder}: checkpoint was written by a different run (recipe, model or step "
-                              f"changed: {state.get('describe', '?')}); {hint}")
+        raise CheckpointError(f"{folder}: checkpoint was written by a different run ({state.get('describe', '?')}: "
+                              f"the recipe's content, model or step changed since); to resume it, run the recipe as "
+                              f"it was; to keep it and start this one, choose another --out; --fresh discards it")
     tensors = {}
     for name, digest in state.get("files", {}).items():
         path = folder / name
+        if not isinstance(name, str) or "/" in name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{folder}/state.json: lists {str(name)[:60]!r}, not a tensor file; {hint}")
         if not path.exists():
             raise CheckpointError(f"{path}: checkpoint file missing; {hint}")
-        if _digest(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: checkpoint file is corrupted (checksum mismatch); {hint}")
         try:
             tensors[name.removesuffix(".safetensors")] = load_file(str(path))

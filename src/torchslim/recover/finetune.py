@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from torchslim._config import check, to_dict
-from torchslim.errors import InputError
+from torchslim.errors import InputError, shorten
 from torchslim.recover.features import (TappedStudent, TappedTeacher, attention_heads, find_attention, find_module,
                                         projection)
 from torchslim.recover.losses import get_loss
@@ -75,7 +75,7 @@ class DistillConfig:
         check(self.feature_weight >= 0, "feature_weight", f"must be >= 0, got {self.feature_weight}")
         check(self.attention_weight >= 0, "attention_weight", f"must be >= 0, got {self.attention_weight}")
         for i, pair in enumerate(self.features):
-            check(len(pair) == 2, f"features[{i}]", f"expected [student_layer, teacher_layer], got {pair!r}")
+            check(len(pair) == 2, f"features[{i}]", f"expected [student_layer, teacher_layer], got {shorten(pair)}")
 
 
 @dataclass
@@ -273,11 +273,12 @@ def _check_sparse_gradients(context, optimizer) -> None:
                              f"model's embedding tables; set it to 0")
 
 
-def fingerprint(context, config: FinetuneConfig) -> tuple[str, str]:
-    """(hash, description) identifying this training run: the recipe up to this step and the model's shapes."""
+def fingerprint(context, config: FinetuneConfig, name: str = "finetune") -> tuple[str, str]:
+    """(hash, description) identifying this training run by content: the resolved recipe up to this step, the
+    run's name within the step, its config and the model's shapes (never how the recipe's path was spelled)."""
     shapes = {k: list(v.shape) for k, v in context.model.state_dict().items()}
-    body = {"where": context.where, "recipe": context.recipe_dict, "shapes": shapes, "config": to_dict(config),
-            "seed": context.seed}
+    body = {"step": context.step_index, "run": name, "recipe": context.recipe_dict, "shapes": shapes,
+            "config": to_dict(config), "seed": context.seed}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return digest, f"{context.where}, {sum(v.numel() for v in context.model.state_dict().values())} values"
 
@@ -296,7 +297,7 @@ def finetune(context, config: FinetuneConfig, name: str = "finetune") -> TorchDe
     loss_fn = _make_loss(context, config, teacher, heads)
     data = context.data
     labels = data.labels.get("train") if data.has_labels else None
-    digest, describe = fingerprint(context, config)
+    digest, describe = fingerprint(context, config, name)
     trainer = Trainer(student, loss_fn, SplitDataset(data.splits["train"], labels),
                       batch_collate(context.bundle.preprocess, labels is not None), config,
                       validate=_make_validate(context, teacher_model, max(config.batch_size, 64)),

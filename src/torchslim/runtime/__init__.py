@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim.errors import ArtifactError, describe, shorten
 from torchslim.zoo import call_model
 
 
@@ -86,13 +87,16 @@ def load_safetensors(module: nn.Module, path: Path) -> None:
     """Load a safetensors state dict into ``module``, as strictly as ``load_state_dict`` but for tied weights
     (saved once, by safetensors' ``save_model``), keeping the module's own state-dict metadata: some modules
     (e.g. torchvision's MNASNet) check the version recorded there."""
-    from safetensors.torch import load_file
+    from torchslim._validate import load_tensors
 
-    state = OrderedDict(load_file(str(path)))
+    state = OrderedDict(load_tensors(Path(path)))
     metadata = getattr(module.state_dict(), "_metadata", None)
     if metadata is not None:
         state._metadata = metadata  # type: ignore[attr-defined]
-    result = module.load_state_dict(state, strict=False)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a size mismatch
+        raise ArtifactError(f"{path}: state dict does not fit the model: {describe(error, 200)}") from None
     owners: dict[int, list[str]] = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
         owners.setdefault(id(tensor), []).append(name)
@@ -100,14 +104,35 @@ def load_safetensors(module: nn.Module, path: Path) -> None:
     missing = [k for k in result.missing_keys
                if not any(alias in loaded for names in owners.values() if k in names for alias in names)]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"{path}: state dict does not fit the model (missing {missing[:5]}, "
-                           f"unexpected {result.unexpected_keys[:5]})")
+        raise ArtifactError(f"{path}: state dict does not fit the model (missing {missing[:5]}, "
+                            f"unexpected {[shorten(k) for k in result.unexpected_keys[:5]]})")
 
 
 def _as_numpy_feed(session, inputs: Any) -> dict[str, np.ndarray]:
     tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
     names = [i.name for i in session.get_inputs()]
     return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+
+
+def onnx_session(path: Path, threads: int = 0, *, verify: bool = True):
+    """An ONNX Runtime CPU session on the ONNX file at ``path``, checked first (`torchslim._validate.check_onnx`:
+    its folder's manifest, else onnx's checker).
+
+    Raises:
+        ArtifactError: the file is damaged, altered or not a model ONNX Runtime can load; the message names it.
+    """
+    import onnxruntime as ort
+
+    from torchslim._validate import check_onnx
+
+    check_onnx(Path(path), verify=verify)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own error types (InvalidProtobuf, Fail, ...)
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({describe(error, 160)})") from None
 
 
 class OnnxRuntimeDeployable(Deployable):
@@ -146,4 +171,4 @@ class OnnxRuntimeDeployable(Deployable):
         return session.run(None, _as_numpy_feed(session, inputs))
 
 
-__all__ = ["Deployable", "OnnxRuntimeDeployable", "TorchDeployable"]
+__all__ = ["Deployable", "OnnxRuntimeDeployable", "TorchDeployable", "onnx_session"]

@@ -132,6 +132,7 @@ def _write_yaml(path: Path, raw: dict, comment: str = "") -> None:
 def finish(recipe, storage, name: str, runner, out: Path, log: Callable[[str], None],
            journal: Path | None = None) -> dict:
     """Collect the study's trials and write the output folder (see the module docstring); returns the report."""
+    from torchslim.integrity import write_manifest
     from torchslim.pipeline import atomic_output_dir, compress
     from torchslim.recipe import parse_recipe
     from torchslim.report import environment
@@ -194,6 +195,7 @@ def finish(recipe, storage, name: str, runner, out: Path, log: Callable[[str], N
             shutil.copyfile(journal, tmp / "study.journal")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(to_markdown(section, report))
+        write_manifest(tmp)  # last: it covers every file above, best/ included
     log(section["message"])
     return report
 

@@ -150,7 +150,8 @@ def _resume(study, payload: dict, recipe, name: str, log: Callable, started: flo
 
 def auto(model: str | None = None, data: str | None = None, out: str | Path | None = None, *,
          recipe: Any = None, seed: int | None = None, batch_size: int | None = None, study: str | None = None,
-         progress: bool = True, log: Callable[[str], None] = print, fresh: bool = False, **settings) -> dict:
+         progress: bool = True, log: Callable[[str], None] = print, fresh: bool = False, overwrite: bool = False,
+         **settings) -> dict:
     """Search compression plans for ``model`` on ``data`` under the constraints; returns the report dict
     (``report["search"]`` holds the front, the constraint lines and the chosen point).
 
@@ -161,6 +162,7 @@ def auto(model: str | None = None, data: str | None = None, out: str | Path | No
         batch_size: the batched latency's batch size (``measure.batch_size``).
         study: the study's name in its storage (default ``torchslim-<out folder name>``).
         fresh: discard an interrupted earlier search of this output folder instead of resuming it.
+        overwrite: replace ``out`` even if no torchslim run wrote it (see `torchslim._output.check_output_dir`).
         settings: ``max_drop``, ``target``, ``budget``, ``runtime``, ``trials``, ``time_budget``, ``workers``,
             ``storage``, ``sampler`` — the `SearchConfig` fields of the same names.
 
@@ -169,17 +171,29 @@ def auto(model: str | None = None, data: str | None = None, out: str | Path | No
         ...                         target="latency", trials=30, batch_size=256)
         >>> report["search"]["chosen"]["latency_ratio"]
     """
+    from torchslim._output import OutputLock, check_output_dir
+    from torchslim.search import study as studies
+
+    started = time.time()  # the time budget covers the sensitivity pass and the trials
+    recipe = search_recipe(model, data, recipe, seed, batch_size, **settings)
+    _check_runtime(recipe)
+    studies.require_optuna()
+    out = Path(out or f"out/auto-{recipe.model.split(':')[-1].replace('/', '-')}")
+    source = Path(recipe.source)
+    out = check_output_dir(out, overwrite=overwrite, protect=[source] if source.is_file() else [])
+    with OutputLock(out):
+        return _search(recipe, out, study, progress, log, fresh, started)
+
+
+def _search(recipe, out: Path, study: str | None, progress: bool, log: Callable, fresh: bool,
+            started: float) -> dict:
+    """The search itself, under the output folder's lock (see `auto`)."""
     from torchslim.search import study as studies
     from torchslim.search.results import finish
     from torchslim.search.trial import TrialRunner, default_lock_path
     from torchslim.search.worker import run_worker, start_local_workers
 
-    started = time.time()  # the time budget covers the sensitivity pass and the trials
-    recipe = search_recipe(model, data, recipe, seed, batch_size, **settings)
     config = recipe.search
-    _check_runtime(recipe)
-    studies.require_optuna()
-    out = Path(out or f"out/auto-{recipe.model.split(':')[-1].replace('/', '-')}")
     workdir = out.with_name(out.name + ".search")
     if fresh and workdir.exists():
         shutil.rmtree(workdir)

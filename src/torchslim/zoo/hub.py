@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.errors import InputError
+from torchslim.errors import InputError, describe, shorten
 from torchslim.zoo import ModelBundle, register_model_prefix
 from torchslim.zoo.preprocess import ImagePreprocess, TensorPreprocess, TextPreprocess
 
@@ -127,33 +127,66 @@ def load_hf_folder(path: str, spec: str, max_length: int = 128) -> ModelBundle:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise InputError(f"model: {spec}: {folder} is not a Hugging Face model folder (no config.json)")
+    weights = {"local_files_only": True, "use_safetensors": _safetensors_weights(folder, spec)}
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        architectures = (config.get("architectures") if isinstance(config, dict) else None) or []
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"model: {spec}: {folder / 'config.json'}: not JSON ({describe(error, 120)})") from None
     transformers = _need("transformers", "nlp", spec)
-    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     preprocess = TextPreprocess(tokenizer, max_length=max_length)
     if _is_causal_lm(architectures):
         if tokenizer.pad_token is None:  # GPT-2-style tokenizers have none; padding is masked out anyway
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"
-        lm = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(folder, **weights)
         context = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
         preprocess = TextPreprocess(tokenizer, max_length=min(max_length, context or max_length))
         return ModelBundle(model=CausalLMScorer(lm).eval(), spec=spec, task="lm", modality="text",
                            preprocess=preprocess, example_inputs=preprocess.example)
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         model: nn.Module = LogitsOnly(transformers.AutoModelForSequenceClassification.from_pretrained(
-            folder, local_files_only=True))
+            folder, **weights))
         task = "classification"
     else:
-        model = MeanPooledEncoder(transformers.AutoModel.from_pretrained(folder, local_files_only=True))
+        model = MeanPooledEncoder(transformers.AutoModel.from_pretrained(folder, **weights))
         task = "embedding"
     return ModelBundle(model=model.eval(), spec=spec, task=task, modality="text", preprocess=preprocess,
                        example_inputs=preprocess.example)
 
 
+ALLOW_PICKLE_ENV = "TORCHSLIM_ALLOW_PICKLE"
+
+
+def _safetensors_weights(folder: Path, spec: str) -> bool:
+    """True when ``folder`` holds safetensors weights (always preferred). A folder with only pickled weights
+    (``pytorch_model.bin``) is refused unless ``TORCHSLIM_ALLOW_PICKLE=1``: unpickling runs code, and although
+    transformers restricts it (``weights_only``), a weights file should not need it."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return True
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not pickled:
+        raise InputError(f"model: {spec}: {folder} holds no weights (expected model.safetensors)")
+    if os.environ.get(ALLOW_PICKLE_ENV) != "1":
+        raise InputError(f"model: {spec}: {folder} holds only pickled weights ({pickled[0]}); convert them to "
+                         f"model.safetensors (model.save_pretrained(folder) does), or set {ALLOW_PICKLE_ENV}=1 to "
+                         f"let transformers unpickle them (restricted to tensors)")
+    return False
+
+
 @register_model_prefix("hf")
 def hf_model(path: str) -> ModelBundle:
     return load_hf_folder(path, spec=f"hf:{path}")
+
+
+def _call_user(function, what: str, spec: str, path: Path, *args):
+    """Call a function of the user's ``file:`` module; what it raises is the user's fault, so an InputError."""
+    try:
+        return function(*args)
+    except (Exception, SystemExit) as error:  # torchslim's own errors (a loader's) are kept whole: they say what to do
+        limit = 600 if isinstance(error, InputError) else 200
+        raise InputError(f"model: {spec}: {path}: {what} raised {describe(error, limit)}") from None
 
 
 @register_model_prefix("file")
@@ -174,22 +207,26 @@ def file_model(target: str) -> ModelBundle:
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as error:
-        raise InputError(f"model: {spec}: importing {path} failed: {type(error).__name__}: {error}") from None
+    except (Exception, SystemExit) as error:
+        raise InputError(f"model: {spec}: importing {path} failed: {describe(error, 200)}") from None
     factory = getattr(module, factory_name, None)
     if not callable(factory):
-        raise InputError(f"model: {spec}: {path} defines no callable {factory_name!r}")
-    made = factory()
-    model, example = (made if isinstance(made, tuple) else (made, None))
+        raise InputError(f"model: {spec}: {path} defines no callable {shorten(factory_name)}")
+    made = _call_user(factory, f"{factory_name}()", spec, path)
+    model, example = (made if isinstance(made, tuple) and len(made) == 2 else (made, None))
     if not isinstance(model, nn.Module):
-        raise InputError(f"model: {spec}: {factory_name}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise InputError(f"model: {spec}: {factory_name}() returned {type(model).__name__}, not a torch.nn.Module "
+                         f"(or a (module, example_input) pair)")
     if example is None and callable(getattr(module, "example_inputs", None)):
-        example = module.example_inputs(1)
+        example = _call_user(module.example_inputs, "example_inputs(1)", spec, path, 1)
     if example is None:
         preprocess = ImagePreprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return ModelBundle(model=model, spec=spec, task="classification", modality="image",
                            preprocess=preprocess, example_inputs=preprocess.example)
-    shape = tuple(torch.as_tensor(example).shape[1:])
+    try:
+        shape = tuple(torch.as_tensor(example).shape[1:])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"model: {spec}: the example input is not a tensor ({describe(error, 120)})") from None
     preprocess = TensorPreprocess(shape)
     return ModelBundle(model=model, spec=spec, task="classification", modality="tensor", preprocess=preprocess,
                        example_inputs=preprocess.example)
