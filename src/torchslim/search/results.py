@@ -115,11 +115,14 @@ def _public(point: dict) -> dict:
 def _counts(study) -> dict:
     from optuna.trial import TrialState
 
+    from torchslim.search.study import interrupted
+
     trials = study.get_trials(deepcopy=False)
+    lost = set(interrupted(study))
     return {"requested": study.user_attrs["torchslim"]["recipe"]["search"]["trials"],
             "complete": sum(t.state == TrialState.COMPLETE for t in trials),
-            "failed": sum(t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") for t in trials),
-            "interrupted": sum(bool(t.user_attrs.get("interrupted")) for t in trials),
+            "failed": sum(t.state == TrialState.FAIL and t.number not in lost for t in trials),
+            "interrupted": len(lost), "interrupted_trials": sorted(lost),
             "seconds": round(max((t.datetime_complete.timestamp() for t in trials if t.datetime_complete),
                                  default=0) - study.user_attrs["torchslim"]["started"], 1)}
 

@@ -130,19 +130,26 @@ def recover_interrupted(study, local_only: bool) -> list[int]:
                 continue
         elif not local_only:
             continue
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL)
         study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number}, skip_if_exists=False)
         lost.append(trial.number)
+    if lost:
+        study.set_user_attr(INTERRUPTED, interrupted(study) + lost)
     return lost
+
+
+INTERRUPTED = "torchslim.interrupted"  # study user attribute: numbers of the trials killed in flight
+
+
+def interrupted(study) -> list[int]:
+    """The trials that were failed because their worker died mid-trial (see `recover_interrupted`)."""
+    return list(study.user_attrs.get(INTERRUPTED, []))
 
 
 def counted(study) -> int:
     """Trials that count against the budget: completed, and failed by their own error (not interrupted)."""
     from optuna.trial import TrialState
 
-    total = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-        if not trial.user_attrs.get("interrupted"):
-            total += 1
-    return total
+    lost = set(interrupted(study))
+    return sum(1 for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+               if trial.number not in lost)
