@@ -63,14 +63,15 @@ def open_storage(url: str | None, default_journal: Path):
         if not path.parent.is_dir():
             raise InputError(f"--storage {url}: folder {path.parent} does not exist")
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=1)  # a dead worker's trial runs once more
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith(("postgresql", "mysql")):
         engine["connect_args"] = {"connect_timeout": 10}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=30, grace_period=120,
-                                          heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1))
+                                          heartbeat_stale_trial_callback=retry)
     except ModuleNotFoundError as error:
         raise InputError(f"--storage {masked(url)}: its database driver is not installed ({error.name}; e.g. pip "
                          f"install psycopg2-binary for PostgreSQL)") from None
