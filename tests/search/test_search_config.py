@@ -53,3 +53,13 @@ def test_import_torchslim_and_a_search_recipe_load_no_optuna():
             "import torchslim.search; print('optuna' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_the_example_search_recipe_loads():
+    from pathlib import Path
+
+    from torchslim.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[2] / "examples" / "search" / "digits-cnn.yaml")
+    assert not recipe.steps and recipe.search.constraints.max_drop == 0.005 and recipe.search.seconds == 1800
+    assert recipe.search.recovery.optimizer.lr == 0.02 and recipe.measure.batch_size == 256
