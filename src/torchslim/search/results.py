@@ -135,9 +135,7 @@ def _write_yaml(path: Path, raw: dict, comment: str = "") -> None:
 def finish(recipe, storage, name: str, runner, out: Path, log: Callable[[str], None],
            journal: Path | None = None) -> dict:
     """Collect the study's trials and write the output folder (see the module docstring); returns the report."""
-    from torchslim.integrity import write_manifest
-    from torchslim.pipeline import atomic_output_dir, compress
-    from torchslim.recipe import parse_recipe
+    from torchslim.pipeline import atomic_output_dir
     from torchslim.report import environment
     from torchslim.search.allocation import Predictor
     from torchslim.search.space import SearchSpace
@@ -162,45 +160,64 @@ def finish(recipe, storage, name: str, runner, out: Path, log: Callable[[str], N
                        proxy_quality(points, predictor), hypervolume(points, config.objectives, reference),
                        reference)
     with atomic_output_dir(out) as tmp:
-        report = None
-        if chosen is not None and chosen["feasible"]:
-            log(f"best point: trial {chosen['trial']}; re-running its recipe as a full compress run into best/")
-            try:
-                report = compress(parse_recipe(chosen["recipe"], source=f"trial {chosen['trial']}"), tmp / "best",
-                                  progress=False, log=log)
-            except Exception as error:  # the search's results are still worth writing
-                from torchslim.errors import describe
-
-                section["chosen"]["best"] = None
-                section["chosen"]["best_error"] = describe(error)
-                log(f"best/ could not be built: {describe(error)}")
+        report = _best(chosen, section, tmp, log)
         for point in front + ([chosen] if chosen is not None and chosen not in front else []):
             _write_yaml(tmp / "front" / f"trial-{point['trial']:04d}" / "recipe.yaml", point["recipe"],
                         f"# torchslim auto, study {name}, trial {point['trial']}: drop {point['drop']}, latency "
                         f"{point['latency_ratio']}x, size {point['size_ratio']}x (validation split)\n"
                         f"# reproduce: torchslim compress THIS_FILE --out DIR\n")
-        if chosen is not None and not chosen["feasible"]:
-            section["chosen"]["recipe"] = f"front/trial-{chosen['trial']:04d}/recipe.yaml"
         if report is None:
             report = {"schema": "torchslim.report/1", "recipe": recipe.to_dict(), "stages": [], "skipped": {},
                       "notes": [], "environment": environment(runner.threads)}
         report["search"] = section
-        trials = [{"trial": p["trial"], "params": p["params"], "figures": {k: v for k, v in p.items()
-                                                                          if k not in ("params", "recipe")}}
-                  for p in points]
-        (tmp / "front.json").write_text(json.dumps({"schema": SCHEMA, "front": section["front"],
-                                                    "constraints": section["constraints"],
-                                                    "chosen": section["chosen"]}, indent=1) + "\n")
-        (tmp / "trials.json").write_text(json.dumps(trials, indent=1, default=str) + "\n")
-        (tmp / "sensitivity.json").write_text(json.dumps(payload["sensitivity"], indent=1) + "\n")
-        _write_yaml(tmp / "recipe.yaml", recipe.to_dict())
-        if journal is not None and journal.is_file():
-            shutil.copyfile(journal, tmp / "study.journal")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (tmp / "report.md").write_text(to_markdown(section, report))
-        write_manifest(tmp)  # last: it covers every file above, best/ included
+        _write_files(tmp, recipe, report, points, payload["sensitivity"], journal)
     log(section["message"])
     return report
+
+
+def _best(chosen: dict | None, section: dict, tmp: Path, log: Callable[[str], None]) -> dict | None:
+    """The chosen point re-run by `compress` into ``tmp/best`` (its report), or None when it is not feasible
+    or fails (the search's results are still written; the section says why)."""
+    from torchslim.errors import describe
+    from torchslim.pipeline import compress
+    from torchslim.recipe import parse_recipe
+
+    if chosen is None:
+        return None
+    if not chosen["feasible"]:
+        section["chosen"]["recipe"] = f"front/trial-{chosen['trial']:04d}/recipe.yaml"
+        return None
+    log(f"best point: trial {chosen['trial']}; re-running its recipe as a full compress run into best/")
+    try:
+        return compress(parse_recipe(chosen["recipe"], source=f"trial {chosen['trial']}"), tmp / "best",
+                        progress=False, log=log)
+    except Exception as error:
+        section["chosen"]["best"] = None
+        section["chosen"]["best_error"] = describe(error)
+        log(f"best/ could not be built: {describe(error)}")
+        return None
+
+
+def _write_files(tmp: Path, recipe, report: dict, points: list[dict], sensitivity: dict,
+                 journal: Path | None) -> None:
+    """front.json, trials.json, sensitivity.json, recipe.yaml, study.journal, report.json, report.md and, last,
+    manifest.json."""
+    from torchslim.integrity import write_manifest
+
+    section = report["search"]
+    trials = [{"trial": p["trial"], "params": p["params"],
+               "figures": {k: v for k, v in p.items() if k not in ("params", "recipe")}} for p in points]
+    (tmp / "front.json").write_text(json.dumps({"schema": SCHEMA, "front": section["front"],
+                                                "constraints": section["constraints"],
+                                                "chosen": section["chosen"]}, indent=1) + "\n")
+    (tmp / "trials.json").write_text(json.dumps(trials, indent=1, default=str) + "\n")
+    (tmp / "sensitivity.json").write_text(json.dumps(sensitivity, indent=1) + "\n")
+    _write_yaml(tmp / "recipe.yaml", recipe.to_dict())
+    if journal is not None and journal.is_file():
+        shutil.copyfile(journal, tmp / "study.journal")
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (tmp / "report.md").write_text(to_markdown(section, report))
+    write_manifest(tmp)  # last: it covers every file above, best/ included
 
 
 def to_markdown(section: dict, report: dict) -> str:
