@@ -21,12 +21,13 @@ from torch import nn
 
 from torchslim.data import DataBundle, resolve_data
 from torchslim.errors import InputError
+from torchslim.export import check_exports
 from torchslim.measure.generation import measure_generation
 from torchslim.measure.latency import set_threads
 from torchslim.measure.stage import collect_outputs, evaluate, measure_deployable
 from torchslim.recipe import Recipe
 from torchslim.registry import get_method
-from torchslim.runtime import Deployable, TorchDeployable
+from torchslim.runtime import Deployable, OnnxRuntimeDeployable, TorchDeployable
 from torchslim.zoo import ModelBundle, call_model, resolve_model
 
 
@@ -160,6 +161,7 @@ class Pipeline:
         bundle = resolve_model(recipe.model)
         data = resolve_data(recipe.data, recipe.seed)
         _check_compatible(bundle, data)
+        check_exports(recipe.export, bundle, f"{recipe.source}: export")
         teacher = copy.deepcopy(bundle.model).eval().requires_grad_(False)
         context = StepContext(model=bundle.model, teacher=teacher, bundle=bundle, data=data, seed=recipe.seed,
                               threads=threads, workdir=workdir, batch_size=recipe.measure.batch_size,
@@ -175,7 +177,8 @@ class Pipeline:
         for index, step in enumerate(recipe.steps):
             context.where = f"{recipe.source}: steps[{index}].{step.kind}"
             context.step_index = index
-            context.recipe_dict = {"model": recipe.model, "data": recipe.data, "seed": recipe.seed,
+            context.recipe_dict = {"model": recipe.model.to_recipe(), "data": recipe.data.to_recipe(),
+                                   "seed": recipe.seed,
                                    "steps": [s.to_dict() for s in recipe.steps[:index + 1]]}
             if step.kind == "quantize" and not main:
                 continue
@@ -183,6 +186,10 @@ class Pipeline:
             started = time.perf_counter()
             deployable = get_method(step.kind, step.method).handler(context, step.config)
             seconds = time.perf_counter() - started
+            if isinstance(deployable, OnnxRuntimeDeployable):
+                from torchslim.export.optimum import metadata
+
+                deployable.metadata = metadata(context)  # preprocessing and labels travel inside the file
             if main:
                 stages.append(self._measure(f"{index + 1}-{step.name}", step.name, deployable, seconds, context,
                                             reference, latency_batch, scratch))
@@ -225,7 +232,7 @@ def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: boo
         report["processes"] = info.world_size
         if out_dir is not None:
             with atomic_output_dir(Path(out_dir)) as tmp:
-                write_outputs(tmp, report, recipe, final)
+                write_outputs(tmp, report, recipe, final, context)
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
         distributed.barrier()
