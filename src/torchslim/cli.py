@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="discard training checkpoints of an interrupted earlier run instead of resuming it")
     for p in (demo, compress, profile):
         p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import a plugin module (or .py file) that registers prefixes or methods; runs its "
+                            "code (repeatable)")
+        p.add_argument("--no-plugins", action="store_true",
+                       help="do not load the installed packages' torchslim.plugins entry points")
     return parser
 
 
@@ -94,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     from torchslim.errors import InputError
 
     try:
+        from torchslim.plugins import load_plugins
+
+        load_plugins(args.imports, entry_points=not args.no_plugins)
         {"demo": _demo, "compress": _compress, "profile": _profile}[args.command](args)
     except InputError as error:
         print(f"torchslim: error: {error}", file=sys.stderr)

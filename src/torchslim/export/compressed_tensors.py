@@ -7,8 +7,13 @@ into int32 (``weight_packed``), ``weight_scale`` and, for asymmetric codes, the 
 convert exactly: torchslim keeps ``w = (code - zero) * scale`` with unsigned codes, compressed-tensors the same with
 signed codes, so both are shifted by ``2**(bits-1)``. What the format cannot express is written as its dequantized
 float weights (exactly the values torchslim computes with) and listed in ``ignore`` with the reason: layers with
-AWQ input scales, GPT-2's ``Conv1D`` (compressed-tensors quantizes ``nn.Linear`` only) and the output head tied to
-the input embedding (transformers ties the two by sharing one float weight).
+AWQ input scales, GPT-2's ``Conv1D`` (compressed-tensors quantizes ``nn.Linear`` only) and the output head
+(transformers leaves it unquantized when it loads compressed-tensors, as llm-compressor's checkpoints do).
+
+Loading: symmetric schemes load with a plain ``AutoModelForCausalLM.from_pretrained(folder)``; asymmetric ones
+(torchslim's default int4 codes have zero points) need ``quantization_config=CompressedTensorsConfig(dequantize=
+True)``: transformers' compressed loading path does not unpack packed zero points (llm-compressor issue 1618).
+``facts["load_kwargs"]`` says which.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ def compressed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, l
 
     originals = _original_types(model)
     tied = {id(m.qweight) for m in model.modules() if isinstance(m, WeightOnlyEmbedding) and m.is_shared}
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     state: dict[str, torch.Tensor] = {}
     schemes: dict[tuple, list[str]] = {}
     dense: dict[str, str] = {}
@@ -81,6 +87,8 @@ def compressed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, l
                 reason = "AWQ input scales have no compressed-tensors form"
             elif originals.get(name) != "Linear":
                 reason = f"{originals.get(name)} is not an nn.Linear (compressed-tensors packs nn.Linear only)"
+            elif module is head:
+                reason = "the output head (transformers keeps it unquantized when loading compressed-tensors)"
             elif id(module.qweight) in tied:
                 reason = "tied to the input embedding (transformers shares one float weight between them)"
             tensors = _dense(module, originals.get(name) == "Conv1D") if reason else _packed(module)
@@ -147,5 +155,7 @@ def save_compressed_tensors(model: nn.Module, directory: Path) -> dict:
     config["quantization_config"] = quantization_config(schemes, ignore)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    asymmetric = any(not symmetric for (_, _, symmetric) in schemes)
     return {"format": "compressed-tensors pack-quantized",
-            "quantized_layers": sum(len(v) for v in schemes.values()), "dense_layers": dense}
+            "quantized_layers": sum(len(v) for v in schemes.values()), "dense_layers": dense,
+            "load_kwargs": "quantization_config=CompressedTensorsConfig(dequantize=True)" if asymmetric else ""}
