@@ -5,7 +5,8 @@
   sub-folder of the output folder named after it: ``huggingface/`` (`torchslim.export.huggingface`: a
   ``save_pretrained`` folder, or a compressed-tensors checkpoint for weight-only int4/int8) and ``onnx/``
   (`torchslim.export.optimum`: an Optimum-style folder). ``auto`` picks them from the model's origin and the final
-  stage: a transformers model gets ``huggingface``, and ``onnx`` when its final stage runs on ONNX Runtime (other
+  stage: a transformers model gets ``huggingface`` when its final stage runs in PyTorch, ``onnx`` when it runs on
+  ONNX Runtime (other
   models' ONNX artifact, ``model.onnx``, already carries the preprocessing and label metadata; ask for ``onnx``
   to get the folder layout too).
 """
@@ -31,7 +32,7 @@ def chosen_formats(config: ExportConfig, origin: str, runtime: str) -> list[str]
         return list(config.formats)
     if origin != "transformers":
         return []
-    return ["huggingface"] + (["onnx"] if runtime == "onnxruntime" else [])
+    return {"torch": ["huggingface"], "onnxruntime": ["onnx"]}.get(runtime, [])
 
 
 def check_exports(config: ExportConfig, bundle, where: str = "export") -> None:

@@ -34,7 +34,7 @@ class ExportConfig:
         check(len(self.formats) >= 1, "formats", "name at least one kind (or none)")
         check(len(set(self.formats)) == len(self.formats), "formats", f"names a kind twice: {self.formats}")
         special = [f for f in self.formats if f in ("auto", "none")]
-        check(not special or len(self.formats) == 1, "formats", f"{special[0]!r} stands alone, got {self.formats}")
+        check(not special or len(self.formats) == 1, "formats", f"auto and none stand alone, got {self.formats}")
 
 
 def export_from_recipe(value) -> dict:
