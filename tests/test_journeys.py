@@ -56,7 +56,8 @@ def test_hf_classifier_on_a_csv_fine_tuned_and_exported(tmp_path):
     with torch.inference_mode():
         logits = loaded(**encoded).logits
     accuracy = float((logits.argmax(-1).numpy() == test.labels["test"]).mean())
-    assert accuracy == pytest.approx(report["stages"][-1]["score"], abs=1e-9)  # the measured stage's accuracy
+    # the measured stage's accuracy (the report rounds scores to 6 digits)
+    assert accuracy == pytest.approx(report["stages"][-1]["score"], abs=5e-7)
     nonzero = sum(int(p.count_nonzero()) for n, p in loaded.named_parameters() if "encoder" in n and "weight" in n
                   and p.ndim == 2)
     total = sum(p.numel() for n, p in loaded.named_parameters() if "encoder" in n and "weight" in n and p.ndim == 2)
@@ -111,7 +112,8 @@ def test_click_log_in_parquet_with_builtin_dlrm(tmp_path):
         model = resolve_model("builtin:dlrm").model
         direct = model(*click_preprocess()(rows))
     assert torch.equal(torch.from_numpy(rows.ids), ids)
-    assert roc_auc(direct, torch.from_numpy(parquet_data.labels["test"])) == pytest.approx(baseline["score"], abs=1e-9)
+    auc = roc_auc(direct, torch.from_numpy(parquet_data.labels["test"]))
+    assert auc == pytest.approx(baseline["score"], abs=5e-7)  # the report rounds scores to 6 digits
     assert baseline["score"] > 0.75 and abs(final["score"] - baseline["score"]) < 0.01
 
 
@@ -182,7 +184,7 @@ def test_torchvision_model_with_its_own_preprocessing_on_a_train_val_image_folde
         ours = bundle.model(batch).argmax(-1)
     assert torch.equal(ours, theirs)
     accuracy = float((theirs.numpy() == np.asarray(dataset.targets)).mean())
-    assert accuracy == pytest.approx(report["stages"][0]["score"], abs=1e-9)
+    assert accuracy == pytest.approx(report["stages"][0]["score"], abs=5e-7)  # scores are rounded to 6 digits
     run_snippet("torch-vision", tmp_path / "run-out")
 
 

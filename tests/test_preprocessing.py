@@ -43,7 +43,8 @@ def test_torchvision_overrides_rebuild_its_transform():
     pytest.importorskip("torchvision")
     bundle = resolve_model(ModelConfig(spec="torchvision:resnet18", input_size=160, interpolation="bicubic"))
     settings = bundle.preprocess.describe()
-    assert (settings["center_crop"], settings["resize_shorter_side"], settings["interpolation"]) == (160, 183, "bicubic")
+    chosen = (settings["center_crop"], settings["resize_shorter_side"], settings["interpolation"])
+    assert chosen == (160, 183, "bicubic")
     assert bundle.preprocess(photos(1)).shape == (1, 3, 160, 160)
 
 
@@ -105,3 +106,24 @@ def test_builtin_image_preprocessing_takes_overrides():
     assert bundle.preprocess([np.zeros((30, 40, 1), np.uint8)]).shape == (1, 1, 24, 24)
     with pytest.raises(InputError, match="max_length applies to text models only"):
         resolve_model(ModelConfig(spec="builtin:tiny-test-cnn", max_length=12))
+
+
+def test_hugging_face_image_classifiers_use_their_image_processor(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3)
+    ViTForImageClassification(config).save_pretrained(tmp_path)
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(tmp_path)
+    bundle = resolve_model(f"hf:{tmp_path}")
+    assert (bundle.task, bundle.modality, bundle.origin) == ("classification", "image", "transformers")
+    images = photos(2)
+    pixels = bundle.preprocess(images)
+    from PIL import Image
+
+    expected = processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, expected)
+    assert bundle.model(pixels).shape == (2, 3) and bundle.example_inputs(1).shape == (1, 3, 32, 32)

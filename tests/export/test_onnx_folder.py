@@ -52,7 +52,7 @@ def test_onnx_stage_carries_labels_and_preprocessing_and_the_folder_round_trips(
     pixels = TINY_PREPROCESS(list(data.splits["test"])).numpy()
     (logits,) = session.run(None, {"pixel_values": pixels})
     accuracy = float((logits.argmax(-1) == data.labels["test"]).mean())
-    assert accuracy == pytest.approx(report["stages"][-1]["score"], abs=1e-9)
+    assert accuracy == pytest.approx(report["stages"][-1]["score"], abs=5e-7)  # scores are rounded to 6 digits
     from tiny_hf import run_snippet
 
     run_snippet("onnx-image", out)

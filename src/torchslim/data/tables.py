@@ -118,7 +118,7 @@ def read_datasets(rest: str, where: str) -> tuple[dict[str, object], dict[str, P
         loaded = {"all": loaded}
     tables = {}
     for name, split in loaded.items():
-        ours = SPLIT_NAMES.get(name, "all" if len(loaded) == 1 else None)
+        ours = "all" if len(loaded) == 1 else SPLIT_NAMES.get(name)  # one split (load_dataset's "train") is split
         if ours is not None and ours not in tables:
             tables[ours] = split.to_pandas()
     if not tables:

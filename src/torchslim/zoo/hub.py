@@ -182,11 +182,12 @@ def _example_bundle(model: nn.Module, example, spec: str, config: ModelConfig) -
         return ModelBundle(model=model, spec=spec, task="ctr", modality="clicks", preprocess=preprocess,
                            example_inputs=preprocess.example, origin="file")
     tensor = torch.as_tensor(example)
-    if tensor.ndim == 4 and tensor.is_floating_point() and tensor.shape[1] in (1, 3) and tensor.shape[2] == tensor.shape[3]:
-        size = tensor.shape[-1]
-        preprocess = ImagePreprocess(size=size, resize=round(size / 0.875), mean=IMAGENET_MEAN[:tensor.shape[1]] if
-                                     tensor.shape[1] == 3 else (0.5,), std=IMAGENET_STD if tensor.shape[1] == 3 else
-                                     (0.5,), channels=tensor.shape[1]).overridden(config.image_overrides)
+    square = tensor.ndim == 4 and tensor.shape[2] == tensor.shape[3]
+    if square and tensor.is_floating_point() and tensor.shape[1] in (1, 3):
+        size, channels = tensor.shape[-1], tensor.shape[1]
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+        preprocess = ImagePreprocess(size=size, resize=round(size / 0.875), mean=mean, std=std,
+                                     channels=channels).overridden(config.image_overrides)
         return ModelBundle(model=model, spec=spec, task="classification", modality="image", preprocess=preprocess,
                            example_inputs=preprocess.example, origin="file")
     preprocess = TensorPreprocess(tuple(tensor.shape[1:]))

@@ -123,7 +123,8 @@ def torchvision_model(name: str, config: ModelConfig | None = None) -> ModelBund
         model.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
         notes.append(f"{spec}: pretrained weights {weights} from the local torch hub cache")
     else:
-        notes.append(f"{spec}: random weights (no checkpoint: given and no pretrained file in the local torch hub cache)")
+        notes.append(f"{spec}: random weights (no checkpoint: given and no pretrained file in the local torch hub "
+                     f"cache)")
     transform = torchvision_transform(weights, config.image_overrides)
     settings = {"source": "torchvision weights.transforms()" + (" with overrides" if config.image_overrides else ""),
                 "resize_shorter_side": transform.resize_size[0], "center_crop": transform.crop_size[0],
