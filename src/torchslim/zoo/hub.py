@@ -90,8 +90,9 @@ class ProcessorPreprocess:
 
     def __init__(self, processor, channels: int = 3):
         self.processor, self.channels = processor, channels
-        crop = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
-        self.size = int(crop.get("height") or crop.get("shortest_edge") or 224) if isinstance(crop, dict) else 224
+        cropped = getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None)
+        side = dict(cropped or getattr(processor, "size", None) or {})  # the side of the pixels it outputs
+        self.size = int(side.get("height") or side.get("shortest_edge") or 224)
 
     def __call__(self, images) -> torch.Tensor:
         from torchslim.zoo.preprocess import to_pil
