@@ -53,7 +53,7 @@ def test_imagefolder(tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("nope:x", "known prefixes: builtin:, imagefolder:"), ("builtin:mnist", "unknown built-in data set 'mnist'"),
+    ("nope:x", "known prefixes: builtin:, csv:, datasets:, file:, imagefolder:, jsonl:, parquet:, text:"), ("builtin:mnist", "unknown built-in data set 'mnist'"),
     ("builtin:", "names nothing"),
 ])
 def test_bad_data_specs(spec, message):

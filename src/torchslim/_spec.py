@@ -6,9 +6,46 @@ module is imported, and the registry imports those modules on first use so that 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
-from torchslim.errors import InputError, shorten
+from torchslim.errors import InputError, describe, shorten
+
+
+def takes_config(resolver: Callable[..., Any]) -> bool:
+    """Whether ``resolver`` accepts a ``config`` keyword (the recipe's mapping form of the spec)."""
+    try:
+        return "config" in inspect.signature(resolver).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def load_factory(target: str, field: str) -> tuple[Callable[..., Any], Any]:
+    """``path/to/module.py:factory`` -> (the callable, its module), importing the file (which runs its code).
+
+    Raises:
+        InputError: a malformed target, a missing file, an import that fails, or no callable of that name.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = f"file:{target}"
+    path_text, sep, name = target.rpartition(":")
+    if not sep or not path_text or not name:
+        raise InputError(f"{field}: {spec}: expected file:path/to/module.py:factory")
+    path = Path(path_text)
+    if not path.is_file():
+        raise InputError(f"{field}: {spec}: file {path} not found")
+    module_spec = importlib.util.spec_from_file_location(f"torchslim_user_{field}_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as error:  # the user's code failing is the user's input at fault
+        raise InputError(f"{field}: {spec}: importing {path} failed: {describe(error, 200)}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise InputError(f"{field}: {spec}: {path} defines no callable {shorten(name)}")
+    return factory, module
 
 
 class SpecRegistry:
@@ -35,7 +72,8 @@ class SpecRegistry:
             self._load()
 
     def register_prefix(self, prefix: str) -> Callable:
-        """Decorator: ``resolver(rest_of_spec, *args)`` handles specs ``prefix:rest``."""
+        """Decorator: ``resolver(rest_of_spec, *args)`` handles specs ``prefix:rest``; a resolver with a
+        ``config`` parameter also receives the recipe's mapping form of the spec (column mapping, overrides)."""
 
         def decorate(resolver: Callable[..., Any]) -> Callable[..., Any]:
             self.resolvers[prefix] = resolver
@@ -76,6 +114,15 @@ class SpecRegistry:
                              f"(known: {', '.join(sorted(self.builtins))})")
         return prefix, rest
 
-    def resolve(self, spec: str, *args: Any) -> Any:
+    def resolve(self, spec: str, *args: Any, config: Any = None) -> Any:
+        """Run the resolver of ``spec``'s prefix; ``config`` (the mapping form) goes to resolvers that take it."""
         prefix, rest = self.check(spec)
-        return self.resolvers[prefix](rest, *args)
+        resolver = self.resolvers[prefix]
+        if config is not None and takes_config(resolver):
+            return resolver(rest, *args, config=config)
+        return resolver(rest, *args)
+
+    def accepts_options(self, spec: str) -> bool:
+        """Whether the resolver of ``spec``'s prefix reads the mapping form's options."""
+        prefix, _ = self.check(spec)
+        return takes_config(self.resolvers[prefix])

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
                             "a filesystem root or a folder holding the recipe)")
     for p in (demo, compress, profile, auto, worker):
         p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import a plugin module (or .py file) that registers prefixes or methods; runs its "
+                            "code (repeatable)")
+        p.add_argument("--no-plugins", action="store_true",
+                       help="do not load the installed packages' torchslim.plugins entry points")
     return parser
 
 
@@ -196,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
+        from torchslim.plugins import load_plugins
+
+        load_plugins(args.imports, entry_points=not args.no_plugins)
         {"demo": _demo, "compress": _compress, "profile": _profile, "auto": _auto,
          "worker": _worker}[args.command](args)
     except InputError as error:

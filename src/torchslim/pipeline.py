@@ -20,12 +20,13 @@ from torch import nn
 from torchslim._output import OutputLock, atomic_output_dir, check_output_dir, checkpoint_root
 from torchslim.data import DataBundle, resolve_data
 from torchslim.errors import InputError
+from torchslim.export import check_exports
 from torchslim.measure.generation import measure_generation
 from torchslim.measure.latency import set_threads
 from torchslim.measure.stage import collect_outputs, evaluate, measure_deployable
 from torchslim.recipe import Recipe
 from torchslim.registry import get_method
-from torchslim.runtime import Deployable, TorchDeployable
+from torchslim.runtime import Deployable, OnnxRuntimeDeployable, TorchDeployable
 from torchslim.zoo import ModelBundle, call_model, resolve_model
 
 
@@ -136,6 +137,7 @@ class Pipeline:
         bundle = resolve_model(recipe.model)
         data = resolve_data(recipe.data, recipe.seed)
         _check_compatible(bundle, data)
+        check_exports(recipe.export, bundle, f"{recipe.source}: export")
         teacher = copy.deepcopy(bundle.model).eval().requires_grad_(False)
         context = StepContext(model=bundle.model, teacher=teacher, bundle=bundle, data=data, seed=recipe.seed,
                               threads=threads, workdir=workdir, batch_size=recipe.measure.batch_size,
@@ -158,6 +160,10 @@ class Pipeline:
             started = time.perf_counter()
             deployable = get_method(step.kind, step.method).handler(context, step.config)
             seconds = time.perf_counter() - started
+            if isinstance(deployable, OnnxRuntimeDeployable):
+                from torchslim.export.optimum import metadata
+
+                deployable.metadata = metadata(context)  # preprocessing and labels travel inside the file
             if main:
                 stages.append(self._measure(f"{index + 1}-{step.name}", step.name, deployable, seconds, context,
                                             reference, latency_batch, scratch))
@@ -202,6 +208,7 @@ def _resolved_up_to(recipe: Recipe, index: int) -> dict:
     up to that step; how the recipe's path was spelled and how stages are measured play no part."""
     resolved = recipe.to_dict()
     resolved.pop("measure")
+    resolved.pop("export", None)  # which extra formats are written afterwards changes no training
     resolved["steps"] = resolved["steps"][:index + 1]
     return resolved
 
@@ -225,7 +232,7 @@ def _compress(recipe: Recipe, out_dir: Path | None, info, progress: bool, log, f
         report["processes"] = info.world_size
         if out_dir is not None:
             with atomic_output_dir(out_dir) as tmp:
-                write_outputs(tmp, report, recipe, final)
+                write_outputs(tmp, report, recipe, final, context)
                 write_manifest(tmp)  # last: it covers every file written above
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)

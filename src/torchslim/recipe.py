@@ -25,8 +25,11 @@ import yaml
 from torchslim import data as data_specs
 from torchslim import zoo
 from torchslim._config import FieldError, check, from_dict, to_dict
+from torchslim.data.config import DataConfig, as_data_config
 from torchslim.errors import InputError, key_text, shorten
+from torchslim.export.config import ExportConfig, export_from_recipe
 from torchslim.registry import STEP_KINDS, default_method, get_method
+from torchslim.zoo.config import ModelConfig, as_model_config
 
 SCHEMA_VERSION = 1
 MAX_RECIPE_BYTES = 1 << 20
@@ -126,31 +129,55 @@ class Step:
 
 @dataclass
 class Recipe:
-    """A validated recipe. Build it with `load_recipe` or `parse_recipe`."""
+    """A validated recipe. Build it with `load_recipe` or `parse_recipe`.
 
-    model: str
-    data: str
+    ``model`` and ``data`` are a `ModelConfig` and a `DataConfig` (spec strings given here are converted); their
+    ``str()`` is the spec.
+    """
+
+    model: ModelConfig
+    data: DataConfig
     steps: list[Step] = field(default_factory=list)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     seed: int = 0
     source: str = "<recipe>"
+    export: ExportConfig = field(default_factory=ExportConfig)
     search: Any = None  # a `torchslim.search.config.SearchConfig` for `torchslim auto`, or None
+
+    def __post_init__(self) -> None:
+        self.model, self.data = as_model_config(self.model), as_data_config(self.data)
 
     def to_dict(self) -> dict:
         raw = {
             "version": SCHEMA_VERSION,
-            "model": self.model,
-            "data": self.data,
+            "model": self.model.to_recipe(),
+            "data": self.data.to_recipe(),
             "seed": self.seed,
             "steps": [step.to_dict() for step in self.steps],
             "measure": to_dict(self.measure),
+            "export": to_dict(self.export),
         }
         if self.search is not None:
             raw["search"] = to_dict(self.search)
         return raw
 
 
-_TOP_LEVEL = ("version", "model", "data", "steps", "measure", "seed", "search")
+_TOP_LEVEL = ("version", "model", "data", "steps", "measure", "seed", "export", "search")
+
+
+def _spec_config(raw: Any, key: str, cls: type, source: str):
+    """The model/data entry: a spec string, or a mapping validated as ``cls`` (a `ModelConfig`/`DataConfig`)."""
+    example = "builtin:digits-cnn" if key == "model" else "builtin:digits"
+    if isinstance(raw, str) and raw:
+        return cls(spec=raw)
+    if isinstance(raw, dict):
+        if not raw.get("spec"):
+            raise InputError(f"{source}: {key}.spec: required, a spec string such as {example}")
+        try:
+            return from_dict(cls, raw, prefix=f"{key}.")
+        except FieldError as error:
+            raise InputError(f"{source}: {error}") from None
+    raise InputError(f"{source}: {key}: required, a spec string such as {example} (or a mapping with spec:)")
 
 
 def _parse_step(item: Any, index: int, where: str) -> Step:
@@ -191,14 +218,16 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     if raw.get("version", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise InputError(f"{source}: version: this torchslim reads recipe version {SCHEMA_VERSION}, "
                          f"got {shorten(raw['version'])}")
-    for key in ("model", "data"):
-        if not isinstance(raw.get(key), str) or not raw[key]:
-            raise InputError(f"{source}: {key}: required, a spec string such as "
-                             f"{'builtin:digits-cnn' if key == 'model' else 'builtin:digits'}")
+    model = _spec_config(raw.get("model"), "model", ModelConfig, source)
+    data = _spec_config(raw.get("data"), "data", DataConfig, source)
     try:
-        zoo.check_spec(raw["model"])
-        data_specs.check_spec(raw["data"])
+        zoo.check_spec(model)
+        data_specs.check_spec(data)
     except InputError as error:
+        raise InputError(f"{source}: {error}") from None
+    try:
+        export = from_dict(ExportConfig, export_from_recipe(raw.get("export") or "auto"), prefix="export.")
+    except FieldError as error:
         raise InputError(f"{source}: {error}") from None
     steps_raw = raw.get("steps") or []
     if not isinstance(steps_raw, list):
@@ -212,7 +241,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 63:
         raise InputError(f"{source}: seed: expected a non-negative int, got {shorten(seed)}")
-    return Recipe(model=raw["model"], data=raw["data"], steps=steps, measure=measure, seed=seed, source=source,
+    return Recipe(model=model, data=data, steps=steps, measure=measure, seed=seed, source=source, export=export,
                   search=_parse_search(raw, source))
 
 

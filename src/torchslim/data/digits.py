@@ -29,4 +29,5 @@ def load_digits(seed: int = 0) -> DataBundle:
         labels={name: labels[index] for name, index in parts.items()},
         num_classes=10,
         notes=[f"digits: {len(train)} train / {len(val)} val / {len(test)} test images (8x8, grey)"],
+        split_info={"split": "fixed split [0.6, 0.1, 0.3]", "split_seed": SPLIT_SEED, "calibration_seed": seed},
     )

@@ -25,7 +25,8 @@ def language_model(module: nn.Module) -> nn.Module | None:
 
 
 def _greedy(lm: nn.Module, tokenizer, prompt: str, new_tokens: int) -> torch.Tensor:
-    encoded = tokenizer(prompt, return_tensors="pt")
+    encoded = tokenizer(prompt, return_tensors="pt")  # only what a causal LM takes (BERT-style tokenizers add more)
+    encoded = {k: encoded[k] for k in ("input_ids", "attention_mask") if k in encoded}
     return lm.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id, use_cache=True)
 

@@ -81,6 +81,7 @@ def build_report(recipe, stages: list[dict], context) -> dict:
         "stages": clean,
         "skipped": dict(context.skipped),
         "notes": list(context.bundle.notes) + list(context.data.notes),
+        "data": context.data.describe(),
         "environment": environment(context.threads),
     }
 
@@ -114,8 +115,13 @@ def table_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def spec_of(entry) -> str:
+    """The spec of a recipe's model/data entry (a spec string, or a mapping with ``spec``)."""
+    return entry.get("spec", "?") if isinstance(entry, dict) else str(entry)
+
+
 def to_markdown(report: dict) -> str:
-    lines = [f"# torchslim report", "", f"model `{report['recipe']['model']}` on data `{report['recipe']['data']}`, "
+    lines = [f"# torchslim report", "", f"model `{spec_of(report['recipe']['model'])}` on data `{spec_of(report['recipe']['data'])}`, "
              f"{report['environment']['threads']} threads, {report['environment']['cpu']}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
@@ -140,7 +146,7 @@ def print_table(report: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console(width=None if sys.stdout.isatty() else 200)
-    table = Table(title=f"torchslim: {report['recipe']['model']} on {report['recipe']['data']}")
+    table = Table(title=f"torchslim: {spec_of(report['recipe']['model'])} on {spec_of(report['recipe']['data'])}")
     for column in COLUMNS:
         table.add_column(column, overflow="fold")
     for row in table_rows(report):
@@ -148,13 +154,18 @@ def print_table(report: dict, console=None) -> None:
     console.print(table)
 
 
-def write_outputs(directory: Path, report: dict, recipe, final) -> None:
-    """report.json, report.md, recipe.yaml (as resolved) and the final artifact into ``directory``."""
+def write_outputs(directory: Path, report: dict, recipe, final, context=None) -> None:
+    """report.json, report.md, recipe.yaml (as resolved), the final artifact and the artifacts other tools load
+    (`torchslim.export.write_exports`, with the run's ``context``) into ``directory``."""
     artifact = final.save(directory)
     umask = os.umask(0)
     os.umask(umask)
     artifact.chmod(0o666 & ~umask)  # some writers create private files; the artifact is an ordinary output
     report["artifact"] = artifact.name
+    if context is not None:
+        from torchslim.export import write_exports
+
+        report["exports"] = write_exports(directory, final, context, recipe.export, report)
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "report.md").write_text(to_markdown(report))
     (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -146,6 +146,7 @@ class OnnxRuntimeDeployable(Deployable):
         self.threads = threads
         self.details = details or {}
         self.session = self._session(self.path)
+        self.metadata: dict[str, str] = {}  # metadata_props written into the saved file (see `save`)
 
     def _session(self, path: Path):
         import onnxruntime as ort
@@ -161,9 +162,16 @@ class OnnxRuntimeDeployable(Deployable):
         return torch.from_numpy(outputs[0])
 
     def save(self, directory: Path) -> Path:
+        """Copy the ONNX file, with ``self.metadata`` (the run's preprocessing and labels, set by the pipeline)
+        in its ``metadata_props``."""
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / "model.onnx"
-        shutil.copyfile(self.path, target)
+        if self.metadata:
+            from torchslim.export.optimum import write_onnx
+
+            write_onnx(self.path, target, self.metadata)
+        else:
+            shutil.copyfile(self.path, target)
         return target
 
     def load_and_run(self, path: Path, inputs: Any) -> Any:

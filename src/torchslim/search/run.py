@@ -178,7 +178,7 @@ def auto(model: str | None = None, data: str | None = None, out: str | Path | No
     recipe = search_recipe(model, data, recipe, seed, batch_size, **settings)
     _check_runtime(recipe)
     studies.require_optuna()
-    out = Path(out or f"out/auto-{recipe.model.split(':')[-1].replace('/', '-')}")
+    out = Path(out or f"out/auto-{str(recipe.model).split(':')[-1].replace('/', '-')}")
     source = Path(recipe.source)
     out = check_output_dir(out, overwrite=overwrite, protect=[source] if source.is_file() else [])
     with OutputLock(out):

@@ -82,7 +82,9 @@ class DLRM(nn.Module):
 class ClickPreprocess:
     """Rows ``(dense float32[F], ids int64[T])`` -> ``(dense [N, F] float32, ids [N, T] int64)``.
 
-    ``table_rows`` bounds the ids of `example` (random, seeded, valid for every table).
+    Ids are folded into each table (``id % rows``: the hashing trick DLRMs apply to raw categorical values), so a
+    click log whose ids were hashed from strings, or exceed a table, still indexes it. ``table_rows`` also
+    bounds the ids of `example` (random, seeded, valid for every table).
     """
 
     table_rows: tuple[int, ...]
@@ -91,7 +93,16 @@ class ClickPreprocess:
     def __call__(self, rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
         dense = torch.from_numpy(np.stack([row[0] for row in rows]).astype(np.float32, copy=False))
         ids = torch.from_numpy(np.stack([row[1] for row in rows]).astype(np.int64, copy=False))
-        return dense, ids
+        if dense.shape[1] != self.dense_features or ids.shape[1] != len(self.table_rows):
+            from torchslim.errors import InputError
+
+            raise InputError(f"data: click rows have {dense.shape[1]} dense and {ids.shape[1]} categorical features; "
+                             f"the model takes {self.dense_features} and {len(self.table_rows)}")
+        return dense, torch.remainder(ids, torch.tensor(self.table_rows, dtype=torch.int64))
+
+    def describe(self) -> dict:
+        return {"kind": "clicks", "dense_features": self.dense_features, "table_rows": list(self.table_rows),
+                "ids": "id % table_rows per categorical feature", "inputs": ["dense", "ids"]}
 
     def example(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(0)

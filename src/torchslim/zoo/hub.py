@@ -1,8 +1,10 @@
-"""Model specs backed by other libraries: ``torchvision:``, ``timm:``, ``hf:`` (a local folder), ``file:``."""
+"""Model specs backed by other libraries: ``hf:`` (a local Hugging Face folder) and ``file:`` (your own Python).
+
+``torchvision:`` and ``timm:`` live in `torchslim.zoo.vision`.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -11,63 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim._spec import load_factory
 from torchslim.errors import InputError, describe, shorten
 from torchslim.zoo import ModelBundle, register_model_prefix
+from torchslim.zoo.config import ModelConfig
 from torchslim.zoo.preprocess import ImagePreprocess, TensorPreprocess, TextPreprocess
+from torchslim.zoo.vision import load_checkpoint, need
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the statistics torchvision and timm normalise ImageNet images with
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _need(module: str, extra: str, spec: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise InputError(f"model: {spec} needs {module} (pip install 'torchslim[{extra}]'): {error}") from None
-
-
-@register_model_prefix("torchvision")
-def torchvision_model(name: str) -> ModelBundle:
-    spec = f"torchvision:{name}"
-    models = _need("torchvision.models", "vision", spec)
-    if name not in models.list_models():
-        raise InputError(f"model: {spec}: torchvision has no model {name!r}")
-    notes = []
-    weights = models.get_model_weights(name).DEFAULT if _has_weights(models, name) else None
-    model = models.get_model(name, weights=None)
-    if weights is not None:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        if cached.exists():
-            model.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
-            notes.append(f"{spec}: pretrained weights {weights} from the local torch hub cache")
-        else:
-            notes.append(f"{spec}: random weights (no pretrained file in the local torch hub cache)")
-    preprocess = ImagePreprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    return ModelBundle(model=model, spec=spec, task="classification", modality="image", preprocess=preprocess,
-                       example_inputs=preprocess.example, notes=notes)
-
-
-def _has_weights(models, name: str) -> bool:
-    try:
-        return models.get_model_weights(name) is not None
-    except (ValueError, KeyError):
-        return False
-
-
-@register_model_prefix("timm")
-def timm_model(name: str) -> ModelBundle:
-    spec = f"timm:{name}"
-    timm = _need("timm", "vision", spec)
-    if not timm.list_models(name) and name not in timm.list_models():
-        raise InputError(f"model: {spec}: timm has no model {name!r}")
-    model = timm.create_model(name, pretrained=False)
-    config = getattr(model, "pretrained_cfg", None) or {}
-    channels, size, _ = config.get("input_size", (3, 224, 224))
-    crop = float(config.get("crop_pct", 0.875))
-    preprocess = ImagePreprocess(size=size, resize=round(size / crop), mean=tuple(config.get("mean", IMAGENET_MEAN)),
-                                 std=tuple(config.get("std", IMAGENET_STD)), channels=channels)
-    return ModelBundle(model=model, spec=spec, task="classification", modality="image", preprocess=preprocess,
-                       example_inputs=preprocess.example, notes=[f"{spec}: random weights (no hub access)"])
 
 
 class MeanPooledEncoder(nn.Module):
@@ -120,9 +74,69 @@ def _is_causal_lm(architectures: list[str]) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
 
 
+class PixelLogits(nn.Module):
+    """A transformers image classifier called with ``pixel_values``, returning only its logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
+class ProcessorPreprocess:
+    """Images through a Hugging Face image processor (its resize, crop, rescale and normalisation)."""
+
+    def __init__(self, processor, channels: int = 3):
+        self.processor, self.channels = processor, channels
+        cropped = getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None)
+        side = dict(cropped or getattr(processor, "size", None) or {})  # the side of the pixels it outputs
+        self.size = int(side.get("height") or side.get("shortest_edge") or 224)
+
+    def __call__(self, images) -> torch.Tensor:
+        from torchslim.zoo.preprocess import to_pil
+
+        return self.processor(images=[to_pil(i) for i in images], return_tensors="pt")["pixel_values"]
+
+    def describe(self) -> dict:
+        return {"kind": "image", "source": f"transformers {type(self.processor).__name__}",
+                "processor": self.processor.to_dict(), "layout": "NCHW"}
+
+    def example(self, batch_size: int) -> torch.Tensor:
+        return torch.randn(batch_size, self.channels, self.size, self.size)
+
+
+def _is_causal_lm(architectures: list[str]) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+
+
+def _causal_lm(transformers, folder: Path, tokenizer, max_length: int, spec: str, weights: dict) -> ModelBundle:
+    if tokenizer.pad_token is None:  # GPT-2-style tokenizers have none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    lm = transformers.AutoModelForCausalLM.from_pretrained(folder, **weights)
+    context = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
+    preprocess = TextPreprocess(tokenizer, max_length=min(max_length, context or max_length))
+    return ModelBundle(model=CausalLMScorer(lm).eval(), spec=spec, task="lm", modality="text",
+                       preprocess=preprocess, example_inputs=preprocess.example, origin="transformers",
+                       source=str(folder))
+
+
+def _image_classifier(transformers, folder: Path, spec: str, weights: dict) -> ModelBundle:
+    processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    model = transformers.AutoModelForImageClassification.from_pretrained(folder, **weights)
+    preprocess = ProcessorPreprocess(processor, getattr(model.config, "num_channels", 3))
+    return ModelBundle(model=PixelLogits(model).eval(), spec=spec, task="classification", modality="image",
+                       preprocess=preprocess, example_inputs=preprocess.example, origin="transformers",
+                       source=str(folder))
+
+
 def load_hf_folder(path: str, spec: str, max_length: int = 128) -> ModelBundle:
     """Load a local Hugging Face folder offline: sequence classifiers give logits, causal LMs per-sequence
-    next-token NLL (task "lm", scored by perplexity), other encoders mean-pooled vectors."""
+    next-token NLL (task "lm", scored by perplexity), image classifiers logits of their image processor's
+    pixels, other encoders mean-pooled vectors. ``max_length`` bounds the tokens of a text sample (a causal LM's
+    is also bounded by its context)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -133,18 +147,13 @@ def load_hf_folder(path: str, spec: str, max_length: int = 128) -> ModelBundle:
         architectures = (config.get("architectures") if isinstance(config, dict) else None) or []
     except (ValueError, UnicodeDecodeError) as error:
         raise InputError(f"model: {spec}: {folder / 'config.json'}: not JSON ({describe(error, 120)})") from None
-    transformers = _need("transformers", "nlp", spec)
+    transformers = need("transformers", "nlp", spec)
+    if any(a.endswith("ForImageClassification") for a in architectures):
+        return _image_classifier(transformers, folder, spec, weights)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    preprocess = TextPreprocess(tokenizer, max_length=max_length)
     if _is_causal_lm(architectures):
-        if tokenizer.pad_token is None:  # GPT-2-style tokenizers have none; padding is masked out anyway
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "right"
-        lm = transformers.AutoModelForCausalLM.from_pretrained(folder, **weights)
-        context = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
-        preprocess = TextPreprocess(tokenizer, max_length=min(max_length, context or max_length))
-        return ModelBundle(model=CausalLMScorer(lm).eval(), spec=spec, task="lm", modality="text",
-                           preprocess=preprocess, example_inputs=preprocess.example)
+        return _causal_lm(transformers, folder, tokenizer, max_length, spec, weights)
+    preprocess = TextPreprocess(tokenizer, max_length=max_length)
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         model: nn.Module = LogitsOnly(transformers.AutoModelForSequenceClassification.from_pretrained(
             folder, **weights))
@@ -153,7 +162,7 @@ def load_hf_folder(path: str, spec: str, max_length: int = 128) -> ModelBundle:
         model = MeanPooledEncoder(transformers.AutoModel.from_pretrained(folder, **weights))
         task = "embedding"
     return ModelBundle(model=model.eval(), spec=spec, task=task, modality="text", preprocess=preprocess,
-                       example_inputs=preprocess.example)
+                       example_inputs=preprocess.example, origin="transformers", source=str(folder))
 
 
 ALLOW_PICKLE_ENV = "TORCHSLIM_ALLOW_PICKLE"
@@ -176,8 +185,42 @@ def _safetensors_weights(folder: Path, spec: str) -> bool:
 
 
 @register_model_prefix("hf")
-def hf_model(path: str) -> ModelBundle:
-    return load_hf_folder(path, spec=f"hf:{path}")
+def hf_model(path: str, config: ModelConfig | None = None) -> ModelBundle:
+    config = config or ModelConfig(spec=f"hf:{path}")
+    if config.checkpoint or config.num_classes is not None or config.image_overrides:
+        raise InputError(f"model: hf:{path}: a Hugging Face folder carries its own weights, head and processor; "
+                         f"only max_length can be set")
+    return load_hf_folder(path, spec=f"hf:{path}", max_length=config.max_length or 128)
+
+
+def _example_bundle(model: nn.Module, example, spec: str, config: ModelConfig) -> ModelBundle:
+    """A `file:` model's bundle from its example input: NCHW floats are images (torchslim's resize/crop/normalise,
+    ImageNet statistics unless overridden), ``(dense floats, integer ids)`` click-log rows, else tensors as they
+    are."""
+    from torchslim.zoo.dlrm import ClickPreprocess
+
+    if isinstance(example, (tuple, list)) and len(example) == 2 and all(torch.is_tensor(t) for t in example) \
+            and example[0].is_floating_point() and not example[1].is_floating_point() and example[1].ndim == 2:
+        tables = [m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+        rows = tuple(tables) if len(tables) == example[1].shape[1] else (2 ** 31,) * example[1].shape[1]
+        preprocess = ClickPreprocess(table_rows=rows, dense_features=example[0].shape[1])
+        return ModelBundle(model=model, spec=spec, task="ctr", modality="clicks", preprocess=preprocess,
+                           example_inputs=preprocess.example, origin="file")
+    try:
+        tensor = torch.as_tensor(example)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise InputError(f"model: {spec}: the example input is not a tensor ({describe(error, 120)})") from None
+    square = tensor.ndim == 4 and tensor.shape[2] == tensor.shape[3]
+    if square and tensor.is_floating_point() and tensor.shape[1] in (1, 3):
+        size, channels = tensor.shape[-1], tensor.shape[1]
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+        preprocess = ImagePreprocess(size=size, resize=round(size / 0.875), mean=mean, std=std,
+                                     channels=channels).overridden(config.image_overrides)
+        return ModelBundle(model=model, spec=spec, task="classification", modality="image", preprocess=preprocess,
+                           example_inputs=preprocess.example, origin="file")
+    preprocess = TensorPreprocess(tuple(tensor.shape[1:]))
+    return ModelBundle(model=model, spec=spec, task="classification", modality="tensor", preprocess=preprocess,
+                       example_inputs=preprocess.example, origin="file")
 
 
 def _call_user(function, what: str, spec: str, path: Path, *args):
@@ -190,43 +233,31 @@ def _call_user(function, what: str, spec: str, path: Path, *args):
 
 
 @register_model_prefix("file")
-def file_model(target: str) -> ModelBundle:
+def file_model(target: str, config: ModelConfig | None = None) -> ModelBundle:
     """``file:path/to/module.py:factory``: ``factory()`` returns a module, or ``(module, example_input)``.
 
     Without an example input the module file may define ``example_inputs(batch_size)``; otherwise the model
-    is assumed to take images of 3x224x224.
+    is assumed to take 3x224x224 images. An example input of NCHW floats makes it an image model (it combines
+    with ``imagefolder:``), ``(dense, ids)`` a click-through model; ``checkpoint:`` loads weights into it.
     """
     spec = f"file:{target}"
-    path_text, sep, factory_name = target.rpartition(":")
-    if not sep or not path_text or not factory_name:
-        raise InputError(f"model: {spec}: expected file:path/to/module.py:factory")
-    path = Path(path_text)
-    if not path.is_file():
-        raise InputError(f"model: {spec}: file {path} not found")
-    module_spec = importlib.util.spec_from_file_location(f"torchslim_user_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except (Exception, SystemExit) as error:
-        raise InputError(f"model: {spec}: importing {path} failed: {describe(error, 200)}") from None
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise InputError(f"model: {spec}: {path} defines no callable {shorten(factory_name)}")
-    made = _call_user(factory, f"{factory_name}()", spec, path)
+    config = config or ModelConfig(spec=spec)
+    factory, module = load_factory(target, "model")
+    path = Path(target.rpartition(":")[0])
+    made = _call_user(factory, f"{factory.__name__}()", spec, path)
     model, example = (made if isinstance(made, tuple) and len(made) == 2 else (made, None))
     if not isinstance(model, nn.Module):
-        raise InputError(f"model: {spec}: {factory_name}() returned {type(model).__name__}, not a torch.nn.Module "
+        raise InputError(f"model: {spec}: {factory.__name__}() returned {type(model).__name__}, not a torch.nn.Module "
                          f"(or a (module, example_input) pair)")
+    if config.checkpoint:
+        load_checkpoint(model, config.checkpoint, f"model: {spec}")
     if example is None and callable(getattr(module, "example_inputs", None)):
         example = _call_user(module.example_inputs, "example_inputs(1)", spec, path, 1)
     if example is None:
-        preprocess = ImagePreprocess(size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        return ModelBundle(model=model, spec=spec, task="classification", modality="image",
-                           preprocess=preprocess, example_inputs=preprocess.example)
-    try:
-        shape = tuple(torch.as_tensor(example).shape[1:])
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise InputError(f"model: {spec}: the example input is not a tensor ({describe(error, 120)})") from None
-    preprocess = TensorPreprocess(shape)
-    return ModelBundle(model=model, spec=spec, task="classification", modality="tensor", preprocess=preprocess,
-                       example_inputs=preprocess.example)
+        example = torch.zeros(1, 3, 224, 224)
+    bundle = _example_bundle(model, example, spec, config)
+    if config.max_length is not None or config.num_classes is not None:
+        raise InputError(f"model: {spec}: max_length and num_classes do not apply to file: models")
+    if config.image_overrides and bundle.modality != "image":
+        raise InputError(f"model: {spec}: image preprocessing overrides need an image model (NCHW example input)")
+    return bundle
