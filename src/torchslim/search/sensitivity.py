@@ -173,7 +173,8 @@ class SensitivityPass:
         from torchslim.search.trial import ab_latency
 
         runner = self.runner
-        raw = {"model": runner.recipe.model.to_recipe(), "data": runner.recipe.data.to_recipe(), "seed": runner.recipe.seed,
+        recipe = runner.recipe
+        raw = {"model": recipe.model.to_recipe(), "data": recipe.data.to_recipe(), "seed": recipe.seed,
                "measure": {"batch_size": runner.recipe.measure.batch_size},
                "steps": [{"quantize": _quantize_step(name, skip)}]}
         deployable, context = runner.build(raw, label)
