@@ -22,6 +22,18 @@ def register():
 """
 
 
+@pytest.fixture(autouse=True)
+def _restore_data_prefixes():
+    """Plugins register prefixes in the process-wide registry: put it back so other tests see the built-in set."""
+    from torchslim.data import _DATA
+
+    _DATA.prefixes()  # the built-in prefixes are registered before the snapshot
+    before = dict(_DATA.resolvers)
+    yield
+    _DATA.resolvers.clear()
+    _DATA.resolvers.update(before)
+
+
 def test_import_flag_makes_a_plugin_prefix_usable_from_the_cli(tmp_path, capsys):
     plugin = tmp_path / "my_plugin.py"
     plugin.write_text(PLUGIN.format(prefix="mydigits"))

@@ -223,7 +223,8 @@ def test_a_corrupt_jpeg_in_an_image_folder_names_the_file(tmp_path):
     recipe.write_text(f"model: file:{model}:make\ndata: imagefolder:{root}\n"
                       "measure: {batch_size: 2, warmup: 0, repeats: 1}\n")
     result = cli("compress", recipe, "--out", tmp_path / "out")
-    assert_refused(result, f"data: {root}/", ".jpg: cannot decode the image", "remove or replace the file")
+    assert_refused(result, f"data: imagefolder:{root}: {root}/cat/0.jpg: unreadable image",
+                   "remove or replace the file")
 
 
 def test_a_hugging_face_folder_with_only_pickled_weights_is_refused(tmp_path):

@@ -33,7 +33,8 @@ def check_image(path: Path, where: str) -> None:
     except FileNotFoundError:
         raise InputError(f"{where}: image {path} not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise InputError(f"{where}: {path}: unreadable image ({type(error).__name__})") from None
+        raise InputError(f"{where}: {path}: unreadable image ({type(error).__name__}); "
+                         f"remove or replace the file") from None
 
 
 class ImageFiles(Sequence):
