@@ -276,7 +276,8 @@ def _entry_problem(kind: str, entry: Any, budget: int) -> str | None:
 
 def _header_problem(header: Any, file_bytes: int) -> str | None:
     """Why a decoded header does not follow the schema in this module's docstring, or None."""
-    if not isinstance(header, dict) or header.get("codebook") not in _CAST:
+    codebook = header.get("codebook") if isinstance(header, dict) else None
+    if not isinstance(codebook, str) or codebook not in _CAST:  # a crafted list or dict is unhashable
         return "not a mapping with codebook f16 or f32"
     sections = header.get("sections")
     if not (isinstance(sections, list) and [s[0] if isinstance(s, list) and s else None for s in sections]
