@@ -11,6 +11,7 @@ in the reference without editing any page; a name whose object does not exist fa
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +52,12 @@ def public_names(init: Path = SRC / PACKAGE / "__init__.py") -> dict[str, str]:
     raise LookupError(f"no _PUBLIC map in {init}")
 
 
+@functools.lru_cache(maxsize=None)
+def _parse(path: Path, mtime_ns: int) -> ast.Module:
+    # Keyed by modification time, so that `mkdocs serve` sees edits.
+    return ast.parse(path.read_text())
+
+
 def _module_file(module: str) -> Path | None:
     base = SRC.joinpath(*module.split("."))
     for path in (base.with_suffix(".py"), base / "__init__.py"):
@@ -73,7 +80,7 @@ def defining_module(module: str, name: str, depth: int = 0) -> str:
     path = _module_file(module)
     if path is None or depth > 10:
         return module
-    for node in ast.parse(path.read_text()).body:
+    for node in _parse(path, path.stat().st_mtime_ns).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
             return module
         if isinstance(node, ast.ImportFrom):
