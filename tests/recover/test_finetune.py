@@ -181,11 +181,11 @@ def test_iterative_pruning_recovers_between_steps_with_the_same_trainer(tmp_path
     assert details["macs_after"] < 0.5 * details["macs_before"]
 
 
-def test_readme_finetune_example_parses():
+def test_docs_finetune_example_parses():
     from torchslim.recipe import parse_recipe
 
-    readme = (TESTS.parent / "README.md").read_text()
-    block = readme.split("A `finetune` step with every setting:")[1].split("```yaml")[1].split("```")[0]
+    page = (TESTS.parent / "docs" / "recovery.md").read_text()
+    block = page.split("A `finetune` step with every setting:")[1].split("```yaml")[1].split("```")[0]
     recipe = parse_recipe({"model": "builtin:digits-cnn", "data": "builtin:digits", "steps": yaml.safe_load(block)})
     config = recipe.steps[0].config
     assert config.optimizer.groups[0].lr_scale == 10.0 and config.distill.features == [["blocks.5", "blocks.5"]]

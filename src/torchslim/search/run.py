@@ -156,17 +156,18 @@ def auto(model: str | None = None, data: str | None = None, out: str | Path | No
     (``report["search"]`` holds the front, the constraint lines and the chosen point).
 
     Args:
-        model, data: specs (e.g. "builtin:digits-cnn", "builtin:digits"), or ``recipe`` with a search section.
+        model: the model spec (e.g. "builtin:digits-cnn"), or ``recipe`` with a search section.
+        data: the data spec (e.g. "builtin:digits").
         out: the output folder (default ``out/auto-<model name>``).
         seed: the recipe's seed (steps) and the sampler's.
         batch_size: the batched latency's batch size (``measure.batch_size``).
         study: the study's name in its storage (default ``torchslim-<out folder name>``).
         fresh: discard an interrupted earlier search of this output folder instead of resuming it.
         overwrite: replace ``out`` even if no torchslim run wrote it (see `torchslim._output.check_output_dir`).
-        settings: ``max_drop``, ``target``, ``budget``, ``runtime``, ``trials``, ``time_budget``, ``workers``,
+        **settings (Any): ``max_drop``, ``target``, ``budget``, ``runtime``, ``trials``, ``time_budget``, ``workers``,
             ``storage``, ``sampler`` — the `SearchConfig` fields of the same names.
 
-    Example:
+    Examples:
         >>> report = torchslim.auto("builtin:digits-cnn", "builtin:digits", "out/auto", max_drop=0.005,
         ...                         target="latency", trials=30, batch_size=256)
         >>> report["search"]["chosen"]["latency_ratio"]
