@@ -129,8 +129,8 @@ def test_killed_cli_run_resumes_and_ends_with_the_uninterrupted_metric(tmp_path)
     out = tmp_path / "killed"
     state = out.with_name("killed.checkpoints") / "step1-finetune" / "latest" / "state.json"
     process = _run(tmp_path, recipe, out, wait=False)
-    deadline, step = time.time() + 300, 0
-    while time.time() < deadline and process.poll() is None:
+    step = 0
+    while process.poll() is None:  # ends by the kill below, or by the run finishing (then the assert fails)
         if state.exists():
             try:
                 step = json.loads(state.read_text())["step"]
