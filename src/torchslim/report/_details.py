@@ -27,7 +27,7 @@ def is_number(item) -> bool:
 
 
 def _scalar(item) -> bool:
-    return item is None or isinstance(item, (str, bool)) or is_number(item)
+    return item is None or isinstance(item, (str, bool, int, float))
 
 
 def _numbers(item) -> bool:
@@ -73,12 +73,23 @@ def _table_of_mappings(title: str, item: dict) -> dict:
     return {"title": title, "columns": ["layer"] + [fmt.label(c) for c in columns], "rows": rows}
 
 
+# Titles of the per-layer charts whose key alone says too little.
+TITLES = {"removed_channels": "Channels removed", "ranks": "Rank kept (of the full rank)",
+          "retained_energy": "Energy retained", "sensitive_float_nodes_db": "SQNR lost, layers kept float (dB)"}
+
+
+def _title(key: str, details: dict) -> str:
+    if key == "layers" and "sparsity" in details:  # magnitude pruning: each weight's share of zeros
+        return "Sparsity per layer"
+    return TITLES.get(key, fmt.label(key))
+
+
 def _bars(key: str, item: dict, details: dict) -> dict:
     series = [{"name": fmt.label(key), "values": [item[n] for n in item]}]
     full = details.get(f"full_{key}")
     if isinstance(full, dict) and set(full) == set(item) and all(is_number(v) for v in full.values()):
         series.insert(0, {"name": fmt.label(f"full_{key}"), "values": [full[n] for n in item], "background": True})
-    return {"title": fmt.label(key), "key": key, "names": [str(n) for n in item], "series": series}
+    return {"title": _title(key, details), "key": key, "names": [str(n) for n in item], "series": series}
 
 
 def _merge_tables(numeric: dict[str, dict]) -> list[dict]:
@@ -108,6 +119,8 @@ def classify(details: dict | None) -> dict:
             continue
         if _scalar(item):
             out["facts"].append((fmt.label(key), fmt.value(item)))
+        elif isinstance(item, (dict, list)) and not item:
+            out["facts"].append((fmt.label(key), "none"))
         elif isinstance(item, list) and all(_scalar(v) for v in item) and len(item) <= INLINE_ITEMS:
             out["facts"].append((fmt.label(key), ", ".join(fmt.value(v) for v in item) or "none"))
         elif isinstance(item, dict) and item and key in SIZE_KEYS and all(is_number(v) for v in item.values()):

@@ -24,6 +24,12 @@ def _layout(x_title: str, y_title: str, height: int = 360, **extra) -> dict:
             "legend": {"orientation": "h", "y": -0.22, "x": 0}, "hoverlabel": {"bgcolor": "white"}, **extra}
 
 
+def byte_unit(values) -> tuple[float, str]:
+    """(scale, unit) that shows the largest of ``values`` between 1 and 1000: kB for a tiny model, MB, GB."""
+    largest = max((v for v in values if is_number(v)), default=0)
+    return next(((scale, unit) for scale, unit in ((1e9, "GB"), (1e6, "MB")) if largest >= scale), (1e3, "kB"))
+
+
 def figure(fig_id: str, title: str, data: list[dict], layout: dict, caption: str = "") -> dict:
     return {"id": fig_id, "title": title, "caption": caption, "data": data, "layout": layout, "config": CONFIG}
 
@@ -59,7 +65,8 @@ def tradeoffs(stages: list[dict], prefix: str = "fig") -> list[dict]:
     log_size = bool(sizes) and max(sizes) / min(sizes) > 20
     latency = _layout(f"batched latency, ms (batch {batch})", metric)
     latency["yaxis"].update(_score_axis(metric))
-    size = _layout("shipped size, MB (deflate-compressed artifact)", metric)
+    scale, unit = byte_unit(sizes)
+    size = _layout(f"shipped size, {unit} (deflate-compressed artifact)", metric)
     size["yaxis"].update(_score_axis(metric))
     if log_size:
         size["xaxis"]["type"] = "log"
@@ -68,7 +75,7 @@ def tradeoffs(stages: list[dict], prefix: str = "fig") -> list[dict]:
     return [figure(f"{prefix}-score-latency", "Score vs latency", [_stage_trace(stages, "latency_ms_batch", 1,
                                                                                  "stages")], latency,
                    "Each stage of the recipe in order; up and to the left is better."),
-            figure(f"{prefix}-score-size", "Score vs size", [_stage_trace(stages, "size_bytes", 1e6, "stages")],
+            figure(f"{prefix}-score-size", "Score vs size", [_stage_trace(stages, "size_bytes", scale, "stages")],
                    size, "Shipped size: the artifact as stored and downloaded (deflate)."
                    + (" Logarithmic axis." if log_size else ""))]
 
@@ -82,8 +89,9 @@ def comparison(runs: list[tuple[str, dict]]) -> list[dict]:
             metrics.setdefault(report["stages"][0].get("metric", "score"), []).append(i)
     figures = []
     for metric, members in metrics.items():
+        scale, unit = byte_unit([s.get("size_bytes") for i in members for s in runs[i][1]["stages"]])
         for key, scale, title, x_title in (("latency_ms_batch", 1, "latency", "batched latency, ms"),
-                                           ("size_bytes", 1e6, "size", "shipped size, MB")):
+                                           ("size_bytes", scale, "size", f"shipped size, {unit}")):
             data = []
             for i in members:
                 name, report = runs[i]
@@ -144,13 +152,14 @@ def stage_sizes(stages: list[dict]) -> dict | None:
     """Bytes per stage: shipped (deflate), the artifact file, and parameters resident in memory."""
     kinds = (("size_bytes", "shipped (deflate)", FINAL), ("size_bytes_raw", "artifact file", STAGE),
              ("resident_param_bytes", "parameters in memory", MUTED))
+    scale, unit = byte_unit([s.get(key) for s in stages for key, _, _ in kinds])
     data = [{"type": "bar", "name": name, "x": [s["name"] for s in stages],
-             "y": [s.get(key) / 1e6 if is_number(s.get(key)) else None for s in stages], "marker": {"color": color},
-             "hovertemplate": "%{x}: %{y:.4g} MB<extra>" + name + "</extra>"}
+             "y": [s.get(key) / scale if is_number(s.get(key)) else None for s in stages], "marker": {"color": color},
+             "hovertemplate": "%{x}: %{y:.4g} " + unit + "<extra>" + name + "</extra>"}
             for key, name, color in kinds if any(is_number(s.get(key)) for s in stages)]
     if not data:
         return None
-    layout = _layout("", "MB", height=320, barmode="group")
+    layout = _layout("", unit, height=320, barmode="group")
     return figure("fig-sizes", "Bytes per stage", data, layout,
                   "Shipped: what is stored and downloaded; file: the artifact as written; in memory: the "
                   "parameters a loaded torch model holds (the file for other runtimes).")
@@ -163,11 +172,13 @@ def components(stage_name: str, fig_id: str, block: dict) -> dict:
              "marker": {"color": SERIES[i % len(SERIES)]},
              "hovertemplate": f"{fmt.label(name)}: {fmt.size(value)}<extra></extra>"}
             for i, (name, value) in enumerate(parts.items())]
-    layout = _layout("kB", "", height=170, barmode="stack")
+    layout = _layout("kB", "", height=200, barmode="stack")
     layout["yaxis"]["showticklabels"] = False
-    layout["legend"]["y"] = -0.6
+    layout["legend"].update(y=-0.55, traceorder="normal")
+    layout["margin"]["b"] = 70
     total = f"; total {fmt.size(block['total'])}" if is_number(block.get("total")) else ""
-    return figure(fig_id, f"{stage_name}: bytes by component", data, layout, f"{block['title']}{total}.")
+    return figure(fig_id, f"{stage_name}: bytes by component", data, layout,
+                  f"The artifact's parts as stored{total}.")
 
 
 def _point_trace(points: list[dict], x_key: str, name: str, color: str, size: int, symbol: str = "circle",

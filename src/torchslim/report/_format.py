@@ -81,7 +81,8 @@ def score_change(metric: str, base, stage) -> tuple[str, float | None]:
 
 # Words a heading spells in capitals (or as written here) wherever a details key has them.
 WORDS = {"macs": "MACs", "sqnr": "SQNR", "db": "dB", "kd": "KD", "ms": "ms", "onnx": "ONNX", "val": "validation",
-         "kl": "KL", "bs1": "bs1", "fp32": "fp32", "int8": "int8"}
+         "kl": "KL", "bs1": "bs1", "fp32": "fp32", "int8": "int8", "cpu": "CPU", "ptq": "PTQ", "qdq": "QDQ",
+         "lm": "LM", "ffn": "FFN"}
 
 
 def label(key: str) -> str:

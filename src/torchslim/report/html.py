@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -57,12 +58,24 @@ def _version() -> str:
     return __version__
 
 
+def finite(item):
+    """``item`` with every NaN or infinity replaced by None: the page's JSON must parse in a browser (a
+    perplexity can be infinite, an SQNR of identical outputs is)."""
+    if isinstance(item, float) and not math.isfinite(item):
+        return None
+    if isinstance(item, dict):
+        return {k: finite(v) for k, v in item.items()}
+    if isinstance(item, (list, tuple)):
+        return [finite(v) for v in item]
+    return item
+
+
 def render_report_html(report: dict, folder: str | Path | None = None) -> str:
     """The page for one run's ``report`` (a report.json's content). ``folder``: where report.json lies; an auto
     run's trials.json and sensitivity.json there add every trial and the proxy's sensitivities."""
     view = _view.page(report, Path(folder) if folder is not None else None)
     return _templates().get_template("report.html.j2").render(
-        page=view, figures=view["figures"], plotly_js=_plotly_js(), version=_version(),
+        page=view, figures=finite(view["figures"]), plotly_js=_plotly_js(), version=_version(),
         title=f"torchslim: {view['model']} on {view['data']}")
 
 
@@ -70,7 +83,7 @@ def render_comparison_html(runs: Sequence[tuple[str, dict]]) -> str:
     """One page comparing runs, given as (label, report) pairs."""
     view = _view.comparison_page(list(runs))
     return _templates().get_template("compare.html.j2").render(
-        page=view, figures=view["figures"], plotly_js=_plotly_js(), version=_version(),
+        page=view, figures=finite(view["figures"]), plotly_js=_plotly_js(), version=_version(),
         title=f"torchslim: {len(runs)} runs compared")
 
 
