@@ -12,13 +12,16 @@ import yaml
 from torchslim.report import _details, _figures
 from torchslim.report import _format as fmt
 
-def _card(key: str, factor, more: str, less: str, detail: str) -> dict:
-    """A headline figure: a factor against the baseline (``more`` when >= 1, else its inverse with ``less``)."""
+def _card(key: str, factor, more: str, less: str, same: str, detail: str) -> dict:
+    """A headline figure: a factor against the baseline (``more`` when >= 1, else its inverse with ``less``;
+    ``same`` within half a percent of 1)."""
     if not _details.is_number(factor) or factor <= 0:
         return {"key": key, "value": "n/a", "label": more, "detail": detail, "tone": "neutral"}
+    if abs(factor - 1) < 0.005:
+        return {"key": key, "value": "1×", "label": same, "detail": detail, "tone": "neutral"}
     better = factor >= 1
     return {"key": key, "value": fmt.ratio(factor if better else 1 / factor), "label": more if better else less,
-            "detail": detail, "tone": "good" if factor > 1.005 else "bad" if factor < 0.995 else "neutral"}
+            "detail": detail, "tone": "good" if better else "bad"}
 
 
 def _metric_card(metric: str, base, final, samples) -> dict:
@@ -43,11 +46,13 @@ def headline(report: dict) -> list[dict]:
     base, final = stages[0], stages[-1]
     ratios, batch = final.get("ratios") or {}, final.get("batch_size")
     return [
-        _card("size", ratios.get("size_reduction"), "smaller", "larger",
+        _card("size", ratios.get("size_reduction"), "smaller", "larger", "same size",
               f"{fmt.size(base.get('size_bytes'))} → {fmt.size(final.get('size_bytes'))} shipped"),
         _card("speed_batch", ratios.get("speedup_batch"), f"faster at batch {batch}", f"slower at batch {batch}",
+              f"same speed at batch {batch}",
               f"{fmt.ms(base.get('latency_ms_batch'))} → {fmt.ms(final.get('latency_ms_batch'))} per batch"),
         _card("speed_bs1", ratios.get("speedup_bs1"), "faster at batch 1", "slower at batch 1",
+              "same speed at batch 1",
               f"{fmt.ms(base.get('latency_ms_bs1'))} → {fmt.ms(final.get('latency_ms_bs1'))} per sample"),
         _metric_card(final.get("metric", "score"), base.get("score"), final.get("score"), final.get("eval_samples")),
     ]
@@ -61,9 +66,11 @@ def _search_headline(section: dict) -> list[dict]:
     metric = (section.get("baseline") or {}).get("metric", "score")
     drop = chosen.get("drop")
     where = f"trial {chosen.get('trial')} (validation split)"
-    return [_card("size", inverse["size_ratio"], "smaller", "larger", where),
-            _card("speed_batch", inverse["latency_ratio"], "faster, batched", "slower, batched", where),
-            _card("speed_bs1", inverse["latency_ratio_bs1"], "faster at batch 1", "slower at batch 1", where),
+    return [_card("size", inverse["size_ratio"], "smaller", "larger", "same size", where),
+            _card("speed_batch", inverse["latency_ratio"], "faster, batched", "slower, batched", "same speed, batched",
+                  where),
+            _card("speed_bs1", inverse["latency_ratio_bs1"], "faster at batch 1", "slower at batch 1",
+                  "same speed at batch 1", where),
             {"key": "metric", "value": fmt.value(drop) if _details.is_number(drop) else "n/a",
              "label": f"{metric} drop", "detail": where, "tone": "bad" if (drop or 0) > 0 else "neutral"}]
 
