@@ -98,3 +98,12 @@ def test_the_page_is_one_offline_file():
     assert not re.search(r'<(script|link|img)[^>]+(src|href)=["\']?https?:', page)
     assert "Plotly.newPlot" in page and page.count("<script") == 3  # figures, plotly.js, drawing
     assert len(figures_of(page)) == page.count('class="plot"') == 5
+
+
+def test_an_auto_run_where_no_point_met_the_constraints_still_gets_its_search_page():
+    report = report_of("auto")
+    report["stages"], report["search"]["chosen"]["feasible"] = [], False
+    page = render_report_html(report, DATA / "auto")
+    ids = [figure["id"] for figure in figures_of(page)]
+    assert ids == ["fig-search-latency", "fig-search-size", "fig-sensitivity"]
+    assert 'id="stage-table"' not in page and 'id="front-table"' in page

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -39,6 +40,7 @@ def missing_dependencies() -> list[str]:
     return [name for name in REQUIRES if importlib.util.find_spec(name) is None]
 
 
+@functools.lru_cache(maxsize=1)
 def _templates():
     import jinja2
 
@@ -46,6 +48,7 @@ def _templates():
                               undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
+@functools.lru_cache(maxsize=1)  # 4.6 MB read once per process, not once per page
 def _plotly_js() -> str:
     from plotly.offline import get_plotlyjs
 
