@@ -17,11 +17,12 @@ MAX_BARS = 40
 def _layout(x_title: str, y_title: str, height: int = 360, **extra) -> dict:
     axis = {"gridcolor": "#e2e8f0", "zerolinecolor": "#cbd5e1", "linecolor": "#94a3b8", "ticks": "outside",
             "tickcolor": "#94a3b8", "automargin": True}
-    return {"height": height, "margin": {"l": 60, "r": 20, "t": 16, "b": 50}, "paper_bgcolor": "white",
+    return {"height": height, "margin": {"l": 60, "r": 20, "t": 16, "b": 60}, "paper_bgcolor": "white",
             "plot_bgcolor": "white", "font": {"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif",
                                               "size": 12, "color": "#1e293b"},
             "xaxis": {**axis, "title": {"text": x_title}}, "yaxis": {**axis, "title": {"text": y_title}},
-            "legend": {"orientation": "h", "y": -0.22, "x": 0}, "hoverlabel": {"bgcolor": "white"}, **extra}
+            "legend": {"orientation": "h", "y": -0.2, "yanchor": "top", "x": 0}, "hoverlabel": {"bgcolor": "white"},
+            **extra}
 
 
 def byte_unit(values) -> tuple[float, str]:

@@ -77,26 +77,27 @@ def _search_headline(section: dict) -> list[dict]:
 
 # (field, header, formatter, ratio key, how the ratio reads, whether a larger ratio is better)
 COLUMNS = (
-    ("params", "Params", fmt.count, "params", "{:.3g}× of baseline", False),
-    ("macs", "MACs", fmt.count, "macs", "{:.3g}× of baseline", False),
-    ("size_bytes", "Size (shipped)", fmt.size, "size_reduction", "{:.3g}× smaller", True),
-    ("size_bytes_raw", "File", fmt.size, "size_reduction_raw", "{:.3g}× smaller", True),
-    ("latency_ms_bs1", "Latency bs1", fmt.ms, "speedup_bs1", "{:.3g}× faster", True),
-    ("latency_ms_batch", "Latency batch", fmt.ms, "speedup_batch", "{:.3g}× faster", True),
-    ("peak_memory_bytes", "Peak memory", fmt.size, None, "{:.3g}× less", True),
+    ("params", "Params", fmt.count, "params", "{} of baseline", False),
+    ("macs", "MACs", fmt.count, "macs", "{} of baseline", False),
+    ("size_bytes", "Size (shipped)", fmt.size, "size_reduction", "{} smaller", True),
+    ("size_bytes_raw", "File", fmt.size, "size_reduction_raw", "{} smaller", True),
+    ("latency_ms_bs1", "Latency bs1", fmt.ms, "speedup_bs1", "{} faster", True),
+    ("latency_ms_batch", "Latency batch", fmt.ms, "speedup_batch", "{} faster", True),
+    ("peak_memory_bytes", "Peak memory", fmt.size, None, "{} less", True),
 )
 
 
 def _ratio_note(factor, template: str, larger_is_better: bool) -> tuple[str, str]:
+    """How a stage's figure compares with the baseline's, and whether that is good, bad or neutral."""
     if not _details.is_number(factor) or factor <= 0:
         return "", "neutral"
+    if abs(factor - 1) < 0.005:
+        return "same as baseline", "neutral"
     if larger_is_better and factor < 1:
-        template = template.replace("smaller", "larger").replace("faster", "slower").replace("less", "more")
-        factor = 1 / factor
-        return template.format(factor), "bad" if factor > 1.005 else "neutral"
-    good = factor > 1.005 if larger_is_better else factor < 0.995
-    bad = (not larger_is_better) and factor > 1.005
-    return template.format(factor), "good" if good else "bad" if bad else "neutral"
+        worse = template.replace("smaller", "larger").replace("faster", "slower").replace("less", "more")
+        return worse.format(fmt.ratio(1 / factor)), "bad"
+    good = factor > 1 if larger_is_better else factor < 1
+    return template.format(fmt.ratio(factor)), "good" if good else "bad"
 
 
 def stage_rows(report: dict) -> list[dict]:
