@@ -101,11 +101,14 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_the_run_page_draws_every_plot_offline_without_errors(tiny_run, open_page, tmp_path):
     out, report = tiny_run
     opened = open_page(out / "report.html")
-    # score-vs-latency, score-vs-size, the finetune step's loss curve, sparsity per layer, bytes per stage
-    assert opened.plots() == 5 and opened.errors == [] and opened.offline()
+    # score-vs-latency, score-vs-size, the finetune step's loss curve, sparsity per layer, bytes per stage, the
+    # model.onnx's bytes by layer group and by kind
+    assert opened.plots() == 7 and opened.errors == [] and opened.offline()
     assert opened.traces("fig-score-latency") == 1
     points = opened.page.evaluate("document.getElementById('fig-score-latency').data[0].x.length")
     assert points == len(report["stages"]) == 4
+    groups = opened.page.evaluate("document.getElementById('fig-size-groups').data[0].y")
+    assert groups == list(report["size_breakdown"]["groups"]) and "conv2" in groups
     layers = opened.page.locator("#skipped-table tbody tr").count()
     assert layers == len(report["skipped"])
     opened.page.screenshot(path=str(tmp_path / "full.png"), full_page=True)

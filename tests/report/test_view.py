@@ -97,7 +97,7 @@ def test_the_page_is_one_offline_file():
     page = render_report_html(report_of("tiny"))
     assert not re.search(r'<(script|link|img)[^>]+(src|href)=["\']?https?:', page)
     assert "Plotly.newPlot" in page and page.count("<script") == 3  # figures, plotly.js, drawing
-    assert len(figures_of(page)) == page.count('class="plot"') == 5
+    assert len(figures_of(page)) == page.count('class="plot"') == 7
 
 
 def test_an_auto_run_where_no_point_met_the_constraints_still_gets_its_search_page():
@@ -107,3 +107,19 @@ def test_an_auto_run_where_no_point_met_the_constraints_still_gets_its_search_pa
     ids = [figure["id"] for figure in figures_of(page)]
     assert ids == ["fig-search-latency", "fig-search-size", "fig-sensitivity"]
     assert 'id="stage-table"' not in page and 'id="front-table"' in page
+
+
+def test_an_artifacts_bytes_are_broken_down_by_layer_group_and_kind(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    from torchslim.report._sizes import artifact_breakdown
+
+    save_file({"blocks.0.conv.weight": torch.zeros(4, 4), "blocks.0.conv.bias": torch.zeros(4),
+               "blocks.1.norm.running_mean": torch.zeros(8), "fc.weight": torch.zeros(2, 8, dtype=torch.float16)},
+              str(tmp_path / "model.safetensors"))
+    breakdown = artifact_breakdown(tmp_path / "model.safetensors")
+    assert breakdown["groups"] == {"blocks.0": 80, "blocks.1": 32, "fc": 32}
+    assert breakdown["kinds"] == {"float32 weights": 64, "float32 norm statistics": 32, "float16 weights": 32,
+                                  "float32 biases": 16}
+    assert breakdown["total"] == 144 and artifact_breakdown(tmp_path / "model.tslim") is None

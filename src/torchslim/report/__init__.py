@@ -190,6 +190,14 @@ def write_outputs(directory: Path, report: dict, recipe, final, context=None, lo
     os.umask(umask)
     artifact.chmod(0o666 & ~umask)  # some writers create private files; the artifact is an ordinary output
     report["artifact"] = artifact.name
+    try:
+        from torchslim.report._sizes import artifact_breakdown
+
+        breakdown = artifact_breakdown(artifact)
+    except Exception:  # report.html's size chart only: an unreadable header must not fail the run
+        breakdown = None
+    if breakdown:
+        report["size_breakdown"] = breakdown
     if context is not None:
         from torchslim.export import write_exports
 

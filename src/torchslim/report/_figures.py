@@ -249,3 +249,23 @@ def sensitivity(scores: list[dict]) -> dict | None:
     layout["margin"]["l"] = 10
     return figure("fig-sensitivity", "Sensitivity of each option", data, layout,
                   f"The {len(scores)} most damaging options applied alone (sensitivity.json has all).")
+
+
+def breakdown(block: dict, artifact: str) -> list[dict]:
+    """The final artifact's bytes by layer group (model order) and by kind of tensor (largest first)."""
+    figures = []
+    for key, title, fig_id in (("groups", "by layer group", "fig-size-groups"), ("kinds", "by kind", "fig-size-kinds")):
+        parts = block.get(key) or {}
+        if not parts:
+            continue
+        scale, unit = byte_unit(parts.values())
+        data = [{"type": "bar", "orientation": "h", "y": list(parts), "x": [v / scale for v in parts.values()],
+                 "marker": {"color": FINAL if key == "groups" else STAGE},
+                 "hovertemplate": "%{y}: %{x:.4g} " + unit + "<extra></extra>"}]
+        layout = _layout(unit, "", height=min(90 + 24 * len(parts), 900), showlegend=False)
+        layout["yaxis"].update(autorange="reversed", ticks="", title={"text": ""})
+        layout["margin"]["l"] = 10
+        figures.append(figure(fig_id, f"{artifact}: bytes {title}", data, layout,
+                              "Tensor bytes as stored in the file, before compression." if key == "kinds" else
+                              "Module paths cut to two parts; graph constants without a module are 'other'."))
+    return figures

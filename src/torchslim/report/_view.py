@@ -231,9 +231,11 @@ def page(report: dict, folder: Path | None = None) -> dict:
     curves, layers, components = stage_sections(stages)
     search = search_view(report["search"], folder) if isinstance(report.get("search"), dict) else None
     sizes = _figures.stage_sizes(stages) if stages else None
+    if isinstance(report.get("size_breakdown"), dict):
+        components = _figures.breakdown(report["size_breakdown"], report.get("artifact") or "artifact") + components
     tradeoffs = _figures.tradeoffs(stages)
     figures = tradeoffs + [c["figure"] for c in curves] + [f for s in layers for f in s["figures"]] + \
-        components + ([sizes] if sizes else []) + (search["figures"] if search else [])
+        ([sizes] if sizes else []) + components + (search["figures"] if search else [])
     final = stages[-1] if stages else {}
     return {
         "model": model, "data": data, "steps": [s.get("name", "") for s in stages[1:]],
