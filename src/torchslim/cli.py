@@ -144,7 +144,8 @@ def _run_recipe(recipe, out: str, args) -> None:
     if report is None:  # a torchrun rank other than 0: rank 0 prints and writes
         return
     print_table(report)
-    print(f"wrote {out}/report.json, report.md, recipe.yaml and {report.get('artifact')}")
+    page = ", report.html" if (Path(out) / "report.html").is_file() else ""
+    print(f"wrote {out}/report.json, report.md{page}, recipe.yaml and {report.get('artifact')}")
 
 
 def _check_out(out: str, args, recipe: str | None = None) -> None:
