@@ -118,12 +118,10 @@ def test_without_jinja2_or_plotly_a_run_writes_its_reports_and_says_the_page_was
     assert verify_manifest(tmp_path / "run") is not None
 
 
-def test_torchslim_report_without_jinja2_is_exit_2(auto_run, monkeypatch, capsys):
-    from torchslim import cli
-    from torchslim.report import html
-
-    monkeypatch.setattr(html, "missing_dependencies", lambda: ["jinja2"])
-    assert cli.main(["report", str(auto_run)]) == 2
-    assert capsys.readouterr().err == ("torchslim: error: report: report.html needs jinja2 (pip install "
-                                       "'torchslim[report]')\n")
+def test_torchslim_report_without_jinja2_is_exit_2(auto_run):
+    code = ("import sys; sys.modules['jinja2'] = None; from torchslim.cli import main; "
+            f"sys.exit(main(['report', {str(auto_run)!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 2
+    assert result.stderr == "torchslim: error: report: report.html needs jinja2 (pip install 'torchslim[report]')\n"
     assert verify_manifest(auto_run) is not None and not (auto_run / "report.html").exists()

@@ -37,7 +37,13 @@ MAX_REPORT_BYTES = 64 << 20
 
 def missing_dependencies() -> list[str]:
     """The packages report.html needs that are not installed."""
-    return [name for name in REQUIRES if importlib.util.find_spec(name) is None]
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):  # blocked (sys.modules[name] = None) or a broken install
+            return True
+
+    return [name for name in REQUIRES if missing(name)]
 
 
 @functools.lru_cache(maxsize=1)
