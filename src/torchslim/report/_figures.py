@@ -99,7 +99,7 @@ def comparison(runs: list[tuple[str, dict]]) -> list[dict]:
                 trace = _stage_trace(report["stages"], key, scale, name, SERIES[i % len(SERIES)])
                 trace.update(mode="lines+markers", text=[f"{name}: {s['name']}" for s in report["stages"]])
                 data.append(trace)
-            layout = _layout(x_title, metric, height=420)
+            layout = _layout(x_title, metric, height=420, showlegend=True)  # the run's name, even when alone
             layout["yaxis"].update(_score_axis(metric))
             label = f"{metric} vs {title}" if len(metrics) > 1 else f"Score vs {title}"
             figures.append(figure(f"cmp-{len(figures)}", label, data, layout,
