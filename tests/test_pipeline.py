@@ -48,8 +48,8 @@ def test_outputs_are_complete_and_the_artifact_reproduces_the_score(tiny_run):
     from torchslim.data import resolve_data
 
     report, out = tiny_run
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "recipe.yaml", "report.json",
-                                                     "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "recipe.yaml", "report.html",
+                                                     "report.json", "report.md"]
     assert parse_recipe(yaml.safe_load((out / "recipe.yaml").read_text())).to_dict() == report["recipe"]
     assert "| 3-quantize:int8-static | onnxruntime |" in (out / "report.md").read_text()
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -87,7 +87,8 @@ def test_rerun_replaces_a_previous_runs_folder_and_overwrite_a_foreign_one(tmp_p
     raw["steps"] = [{"prune": {"method": "magnitude", "sparsity": 0.3}}]
     report = compress(parse_recipe(raw), out, progress=False, log=lambda m: None)  # a previous run's: replaced
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "model.safetensors", "model.shapes.json", "recipe.yaml", "report.json", "report.md"]
+        "manifest.json", "model.safetensors", "model.shapes.json", "recipe.yaml", "report.html", "report.json",
+        "report.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no lock, no .run.old-PID, no partial folder
     assert report["stages"][-1]["runtime"] == "torch"
     prunable = 8 * 9 + 8 * 8 * 9 + 128 * 10  # conv1, conv2 and fc weights

@@ -1,4 +1,4 @@
-"""The ``torchslim`` command: ``demo``, ``compress RECIPE``, ``profile SPEC``, ``auto``, ``worker``.
+"""The ``torchslim`` command: ``demo``, ``compress RECIPE``, ``profile SPEC``, ``auto``, ``worker``, ``report DIR``.
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming what and where), 1 internal failure, 130 interrupted
 (Ctrl-C), 143 terminated (SIGTERM); an interrupted run removes its scratch files and keeps its training checkpoints.
@@ -44,13 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--threads", type=int, default=0, help="intra-op threads (0: all cores)")
     profile.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     auto, worker = _search_parsers(sub)
+    report = sub.add_parser("report", help="rebuild report.html from report.json; several DIRs: one comparison page")
+    report.add_argument("folders", nargs="+", metavar="DIR", help="output folders of torchslim runs")
+    report.add_argument("--out", default=None, help="the HTML file to write (default: one DIR: DIR/report.html, "
+                        "its manifest.json entry refreshed; several: comparison.html)")
     for p in (demo, compress, auto):
         p.add_argument("--fresh", action="store_true",
                        help="discard training checkpoints of an interrupted earlier run instead of resuming it")
         p.add_argument("--overwrite", action="store_true",
                        help="replace --out even if no torchslim run wrote it (never the working or home folder, "
                             "a filesystem root or a folder holding the recipe)")
-    for p in (demo, compress, profile, auto, worker):
+    for p in (demo, compress, profile, auto, worker, report):
         p.add_argument("--quiet", action="store_true", help="no progress output")
         p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                        help="import a plugin module (or .py file) that registers prefixes or methods; runs its "
@@ -140,7 +144,8 @@ def _run_recipe(recipe, out: str, args) -> None:
     if report is None:  # a torchrun rank other than 0: rank 0 prints and writes
         return
     print_table(report)
-    print(f"wrote {out}/report.json, report.md, recipe.yaml and {report.get('artifact')}")
+    page = ", report.html" if (Path(out) / "report.html").is_file() else ""
+    print(f"wrote {out}/report.json, report.md{page}, recipe.yaml and {report.get('artifact')}")
 
 
 def _check_out(out: str, args, recipe: str | None = None) -> None:
@@ -191,6 +196,14 @@ def _profile(args) -> None:
     Console().print(table)
 
 
+def _report(args) -> None:
+    from torchslim.report.html import rebuild
+
+    written = rebuild(args.folders, args.out)
+    if not args.quiet:
+        print(f"wrote {written}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -204,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         from torchslim.plugins import load_plugins
 
         load_plugins(args.imports, entry_points=not args.no_plugins)
-        {"demo": _demo, "compress": _compress, "profile": _profile, "auto": _auto,
-         "worker": _worker}[args.command](args)
+        {"demo": _demo, "compress": _compress, "profile": _profile, "auto": _auto, "worker": _worker,
+         "report": _report}[args.command](args)
     except InputError as error:
         print(f"torchslim: error: {_one_line(error)}", file=sys.stderr)
         return 2

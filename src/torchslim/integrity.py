@@ -86,17 +86,46 @@ def write_manifest(folder: str | Path) -> Path:
         files[name] = {"format": _file_format(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
     body = {"format": FORMAT, "torchslim": __version__, "files": files}
     body["manifest_sha256"] = _self_digest(body)
-    handle = tempfile.NamedTemporaryFile("w", dir=folder, prefix=".manifest-", suffix=".tmp", delete=False)
+    _write_json_atomically(folder / MANIFEST_NAME, body)
+    return folder / MANIFEST_NAME
+
+
+def refresh_manifest(folder: str | Path, names: Iterable[str]) -> Path:
+    """Record the current size and SHA-256 of ``names`` (relative to ``folder``) in its manifest, leaving every
+    other entry as it was (so a file damaged since the run stays detected); for a file torchslim rewrote on
+    purpose, such as a rebuilt report.html.
+
+    Raises:
+        ArtifactError: ``folder`` has no valid manifest, or a name lies outside it or is missing.
+    """
+    folder = Path(folder)
+    body = read_manifest(folder)
+    if body is None:
+        raise ArtifactError(f"{folder}: has no {MANIFEST_NAME} to refresh")
+    for name in names:
+        path = folder / name
+        _check_entry(folder / MANIFEST_NAME, name, {"format": "", "size": 0, "sha256": "0" * 64})
+        if not path.is_file() or path.is_symlink():
+            raise ArtifactError(f"{path}: missing; cannot record it in {MANIFEST_NAME}")
+        body["files"][name] = {"format": _file_format(path), "size": path.stat().st_size,
+                               "sha256": sha256_file(path)}
+    body["files"] = dict(sorted(body["files"].items()))
+    body["manifest_sha256"] = _self_digest(body)
+    _write_json_atomically(folder / MANIFEST_NAME, body)
+    return folder / MANIFEST_NAME
+
+
+def _write_json_atomically(path: Path, body: dict) -> None:
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".manifest-", suffix=".tmp", delete=False)
     try:
         with handle:
             json.dump(body, handle, indent=1)
             handle.write("\n")
         os.chmod(handle.name, 0o666 & ~current_umask())
-        os.replace(handle.name, folder / MANIFEST_NAME)
+        os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
-    return folder / MANIFEST_NAME
 
 
 def current_umask() -> int:
@@ -194,4 +223,5 @@ def unlisted_files(folder: str | Path, manifest: dict) -> list[str]:
     return [name for name in _listed_files(Path(folder)) if name not in manifest["files"]]
 
 
-__all__ = ["FORMAT", "MANIFEST_NAME", "read_manifest", "sha256_file", "verify_manifest", "write_manifest"]
+__all__ = ["FORMAT", "MANIFEST_NAME", "read_manifest", "refresh_manifest", "sha256_file", "verify_manifest",
+           "write_manifest"]

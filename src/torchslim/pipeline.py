@@ -232,7 +232,7 @@ def _compress(recipe: Recipe, out_dir: Path | None, info, progress: bool, log, f
         report["processes"] = info.world_size
         if out_dir is not None:
             with atomic_output_dir(out_dir) as tmp:
-                write_outputs(tmp, report, recipe, final, context)
+                write_outputs(tmp, report, recipe, final, context, log=log)
                 write_manifest(tmp)  # last: it covers every file written above
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)

@@ -34,8 +34,10 @@ def searched(tmp_path_factory):
 def test_the_output_folder_holds_the_front_recipes_and_best(searched):
     out, report = searched
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert {"report.json", "report.md", "front.json", "trials.json", "sensitivity.json", "recipe.yaml",
-            "study.journal", "best/report.json", "best/model.safetensors"} <= files
+    assert {"report.json", "report.md", "report.html", "front.json", "trials.json", "sensitivity.json", "recipe.yaml",
+            "study.journal", "best/report.json", "best/report.html", "best/model.safetensors"} <= files
+    page = (out / "report.html").read_text()
+    assert '"name": "Pareto front"' in page and "fig-search-latency" in page and "fig-sensitivity" in page
     assert not out.with_name("out.search").exists()  # the work folder goes once the results are written
     section = json.loads((out / "report.json").read_text())["search"]
     assert section["schema"] == "torchslim.search/1" and section["trials"]["complete"] == 3

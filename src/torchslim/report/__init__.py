@@ -47,13 +47,38 @@ def _score_change(stage: dict) -> str:
     return f"{metric} {ratios['score_delta'] * (100 if points else 1):+.2f}{' pts' if points else ''}"
 
 
+def git_commit() -> str | None:
+    """The commit of the torchslim source that runs (``-dirty`` when tracked files differ from it), or None for
+    an installed package or where git is missing."""
+    import subprocess
+
+    source = Path(__file__).resolve().parents[1]
+    if not any((folder / ".git").exists() for folder in source.parents):
+        return None
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True, timeout=5)
+
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return None
+        return head.stdout.strip() + ("-dirty" if git("diff", "--quiet", "HEAD", "--", ".").returncode == 1 else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment(threads: int) -> dict:
     import torch
 
+    from torchslim import __version__
     from torchslim.quant.cpu import int8_features
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,
-           "cpu": platform.processor() or platform.machine(), "cpu_int8_features": int8_features()}
+           "cpu": platform.processor() or platform.machine(), "cpu_int8_features": int8_features(),
+           "torchslim": __version__}
+    commit = git_commit()
+    if commit:
+        env["git_commit"] = commit
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -154,18 +179,30 @@ def print_table(report: dict, console=None) -> None:
     console.print(table)
 
 
-def write_outputs(directory: Path, report: dict, recipe, final, context=None) -> None:
-    """report.json, report.md, recipe.yaml (as resolved), the final artifact and the artifacts other tools load
+def write_outputs(directory: Path, report: dict, recipe, final, context=None, log=None) -> None:
+    """report.json, report.md, report.html (`torchslim.report.html`; skipped with a ``log`` line where jinja2 or
+    plotly is missing), recipe.yaml (as resolved), the final artifact and the artifacts other tools load
     (`torchslim.export.write_exports`, with the run's ``context``) into ``directory``."""
+    from torchslim.report.html import write_report_html
+
     artifact = final.save(directory)
     umask = os.umask(0)
     os.umask(umask)
     artifact.chmod(0o666 & ~umask)  # some writers create private files; the artifact is an ordinary output
     report["artifact"] = artifact.name
+    try:
+        from torchslim.report._sizes import artifact_breakdown
+
+        breakdown = artifact_breakdown(artifact)
+    except Exception:  # report.html's size chart only: an unreadable header must not fail the run
+        breakdown = None
+    if breakdown:
+        report["size_breakdown"] = breakdown
     if context is not None:
         from torchslim.export import write_exports
 
         report["exports"] = write_exports(directory, final, context, recipe.export, report)
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "report.md").write_text(to_markdown(report))
+    write_report_html(directory, report, log)
     (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

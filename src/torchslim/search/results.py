@@ -1,8 +1,8 @@
 """Writing a finished search: re-measure the front, choose, re-run the chosen point as a full recipe, and write
 the output folder — ``report.json`` (its ``search`` section: schema ``torchslim.search/1``), ``report.md``,
-``front.json``, ``front/trial-NNNN/recipe.yaml`` (one per Pareto point, runnable by `torchslim compress`),
-``trials.json``, ``sensitivity.json``, ``recipe.yaml`` (the search as resolved), ``study.journal`` and ``best/``
-(a complete `compress` output folder of the chosen point).
+``report.html``, ``front.json``, ``front/trial-NNNN/recipe.yaml`` (one per Pareto point, runnable by
+`torchslim compress`), ``trials.json``, ``sensitivity.json``, ``recipe.yaml`` (the search as resolved),
+``study.journal`` and ``best/`` (a complete `compress` output folder of the chosen point).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def finish(recipe, storage, name: str, runner, out: Path, log: Callable[[str], N
             report = {"schema": "torchslim.report/1", "recipe": recipe.to_dict(), "stages": [], "skipped": {},
                       "notes": [], "environment": environment(runner.threads)}
         report["search"] = section
-        _write_files(tmp, recipe, report, points, payload["sensitivity"], journal)
+        _write_files(tmp, recipe, report, points, payload["sensitivity"], journal, log)
     log(section["message"])
     return report
 
@@ -199,10 +199,11 @@ def _best(chosen: dict | None, section: dict, tmp: Path, log: Callable[[str], No
 
 
 def _write_files(tmp: Path, recipe, report: dict, points: list[dict], sensitivity: dict,
-                 journal: Path | None) -> None:
-    """front.json, trials.json, sensitivity.json, recipe.yaml, study.journal, report.json, report.md and, last,
-    manifest.json."""
+                 journal: Path | None, log: Callable[[str], None]) -> None:
+    """front.json, trials.json, sensitivity.json, recipe.yaml, study.journal, report.json, report.md,
+    report.html (it reads trials.json and sensitivity.json) and, last, manifest.json."""
     from torchslim.integrity import write_manifest
+    from torchslim.report.html import write_report_html
 
     section = report["search"]
     trials = [{"trial": p["trial"], "params": p["params"],
@@ -217,6 +218,7 @@ def _write_files(tmp: Path, recipe, report: dict, points: list[dict], sensitivit
         shutil.copyfile(journal, tmp / "study.journal")
     (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (tmp / "report.md").write_text(to_markdown(section, report))
+    write_report_html(tmp, report, log)
     write_manifest(tmp)  # last: it covers every file above, best/ included
 
 
