@@ -133,7 +133,8 @@ def read_checkpoint(root: Path, fingerprint: str) -> tuple[dict[str, dict[str, t
     if type(state.get("version")) is not int or state["version"] not in (1, VERSION):
         raise CheckpointError(f"{folder}/state.json: checkpoint format version {str(state.get('version'))[:20]}, this "
                               f"torchslim reads 1 and {VERSION}; {hint}")
-    if state["version"] >= 2 and state.get("state_sha256") != _state_digest(state):
+    # a digest present is always checked: a version-2 state relabelled 1 must not skip its own digest
+    if (state["version"] >= 2 or "state_sha256" in state) and state.get("state_sha256") != _state_digest(state):
         raise CheckpointError(f"{folder}/state.json: checkpoint state is corrupted (checksum mismatch); {hint}")
     if not isinstance(state.get("files"), dict):
         raise CheckpointError(f"{folder}/state.json: 'files' must map file names to digests; {hint}")
