@@ -43,6 +43,7 @@ from torchslim.errors import ArtifactError, InputError, describe, shorten
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.measure.stage import first_samples
+from torchslim._deprecated import renamed
 from torchslim.registry import register_method
 from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
 from torchslim.zoo import call_model
@@ -369,7 +370,7 @@ def factorize_svd(model: nn.Module, config: SvdFactorization, example_inputs: An
         skipped=skipped, target_reached=macs_after <= config.target_macs * macs_before if config.target_macs else True)
 
 
-def load_factorized(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
+def _load_factorized(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
     """Rebuild a factorized model, saved by ``TorchDeployable.save``, on a fresh instance of its original class
     (changed in place and returned): every layer saved as two factors is factorized again, then loaded.
 
@@ -382,14 +383,22 @@ def load_factorized(model: nn.Module, directory: str | Path, *, verify: bool = T
 
     Example:
         >>> TorchDeployable(factorized).save(Path("out"))
-        >>> model = load_factorized(DigitsCNN(), "out")
+        >>> model = _load_factorized(DigitsCNN(), "out")
     """
     from torchslim._validate import read_shapes
     from torchslim.integrity import verify_manifest
 
     directory = Path(directory)
     verify_manifest(directory, ["model.shapes.json", "model.safetensors"], verify=verify)
-    shapes = read_shapes(directory, SHAPES_FORMAT)
+    refactorize_to_shapes(model, read_shapes(directory, SHAPES_FORMAT), directory)
+    load_safetensors(model, directory / "model.safetensors")
+    return model
+
+
+def refactorize_to_shapes(model: nn.Module, shapes: dict[str, list[int]], directory: Path) -> list[str]:
+    """Replace every layer the recorded shapes hold as two factors (``name.0.weight``, ``name.1.weight``) by an
+    empty factor pair of those ranks; returns the layers replaced."""
+    replaced = []
     for name, module in list(model.named_modules()):
         first, second = shapes.get(f"{name}.0.weight"), shapes.get(f"{name}.1.weight")
         if type(module) not in (nn.Linear, nn.Conv2d) or first is None or second is None:
@@ -400,8 +409,8 @@ def load_factorized(model: nn.Module, directory: str | Path, *, verify: bool = T
         # Spatial pairs end in a 1 x kw kernel; a 1 x 1 second layer is a channel pair (or an equivalent kw = 1).
         conv = "channel" if isinstance(module, nn.Linear) or second[2:] == [1, 1] else "spatial"
         _set_module(model, name, _empty_pair(module, first[0], conv))
-    load_safetensors(model, directory / "model.safetensors")
-    return model
+        replaced.append(name)
+    return replaced
 
 
 @register_method("factorize", "svd", SvdFactorization)
@@ -421,3 +430,6 @@ def factorize_layers(context, config: SvdFactorization) -> TorchDeployable:
     if dropped:
         details["masks_dropped"] = dropped
     return TorchDeployable(context.model, details=details)
+
+
+__getattr__ = renamed(__name__, {"load_factorized": ("_load_factorized", "torchslim.load(path, model)")})

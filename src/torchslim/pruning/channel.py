@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from torchslim._config import check
+from torchslim._deprecated import renamed
 from torchslim.errors import InputError, describe
 from torchslim.graph import ChannelGraph, analyse_channels, capture
 from torchslim.measure.latency import measure_latency
@@ -575,7 +576,7 @@ def save_pruned(model: nn.Module, directory: str | Path) -> Path:
     return TorchDeployable(model).save(Path(directory))
 
 
-def load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
+def _load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
     """Rebuild a pruned model on a fresh instance of its original class (changed in place and returned).
 
     Args:
@@ -590,7 +591,14 @@ def load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True)
 
     directory = Path(directory)
     verify_manifest(directory, ["model.shapes.json", "model.safetensors"], verify=verify)
-    shapes = read_shapes(directory, SHAPES_FORMAT)
+    resize_to_shapes(model, read_shapes(directory, SHAPES_FORMAT), directory)
+    load_safetensors(model, directory / "model.safetensors")
+    return model
+
+
+def resize_to_shapes(model: nn.Module, shapes: dict[str, list[int]], directory: Path) -> None:
+    """Give every tensor of ``model`` the recorded shape (empty, to be loaded) and its layers the matching
+    attributes (``out_features``, ...): the structure a channel-pruned model was saved with."""
     state = model.state_dict()
     graph = ChannelGraph()
     for name, shape in shapes.items():
@@ -600,8 +608,6 @@ def load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True)
             _set_tensor(model, name, torch.empty(shape, dtype=state[name].dtype))
             graph.modules[name.rpartition(".")[0]] = "changed"
     _update_attributes(model, graph)
-    load_safetensors(model, directory / "model.safetensors")
-    return model
 
 
 def _taylor_gradients(context, batches: int = 4, batch_size: int = 32) -> None:
@@ -680,3 +686,6 @@ def _follow_masks(context) -> None:
     if context.masks:
         parameters = dict(context.model.named_parameters())
         context.masks = {name: parameters[name].detach() != 0 for name in context.masks if name in parameters}
+
+
+__getattr__ = renamed(__name__, {"load_pruned": ("_load_pruned", "torchslim.load(path, model)")})

@@ -34,6 +34,7 @@ from torchslim._config import check
 from torchslim.errors import InputError
 from torchslim.llm.blocks import output_head
 from torchslim.quant.fold import _set_module
+from torchslim._deprecated import renamed
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable, load_safetensors
 
@@ -199,7 +200,7 @@ def quantize_weights_(context, config: WeightOnly) -> dict:
 class WeightOnlyDeployable(TorchDeployable):
     """An eager model with packed weight-only layers. Its artifact is ``model.safetensors`` (packed codes,
     scales, zero points, float layers) plus ``model.weight_only.json`` (which layers are packed, and how), from
-    which `load_weight_only` rebuilds it on a float copy of the model: no pickle anywhere."""
+    which `_load_weight_only` (through `torchslim.load`) rebuilds it on a float copy of the model: no pickle anywhere."""
 
     def save(self, directory: Path) -> Path:
         from torchslim.quant.weight_only import weight_only_layers
@@ -210,7 +211,7 @@ class WeightOnlyDeployable(TorchDeployable):
         return path
 
 
-def load_weight_only(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
+def _load_weight_only(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
     """Turn a float model (the same architecture, e.g. freshly built from its spec) into the saved weight-only
     model in ``directory`` (written by `WeightOnlyDeployable.save`), in place; returns it.
 
@@ -244,3 +245,6 @@ def _handler(context, config: WeightOnly) -> WeightOnlyDeployable:
 
 register_method("quantize", "int4-weight", Int4Weight)(_handler)
 register_method("quantize", "int8-weight", Int8Weight)(_handler)
+
+
+__getattr__ = renamed(__name__, {"load_weight_only": ("_load_weight_only", "torchslim.load(path, model)")})
