@@ -4,7 +4,7 @@ A module lists its renamed names and installs the returned function as its modul
 Python calls only for names the module does not define.
 
 Example:
-    >>> __getattr__ = renamed(__name__, {"ChannelPruning": ("ChannelPruningConfig", "ChannelPruningConfig")})
+    >>> __getattr__ = renamed(__name__, {"ChannelPruning": "ChannelPruningConfig"})
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from typing import Callable
 REMOVED_IN = "0.2"
 
 
-def renamed(module: str, names: dict[str, tuple[str, str]]) -> Callable[[str], object]:
-    """A module ``__getattr__`` for ``names``: old name -> (name of the object now in ``module``, what users
-    should write instead)."""
+def renamed(module: str, names: dict[str, str]) -> Callable[[str], object]:
+    """A module ``__getattr__`` for ``names``: old name -> the object's name in ``module`` now. A loader made
+    private (a leading underscore) points users to `torchslim.load`."""
 
     def __getattr__(name: str) -> object:
         if name not in names:
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
-        current, instead = names[name]
+        current = names[name]
+        instead = "torchslim.load(path, model)" if current.startswith("_") else f"{module}.{current}"
         warnings.warn(f"{module}.{name} is deprecated and will be removed in torchslim {REMOVED_IN}; use {instead}",
                       DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(module), current)

@@ -102,7 +102,13 @@ def resolve_config(config: Any) -> tuple[str, str, Any]:
 
         step = _parse_step(config, 0, "config")
         return step.kind, step.method, step.config
+    from torchslim._config import FieldError, check_version
+
     entry = method_for_config(config)
+    try:
+        check_version(type(config), getattr(config, "version", None))
+    except FieldError as error:
+        raise InputError(f"config: {error}") from None
     return entry.kind, entry.name, config
 
 

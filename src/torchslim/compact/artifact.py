@@ -434,4 +434,7 @@ __all__ = ["ArtifactError", "CompactDeployable", "Storage", "decode_artifact", "
            "raw_fp32_bytes", "read_artifact", "round_to_storage_", "write_artifact"]
 
 
-__getattr__ = renamed(__name__, {"load_compact": ("_load_compact", "torchslim.load(path, model)")})
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "load_compact": "_load_compact",
+})

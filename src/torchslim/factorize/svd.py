@@ -22,7 +22,7 @@ rounded up to a multiple of ``round_to``. A layer whose factorized pair would no
 is left as it was and listed, as are the layers this method cannot handle.
 
 Example:
-    >>> result = factorize_svd(model, SvdFactorization(energy=0.9), example_inputs)
+    >>> result = factorize_svd(model, SvdConfig(energy=0.9), example_inputs)
     >>> result.macs_after / result.macs_before, result.ranks
 """
 
@@ -49,8 +49,8 @@ from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
 from torchslim.zoo import call_model
 
 
-@dataclass
-class SvdFactorization:
+@dataclass(frozen=True)
+class SvdConfig:
     """Config of ``factorize: {method: svd, ...}`` and of `factorize_svd`.
 
     Args:
@@ -170,7 +170,7 @@ def _empty_pair(module: nn.Module, rank: int, conv: str) -> nn.Sequential:
     return nn.Sequential(*pair).train(module.training).requires_grad_(weight.requires_grad)
 
 
-def _select_modules(model: nn.Module, config: SvdFactorization) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def _select_modules(model: nn.Module, config: SvdConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The layers ``config`` names that this method can factorize, and the others it names, with reasons."""
     owners: dict[int, int] = {}
     for _, parameter in model.named_parameters(remove_duplicate=False):
@@ -232,7 +232,7 @@ def _round_rank(rank: int, full_rank: int, round_to: int) -> int:
     return min(full_rank, -(-max(1, rank) // round_to) * round_to)
 
 
-def _local_ranks(layers: list[_Layer], config: SvdFactorization) -> dict[str, int]:
+def _local_ranks(layers: list[_Layer], config: SvdConfig) -> dict[str, int]:
     ranks = {}
     for layer in layers:
         if config.rank_ratio:
@@ -316,12 +316,12 @@ def _replace_and_check(model: nn.Module, layers: dict[str, _Layer], ranks: dict[
             skipped[name] = f"the model's code uses this layer as more than a call ({error})"
 
 
-def factorize_svd(model: nn.Module, config: SvdFactorization, example_inputs: Any) -> FactorizeResult:
+def factorize_svd(model: nn.Module, config: SvdConfig, example_inputs: Any) -> FactorizeResult:
     """Factorize the Linear and Conv2d layers ``config`` names in ``model``, in place; returns what changed.
 
     Args:
         model: changed in place: each factorized layer becomes an ``nn.Sequential`` of two layers.
-        config: ranks, layer patterns and conv mode (see `SvdFactorization`).
+        config: ranks, layer patterns and conv mode (see `SvdConfig`).
         example_inputs: one input batch (a tensor or a tuple of tensors); its first sample is used to count MACs.
 
     Returns:
@@ -331,7 +331,7 @@ def factorize_svd(model: nn.Module, config: SvdFactorization, example_inputs: An
         InputError: the model does not run on the example inputs.
 
     Example:
-        >>> result = factorize_svd(model, SvdFactorization(target_macs=0.5, conv="spatial"), torch.randn(8, 3, 32, 32))
+        >>> result = factorize_svd(model, SvdConfig(target_macs=0.5, conv="spatial"), torch.randn(8, 3, 32, 32))
         >>> result.ranks, result.skipped
     """
     reference, error, _ = _failure(model, example_inputs)
@@ -413,8 +413,8 @@ def refactorize_to_shapes(model: nn.Module, shapes: dict[str, list[int]], direct
     return replaced
 
 
-@register_method("factorize", "svd", SvdFactorization)
-def factorize_layers(context, config: SvdFactorization) -> TorchDeployable:
+@register_method("factorize", "svd", SvdConfig)
+def factorize_layers(context, config: SvdConfig) -> TorchDeployable:
     """The recipe step: factorize ``context.model`` in place; the report gets ranks, energy, MACs and params."""
     result = factorize_svd(context.model, config, context.example_inputs(1))
     for layer, reason in result.skipped.items():
@@ -432,4 +432,8 @@ def factorize_layers(context, config: SvdFactorization) -> TorchDeployable:
     return TorchDeployable(context.model, details=details)
 
 
-__getattr__ = renamed(__name__, {"load_factorized": ("_load_factorized", "torchslim.load(path, model)")})
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "SvdFactorization": "SvdConfig",
+    "load_factorized": "_load_factorized",
+})

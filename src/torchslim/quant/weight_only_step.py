@@ -41,7 +41,7 @@ from torchslim.runtime import TorchDeployable, load_safetensors
 FORMAT = "torchslim.weight-only/1"
 
 
-@dataclass
+@dataclass(frozen=True)
 class WeightOnly:
     """Config shared by ``int4-weight`` and ``int8-weight``.
 
@@ -78,15 +78,15 @@ class WeightOnly:
         check(0.0 < self.damp < 1.0, "damp", f"must be in (0, 1), got {self.damp}")
 
 
-@dataclass
-class Int4Weight(WeightOnly):
+@dataclass(frozen=True)
+class Int4WeightConfig(WeightOnly):
     """Config of ``quantize: {method: int4-weight, ...}`` (fields: see `WeightOnly`); group 128 by default."""
 
     bits = 4
 
 
-@dataclass
-class Int8Weight(WeightOnly):
+@dataclass(frozen=True)
+class Int8WeightConfig(WeightOnly):
     """Config of ``quantize: {method: int8-weight, ...}`` (fields: see `WeightOnly`); per channel by default."""
 
     group_size: int = 0
@@ -243,8 +243,13 @@ def _handler(context, config: WeightOnly) -> WeightOnlyDeployable:
     return WeightOnlyDeployable(context.model, details=details)
 
 
-register_method("quantize", "int4-weight", Int4Weight)(_handler)
-register_method("quantize", "int8-weight", Int8Weight)(_handler)
+register_method("quantize", "int4-weight", Int4WeightConfig)(_handler)
+register_method("quantize", "int8-weight", Int8WeightConfig)(_handler)
 
 
-__getattr__ = renamed(__name__, {"load_weight_only": ("_load_weight_only", "torchslim.load(path, model)")})
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "Int4Weight": "Int4WeightConfig",
+    "Int8Weight": "Int8WeightConfig",
+    "load_weight_only": "_load_weight_only",
+})
