@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from torchslim.data import resolve_data
-from torchslim.pipeline import StepContext
+from torchslim._context import _StepContext
 from torchslim.pruning.magnitude import MagnitudePruningConfig, magnitude_masks, prunable_weights
 from torchslim.recover.losses import distillation_loss
 from torchslim.registry import list_methods
@@ -18,19 +19,22 @@ from torchslim.registry import list_methods
 from conftest import tiny_bundle
 
 
-def make_context(tmp_path, bundle=None) -> StepContext:
+def make_context(tmp_path, bundle=None) -> _StepContext:
     bundle = bundle or tiny_bundle()
-    return StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model).requires_grad_(False), bundle=bundle,
-                       data=resolve_data("builtin:digits"), seed=0, threads=1, workdir=tmp_path, progress=False,
-                       where="test")
+    return _StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model).requires_grad_(False),
+                        bundle=bundle, data=resolve_data("builtin:digits"), seed=0, threads=1, workdir=tmp_path,
+                        progress=False, where="test")
 
 
 def small_config(entry):
-    config = entry.config_cls()
-    for target in (config, getattr(config, "finetune", None)):  # QAT nests its fine-tuning run
-        for name, value in {"epochs": 1, "batch_size": 256, "calibration_batches": 2}.items():
-            if target is not None and hasattr(target, name):
-                setattr(target, name, value)
+    def small(config):
+        fields = {f.name for f in dataclasses.fields(config)}
+        changes = {k: v for k, v in {"epochs": 1, "batch_size": 256, "calibration_batches": 2}.items() if k in fields}
+        return dataclasses.replace(config, **changes)
+
+    config = small(entry.config_cls())
+    if getattr(config, "finetune", None) is not None:  # QAT nests its fine-tuning run
+        config = dataclasses.replace(config, finetune=small(config.finetune))
     return config
 
 

@@ -53,7 +53,7 @@ SHAPES_FORMAT = "torchslim.model-shapes/1"
 
 class TorchDeployable(Deployable):
     """An eager PyTorch module; its artifact is the state dict in safetensors plus ``model.shapes.json`` (every
-    tensor's shape), from which `torchslim.pruning.channel.load_pruned` rebuilds a structurally pruned model on
+    tensor's shape), from which `torchslim.load` rebuilds a structurally pruned or factorized model on
     its original class."""
 
     runtime = "torch"
