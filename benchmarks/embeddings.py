@@ -39,7 +39,7 @@ from torchslim.compact.embeddings import (HashingConfig, MixedDimensionConfig, Q
 from torchslim.data import resolve_data  # noqa: E402
 from torchslim.measure import measure_latency, set_threads  # noqa: E402
 from torchslim.measure.stage import evaluate_ctr  # noqa: E402
-from torchslim.pipeline import StepContext  # noqa: E402
+from torchslim._context import _StepContext as StepContext  # noqa: E402
 from torchslim.recover.finetune import DistillConfig, FinetuneConfig  # noqa: E402
 from torchslim.recover.optim import OptimizerConfig, ScheduleConfig  # noqa: E402
 from torchslim.registry import get_method  # noqa: E402

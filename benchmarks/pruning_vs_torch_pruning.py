@@ -121,7 +121,7 @@ def digits_accuracy(bundle, target: float, epochs: int) -> list[dict]:
     """``bundle``'s model pruned by both tools to ``target`` MACs, then the same distillation fine-tune
     (torchslim's finetune step: SGD 0.01, cosine, KD T=4 alpha=0.7, ``epochs`` epochs); test accuracy."""
     from torchslim.data import resolve_data
-    from torchslim.pipeline import StepContext
+    from torchslim._context import _StepContext as StepContext
     from torchslim.recover.finetune import FinetuneConfig, finetune
 
     data, example = resolve_data("builtin:digits"), bundle.example_inputs(1)

@@ -201,3 +201,46 @@ def test_load_reads_a_recipe_run_folder_without_a_model(tmp_path):
     loaded = torchslim.load(tmp_path / "run")
     weights = torch.cat([m.weight.flatten() for m in loaded.modules() if isinstance(m, nn.Linear)])
     assert (weights == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_transformers_model_takes_tokenizer_batches_and_reloads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    def build():
+        torch.manual_seed(0)
+        config = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, num_labels=3, max_position_embeddings=32)
+        return transformers.BertForSequenceClassification(config).eval()
+
+    model = build()
+    ids = torch.randint(0, 200, (48, 12))
+    batches = [{"input_ids": ids[i:i + 16], "attention_mask": torch.ones(16, 12, dtype=torch.long),
+                "token_type_ids": torch.zeros(16, 12, dtype=torch.long), "labels": torch.randint(0, 3, (16,))}
+               for i in range(0, 48, 16)]
+    result = torchslim.apply(model, torchslim.WandaConfig(sparsity=0.5), batches)
+    assert type(result.model) is type(model)  # the user's own class back, not torchslim's wrapper
+    dense = result.model.bert.encoder.layer[0].intermediate.dense.weight
+    assert (dense == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    result.save(tmp_path / "bert")
+    fresh = build()
+    with torch.no_grad():
+        fresh.bert.encoder.layer[0].intermediate.dense.weight.fill_(1.0)
+    loaded = torchslim.load(tmp_path / "bert", fresh)
+    with torch.inference_mode():
+        got, expected = loaded(input_ids=ids[:4]).logits, result.model(input_ids=ids[:4]).logits
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_int8_static_on_torchinductor_reloads_through_load_without_inputs(tmp_path):
+    from torchslim.quant import pt2e_backend
+
+    if pt2e_backend.available():
+        pytest.skip(pt2e_backend.available())
+    case = cnn_case()
+    result = torchslim.apply(case.model, torchslim.Int8StaticConfig(runtime="torchinductor"), case.data)
+    assert result.runtime == "torchinductor"
+    expected = result.deployable(case.inputs)
+    result.save(tmp_path / "int8")
+    loaded = torchslim.load(tmp_path / "int8", case.fresh())  # input shapes come from the file
+    assert (loaded(case.inputs) - expected).abs().max().item() <= TOLERANCE["torchinductor"]

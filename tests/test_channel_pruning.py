@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import torchslim
 from torchslim.graph import analyse_channels, capture
 from torchslim.graph.trace import trace
 from torchslim.pruning.channel import (
-    ChannelPruningConfig, load_pruned, prune, remove_channels, save_pruned, select_channels,
+    ChannelPruningConfig, prune, remove_channels, save_pruned, select_channels,
 )
 
 CAPTURE = {"how": "export"}
@@ -232,7 +233,7 @@ def test_save_and_load_rebuild_the_pruned_model_exactly(tmp_path):
     result = prune(model, ChannelPruningConfig(ratio=0.4, scope="global"), x)
     assert result.macs_after < result.macs_before
     save_pruned(model, tmp_path)
-    fresh = load_pruned(Residual(), tmp_path).eval()
+    fresh = torchslim.load(tmp_path, Residual())
     assert torch.equal(fresh(x), model(x))
     assert fresh.a[0].out_channels == model.a[0].out_channels
 
@@ -457,7 +458,7 @@ def test_gpt2_loses_whole_heads_of_its_fused_qkv_and_ffn_neurons(tmp_path):
     assert "torchslim.load" in result.skipped["model"]  # GPT-2's config derives the head size from n_embd / n_head
     save_pruned(model, tmp_path)
     with torch.no_grad():
-        assert torch.equal(load_pruned(build(), tmp_path)(*x), model(*x))
+        assert torch.equal(torchslim.load(tmp_path, build())(*x), model(*x))
 
 
 @both

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import torchslim
 from torchslim._config import FieldError, from_dict, to_dict
+from torchslim._context import _StepContext as StepContext
 from torchslim.data import DataBundle, resolve_data
 from torchslim.errors import InputError
 from torchslim.llm.blocks import weight_matrix
-from torchslim.pipeline import StepContext
 from torchslim.pruning.magnitude import MagnitudePruningConfig, prune_magnitude
 from torchslim.pruning.oneshot import SparseGPTConfig, WandaConfig, prune_sparsegpt, prune_wanda
 from torchslim.zoo import ModelBundle
@@ -172,14 +173,11 @@ def test_an_empty_calib_split_is_an_input_error_naming_the_step(tmp_path):
 
 def test_a_cnn_gets_its_linear_layer_pruned_and_its_convs_reported(tmp_path):
     bundle = tiny_bundle()
-    context = StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model), bundle=bundle,
-                          data=resolve_data("builtin:digits"), seed=0, threads=1, workdir=tmp_path,
-                          progress=False, where="test")
-    inputs = context.example_inputs(4)
-    deployable = prune_sparsegpt(context, SparseGPTConfig(calibration_batches=2, batch_size=64))
-    assert deployable(inputs).shape == (4, 10)
-    assert deployable.details["layers"] == {"fc": 0.5} and deployable.details["calibration_tokens"] == 128
-    assert set(context.skipped) == {"conv1", "conv2"} and "Linear layers only" in context.skipped["conv1"]
+    batches = resolve_data("builtin:digits").batches("calib", bundle.preprocess, 64)  # (images, labels) pairs
+    result = torchslim.apply(bundle.model, SparseGPTConfig(calibration_batches=2, batch_size=64), batches)
+    assert result.deployable(bundle.example_inputs(4)).shape == (4, 10)
+    assert result.details["layers"] == {"fc": 0.5} and result.details["calibration_tokens"] == 128
+    assert set(result.skipped) == {"conv1", "conv2"} and "Linear layers only" in result.skipped["conv1"]
 
 
 def test_magnitude_n_m_masks_linear_and_conv1d_rows_and_skips_tied_and_conv_layers(tmp_path):
@@ -196,8 +194,7 @@ def test_magnitude_n_m_masks_linear_and_conv1d_rows_and_skips_tied_and_conv_laye
     assert bool((kept >= dropped).all())  # the two largest of every four survive
     assert context.masks["model.transformer.h.0.mlp.c_fc.weight"].shape == block_fc.weight.shape
     cnn = tiny_bundle()
-    cnn_context = StepContext(model=cnn.model, teacher=cnn.model, bundle=cnn, data=None, seed=0, threads=1,
-                              workdir=tmp_path)
-    details = prune_magnitude(cnn_context, MagnitudePruningConfig(pattern="4:8")).details
-    assert details["layers"] == {"fc.weight": 0.5} and set(cnn_context.skipped) == {"conv1", "conv2"}
+    result = torchslim.apply(cnn.model, MagnitudePruningConfig(pattern="4:8"), example_inputs=cnn.example_inputs(2))
+    details = result.details
+    assert details["layers"] == {"fc.weight": 0.5} and set(result.skipped) == {"conv1", "conv2"}
     assert np.isclose(details["sparsity"], 0.5)

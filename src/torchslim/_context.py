@@ -75,11 +75,12 @@ class _StepContext:
                     parameters[name].mul_(mask.to(parameters[name].device))
 
 
-def run_step(context: _StepContext, kind: str, method: str, config: Any):
+def run_step(context: _StepContext, kind: str, method: str, config: Any, *, onnx_metadata: bool = True):
     """Apply one registered method to ``context.model``; returns the handler's Deployable.
 
-    An ONNX result carries the model's preprocessing and class names in its metadata; a torch result records the
-    structural steps applied so far, so that its artifact reloads (see `torchslim.load`).
+    An ONNX result carries the model's preprocessing and class names in its metadata (unless ``onnx_metadata`` is
+    False: a search trial's artifacts are only sized); a torch result records the structural steps applied so
+    far, so that its artifact reloads (see `torchslim.load`).
     """
     from torchslim._config import to_dict
     from torchslim.registry import get_method
@@ -88,7 +89,7 @@ def run_step(context: _StepContext, kind: str, method: str, config: Any):
     deployable = get_method(kind, method).handler(context, config)
     if kind in REPLAYED_KINDS:
         context.replayed.append({"kind": kind, "method": method, "config": to_dict(config)})
-    if isinstance(deployable, OnnxRuntimeDeployable):
+    if isinstance(deployable, OnnxRuntimeDeployable) and onnx_metadata:
         from torchslim.export.optimum import metadata
 
         deployable.metadata = metadata(context)  # preprocessing and labels travel inside the file

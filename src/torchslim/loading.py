@@ -63,13 +63,28 @@ def load(path: str | Path, model: nn.Module | None = None, *, verify: bool = Tru
     elif not isinstance(model, nn.Module):
         raise InputError(f"model: expected a fresh instance of the original nn.Module class, got "
                          f"{type(model).__name__}")
-    from torchslim._adapter import wrap_model
-
-    wrapped, _ = wrap_model(model)  # `torchslim.apply` saved a transformers model inside torchslim's wrapper
+    wrapped = _as_saved(model, format_name, artifact)
     loaded = _LOADERS[format_name](wrapped, artifact, verify, example_inputs)
     if not isinstance(loaded, nn.Module):
         return loaded
     return (loaded.model if wrapped is not model else loaded).eval()
+
+
+def _as_saved(model: nn.Module, format_name: str, artifact: Path) -> nn.Module:
+    """``model`` as it was saved: `torchslim.apply` saves a transformers model inside torchslim's wrapper (its
+    tensor names start with ``model.``), other writers (the pipeline's ``hf:`` models aside) save it bare."""
+    from torchslim._adapter import is_transformers_model, wrap_model
+
+    if not is_transformers_model(model):
+        return model
+    if format_name in ("torch", "weight-only", "state-dict"):
+        from torchslim._validate import safetensors_header
+
+        weights = artifact if artifact.suffix == ".safetensors" else artifact.parent / "model.safetensors"
+        names, _ = safetensors_header(weights)
+        if not all(name.startswith("model.") for name in names):
+            return model
+    return wrap_model(model)[0]
 
 
 def find_artifact(path: Path) -> tuple[str, Path]:

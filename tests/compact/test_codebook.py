@@ -10,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
+import torchslim
 from conftest import tiny_bundle
 from torchslim._config import FieldError, from_dict
+from torchslim._context import _StepContext as StepContext
 from torchslim.compact import codebook  # noqa: F401  (registers share_weights: kmeans)
 from torchslim.compact.artifact import (PREAMBLE, SECTIONS, ArtifactError, CompactDeployable, Storage,
-                                        decode_artifact, encode_artifact, load_compact, read_artifact,
+                                        decode_artifact, encode_artifact, read_artifact,
                                         round_to_storage_, write_artifact)
 from torchslim.compact.codebook import WeightSharingConfig
 from torchslim.compact.entropy import SectionReader, SectionWriter, read_varint, write_varint
@@ -22,7 +24,6 @@ from torchslim.compact.sharing import kmeans_1d, share_weights_, shared_layers, 
 from torchslim.data import resolve_data
 from torchslim.errors import InputError
 from torchslim.measure.params import count_nonzero_params, count_params
-from torchslim.pipeline import StepContext
 from torchslim.pruning.magnitude import MagnitudePruningConfig, prune_magnitude
 from torchslim.recover.finetune import FinetuneConfig
 from torchslim.recover.optim import OptimizerConfig
@@ -174,7 +175,7 @@ def test_artifact_decodes_bit_exactly(tmp_path, storage):
     write_artifact(model, tmp_path / "m.tslim", storage)
     inputs = torch.randn(2, 1, 8, 8)
     with torch.inference_mode():
-        assert torch.equal(load_compact(model, tmp_path / "m.tslim")(inputs), model(inputs))
+        assert torch.equal(torchslim.load(tmp_path / "m.tslim", model)(inputs), model(inputs))
 
 
 def test_tied_tensors_are_stored_once():

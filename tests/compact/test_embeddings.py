@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim._context import _StepContext as StepContext
 from torchslim.compact.embedding_bags import (HashedEmbeddingBag, ProjectedEmbeddingBag, QREmbeddingBag,
                                               QuantizedEmbeddingBag, packed_row_bytes)
 from torchslim.compact.embeddings import (HashingConfig, MixedDimensionConfig, QuotientRemainderConfig, RowwiseInt4Config, RowwiseInt8Config,
                                           _fit_quotient_remainder, compress_embeddings_, embedding_bytes,
                                           lookup_counts, mixed_dimensions)
 from torchslim.data import DataBundle
-from torchslim.pipeline import StepContext
 from torchslim.registry import get_method
 from torchslim.zoo import ModelBundle
 from torchslim.zoo.dlrm import DLRM, ClickPreprocess

@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+import torchslim
 from torchslim._config import FieldError, from_dict
+from torchslim._context import _StepContext as StepContext
 from torchslim.data import resolve_data
 from torchslim.factorize.svd import (
-    SvdConfig, factorize_svd, factorized_layers, load_factorized, weight_matrix,
+    SvdConfig, factorize_svd, factorized_layers, weight_matrix,
 )
 from torchslim.measure.macs import count_macs
-from torchslim.pipeline import StepContext
 from torchslim.registry import get_method
 from torchslim.runtime import TorchDeployable
 from torchslim.zoo.digits_cnn import DigitsCNN
@@ -288,7 +289,7 @@ def test_the_registered_step_factorizes_reports_and_saves_a_reloadable_artifact(
     assert after.shape == before.shape
     path = deployable.save(tmp_path / "artifact")
     assert torch.allclose(torch.as_tensor(deployable.load_and_run(path, inputs)), after, atol=1e-6)
-    fresh = load_factorized(tiny_bundle().model, tmp_path / "artifact")
+    fresh = torchslim.load(tmp_path / "artifact", tiny_bundle().model)
     with torch.inference_mode():
         assert torch.allclose(fresh(inputs), after, atol=1e-6)
 
@@ -302,7 +303,7 @@ def test_a_saved_digits_cnn_reloads_on_a_fresh_instance(tmp_path, conv):
     assert result.ranks
     TorchDeployable(model).save(tmp_path)
     torch.manual_seed(1)
-    fresh = load_factorized(DigitsCNN().eval(), tmp_path)
+    fresh = torchslim.load(tmp_path, DigitsCNN().eval())
     with torch.inference_mode():
         assert torch.equal(fresh(x), model(x))
 

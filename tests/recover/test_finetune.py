@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from conftest import tiny_bundle
+from torchslim._context import _StepContext as StepContext
 from torchslim.data import resolve_data
 from torchslim.errors import InputError
-from torchslim.pipeline import StepContext
 from torchslim.pruning.channel import ChannelPruningConfig
 from torchslim.recover.finetune import DistillConfig, FinetuneConfig, LossConfig, finetune
 from torchslim.recover.optim import OptimizerConfig

@@ -417,7 +417,8 @@ def compress_embeddings_(model: nn.Module, config, *, counts: dict[str, torch.Te
 
     Args:
         model: any module holding ``nn.EmbeddingBag`` tables.
-        config: `RowwiseInt8Config`, `RowwiseInt4Config`, `HashingConfig`, `QuotientRemainderConfig` or `MixedDimensionConfig`.
+        config: `RowwiseInt8Config`, `RowwiseInt4Config`, `HashingConfig`, `QuotientRemainderConfig` or
+            `MixedDimensionConfig`.
         counts: per-table lookup counts (`lookup_counts`) weighting the initial averages (None: uniform).
 
     Returns:
@@ -481,8 +482,8 @@ compress_qr = _handler(QuotientRemainderConfig)
 compress_mixed_dim = _handler(MixedDimensionConfig)
 
 __all__ = [
-    "HashingConfig", "MixedDimensionConfig", "QuotientRemainderConfig", "RowwiseInt4Config", "RowwiseInt8Config", "compress_embeddings_",
-    "embedding_bytes", "embedding_tables", "lookup_counts", "mixed_dimensions",
+    "HashingConfig", "MixedDimensionConfig", "QuotientRemainderConfig", "RowwiseInt4Config", "RowwiseInt8Config",
+    "compress_embeddings_", "embedding_bytes", "embedding_tables", "lookup_counts", "mixed_dimensions",
 ]
 
 

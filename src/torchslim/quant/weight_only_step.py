@@ -200,7 +200,7 @@ def quantize_weights_(context, config: WeightOnly) -> dict:
 class WeightOnlyDeployable(TorchDeployable):
     """An eager model with packed weight-only layers. Its artifact is ``model.safetensors`` (packed codes,
     scales, zero points, float layers) plus ``model.weight_only.json`` (which layers are packed, and how), from
-    which `_load_weight_only` (through `torchslim.load`) rebuilds it on a float copy of the model: no pickle anywhere."""
+    which `torchslim.load` rebuilds it on a float copy of the model: no pickle anywhere."""
 
     def save(self, directory: Path) -> Path:
         from torchslim.quant.weight_only import weight_only_layers

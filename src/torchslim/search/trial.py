@@ -166,7 +166,7 @@ class TrialRunner:
             for index, step in enumerate(recipe.steps):
                 context.where = f"{name}: steps[{index}].{step.kind}"
                 context.step_index = index
-                deployable = run_step(context, step.kind, step.method, step.config)
+                deployable = run_step(context, step.kind, step.method, step.config, onnx_metadata=False)
         finally:
             torch.set_num_threads(self.threads)
         return deployable, context
