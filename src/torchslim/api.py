@@ -119,7 +119,8 @@ def apply(model: nn.Module | ApplyResult, config: Any, data: Iterable | None = N
 
     Args:
         model: a plain ``nn.Module`` (its forward takes one batch's tensors), a transformers model, or the
-            result of an earlier `apply` to continue from (its pruning masks are kept by later fine-tuning).
+            result of an earlier `apply` to continue from, as a recipe's next step does: its model is changed
+            in place, and its pruning masks are kept by later fine-tuning.
         config: a method config (e.g. ``Int8StaticConfig()``, see ``torchslim.list_methods()``) or a recipe step
             mapping (``{"prune": {"method": "wanda", "sparsity": 0.5}}``).
         data: a ``DataLoader`` or any iterable of batches (tensors, ``(inputs, labels)`` pairs, or mappings of
@@ -165,10 +166,7 @@ def _new_context(model: nn.Module, data, validation, *, example_inputs, teacher,
     bundle = model_bundle(wrapped, task=task or model_task, data=bundle_data, collate=collate,
                           example_inputs=example_inputs)
     wrapped.eval()
-    if teacher is None:
-        teacher = copy.deepcopy(wrapped)
-    elif wrap_model(teacher)[0] is not teacher:
-        teacher = wrap_model(teacher)[0]
+    teacher = copy.deepcopy(wrapped) if teacher is None else wrap_model(teacher)[0]
     teacher = teacher.eval().requires_grad_(False)
     workdir = tempfile.TemporaryDirectory(prefix="torchslim-apply-")
     context = _StepContext(model=wrapped, teacher=teacher, bundle=bundle, data=bundle_data, seed=seed,
