@@ -31,7 +31,7 @@ def step_context(bundle, data, workdir: Path):
 
     import torch
 
-    from torchslim.pipeline import StepContext
+    from torchslim._context import _StepContext as StepContext
 
     return StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model).eval().requires_grad_(False),
                        bundle=bundle, data=data, seed=0, threads=torch.get_num_threads(), workdir=workdir,

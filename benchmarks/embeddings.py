@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import goal, parser, write_json  # noqa: E402
 
 import torchslim.data.clicks  # noqa: E402,F401  (registers builtin:clicks)
-from torchslim.compact.embeddings import (Hashing, MixedDimension, QuotientRemainder, RowwiseInt4,  # noqa: E402
-                                          RowwiseInt8, embedding_bytes)
+from torchslim.compact.embeddings import (HashingConfig, MixedDimensionConfig, QuotientRemainderConfig, RowwiseInt4Config,  # noqa: E402
+                                          RowwiseInt8Config, embedding_bytes)
 from torchslim.data import resolve_data  # noqa: E402
 from torchslim.measure import measure_latency, set_threads  # noqa: E402
 from torchslim.measure.stage import evaluate_ctr  # noqa: E402
-from torchslim.pipeline import StepContext  # noqa: E402
+from torchslim._context import _StepContext as StepContext  # noqa: E402
 from torchslim.recover.finetune import DistillConfig, FinetuneConfig  # noqa: E402
 from torchslim.recover.optim import OptimizerConfig, ScheduleConfig  # noqa: E402
 from torchslim.registry import get_method  # noqa: E402
@@ -49,16 +49,16 @@ FINETUNE = FinetuneConfig(epochs=1, batch_size=256, device="cpu",
                           optimizer=OptimizerConfig(name="adagrad", lr=0.01, weight_decay=0.0),
                           schedule=ScheduleConfig(name="constant"), distill=DistillConfig(temperature=1.0, alpha=1.0))
 CANDIDATES = {
-    "rowwise-int8": [RowwiseInt8()],
-    "rowwise-int4": [RowwiseInt4()],
-    "rowwise-int4 optimized ranges": [RowwiseInt4(optimized_ranges=True)],
-    "hashing <=300k rows (no finetune)": [Hashing(rows_ratio=1.0, max_rows=300_000)],
-    "hashing <=300k rows + int4 (no finetune)": [Hashing(rows_ratio=1.0, max_rows=300_000), RowwiseInt4()],
-    "hashing <=300k rows + finetune + int4": [Hashing(rows_ratio=1.0, max_rows=300_000), FINETUNE, RowwiseInt4()],
-    "hashing <=100k rows + finetune + int4": [Hashing(rows_ratio=1.0, max_rows=100_000), FINETUNE, RowwiseInt4()],
-    "hashing 1/4 + finetune": [Hashing(rows_ratio=0.25), FINETUNE],
-    "qr 4 collisions + finetune": [QuotientRemainder(collisions=4), FINETUNE],
-    "mixed-dim alpha 0.2 + finetune": [MixedDimension(alpha=0.2), FINETUNE],
+    "rowwise-int8": [RowwiseInt8Config()],
+    "rowwise-int4": [RowwiseInt4Config()],
+    "rowwise-int4 optimized ranges": [RowwiseInt4Config(optimized_ranges=True)],
+    "hashing <=300k rows (no finetune)": [HashingConfig(rows_ratio=1.0, max_rows=300_000)],
+    "hashing <=300k rows + int4 (no finetune)": [HashingConfig(rows_ratio=1.0, max_rows=300_000), RowwiseInt4Config()],
+    "hashing <=300k rows + finetune + int4": [HashingConfig(rows_ratio=1.0, max_rows=300_000), FINETUNE, RowwiseInt4Config()],
+    "hashing <=100k rows + finetune + int4": [HashingConfig(rows_ratio=1.0, max_rows=100_000), FINETUNE, RowwiseInt4Config()],
+    "hashing 1/4 + finetune": [HashingConfig(rows_ratio=0.25), FINETUNE],
+    "qr 4 collisions + finetune": [QuotientRemainderConfig(collisions=4), FINETUNE],
+    "mixed-dim alpha 0.2 + finetune": [MixedDimensionConfig(alpha=0.2), FINETUNE],
 }
 TUNED = {name for name, steps in CANDIDATES.items() if any(isinstance(s, FinetuneConfig) for s in steps)}
 KIND = {FinetuneConfig: ("finetune", "distill")}
@@ -104,8 +104,8 @@ def build(name: str, bundle, data, teacher, workdir: Path) -> tuple[torch.nn.Mod
     for step in CANDIDATES[name]:
         kind, method = KIND.get(type(step), ("compress_embeddings", None))
         if method is None:
-            method = {RowwiseInt8: "rowwise-int8", RowwiseInt4: "rowwise-int4", Hashing: "hashing",
-                      QuotientRemainder: "qr", MixedDimension: "mixed-dim"}[type(step)]
+            method = {RowwiseInt8Config: "rowwise-int8", RowwiseInt4Config: "rowwise-int4", HashingConfig: "hashing",
+                      QuotientRemainderConfig: "qr", MixedDimensionConfig: "mixed-dim"}[type(step)]
         started = time.perf_counter()
         deployable = get_method(kind, method).handler(context, step)
         if kind == "finetune":

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, write_json  # noqa: E402
 
 from torchslim.errors import describe  # noqa: E402
-from torchslim.pruning.channel import ChannelPruning, load_pruned, prune, save_pruned  # noqa: E402
+from torchslim import load  # noqa: E402
+from torchslim.pruning.channel import ChannelPruningConfig, prune, save_pruned  # noqa: E402
 from torchslim.zoo import call_model  # noqa: E402
 
 
@@ -53,13 +54,13 @@ def check(name: str, build, example) -> dict:
     started = time.perf_counter()
     torch.manual_seed(0)
     model = build().eval()
-    result = prune(model, ChannelPruning(ratio=0.3, capture=CAPTURE["how"]), example)
+    result = prune(model, ChannelPruningConfig(ratio=0.3, capture=CAPTURE["how"]), example)
     with torch.no_grad():
         out = call_model(model, example)
     with tempfile.TemporaryDirectory() as folder:
         save_pruned(model, folder)
         torch.manual_seed(1)
-        fresh = load_pruned(build(), folder).eval()
+        fresh = load(folder, build())
         with torch.no_grad():
             same = torch.equal(call_model(fresh, example), out)
     if not same:

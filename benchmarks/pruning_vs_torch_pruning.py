@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import goal, parser, write_json  # noqa: E402
 
 from torchslim.measure import count_macs, count_params, measure_latency, set_threads  # noqa: E402
-from torchslim.pruning.channel import ChannelPruning, prune  # noqa: E402
+from torchslim.pruning.channel import ChannelPruningConfig, prune  # noqa: E402
 
 ROUND_TO = 8  # the hardware-friendly width timed beside exact (round_to=1) pruning
 
@@ -121,7 +121,7 @@ def digits_accuracy(bundle, target: float, epochs: int) -> list[dict]:
     """``bundle``'s model pruned by both tools to ``target`` MACs, then the same distillation fine-tune
     (torchslim's finetune step: SGD 0.01, cosine, KD T=4 alpha=0.7, ``epochs`` epochs); test accuracy."""
     from torchslim.data import resolve_data
-    from torchslim.pipeline import StepContext
+    from torchslim._context import _StepContext as StepContext
     from torchslim.recover.finetune import FinetuneConfig, finetune
 
     data, example = resolve_data("builtin:digits"), bundle.example_inputs(1)
@@ -129,7 +129,7 @@ def digits_accuracy(bundle, target: float, epochs: int) -> list[dict]:
     rows = [{"tool": "unpruned", "macs_ratio": 1.0, "params": count_params(bundle.model),
              "accuracy": round(accuracy(bundle.model, data, bundle.preprocess), 4)}]
     pruned = {"torchslim": copy.deepcopy(bundle.model)}
-    prune(pruned["torchslim"], ChannelPruning(target_macs=target), example)
+    prune(pruned["torchslim"], ChannelPruningConfig(target_macs=target), example)
     try:
         pruned["torch-pruning"] = torch_pruning_to_macs(copy.deepcopy(bundle.model), example, target)
     except ImportError:
@@ -168,7 +168,7 @@ def latency_rows(name: str, target: float, batch_size: int, threads: int) -> lis
     candidates = {"unpruned": base}
     for round_to in (1, ROUND_TO):
         ours = copy.deepcopy(base)
-        prune(ours, ChannelPruning(target_macs=target, round_to=round_to), example)
+        prune(ours, ChannelPruningConfig(target_macs=target, round_to=round_to), example)
         candidates["torchslim" if round_to == 1 else f"torchslim round_to={round_to}"] = ours
     try:
         theirs = torch_pruning_to_macs(copy.deepcopy(base), example, target)

@@ -38,7 +38,7 @@ from _common import evaluate_model, goal, parser, step_context, write_json  # no
 from torchslim.data import resolve_data  # noqa: E402
 from torchslim.measure.macs import count_macs  # noqa: E402
 from torchslim.measure.params import count_params  # noqa: E402
-from torchslim.pruning.channel import ChannelPruning  # noqa: E402
+from torchslim.pruning.channel import ChannelPruningConfig  # noqa: E402
 from torchslim.recover.finetune import DistillConfig, FinetuneConfig, finetune  # noqa: E402
 from torchslim.recover.optim import OptimizerConfig, ScheduleConfig  # noqa: E402
 from torchslim.registry import get_method  # noqa: E402
@@ -53,7 +53,7 @@ def digits_part(workdir: Path, epochs: int) -> dict:
     example = bundle.example_inputs(1)
     base_eval, _ = evaluate_model(context.model, context)
     macs_before, params_before = count_macs(context.model, example), count_params(context.model)
-    get_method("prune", "channel").handler(context, ChannelPruning(target_macs=0.3, round_to=4))
+    get_method("prune", "channel").handler(context, ChannelPruningConfig(target_macs=0.3, round_to=4))
     pruned = copy.deepcopy(context.model)
     pruned_eval, _ = evaluate_model(pruned, context)
     budget = dict(epochs=epochs, batch_size=64, optimizer=OptimizerConfig(name="sgd", lr=0.02),
@@ -113,14 +113,14 @@ def distillation_sentences(sentences, count: int, seed: int = 0) -> list[str]:
 
 
 MINILM_PRUNING = {  # name -> (row label, config)
-    "l1": ("weight magnitude (l1)", ChannelPruning(ratio=0.5, ignore=["*attention*"])),
-    "activation": ("activation importance", ChannelPruning(ratio=0.5, ignore=["*attention*"], importance="activation",
+    "l1": ("weight magnitude (l1)", ChannelPruningConfig(ratio=0.5, ignore=["*attention*"])),
+    "activation": ("activation importance", ChannelPruningConfig(ratio=0.5, ignore=["*attention*"], importance="activation",
                                                            calibration_samples=1024)),
     "activation+refit": ("activation importance + least-squares refit",
-                         ChannelPruning(ratio=0.5, ignore=["*attention*"], importance="activation", reconstruct=True,
+                         ChannelPruningConfig(ratio=0.5, ignore=["*attention*"], importance="activation", reconstruct=True,
                                         calibration_samples=1024)),
     "obs+refit": ("optimal-brain-surgeon order + least-squares refit",
-                  ChannelPruning(ratio=0.5, ignore=["*attention*"], importance="obs", reconstruct=True,
+                  ChannelPruningConfig(ratio=0.5, ignore=["*attention*"], importance="obs", reconstruct=True,
                                  calibration_samples=1024)),
 }
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import InputError
-from torchslim.pruning.channel import ChannelPruning, prune
+from torchslim.pruning.channel import ChannelPruningConfig, prune
 
 
 class MLP(nn.Module):
@@ -36,10 +36,10 @@ def test_the_refit_recovers_exactly_what_kept_neurons_can_express():
     x = torch.randn(32, 6)
     reference = model(x).detach()
     plain = copy.deepcopy(model)
-    prune(plain, ChannelPruning(ratio=0.5), x[:2])
+    prune(plain, ChannelPruningConfig(ratio=0.5), x[:2])
     damped = copy.deepcopy(model)
-    prune(damped, ChannelPruning(ratio=0.5, reconstruct=True), x[:2], calibration=calibration())
-    result = prune(model, ChannelPruning(ratio=0.5, reconstruct=True, damping=0.0), x[:2], calibration=calibration())
+    prune(damped, ChannelPruningConfig(ratio=0.5, reconstruct=True), x[:2], calibration=calibration())
+    result = prune(model, ChannelPruningConfig(ratio=0.5, reconstruct=True, damping=0.0), x[:2], calibration=calibration())
     assert model.fc1.out_features == plain.fc1.out_features == 4
     assert torch.equal(model.fc1.weight, plain.fc1.weight)  # the same neurons go (l1 picks the small ones)
     assert (plain(x) - reference).abs().max() > 0.05  # without the refit their share is lost ...
@@ -56,7 +56,7 @@ def test_a_constant_neuron_moves_into_the_bias():
         model.fc1.bias[0] = 0.5  # always 0.5 after the relu, the lowest l1 score
     x = torch.randn(16, 6)
     reference = model(x).detach()
-    prune(model, ChannelPruning(ratio=1 / 8, reconstruct=True, damping=0.0), x[:2], calibration=calibration())
+    prune(model, ChannelPruningConfig(ratio=1 / 8, reconstruct=True, damping=0.0), x[:2], calibration=calibration())
     assert model.fc1.out_features == 7
     assert (model(x) - reference).abs().max() < 1e-4
 
@@ -71,19 +71,19 @@ def test_activation_importance_removes_neurons_the_data_never_uses():
     x = torch.randn(16, 6)
     reference = model(x).detach()
     by_magnitude = copy.deepcopy(model)
-    prune(by_magnitude, ChannelPruning(ratio=0.5), x[:2])
+    prune(by_magnitude, ChannelPruningConfig(ratio=0.5), x[:2])
     assert (by_magnitude.fc1.bias == -1000.0).sum() == 4  # weight magnitude keeps the dead neurons
-    prune(model, ChannelPruning(ratio=0.5, importance="activation"), x[:2], calibration=calibration())
+    prune(model, ChannelPruningConfig(ratio=0.5, importance="activation"), x[:2], calibration=calibration())
     assert (model.fc1.bias == -1000.0).sum() == 0  # activation importance removes them
     assert (model(x) - reference).abs().max() < 1e-5  # and nothing the data uses is lost
 
 
 def test_calibrated_pruning_without_calibration_inputs_is_a_clear_error():
-    for config in (ChannelPruning(importance="activation"), ChannelPruning(reconstruct=True)):
+    for config in (ChannelPruningConfig(importance="activation"), ChannelPruningConfig(reconstruct=True)):
         with pytest.raises(InputError, match="need calibration inputs"):
             prune(MLP(), config, torch.randn(2, 6))
     with pytest.raises(Exception, match="calibration_samples"):
-        ChannelPruning(calibration_samples=0)
+        ChannelPruningConfig(calibration_samples=0)
 
 
 def test_recipe_step_prunes_a_gpt2_ffn_with_activation_importance_and_refits_its_conv1d_layers(tmp_path):
@@ -93,8 +93,8 @@ def test_recipe_step_prunes_a_gpt2_ffn_with_activation_importance_and_refits_its
     from torchslim.registry import get_method
 
     errors = {}
-    for name, config in {"l1": ChannelPruning(ratio=0.5, ignore=["*attn*", "*wte*", "*wpe*", "*ln*"]),
-                         "activation+refit": ChannelPruning(ratio=0.5, ignore=["*attn*", "*wte*", "*wpe*", "*ln*"],
+    for name, config in {"l1": ChannelPruningConfig(ratio=0.5, ignore=["*attn*", "*wte*", "*wpe*", "*ln*"]),
+                         "activation+refit": ChannelPruningConfig(ratio=0.5, ignore=["*attn*", "*wte*", "*wpe*", "*ln*"],
                                                             importance="activation", reconstruct=True)}.items():
         context = text_context(tmp_path)
         deployable = get_method("prune", "channel").handler(context, config)
@@ -117,7 +117,7 @@ def test_data_aware_importance_reads_convolution_channels_along_dim_1(importance
     x = torch.randn(4, 3, 8, 8)
     reference = model(x).detach()
     batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    prune(model, ChannelPruning(ratio=0.5, importance=importance), x[:2], calibration=batches)
+    prune(model, ChannelPruningConfig(ratio=0.5, importance=importance), x[:2], calibration=batches)
     assert model[0].out_channels == 4 and (model[0].bias == -1000.0).sum() == 0
     assert (model(x) - reference).abs().max() < 1e-5
 
@@ -153,9 +153,9 @@ def test_obs_importance_removes_a_redundant_neuron_that_activation_importance_ke
     x = torch.randn(32, 6)
     reference = model(x).detach()
     by_activation = copy.deepcopy(model)
-    prune(by_activation, ChannelPruning(ratio=1 / 8, importance="activation", reconstruct=True, damping=0.0), x[:2],
+    prune(by_activation, ChannelPruningConfig(ratio=1 / 8, importance="activation", reconstruct=True, damping=0.0), x[:2],
           calibration=calibration())
-    prune(model, ChannelPruning(ratio=1 / 8, importance="obs", reconstruct=True, damping=0.0), x[:2],
+    prune(model, ChannelPruningConfig(ratio=1 / 8, importance="obs", reconstruct=True, damping=0.0), x[:2],
           calibration=calibration())
     assert model.fc1.out_features == by_activation.fc1.out_features == 7
     assert (by_activation(x) - reference).abs().max() > 0.05  # activation keeps the loud pair, loses a neuron
@@ -190,7 +190,7 @@ def test_the_refit_corrects_the_residual_stream_where_a_layer_adds_into_it(monke
     scaled = Residual(scale=0.5)  # a scale between the layer and the sum: the stream cannot be fitted through it
     assert calibrate._residual_norm(scaled, "layers.0.fc2", "layers.0.norm", batches[0]) is None
 
-    config = ChannelPruning(ratio=0.5, importance="obs", reconstruct=True)
+    config = ChannelPruningConfig(ratio=0.5, importance="obs", reconstruct=True)
     plain = copy.deepcopy(model)
     with monkeypatch.context() as patch:
         patch.setattr(calibrate, "_residual_norm", lambda *args: None)

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import torchslim
 from torchslim.graph import analyse_channels, capture
 from torchslim.graph.trace import trace
 from torchslim.pruning.channel import (
-    ChannelPruning, load_pruned, prune, remove_channels, save_pruned, select_channels,
+    ChannelPruningConfig, prune, remove_channels, save_pruned, select_channels,
 )
 
 CAPTURE = {"how": "export"}
@@ -40,7 +41,7 @@ def exact_prune(model: nn.Module, x, ratio: float = 0.5, **config):
     args = x if isinstance(x, tuple) else (x,)
     program = capture(model, x) if CAPTURE["how"] == "export" else trace(model, args, "testing the tracer")
     graph = analyse_channels(program)
-    settings = ChannelPruning(ratio=ratio, **config)
+    settings = ChannelPruningConfig(ratio=ratio, **config)
     chosen = select_channels(model, graph, settings, ratio)
     buffers = dict(model.named_buffers())
     with torch.no_grad():
@@ -191,7 +192,7 @@ def test_embedding_and_layernorm_dimensions_are_pruned_together():
 
     model = Net()
     ids = torch.randint(0, 50, (3, 7))
-    result = prune(model, ChannelPruning(ratio=0.5), ids)
+    result = prune(model, ChannelPruningConfig(ratio=0.5), ids)
     # The embedding width is one group with the LayerNorm's affine parameters and the next layer's inputs.
     # (Unlike a silenced conv channel, a removed LayerNorm channel also leaves its mean and variance: the
     # model is approximately, not exactly, the same; recovery training closes that gap.)
@@ -217,7 +218,7 @@ def test_recurrent_layers_and_packed_attention_are_left_intact_with_a_reason():
     x = torch.randn(2, 5, 6)
     with torch.no_grad():
         reference = model.eval()(x)
-    result = prune(model, ChannelPruning(ratio=0.5), x)
+    result = prune(model, ChannelPruningConfig(ratio=0.5), x)
     assert model.proj.out_features == 16 and model.lstm.hidden_size == 12
     assert any("recurrent" in reason for reason in result.skipped.values())
     assert "attn" in result.skipped  # packed q/k/v projections of nn.MultiheadAttention: kept, with the reason
@@ -229,10 +230,10 @@ def test_recurrent_layers_and_packed_attention_are_left_intact_with_a_reason():
 def test_save_and_load_rebuild_the_pruned_model_exactly(tmp_path):
     model = randomise_norms(Residual())
     x = torch.randn(2, 3, 8, 8)
-    result = prune(model, ChannelPruning(ratio=0.4, scope="global"), x)
+    result = prune(model, ChannelPruningConfig(ratio=0.4, scope="global"), x)
     assert result.macs_after < result.macs_before
     save_pruned(model, tmp_path)
-    fresh = load_pruned(Residual(), tmp_path).eval()
+    fresh = torchslim.load(tmp_path, Residual())
     assert torch.equal(fresh(x), model(x))
     assert fresh.a[0].out_channels == model.a[0].out_channels
 
@@ -243,7 +244,7 @@ def test_importance_criteria_rank_channels(importance):
     with torch.no_grad():
         model.a[0].weight[:4].mul_(100)  # four clearly important hidden channels
         model.a[1].weight[:4].fill_(10)
-    prune(model, ChannelPruning(ratio=0.5, importance=importance), torch.randn(2, 3, 8, 8))
+    prune(model, ChannelPruningConfig(ratio=0.5, importance=importance), torch.randn(2, 3, 8, 8))
     kept_big = int((model.a[0].weight.abs().flatten(1).sum(1) > 20).sum())
     assert model.a[0].out_channels == 16
     if importance != "random":
@@ -253,13 +254,13 @@ def test_importance_criteria_rank_channels(importance):
 def test_round_to_max_ratio_ignore_and_macs_target():
     x = torch.randn(2, 3, 8, 8)
     model = Residual()
-    prune(model, ChannelPruning(ratio=0.3, round_to=8), x)
+    prune(model, ChannelPruningConfig(ratio=0.3, round_to=8), x)
     assert model.a[0].out_channels % 8 == 0 and model.stem[0].out_channels % 8 == 0
     model = Residual()
-    result = prune(model, ChannelPruning(ratio=0.5, ignore=["a.0"]), x)
+    result = prune(model, ChannelPruningConfig(ratio=0.5, ignore=["a.0"]), x)
     assert model.a[0].out_channels == 32 and result.skipped["a.0"] == "ignored by the config"
     model = Residual()
-    result = prune(model, ChannelPruning(target_macs=0.4), x)
+    result = prune(model, ChannelPruningConfig(target_macs=0.4), x)
     assert 0.3 <= result.macs_after / result.macs_before <= 0.4
 
 
@@ -267,13 +268,13 @@ def test_round_to_max_ratio_ignore_and_macs_target():
 def test_per_group_ratios_cut_each_matched_group_by_its_own_ratio():
     x = torch.randn(2, 3, 8, 8)
     model = Residual()
-    prune(model, ChannelPruning(ratio=0.25, ratios={"a.0": 0.75}), x)
+    prune(model, ChannelPruningConfig(ratio=0.25, ratios={"a.0": 0.75}), x)
     assert model.a[0].out_channels == 8  # the block's hidden width: 32 -> 8
     assert model.stem[0].out_channels == model.a[3].out_channels == 12  # the stream: the default 0.25 of 16
     with pytest.raises(ValueError, match="ratios.a.0"):
-        ChannelPruning(ratios={"a.0": 1.0})
+        ChannelPruningConfig(ratios={"a.0": 1.0})
     with pytest.raises(ValueError, match="scope: local"):
-        ChannelPruning(ratios={"a.0": 0.5}, scope="global")
+        ChannelPruningConfig(ratios={"a.0": 0.5}, scope="global")
 
 class DataDependent(nn.Module):
     """Branches on a tensor's value: torch.export cannot capture it, the traced fallback can."""
@@ -297,7 +298,7 @@ def test_a_model_torch_export_cannot_capture_is_traced_and_pruned_where_the_path
 
     x = torch.randn(2, 3, 8, 8)
     model = randomise_norms(DataDependent())
-    result = prune(model, ChannelPruning(ratio=0.5), x)
+    result = prune(model, ChannelPruningConfig(ratio=0.5), x)
     assert model.body[0].out_channels == 8 and model.body[3].in_channels == 8
     # The branch condition averages over body[3]'s channels, so they stay (pruning would change the decision).
     assert model.body[3].out_channels == 16 and model.head.in_features == 16
@@ -305,10 +306,10 @@ def test_a_model_torch_export_cannot_capture_is_traced_and_pruned_where_the_path
     assert result.macs_after / result.macs_before < 0.6
     assert "torch.export failed" in result.skipped["(graph)"]
     with pytest.raises(InputError, match="cannot be captured by torch.export"):
-        prune(DataDependent(), ChannelPruning(capture="export"), x)
+        prune(DataDependent(), ChannelPruningConfig(capture="export"), x)
     # A layer the trace never ran could read any channel: then nothing is pruned, and the report says why.
     model = DataDependent(spare=True)
-    result = prune(model, ChannelPruning(ratio=0.5), x)
+    result = prune(model, ChannelPruningConfig(ratio=0.5), x)
     assert result.macs_after == result.macs_before and model.body[0].out_channels == 16
     assert "did not run on the example inputs" in result.skipped["body.0"]
     assert "not run on the example inputs" in result.skipped["other"]
@@ -378,7 +379,7 @@ def test_grouped_query_attention_prunes_whole_query_groups(capture_by):
 def test_iterative_steps_call_recovery_between_steps_and_reach_the_ratio():
     model = Residual()
     calls = []
-    result = prune(model, ChannelPruning(ratio=0.5, steps=3), torch.randn(2, 3, 8, 8),
+    result = prune(model, ChannelPruningConfig(ratio=0.5, steps=3), torch.randn(2, 3, 8, 8),
                    recover=lambda m, step: calls.append((step, m.a[0].out_channels)))
     assert [step for step, _ in calls] == [1, 2]
     assert calls[0][1] > calls[1][1] > model.a[0].out_channels == 16  # 32 -> ... -> 16, a little each step
@@ -393,18 +394,18 @@ def test_taylor_importance_uses_gradients_and_a_latency_target_bisects_on_measur
     x = torch.randn(4, 3, 8, 8)
     model = Residual()
     with pytest.raises(InputError, match="taylor needs gradients"):
-        prune(model, ChannelPruning(importance="taylor"), x)
+        prune(model, ChannelPruningConfig(importance="taylor"), x)
     model(x).pow(2).sum().backward()
     with torch.no_grad():
         model.a[0].weight.grad[:4] *= 1e6  # four channels with a huge first-order effect on the loss
-    prune(model, ChannelPruning(ratio=0.5, importance="taylor"), x)
+    prune(model, ChannelPruningConfig(ratio=0.5, importance="taylor"), x)
     assert model.a[0].out_channels == 16
     assert int((model.a[0].weight.abs().flatten(1).sum(1) > 0).sum()) == 16
     # Latency is measured (never asserted in unit tests): stand in a clock proportional to MACs to check that
     # the bisection stops at the first ratio meeting the target.
     monkeypatch.setattr(channel, "_latency", lambda m, inputs: float(channel.count_macs(m, inputs[:1])))
     model = Residual()
-    result = prune(model, ChannelPruning(target_latency=0.6), torch.randn(16, 3, 8, 8))
+    result = prune(model, ChannelPruningConfig(target_latency=0.6), torch.randn(16, 3, 8, 8))
     assert 0.5 <= result.macs_after / result.macs_before <= 0.6
 
 
@@ -415,7 +416,7 @@ def test_hugging_face_config_follows_the_pruned_ffn_and_save_pretrained_round_tr
     bundle = resolve_model("builtin:minilm")
     encoder = bundle.model.encoder
     ids, mask = bundle.preprocess(["A sentence to capture the graph with.", "And another one."])
-    result = prune(bundle.model, ChannelPruning(ratio=0.5, ignore=["*attention*"]), (ids, mask))
+    result = prune(bundle.model, ChannelPruningConfig(ratio=0.5, ignore=["*attention*"]), (ids, mask))
     assert encoder.config.intermediate_size == 768  # 1536 -> 768 in every layer
     assert encoder.encoder.layer[0].attention.self.query.out_features == 384
     assert result.macs_after < 0.75 * result.macs_before
@@ -432,9 +433,9 @@ def test_hugging_face_head_pruning_is_reported_when_the_config_cannot_express_it
 
     bundle = resolve_model("builtin:minilm")
     ids, mask = bundle.preprocess(["A sentence to capture the graph with."])
-    result = prune(bundle.model, ChannelPruning(ratio=0.5), (ids, mask))
+    result = prune(bundle.model, ChannelPruningConfig(ratio=0.5), (ids, mask))
     assert bundle.model.encoder.encoder.layer[0].attention.self.query.out_features == 192  # 12 -> 6 heads
-    assert "load_pruned" in result.skipped["encoder"]
+    assert "torchslim.load" in result.skipped["encoder"]
 
 
 def test_gpt2_loses_whole_heads_of_its_fused_qkv_and_ffn_neurons(tmp_path):
@@ -448,16 +449,16 @@ def test_gpt2_loses_whole_heads_of_its_fused_qkv_and_ffn_neurons(tmp_path):
 
     model = build()
     x = (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
-    result = prune(model, ChannelPruning(ratio=0.5, ignore=["*wte", "*wpe"]), x)
+    result = prune(model, ChannelPruningConfig(ratio=0.5, ignore=["*wte", "*wpe"]), x)
     attention = model.model.transformer.h[0].attn
     # Fused q/k/v: each of the three thirds loses the same whole heads; the split size and head count follow.
     assert attention.c_attn.nf == 3 * attention.split_size == 3 * 32 and attention.num_heads == 2
     assert model.model.transformer.h[0].mlp.c_fc.nf == 128 and model.model.config.n_inner == 128  # 256 -> 128
     assert result.macs_after < 0.7 * result.macs_before
-    assert "load_pruned" in result.skipped["model"]  # GPT-2's config derives the head size from n_embd / n_head
+    assert "torchslim.load" in result.skipped["model"]  # GPT-2's config derives the head size from n_embd / n_head
     save_pruned(model, tmp_path)
     with torch.no_grad():
-        assert torch.equal(load_pruned(build(), tmp_path)(*x), model(*x))
+        assert torch.equal(torchslim.load(tmp_path, build())(*x), model(*x))
 
 
 @both

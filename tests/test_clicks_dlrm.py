@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torchslim._context import _StepContext as StepContext
 import torchslim.data.clicks  # noqa: F401  (registers builtin:clicks until the data loader lists it)
 from torchslim.data import DataBundle, resolve_data
 from torchslim.data.clicks import CALIB_SIZE, SPLIT_SIZES, TABLE_ROWS, ClickRows, generate_clicks
 from torchslim.measure.stage import evaluate
-from torchslim.pipeline import StepContext, _check_compatible
+from torchslim.pipeline import _check_compatible
 from torchslim.recover.losses import get_loss
 from torchslim.zoo import ModelBundle, resolve_model
 from torchslim.zoo.dlrm import DLRM, ClickPreprocess

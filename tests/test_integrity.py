@@ -35,16 +35,16 @@ def test_the_manifest_lists_every_file_with_format_size_and_digest(tmp_path):
 
 
 def test_a_changed_missing_or_added_file_is_refused_by_name_and_the_opt_outs_allow_it(tmp_path, monkeypatch):
-    from torchslim.pruning.channel import load_pruned
+    from torchslim import load
 
     folder = _pruned_folder(tmp_path)
     shapes = folder / "model.shapes.json"
     shapes.write_text(shapes.read_text().replace(" ", "  "))  # same content to a JSON reader, other bytes
     with pytest.raises(ArtifactError, match=r"model.shapes.json: \d[\d,]* bytes, manifest.json records"):
-        load_pruned(_Tiny(), folder)
-    assert isinstance(load_pruned(_Tiny(), folder, verify=False), torch.nn.Module)
+        load(folder, _Tiny())
+    assert isinstance(load(folder, _Tiny(), verify=False), torch.nn.Module)
     monkeypatch.setenv("TORCHSLIM_VERIFY", "0")
-    assert verify_manifest(folder) is None and isinstance(load_pruned(_Tiny(), folder), torch.nn.Module)
+    assert verify_manifest(folder) is None and isinstance(load(folder, _Tiny()), torch.nn.Module)
     monkeypatch.delenv("TORCHSLIM_VERIFY")
     (folder / "extra.bin").write_bytes(b"x")
     with pytest.raises(ArtifactError, match="extra.bin: not listed in"):
@@ -70,8 +70,8 @@ def _craft(folder, name, edit):
 
 
 def test_a_crafted_huge_shape_is_refused_before_any_allocation(tmp_path):
-    from torchslim.factorize.svd import load_factorized
-    from torchslim.pruning.channel import load_pruned
+    from torchslim.factorize.svd import _load_factorized as load_factorized
+    from torchslim.pruning.channel import _load_pruned as load_pruned
 
     folder = _pruned_folder(tmp_path)
     _craft(folder, "model.shapes.json", lambda d: d["shapes"].update({"conv.weight": [1 << 30, 1 << 30, 3, 3]}))
@@ -94,7 +94,7 @@ def test_a_crafted_huge_shape_is_refused_before_any_allocation(tmp_path):
     (lambda layers: layers.update(ghost=dict(layers["fc1"])), r"layers.ghost records a \[64, 16\] table"),
 ])
 def test_crafted_weight_only_json_is_refused(tmp_path, edit, message):
-    from torchslim.quant.weight_only_step import load_weight_only
+    from torchslim.quant.weight_only_step import _load_weight_only as load_weight_only
 
     folder = tmp_path / "wo"
     folder.mkdir()
@@ -121,8 +121,8 @@ def test_cli_no_verify_loads_an_edited_artifact_through_a_file_factory(tmp_path)
     shapes = folder / "model.shapes.json"
     shapes.write_text(shapes.read_text() + "\n")  # an edit on purpose
     module = tmp_path / "mine.py"
-    module.write_text("import torch\nfrom torchslim._fuzz import _Tiny\nfrom torchslim.pruning.channel import "
-                      f"load_pruned\ndef make():\n    return load_pruned(_Tiny(), {str(folder)!r})\n"
+    module.write_text("import torch\nimport torchslim\nfrom torchslim._fuzz import _Tiny\n"
+                      f"def make():\n    return torchslim.load({str(folder)!r}, _Tiny())\n"
                       "def example_inputs(n):\n    return torch.zeros(n, 1, 16, 16)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     command = [sys.executable, "-m", "torchslim.cli"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -10,27 +11,30 @@ import pytest
 import torch
 
 from torchslim.data import resolve_data
-from torchslim.pipeline import StepContext
-from torchslim.pruning.magnitude import MagnitudePruning, magnitude_masks, prunable_weights
+from torchslim._context import _StepContext
+from torchslim.pruning.magnitude import MagnitudePruningConfig, magnitude_masks, prunable_weights
 from torchslim.recover.losses import distillation_loss
 from torchslim.registry import list_methods
 
 from conftest import tiny_bundle
 
 
-def make_context(tmp_path, bundle=None) -> StepContext:
+def make_context(tmp_path, bundle=None) -> _StepContext:
     bundle = bundle or tiny_bundle()
-    return StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model).requires_grad_(False), bundle=bundle,
-                       data=resolve_data("builtin:digits"), seed=0, threads=1, workdir=tmp_path, progress=False,
-                       where="test")
+    return _StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model).requires_grad_(False),
+                        bundle=bundle, data=resolve_data("builtin:digits"), seed=0, threads=1, workdir=tmp_path,
+                        progress=False, where="test")
 
 
 def small_config(entry):
-    config = entry.config_cls()
-    for target in (config, getattr(config, "finetune", None)):  # QAT nests its fine-tuning run
-        for name, value in {"epochs": 1, "batch_size": 256, "calibration_batches": 2}.items():
-            if target is not None and hasattr(target, name):
-                setattr(target, name, value)
+    def small(config):
+        fields = {f.name for f in dataclasses.fields(config)}
+        changes = {k: v for k, v in {"epochs": 1, "batch_size": 256, "calibration_batches": 2}.items() if k in fields}
+        return dataclasses.replace(config, **changes)
+
+    config = small(entry.config_cls())
+    if getattr(config, "finetune", None) is not None:  # QAT nests its fine-tuning run
+        config = dataclasses.replace(config, finetune=small(config.finetune))
     return config
 
 
@@ -55,7 +59,7 @@ def test_global_magnitude_pruning_hits_the_sparsity_exactly_and_keeps_large_weig
     weights = prunable_weights(context.model, [])
     largest = max(float(w.detach().abs().max()) for w in weights.values())
     deployable = __import__("torchslim.pruning.magnitude", fromlist=["x"]).prune_magnitude(
-        context, MagnitudePruning(sparsity=0.6))
+        context, MagnitudePruningConfig(sparsity=0.6))
     total = sum(w.numel() for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     assert zeros / total == pytest.approx(0.6, abs=1 / total)
@@ -98,7 +102,7 @@ def test_finetune_recovers_accuracy_and_keeps_pruned_weights_at_zero(tmp_path):
                 correct += int((context.model(x).argmax(1) == y).sum())
         return correct / len(data.splits["val"])
 
-    prune_magnitude(context, MagnitudePruning(sparsity=0.5))
+    prune_magnitude(context, MagnitudePruningConfig(sparsity=0.5))
     context.teacher = copy.deepcopy(context.model).requires_grad_(False)
     before = accuracy()
     finetune(context, FinetuneConfig(epochs=4, batch_size=32, optimizer=OptimizerConfig(name="adamw", lr=0.01),
@@ -111,10 +115,10 @@ def test_finetune_recovers_accuracy_and_keeps_pruned_weights_at_zero(tmp_path):
 def test_int8_static_runs_integer_kernels_close_to_float(tmp_path):
     import onnx
 
-    from torchslim.quant.int8_static import Int8Static, quantize_int8_static
+    from torchslim.quant.int8_static import Int8StaticConfig, quantize_int8_static
 
     context = make_context(tmp_path)
-    deployable = quantize_int8_static(context, Int8Static(calibration_batches=4))
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration_batches=4))
     graph = onnx.load(str(deployable.path)).graph
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
     assert len(int8_weights) == 3  # conv1, conv2, fc
@@ -132,24 +136,24 @@ def test_int8_static_runs_integer_kernels_close_to_float(tmp_path):
 def test_int8_static_skip_keeps_matching_layers_in_float(tmp_path):
     import onnx
 
-    from torchslim.quant.int8_static import Int8Static, quantize_int8_static
+    from torchslim.quant.int8_static import Int8StaticConfig, quantize_int8_static
 
     context = make_context(tmp_path)
-    deployable = quantize_int8_static(context, Int8Static(calibration_batches=2, skip=["fc"]))
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration_batches=2, skip=["fc"]))
     graph = onnx.load(str(deployable.path)).graph
     assert len([t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]) == 2
     assert len(context.skipped) == 1 and "float" in next(iter(context.skipped.values()))
 
 
 def test_auto_runtime_times_every_available_backend_and_keeps_the_fastest(tmp_path):
-    from torchslim.quant.int8_static import BACKENDS, Int8Static, quantize_int8_static
+    from torchslim.quant.int8_static import BACKENDS, Int8StaticConfig, quantize_int8_static
 
     available = [name for name, backend in BACKENDS.items() if backend.available() is None]
     if len(available) < 2:
         pytest.skip(f"only {available} available here")
     context = make_context(tmp_path)
     context.batch_size = 32
-    deployable = quantize_int8_static(context, Int8Static(calibration_batches=2, prefer="batch"))
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration_batches=2, prefer="batch"))
     candidates = deployable.details["candidates"]
     assert set(candidates) == set(available)
     timed = {n: c for n, c in candidates.items() if "error" not in c}
@@ -162,7 +166,7 @@ def test_auto_runtime_times_every_available_backend_and_keeps_the_fastest(tmp_pa
 def test_torchinductor_int8_artifact_reloads_to_identical_outputs(tmp_path):
     pytest.importorskip("torchao")
     from torchslim.quant import pt2e_backend
-    from torchslim.quant.int8_static import Int8Static
+    from torchslim.quant.int8_static import Int8StaticConfig
 
     if pt2e_backend.available():
         pytest.skip(pt2e_backend.available())
@@ -179,7 +183,7 @@ def test_torchinductor_int8_artifact_reloads_to_identical_outputs(tmp_path):
     bundle = ModelBundle(model=plain_cnn(), spec="test:plain", task="classification", modality="image",
                          preprocess=tiny.preprocess, example_inputs=tiny.example_inputs)
     context = make_context(tmp_path, bundle)
-    config = Int8Static(runtime="torchinductor", calibration_batches=2)
+    config = Int8StaticConfig(runtime="torchinductor", calibration_batches=2)
     deployable = pt2e_backend.build(context, config)
     assert deployable.details["int8_layers"] == "3 of 3 conv/linear" and not context.skipped
     x, _ = next(context.data.batches("test", context.bundle.preprocess, 16))
@@ -206,7 +210,7 @@ def test_torchinductor_reports_layers_its_quantizer_passes_over(tmp_path):
     from torch import nn
 
     from torchslim.quant import pt2e_backend
-    from torchslim.quant.int8_static import Int8Static
+    from torchslim.quant.int8_static import Int8StaticConfig
     from torchslim.zoo import ModelBundle
 
     if pt2e_backend.available():
@@ -223,7 +227,7 @@ def test_torchinductor_reports_layers_its_quantizer_passes_over(tmp_path):
     bundle = ModelBundle(model=model, spec="test:same-pad", task="classification", modality="image",
                          preprocess=tiny.preprocess, example_inputs=tiny.example_inputs)
     context = make_context(tmp_path, bundle)
-    deployable = pt2e_backend.build(context, Int8Static(runtime="torchinductor", calibration_batches=1))
+    deployable = pt2e_backend.build(context, Int8StaticConfig(runtime="torchinductor", calibration_batches=1))
     total, done = 3, int(deployable.details["int8_layers"].split()[0])
     assert done < total and len(context.skipped) == total - done
     assert all("not matched by torchao" in why for why in context.skipped.values())

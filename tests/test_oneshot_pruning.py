@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+import torchslim
 from torchslim._config import FieldError, from_dict, to_dict
+from torchslim._context import _StepContext as StepContext
 from torchslim.data import DataBundle, resolve_data
 from torchslim.errors import InputError
 from torchslim.llm.blocks import weight_matrix
-from torchslim.pipeline import StepContext
-from torchslim.pruning.magnitude import MagnitudePruning, prune_magnitude
-from torchslim.pruning.oneshot import SparseGPTPruning, WandaPruning, prune_sparsegpt, prune_wanda
+from torchslim.pruning.magnitude import MagnitudePruningConfig, prune_magnitude
+from torchslim.pruning.oneshot import SparseGPTConfig, WandaConfig, prune_sparsegpt, prune_wanda
 from torchslim.zoo import ModelBundle
 
 from conftest import tiny_bundle
@@ -77,25 +78,25 @@ def relative_error(context) -> float:
 
 
 def test_configs_validate_patterns_and_imply_the_sparsity_of_n_m():
-    assert WandaPruning().sparsity == 0.5 and WandaPruning().skip == ["*lm_head*"]
-    assert SparseGPTPruning(pattern="1:4").sparsity == pytest.approx(0.75)
-    config = from_dict(SparseGPTPruning, {"pattern": "2:4", "blocksize": 64})
-    assert from_dict(SparseGPTPruning, to_dict(config)) == config
+    assert WandaConfig().sparsity == 0.5 and WandaConfig().skip == ["*lm_head*"]
+    assert SparseGPTConfig(pattern="1:4").sparsity == pytest.approx(0.75)
+    config = from_dict(SparseGPTConfig, {"pattern": "2:4", "blocksize": 64})
+    assert from_dict(SparseGPTConfig, to_dict(config)) == config
     for data, field_name in [({"pattern": "2/4"}, "pattern"), ({"pattern": "4:2"}, "pattern"),
                              ({"sparsity": 1.0}, "sparsity"), ({"pattern": "2:4", "sparsity": 0.7}, "sparsity"),
                              ({"batch_size": 0}, "batch_size"), ({"damp": 0.0}, "damp")]:
         with pytest.raises(FieldError) as error:
-            from_dict(SparseGPTPruning, data)
+            from_dict(SparseGPTConfig, data)
         assert error.value.field == field_name
-    assert MagnitudePruning(pattern="2:4").sparsity == 0.5 and MagnitudePruning().sparsity == 0.5
+    assert MagnitudePruningConfig(pattern="2:4").sparsity == 0.5 and MagnitudePruningConfig().sparsity == 0.5
     with pytest.raises(FieldError, match="implies sparsity 0.75"):
-        MagnitudePruning(pattern="1:4", sparsity=0.5)
+        MagnitudePruningConfig(pattern="1:4", sparsity=0.5)
 
 
 def test_wanda_prunes_every_gpt2_block_layer_by_half_and_keeps_the_head_dense(tmp_path):
     context = text_context(tmp_path)
     head = context.model.model.lm_head.weight.clone()
-    deployable = prune_wanda(context, WandaPruning(calibration_batches=2, batch_size=4))
+    deployable = prune_wanda(context, WandaConfig(calibration_batches=2, batch_size=4))
     details = deployable.details
     assert len(details["layers"]) == 8 and set(details["layers"].values()) == {0.5}
     assert details["sparsity"] == 0.5 and details["pattern"] == "unstructured"
@@ -116,7 +117,7 @@ def test_wanda_prunes_every_gpt2_block_layer_by_half_and_keeps_the_head_dense(tm
 def test_sparsegpt_n_m_on_llama_keeps_n_of_every_m_and_beats_magnitude(tmp_path, pattern):
     n, m = (int(v) for v in pattern.split(":"))
     context = text_context(tmp_path, "llama")
-    deployable = prune_sparsegpt(context, SparseGPTPruning(pattern=pattern, calibration_batches=3, batch_size=4))
+    deployable = prune_sparsegpt(context, SparseGPTConfig(pattern=pattern, calibration_batches=3, batch_size=4))
     assert len(deployable.details["layers"]) == 14 and deployable.details["sparsity"] == 0.5
     for name in deployable.details["layers"]:
         w = weight_matrix(context.model.get_submodule(name))
@@ -124,7 +125,7 @@ def test_sparsegpt_n_m_on_llama_keeps_n_of_every_m_and_beats_magnitude(tmp_path,
         assert int(nonzero.min()) == n and int(nonzero.max()) == n, name
     sparsegpt_error = relative_error(context)
     baseline = text_context(tmp_path, "llama")
-    prune_magnitude(baseline, MagnitudePruning(pattern=pattern, skip=["*lm_head*"]))
+    prune_magnitude(baseline, MagnitudePruningConfig(pattern=pattern, skip=["*lm_head*"]))
     # Measured relative logit error on this random tiny Llama (calibrated on the sentences it is evaluated on):
     # 2:4 -> sparsegpt 0.217, wanda 0.455, magnitude 0.438; 4:8 -> 0.192, 0.364, 0.437.
     assert sparsegpt_error < 0.75 * relative_error(baseline)
@@ -132,10 +133,10 @@ def test_sparsegpt_n_m_on_llama_keeps_n_of_every_m_and_beats_magnitude(tmp_path,
 
 def test_sparsegpt_unstructured_on_gpt2_beats_wanda(tmp_path):
     context = text_context(tmp_path)
-    deployable = prune_sparsegpt(context, SparseGPTPruning(calibration_batches=3, batch_size=4))
+    deployable = prune_sparsegpt(context, SparseGPTConfig(calibration_batches=3, batch_size=4))
     assert deployable.details["sparsity"] == 0.5
     wanda = text_context(tmp_path)
-    prune_wanda(wanda, WandaPruning(calibration_batches=3, batch_size=4))
+    prune_wanda(wanda, WandaConfig(calibration_batches=3, batch_size=4))
     # Measured relative logit error: sparsegpt 0.151, wanda 0.206 (Llama: 0.223, 0.296; magnitude 0.328).
     assert relative_error(context) < 0.9 * relative_error(wanda)
 
@@ -153,7 +154,7 @@ def test_zeros_of_an_earlier_step_stay_zero_through_sparsegpt_updates(tmp_path):
     context.masks.update({name: mask.clone() for name, mask in earlier.items()})
     # With 2:4, groups holding 3-4 earlier zeros keep some of them, and the OBS update of the group's pruned
     # weights would make them nonzero again (258 of 1211 in a 32x64 layer, unprotected).
-    deployable = prune_sparsegpt(context, SparseGPTPruning(pattern="2:4", calibration_batches=2, batch_size=4))
+    deployable = prune_sparsegpt(context, SparseGPTConfig(pattern="2:4", calibration_batches=2, batch_size=4))
     assert len(earlier) == 8
     for name, mask in earlier.items():
         assert int((parameters[name][~mask] != 0).sum()) == 0, name
@@ -167,24 +168,21 @@ def test_zeros_of_an_earlier_step_stay_zero_through_sparsegpt_updates(tmp_path):
 def test_an_empty_calib_split_is_an_input_error_naming_the_step(tmp_path):
     context = text_context(tmp_path, calib=[])
     with pytest.raises(InputError, match=r"recipe.yaml: steps\[0\].prune: .*calib"):
-        prune_wanda(context, WandaPruning())
+        prune_wanda(context, WandaConfig())
 
 
 def test_a_cnn_gets_its_linear_layer_pruned_and_its_convs_reported(tmp_path):
     bundle = tiny_bundle()
-    context = StepContext(model=bundle.model, teacher=copy.deepcopy(bundle.model), bundle=bundle,
-                          data=resolve_data("builtin:digits"), seed=0, threads=1, workdir=tmp_path,
-                          progress=False, where="test")
-    inputs = context.example_inputs(4)
-    deployable = prune_sparsegpt(context, SparseGPTPruning(calibration_batches=2, batch_size=64))
-    assert deployable(inputs).shape == (4, 10)
-    assert deployable.details["layers"] == {"fc": 0.5} and deployable.details["calibration_tokens"] == 128
-    assert set(context.skipped) == {"conv1", "conv2"} and "Linear layers only" in context.skipped["conv1"]
+    batches = resolve_data("builtin:digits").batches("calib", bundle.preprocess, 64)  # (images, labels) pairs
+    result = torchslim.apply(bundle.model, SparseGPTConfig(calibration_batches=2, batch_size=64), batches)
+    assert result.deployable(bundle.example_inputs(4)).shape == (4, 10)
+    assert result.details["layers"] == {"fc": 0.5} and result.details["calibration_tokens"] == 128
+    assert set(result.skipped) == {"conv1", "conv2"} and "Linear layers only" in result.skipped["conv1"]
 
 
 def test_magnitude_n_m_masks_linear_and_conv1d_rows_and_skips_tied_and_conv_layers(tmp_path):
     context = text_context(tmp_path)
-    deployable = prune_magnitude(context, MagnitudePruning(pattern="2:4"))
+    deployable = prune_magnitude(context, MagnitudePruningConfig(pattern="2:4"))
     assert "tied" in context.skipped["model.lm_head"] and len(deployable.details["layers"]) == 8
     block_fc = context.model.model.transformer.h[0].mlp.c_fc
     w = weight_matrix(block_fc)
@@ -196,8 +194,7 @@ def test_magnitude_n_m_masks_linear_and_conv1d_rows_and_skips_tied_and_conv_laye
     assert bool((kept >= dropped).all())  # the two largest of every four survive
     assert context.masks["model.transformer.h.0.mlp.c_fc.weight"].shape == block_fc.weight.shape
     cnn = tiny_bundle()
-    cnn_context = StepContext(model=cnn.model, teacher=cnn.model, bundle=cnn, data=None, seed=0, threads=1,
-                              workdir=tmp_path)
-    details = prune_magnitude(cnn_context, MagnitudePruning(pattern="4:8")).details
-    assert details["layers"] == {"fc.weight": 0.5} and set(cnn_context.skipped) == {"conv1", "conv2"}
+    result = torchslim.apply(cnn.model, MagnitudePruningConfig(pattern="4:8"), example_inputs=cnn.example_inputs(2))
+    details = result.details
+    assert details["layers"] == {"fc.weight": 0.5} and set(result.skipped) == {"conv1", "conv2"}
     assert np.isclose(details["sparsity"], 0.5)

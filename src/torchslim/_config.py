@@ -177,10 +177,34 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             known = ", ".join(fields) or "none"
             raise FieldError(f"{prefix}{key_text(key)}", f"unknown key (known: {known})")
     kwargs = {key: _convert(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    if "version" in kwargs:
+        check_version(cls, kwargs["version"], f"{prefix}version")
     try:
         return cls(**kwargs)
     except FieldError as error:
         raise FieldError(f"{prefix}{error.field}", error.message) from None
+
+
+def supported_version(cls: type) -> int | None:
+    """The newest version of config class ``cls`` this torchslim reads (its ``version`` default), or None."""
+    field = next((f for f in dataclasses.fields(cls) if f.name == "version"), None)
+    return field.default if field is not None and isinstance(field.default, int) else None
+
+
+def check_version(cls: type, version: Any, field: str = "version") -> None:
+    """Refuse a config written for a newer (or no) version of ``cls`` than this torchslim reads.
+
+    Raises:
+        FieldError: ``version`` is above `supported_version` or below 1.
+    """
+    newest = supported_version(cls)
+    if newest is None or not isinstance(version, int) or isinstance(version, bool):
+        return
+    if version > newest:
+        raise FieldError(field, f"{cls.__name__} version {version} is newer than this torchslim reads "
+                                f"(version {newest}); upgrade torchslim, or write it for version {newest}")
+    if version < 1:
+        raise FieldError(field, f"must be >= 1, got {version}")
 
 
 def to_dict(config: Any) -> dict:

@@ -87,7 +87,7 @@ def _build_pruned(folder: Path) -> None:
 
 
 def _load_pruned(folder: Path, verify: bool) -> Any:
-    from torchslim.pruning.channel import load_pruned
+    from torchslim.pruning.channel import _load_pruned as load_pruned
 
     return _state(load_pruned(_Tiny(), folder, verify=verify))
 
@@ -103,7 +103,7 @@ def _build_factorized(folder: Path) -> None:
 
 
 def _load_factorized(folder: Path, verify: bool) -> Any:
-    from torchslim.factorize.svd import load_factorized
+    from torchslim.factorize.svd import _load_factorized as load_factorized
 
     return _state(load_factorized(_Mlp(), folder, verify=verify))
 
@@ -121,7 +121,7 @@ def _build_weight_only(folder: Path) -> None:
 
 
 def _load_weight_only(folder: Path, verify: bool) -> Any:
-    from torchslim.quant.weight_only_step import load_weight_only
+    from torchslim.quant.weight_only_step import _load_weight_only as load_weight_only
 
     return _state(load_weight_only(_Mlp(), folder, verify=verify))
 

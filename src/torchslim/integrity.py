@@ -6,8 +6,8 @@ Every output folder of a run ends with ``manifest.json``, written last over ever
      "files": {"model.safetensors": {"format": "safetensors", "size": 12345, "sha256": "9f2c..."}, ...},
      "manifest_sha256": "..."}    # of the rest of this document (sorted keys): the manifest is checked too
 
-Loaders (`torchslim.pruning.channel.load_pruned`, `load_factorized`, `load_weight_only`, the ``.tslim`` and PT2E
-readers, ...) call `verify_manifest` on the files they read: a file whose size or SHA-256 differs from the
+Loaders (`torchslim.load` and the per-format readers behind it: shapes, weight-only, ``.tslim``, PT2E, ONNX)
+call `verify_manifest` on the files they read: a file whose size or SHA-256 differs from the
 manifest is refused with `ArtifactError` naming it. Users who edit a file on purpose pass ``verify=False`` to the
 loader, set ``TORCHSLIM_VERIFY=0``, or give the CLI ``--no-verify``. A folder without a manifest (written by
 hand, or by an older torchslim) is read without this check; its formats' own checks still apply.

@@ -10,13 +10,14 @@ import copy
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from torchslim._context import _StepContext, run_step
 from torchslim._output import OutputLock, atomic_output_dir, check_output_dir, checkpoint_root
 from torchslim.data import DataBundle, resolve_data
 from torchslim.errors import InputError
@@ -25,60 +26,8 @@ from torchslim.measure.generation import measure_generation
 from torchslim.measure.latency import set_threads
 from torchslim.measure.stage import collect_outputs, evaluate, measure_deployable
 from torchslim.recipe import Recipe
-from torchslim.registry import get_method
-from torchslim.runtime import Deployable, OnnxRuntimeDeployable, TorchDeployable
+from torchslim.runtime import Deployable, TorchDeployable
 from torchslim.zoo import ModelBundle, call_model, resolve_model
-
-
-@dataclass
-class StepContext:
-    """What a step handler works on. Torch steps change ``model`` in place; ``teacher`` is the untouched original.
-
-    Attributes:
-        batch_size: the recipe's batched-latency batch size (runtime choices are timed at it).
-        where: the recipe location of the running step (e.g. "recipe.yaml: steps[1].finetune"), for messages.
-        masks: parameter name -> keep-mask of pruned weights, honoured by every later training step.
-        skipped: layer name -> reason, for layers a method left as they were.
-    """
-
-    model: nn.Module
-    teacher: nn.Module
-    bundle: ModelBundle
-    data: DataBundle
-    seed: int
-    threads: int
-    workdir: Path
-    batch_size: int = 64
-    progress: bool = True
-    where: str = ""
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-    checkpoints: Path | None = None
-    step_index: int = 0
-    recipe_dict: dict = field(default_factory=dict)
-
-    def example_inputs(self, batch_size: int) -> Any:
-        return self.bundle.example_inputs(batch_size)
-
-    def scratch(self, name: str) -> Path:
-        path = self.workdir / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def skip_layer(self, name: str, reason: str) -> None:
-        self.skipped[name] = reason
-
-    def checkpoint_dir(self, name: str) -> Path | None:
-        """Where the running step keeps its training checkpoints (None when the run keeps none)."""
-        return None if self.checkpoints is None else self.checkpoints / f"step{self.step_index}-{name}"
-
-    def apply_masks(self) -> None:
-        """Zero the pruned weights again (after an optimiser step moved them)."""
-        if self.masks:
-            parameters = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, mask in self.masks.items():
-                    parameters[name].mul_(mask.to(parameters[name].device))
 
 
 def _check_compatible(bundle: ModelBundle, data: DataBundle) -> None:
@@ -101,7 +50,7 @@ class Pipeline:
         self.progress = progress
         self.log = log
 
-    def _measure(self, name: str, step: str | None, deployable: Deployable, seconds: float, context: StepContext,
+    def _measure(self, name: str, step: str | None, deployable: Deployable, seconds: float, context: _StepContext,
                  reference: torch.Tensor | None, latency_batch: Any, scratch: Path) -> dict:
         m = self.recipe.measure
         eval_batch = max(m.batch_size, 32)
@@ -122,7 +71,7 @@ class Pipeline:
         record["_outputs"] = evaluation.outputs
         return record
 
-    def run(self, workdir: Path, checkpoints: Path | None = None) -> tuple[list[dict], Deployable, StepContext]:
+    def run(self, workdir: Path, checkpoints: Path | None = None) -> tuple[list[dict], Deployable, _StepContext]:
         """Run every step and measure every stage; returns (stage records, final deployable, context).
 
         Under torchrun every rank runs the steps (training steps share the work); only rank 0 measures and
@@ -139,9 +88,9 @@ class Pipeline:
         _check_compatible(bundle, data)
         check_exports(recipe.export, bundle, f"{recipe.source}: export")
         teacher = copy.deepcopy(bundle.model).eval().requires_grad_(False)
-        context = StepContext(model=bundle.model, teacher=teacher, bundle=bundle, data=data, seed=recipe.seed,
-                              threads=threads, workdir=workdir, batch_size=recipe.measure.batch_size,
-                              progress=self.progress and main, checkpoints=checkpoints)
+        context = _StepContext(model=bundle.model, teacher=teacher, bundle=bundle, data=data, seed=recipe.seed,
+                               threads=threads, workdir=workdir, batch_size=recipe.measure.batch_size,
+                               progress=self.progress and main, checkpoints=checkpoints)
         latency_batch = data.fill_batch("test", bundle.preprocess, recipe.measure.batch_size)
         scratch = context.scratch("stages")
         deployable: Deployable = TorchDeployable(bundle.model)
@@ -158,12 +107,8 @@ class Pipeline:
                 continue
             self.log(f"step {index + 1}/{len(recipe.steps)}: {step.name}")
             started = time.perf_counter()
-            deployable = get_method(step.kind, step.method).handler(context, step.config)
+            deployable = run_step(context, step.kind, step.method, step.config)
             seconds = time.perf_counter() - started
-            if isinstance(deployable, OnnxRuntimeDeployable):
-                from torchslim.export.optimum import metadata
-
-                deployable.metadata = metadata(context)  # preprocessing and labels travel inside the file
             if main:
                 stages.append(self._measure(f"{index + 1}-{step.name}", step.name, deployable, seconds, context,
                                             reference, latency_batch, scratch))
@@ -250,3 +195,11 @@ def _scratch_folder() -> tempfile.TemporaryDirectory:
 
 def _quiet(*args, **kwargs) -> None:
     pass
+
+
+def __getattr__(name: str):
+    if name == "StepContext":  # the handlers' context is internal now; `torchslim.apply` is the public way in
+        warnings.warn("torchslim.pipeline.StepContext is internal (torchslim._context._StepContext); apply a "
+                      "method with torchslim.apply(model, config, data)", DeprecationWarning, stacklevel=2)
+        return _StepContext
+    raise AttributeError(f"module 'torchslim.pipeline' has no attribute {name!r}")

@@ -86,6 +86,22 @@ def get_method(kind: str, name: str) -> MethodEntry:
         raise KeyError(f"unknown {kind} method {name!r}; known: {known}") from None
 
 
+def method_for_config(config: Any) -> MethodEntry:
+    """The entry whose config class ``config`` is an instance of.
+
+    Raises:
+        InputError: ``config`` is no registered method's config (the message lists the config classes).
+    """
+    _load_builtins()
+    for entry in _METHODS.values():
+        if type(config) is entry.config_cls:
+            return entry
+    from torchslim.errors import InputError
+
+    known = ", ".join(sorted(e.config_cls.__name__ for e in _METHODS.values()))
+    raise InputError(f"config: {type(config).__name__} is not the config of a registered method (known: {known})")
+
+
 def default_method(kind: str) -> str | None:
     """The method a step of ``kind`` uses when the recipe names none (None: the recipe must name one)."""
     return _DEFAULT_METHODS.get(kind)

@@ -10,20 +10,21 @@ import pytest
 import torch
 from torch import nn
 
+import torchslim
 from conftest import tiny_bundle
 from torchslim._config import FieldError, from_dict
+from torchslim._context import _StepContext as StepContext
 from torchslim.compact import codebook  # noqa: F401  (registers share_weights: kmeans)
 from torchslim.compact.artifact import (PREAMBLE, SECTIONS, ArtifactError, CompactDeployable, Storage,
-                                        decode_artifact, encode_artifact, load_compact, read_artifact,
+                                        decode_artifact, encode_artifact, read_artifact,
                                         round_to_storage_, write_artifact)
-from torchslim.compact.codebook import WeightSharing
+from torchslim.compact.codebook import WeightSharingConfig
 from torchslim.compact.entropy import SectionReader, SectionWriter, read_varint, write_varint
 from torchslim.compact.sharing import kmeans_1d, share_weights_, shared_layers, unshare_
 from torchslim.data import resolve_data
 from torchslim.errors import InputError
 from torchslim.measure.params import count_nonzero_params, count_params
-from torchslim.pipeline import StepContext
-from torchslim.pruning.magnitude import MagnitudePruning, prune_magnitude
+from torchslim.pruning.magnitude import MagnitudePruningConfig, prune_magnitude
 from torchslim.recover.finetune import FinetuneConfig
 from torchslim.recover.optim import OptimizerConfig
 from torchslim.registry import get_method
@@ -63,8 +64,8 @@ def pruned_shared_mlp(tmp_path, mlp, sparsity=0.9, bits=4, **config) -> tuple[St
     bundle = copy.copy(mlp)
     bundle.model = copy.deepcopy(mlp.model)
     context = make_context(tmp_path, bundle)
-    prune_magnitude(context, MagnitudePruning(sparsity=sparsity))
-    deployable = get_method("share_weights", "kmeans").handler(context, WeightSharing(bits=bits, **config))
+    prune_magnitude(context, MagnitudePruningConfig(sparsity=sparsity))
+    deployable = get_method("share_weights", "kmeans").handler(context, WeightSharingConfig(bits=bits, **config))
     return context, deployable
 
 
@@ -127,11 +128,11 @@ def test_sharing_keeps_pruned_zeros_and_uses_at_most_two_to_the_bits_values():
 
 
 def test_config_validates_bits():
-    assert from_dict(WeightSharing, {"bits": 3, "layer_bits": {"fc3": 5}}).layer_bits == {"fc3": 5}
+    assert from_dict(WeightSharingConfig, {"bits": 3, "layer_bits": {"fc3": 5}}).layer_bits == {"fc3": 5}
     with pytest.raises(FieldError, match="bits: must be in \\[1, 8\\]"):
-        from_dict(WeightSharing, {"bits": 9})
+        from_dict(WeightSharingConfig, {"bits": 9})
     with pytest.raises(FieldError, match="layer_bits.fc3"):
-        from_dict(WeightSharing, {"layer_bits": {"fc3": 0}})
+        from_dict(WeightSharingConfig, {"layer_bits": {"fc3": 0}})
 
 
 # -- the artifact -----------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def test_artifact_decodes_bit_exactly(tmp_path, storage):
     write_artifact(model, tmp_path / "m.tslim", storage)
     inputs = torch.randn(2, 1, 8, 8)
     with torch.inference_mode():
-        assert torch.equal(load_compact(model, tmp_path / "m.tslim")(inputs), model(inputs))
+        assert torch.equal(torchslim.load(tmp_path / "m.tslim", model)(inputs), model(inputs))
 
 
 def test_tied_tensors_are_stored_once():
@@ -255,8 +256,8 @@ def test_corrupted_or_truncated_artifacts_raise_an_error_naming_file_and_section
 
 def test_handler_returns_a_compact_deployable_whose_artifact_reloads_exactly(tmp_path):
     context = make_context(tmp_path)
-    prune_magnitude(context, MagnitudePruning(sparsity=0.5))
-    config = WeightSharing(bits=4, skip=["fc"], finetune=FinetuneConfig(epochs=1, batch_size=256))
+    prune_magnitude(context, MagnitudePruningConfig(sparsity=0.5))
+    config = WeightSharingConfig(bits=4, skip=["fc"], finetune=FinetuneConfig(epochs=1, batch_size=256))
     deployable = get_method("share_weights", "kmeans").handler(context, config)
     assert isinstance(deployable, CompactDeployable)
     details = deployable.details

@@ -10,20 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim._context import _StepContext as StepContext
 from torchslim.compact.embedding_bags import (HashedEmbeddingBag, ProjectedEmbeddingBag, QREmbeddingBag,
                                               QuantizedEmbeddingBag, packed_row_bytes)
-from torchslim.compact.embeddings import (Hashing, MixedDimension, QuotientRemainder, RowwiseInt4, RowwiseInt8,
+from torchslim.compact.embeddings import (HashingConfig, MixedDimensionConfig, QuotientRemainderConfig, RowwiseInt4Config, RowwiseInt8Config,
                                           _fit_quotient_remainder, compress_embeddings_, embedding_bytes,
                                           lookup_counts, mixed_dimensions)
 from torchslim.data import DataBundle
-from torchslim.pipeline import StepContext
 from torchslim.registry import get_method
 from torchslim.zoo import ModelBundle
 from torchslim.zoo.dlrm import DLRM, ClickPreprocess
 
 ROWS = (100, 3000, 20_000)
-METHODS = {"rowwise-int8": RowwiseInt8(), "rowwise-int4": RowwiseInt4(), "hashing": Hashing(min_rows=1000),
-           "qr": QuotientRemainder(min_rows=1000), "mixed-dim": MixedDimension(alpha=0.4, min_rows=1000)}
+METHODS = {"rowwise-int8": RowwiseInt8Config(), "rowwise-int4": RowwiseInt4Config(), "hashing": HashingConfig(min_rows=1000),
+           "qr": QuotientRemainderConfig(min_rows=1000), "mixed-dim": MixedDimensionConfig(alpha=0.4, min_rows=1000)}
 
 
 @pytest.fixture(autouse=True)
@@ -92,8 +92,8 @@ def test_packed_layout_is_fbgemms_and_the_error_is_within_half_a_step(bits):
     assert bool(((quantized.dequantize() - weight).abs().amax(1) <= half_step + tolerance).all())
 
 
-@pytest.mark.parametrize("config, fraction", [(RowwiseInt8(min_rows=0), 1 / 4 + 8 / 64),
-                                              (RowwiseInt4(min_rows=0), 1 / 8 + 4 / 64)])
+@pytest.mark.parametrize("config, fraction", [(RowwiseInt8Config(min_rows=0), 1 / 4 + 8 / 64),
+                                              (RowwiseInt4Config(min_rows=0), 1 / 8 + 4 / 64)])
 def test_row_wise_bytes_are_a_quarter_or_an_eighth_plus_the_per_row_scale_and_bias(config, fraction):
     model = nn.ModuleList([table(rows) for rows in ROWS])  # dim 16: 64 fp32 bytes per row
     before = embedding_bytes(model)
@@ -109,7 +109,7 @@ def test_hashing_shrinks_tables_keeps_shapes_and_averages_rows_by_lookups():
     model = nn.ModuleList([bag, table(rows=500)])
     counts = torch.zeros(20_000, dtype=torch.float64)
     counts[7] = 1000.0  # id 7 is popular: its shared row should be (almost) its own
-    details, kept = compress_embeddings_(model, Hashing(rows_ratio=0.1), counts={"0": counts})
+    details, kept = compress_embeddings_(model, HashingConfig(rows_ratio=0.1), counts={"0": counts})
     hashed = model[0]
     assert isinstance(hashed, HashedEmbeddingBag) and hashed.bag.num_embeddings == 2000
     assert kept == {"1": "500 rows < min_rows 10000"}
@@ -123,7 +123,7 @@ def test_hashing_shrinks_tables_keeps_shapes_and_averages_rows_by_lookups():
 
 def test_hashing_max_rows_caps_only_the_large_tables():
     model = nn.ModuleList([table(rows) for rows in (20_000, 60_000)])
-    details, kept = compress_embeddings_(model, Hashing(rows_ratio=1.0, max_rows=30_000))
+    details, kept = compress_embeddings_(model, HashingConfig(rows_ratio=1.0, max_rows=30_000))
     assert "0" in kept and "already within" in kept["0"]
     assert model[1].bag.num_embeddings == 30_000 and details["tables_compressed"] == 1
 
@@ -142,7 +142,7 @@ def test_quotient_remainder_fit_recovers_a_table_that_is_exactly_compositional(o
 
 def test_qr_tables_shrink_keep_shapes_and_give_colliding_ids_distinct_vectors():
     model = nn.ModuleList([table(rows=20_000)])
-    details, _ = compress_embeddings_(model, QuotientRemainder(collisions=8))
+    details, _ = compress_embeddings_(model, QuotientRemainderConfig(collisions=8))
     qr = model[0]
     assert isinstance(qr, QREmbeddingBag)
     assert (qr.quotient.num_embeddings, qr.remainder.num_embeddings) == (2500, 8)
@@ -155,7 +155,7 @@ def test_qr_tables_shrink_keep_shapes_and_give_colliding_ids_distinct_vectors():
 
 
 def test_mixed_dimensions_follow_the_power_rule_and_the_projection_is_exact_for_low_rank_tables():
-    widths = mixed_dimensions({"a": 1000, "b": 16_000, "c": 1_000_000}, 16, MixedDimension(alpha=0.25))
+    widths = mixed_dimensions({"a": 1000, "b": 16_000, "c": 1_000_000}, 16, MixedDimensionConfig(alpha=0.25))
     assert widths == {"a": 16, "b": 8, "c": 4}  # 16 * (1000 / rows) ** 0.25 = 16, 8, 2.8 -> powers of two
     torch.manual_seed(0)
     bag = table(rows=20_000)
@@ -163,7 +163,7 @@ def test_mixed_dimensions_follow_the_power_rule_and_the_projection_is_exact_for_
         bag.weight.copy_(torch.randn(20_000, 4) @ torch.randn(4, 16))
     reference = copy.deepcopy(bag)
     model = nn.ModuleList([table(rows=1000), bag])
-    details, _ = compress_embeddings_(model, MixedDimension(alpha=0.5, min_rows=0))  # 16 * 0.05 ** 0.5 -> 4
+    details, _ = compress_embeddings_(model, MixedDimensionConfig(alpha=0.5, min_rows=0))  # 16 * 0.05 ** 0.5 -> 4
     assert isinstance(model[1], ProjectedEmbeddingBag) and model[1].bag.embedding_dim == 4
     ids = torch.randint(0, 20_000, (32, 2))
     assert torch.allclose(model[1](ids), reference(ids), atol=1e-4)
@@ -173,7 +173,7 @@ def test_mixed_dimensions_follow_the_power_rule_and_the_projection_is_exact_for_
 def test_tables_a_method_cannot_handle_or_where_it_does_not_pay_are_kept_and_reported(tmp_path):
     model = nn.ModuleDict({"odd": table(rows=5000, dim=7), "pooled_max": table(mode="max"), "tiny": table(rows=10),
                            "ok": table(), "words": nn.Embedding(5000, 16)})
-    details, kept = compress_embeddings_(model, RowwiseInt4(skip=["ok"]))
+    details, kept = compress_embeddings_(model, RowwiseInt4Config(skip=["ok"]))
     assert set(kept) == {"odd", "pooled_max", "tiny", "ok", "words"}
     assert "odd width 7" in kept["odd"] and "max pooling" in kept["pooled_max"]
     assert "min_rows" in kept["tiny"] and "skip" in kept["ok"] and "nn.Embedding" in kept["words"]
@@ -219,13 +219,13 @@ def test_hashing_then_finetune_then_int4_composes_and_the_finetune_lowers_the_lo
     from torchslim.recover.optim import OptimizerConfig, ScheduleConfig
 
     context = recommender_context(tmp_path)
-    get_method("compress_embeddings", "hashing").handler(context, Hashing(rows_ratio=0.1, min_rows=1000))
+    get_method("compress_embeddings", "hashing").handler(context, HashingConfig(rows_ratio=0.1, min_rows=1000))
     config = FinetuneConfig(epochs=2, batch_size=256, device="cpu", schedule=ScheduleConfig(name="constant"),
                             optimizer=OptimizerConfig(name="adagrad", lr=0.05, weight_decay=0.0),
                             distill=DistillConfig(alpha=1.0, temperature=1.0))
     losses = finetune(context, config).details["train_loss"]
     assert losses[-1] < losses[0]
-    details = get_method("compress_embeddings", "rowwise-int4").handler(context, RowwiseInt4(min_rows=0)).details
+    details = get_method("compress_embeddings", "rowwise-int4").handler(context, RowwiseInt4Config(min_rows=0)).details
     assert isinstance(context.model.embeddings[2].bag, QuantizedEmbeddingBag)
     assert [r["form"] for r in details["tables"]] == ["int4 row-wise"] * 3  # the hashed tables' inner rows too
     assert details["embedding_bytes_after"] == (100 + 300 + 2000) * packed_row_bytes(8, 4)
@@ -234,6 +234,6 @@ def test_hashing_then_finetune_then_int4_composes_and_the_finetune_lowers_the_lo
 def test_a_model_without_embedding_tables_is_returned_unchanged(tmp_path):
     model = nn.Sequential(nn.Linear(4, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    details, kept = compress_embeddings_(model, Hashing())
+    details, kept = compress_embeddings_(model, HashingConfig())
     assert details["tables_compressed"] == 0 and details["embedding_bytes_before"] == 0 and not kept
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

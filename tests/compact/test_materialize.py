@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchslim._config import FieldError
-from torchslim.compact.materialize import (Materialize, OnDemandEmbedding, OnDemandLinear, PackedWeight,
+from torchslim.compact.materialize import (MaterializeConfig, OnDemandEmbedding, OnDemandLinear, PackedWeight,
                                            materialize_, resident_parameter_bytes)
 from torchslim.runtime import TorchDeployable
 
@@ -49,7 +49,7 @@ def test_materialized_model_equals_the_dense_model_holding_the_decoded_weights()
     model = Mixed().eval()
     ids = torch.randint(0, 50, (4, 9))
     dense = copy.deepcopy(model)
-    skipped = materialize_(model, Materialize(bits=8))
+    skipped = materialize_(model, MaterializeConfig(bits=8))
     assert list(skipped) == ["bag"] and "compress_embeddings" in skipped["bag"]
     assert isinstance(model.fc, OnDemandLinear) and isinstance(model.embed, OnDemandEmbedding)
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_materialized_model_equals_the_dense_model_holding_the_decoded_weights()
 def test_tied_weights_keep_one_compact_form():
     model = nn.Sequential(nn.Embedding(100, 32), nn.Linear(32, 100, bias=False))
     model[1].weight = model[0].weight
-    materialize_(model, Materialize())
+    materialize_(model, MaterializeConfig())
     assert model[0].packed is model[1].packed
     assert resident_parameter_bytes(model) == 100 * 32 + 100 * 2  # int8 codes + fp16 row scales, once
 
@@ -73,7 +73,7 @@ def test_artifact_holds_only_the_compact_form_and_reloads(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
     fp32 = TorchDeployable(copy.deepcopy(model)).save(tmp_path / "fp32").stat().st_size
-    materialize_(model, Materialize(bits=4, group_size=32))
+    materialize_(model, MaterializeConfig(bits=4, group_size=32))
     deployable = TorchDeployable(model)
     path = deployable.save(tmp_path / "int4")
     assert path.stat().st_size < 0.2 * fp32
@@ -89,7 +89,7 @@ def test_minilm_keeps_a_quarter_of_its_bytes_resident_at_cosine_099():
     with torch.no_grad():
         reference = bundle.model(*inputs)
     before = resident_parameter_bytes(bundle.model)
-    materialize_(bundle.model, Materialize(bits=8))
+    materialize_(bundle.model, MaterializeConfig(bits=8))
     assert resident_parameter_bytes(bundle.model) <= 0.3 * before
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(bundle.model(*inputs), reference)
@@ -98,7 +98,7 @@ def test_minilm_keeps_a_quarter_of_its_bytes_resident_at_cosine_099():
 
 def test_bad_bits_is_a_field_error():
     with pytest.raises(FieldError, match="bits: must be 8 or 4"):
-        Materialize(bits=3)
+        MaterializeConfig(bits=3)
 
 
 def test_parameter_counts_include_the_weights_a_compact_form_stands_for():
@@ -108,5 +108,5 @@ def test_parameter_counts_include_the_weights_a_compact_form_stands_for():
     with torch.no_grad():
         model[0].weight[0].zero_()
     expected, nonzero = count_params(model), count_nonzero_params(model)
-    materialize_(model, Materialize())
+    materialize_(model, MaterializeConfig())
     assert (count_params(model), count_nonzero_params(model)) == (expected, nonzero) == (46, 38)

@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+import torchslim
 from torchslim._config import FieldError, from_dict
+from torchslim._context import _StepContext as StepContext
 from torchslim.data import resolve_data
 from torchslim.factorize.svd import (
-    SvdFactorization, factorize_svd, factorized_layers, load_factorized, weight_matrix,
+    SvdConfig, factorize_svd, factorized_layers, weight_matrix,
 )
 from torchslim.measure.macs import count_macs
-from torchslim.pipeline import StepContext
 from torchslim.registry import get_method
 from torchslim.runtime import TorchDeployable
 from torchslim.zoo.digits_cnn import DigitsCNN
@@ -110,7 +111,7 @@ def test_full_rank_linear_computes_the_same_outputs():
 def test_energy_picks_the_smallest_rank_that_retains_it(energy, round_to, rank, retained):
     # Energies 50, 30, 10, 5, 5 of 100: cumulated 0.5, 0.8, 0.9, 0.95, 1.0.
     model = nn.Sequential(with_singular_values([50 ** 0.5, 30 ** 0.5, 10 ** 0.5, 5 ** 0.5, 5 ** 0.5]))
-    result = factorize_svd(model, SvdFactorization(energy=energy, round_to=round_to), torch.randn(2, 64))
+    result = factorize_svd(model, SvdConfig(energy=energy, round_to=round_to), torch.randn(2, 64))
     assert result.ranks == {"0": rank}
     assert result.full_ranks == {"0": 64}
     assert result.retained_energy["0"] == pytest.approx(retained, abs=1e-6)
@@ -122,7 +123,7 @@ def test_rank_ratio_keeps_that_fraction_of_the_full_rank_and_macs_follow():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
     x = torch.randn(3, 64)
-    result = factorize_svd(model, SvdFactorization(rank_ratio=0.25, round_to=1), x)
+    result = factorize_svd(model, SvdConfig(rank_ratio=0.25, round_to=1), x)
     assert result.ranks == {"0": 8, "2": 4}
     assert result.macs_before == 64 * 32 + 32 * 16
     assert result.macs_after == 8 * (64 + 32) + 4 * (32 + 16) == count_macs(model, x[:1])
@@ -136,7 +137,7 @@ def test_target_macs_is_met_globally_on_the_digits_cnn(conv):
     model = DigitsCNN().eval()
     x = torch.randn(2, 1, 32, 32)
     reference = model(x)
-    result = factorize_svd(model, SvdFactorization(target_macs=0.5, conv=conv, round_to=1), x)
+    result = factorize_svd(model, SvdConfig(target_macs=0.5, conv=conv, round_to=1), x)
     assert result.target_reached
     assert 0.4 * result.macs_before <= result.macs_after <= 0.5 * result.macs_before
     assert result.macs_after == count_macs(model, x[:1])
@@ -148,7 +149,7 @@ def test_target_macs_is_met_globally_on_the_digits_cnn(conv):
 def test_an_unreachable_target_is_reported():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.Softmax(-1), nn.Linear(16, 16, bias=False))
-    result = factorize_svd(model, SvdFactorization(target_macs=0.05, round_to=1, skip=["2"]), torch.randn(1, 16))
+    result = factorize_svd(model, SvdConfig(target_macs=0.05, round_to=1, skip=["2"]), torch.randn(1, 16))
     assert not result.target_reached
     assert result.ranks == {"0": 1}  # as low as it goes
     assert result.macs_after == 32 + 16 * 16
@@ -160,7 +161,7 @@ def test_lower_energy_means_fewer_macs_on_the_digits_cnn():
     x = torch.randn(1, 1, 32, 32)
     ratios = []
     for energy in (0.9, 0.5):
-        result = factorize_svd(copy.deepcopy(base), SvdFactorization(energy=energy), x)
+        result = factorize_svd(copy.deepcopy(base), SvdConfig(energy=energy), x)
         assert all(r % 8 == 0 or r == result.full_ranks[n] for n, r in result.ranks.items())
         ratios.append(result.macs_after / result.macs_before)
     assert ratios[1] < ratios[0] < 1.0
@@ -189,7 +190,7 @@ def test_layers_it_cannot_help_are_left_as_they_were_and_named_with_reasons():
     model = Mixed().eval()
     x = torch.randn(2, 3, 8, 8)
     reference = model(x)
-    result = factorize_svd(model, SvdFactorization(energy=0.5, round_to=1, skip=["head"]), x)
+    result = factorize_svd(model, SvdConfig(energy=0.5, round_to=1, skip=["head"]), x)
     assert result.skipped == {
         "depthwise": "grouped or depthwise convolution (groups=32)",
         "point": "factorization would not reduce MACs at rank 1 (full rank 1)",
@@ -224,7 +225,7 @@ def test_tied_layers_and_layers_the_code_reads_are_put_back_and_listed():
     model = TiedAndPeeking().eval()
     ids = torch.randint(0, 40, (2, 5))
     reference = model(ids)
-    result = factorize_svd(model, SvdFactorization(rank_ratio=0.1, round_to=1), ids)
+    result = factorize_svd(model, SvdConfig(rank_ratio=0.1, round_to=1), ids)
     assert result.ranks == {}
     assert result.skipped["embed"] == "Embedding is not factorized (only nn.Linear and nn.Conv2d)"
     assert result.skipped["out"] == "its weight is shared with another layer (tied)"
@@ -242,19 +243,19 @@ def test_tied_layers_and_layers_the_code_reads_are_put_back_and_listed():
 ])
 def test_bad_config_values_name_their_field(values, field):
     with pytest.raises(FieldError) as error:
-        from_dict(SvdFactorization, values)
+        from_dict(SvdConfig, values)
     assert error.value.field == field
 
 
 def test_direct_construction_is_checked_too():
     with pytest.raises(FieldError, match="energy: must be in"):
-        SvdFactorization(energy=0.0)
+        SvdConfig(energy=0.0)
     with pytest.raises(FieldError, match="conv: expected"):
-        SvdFactorization(conv="diagonal")
+        SvdConfig(conv="diagonal")
 
 
 def test_recipe_form_round_trips():
-    config = from_dict(SvdFactorization, {"energy": 0.8, "layers": ["*.dense"], "conv": "spatial", "round_to": 4})
+    config = from_dict(SvdConfig, {"energy": 0.8, "layers": ["*.dense"], "conv": "spatial", "round_to": 4})
     assert (config.energy, config.layers, config.conv, config.round_to, config.skip) == (0.8, ["*.dense"],
                                                                                         "spatial", 4, [])
 
@@ -268,12 +269,12 @@ def make_context(tmp_path) -> StepContext:
 
 def test_the_registered_step_factorizes_reports_and_saves_a_reloadable_artifact(tmp_path):
     entry = get_method("factorize", "svd")
-    assert entry.config_cls is SvdFactorization
+    assert entry.config_cls is SvdConfig
     context = make_context(tmp_path)
     context.masks = {"fc.weight": context.model.fc.weight != 0, "conv1.weight": context.model.conv1.weight != 0}
     inputs = context.example_inputs(4)
     before = context.teacher(inputs)
-    deployable = entry.handler(context, SvdFactorization(energy=0.6, round_to=1, skip=["conv1"]))
+    deployable = entry.handler(context, SvdConfig(energy=0.6, round_to=1, skip=["conv1"]))
     details = deployable.details
     assert set(details["ranks"]) == {"conv2", "fc"}
     assert details["full_ranks"] == {"conv2": 8, "fc": 10}
@@ -288,7 +289,7 @@ def test_the_registered_step_factorizes_reports_and_saves_a_reloadable_artifact(
     assert after.shape == before.shape
     path = deployable.save(tmp_path / "artifact")
     assert torch.allclose(torch.as_tensor(deployable.load_and_run(path, inputs)), after, atol=1e-6)
-    fresh = load_factorized(tiny_bundle().model, tmp_path / "artifact")
+    fresh = torchslim.load(tmp_path / "artifact", tiny_bundle().model)
     with torch.inference_mode():
         assert torch.allclose(fresh(inputs), after, atol=1e-6)
 
@@ -298,11 +299,11 @@ def test_a_saved_digits_cnn_reloads_on_a_fresh_instance(tmp_path, conv):
     torch.manual_seed(0)
     model = DigitsCNN().eval()
     x = torch.randn(2, 1, 32, 32)
-    result = factorize_svd(model, SvdFactorization(energy=0.6, conv=conv), x)
+    result = factorize_svd(model, SvdConfig(energy=0.6, conv=conv), x)
     assert result.ranks
     TorchDeployable(model).save(tmp_path)
     torch.manual_seed(1)
-    fresh = load_factorized(DigitsCNN().eval(), tmp_path)
+    fresh = torchslim.load(tmp_path, DigitsCNN().eval())
     with torch.inference_mode():
         assert torch.equal(fresh(x), model(x))
 
@@ -315,7 +316,7 @@ def test_minilm_ffn_factorizes_at_half_energy_keeping_its_output_shape(tmp_path)
     ids, mask = bundle.preprocess(["A sentence about low-rank layers.", "Another, rather different, one."])
     with torch.inference_mode():
         reference = bundle.model(ids, mask)
-    config = SvdFactorization(energy=0.5, layers=["*.intermediate.dense", "*.output.dense"], skip=["*.attention.*"])
+    config = SvdConfig(energy=0.5, layers=["*.intermediate.dense", "*.output.dense"], skip=["*.attention.*"])
     result = factorize_svd(bundle.model, config, (ids, mask))
     assert len(result.ranks) == 12  # two FFN layers in each of six blocks
     assert all(re.fullmatch(r"encoder\.encoder\.layer\.\d\.(intermediate|output)\.dense", name)

@@ -12,10 +12,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import torchslim  # noqa: E402
 from torchslim._config import from_dict  # noqa: E402
+from torchslim._context import _StepContext as StepContext  # noqa: E402
 from torchslim.data import DataBundle  # noqa: E402
 from torchslim.measure.stage import collect_outputs, evaluate  # noqa: E402
-from torchslim.pipeline import StepContext  # noqa: E402
 from torchslim.registry import get_method  # noqa: E402
 from torchslim.runtime import TorchDeployable  # noqa: E402
 from torchslim.zoo import ModelBundle  # noqa: E402
@@ -101,7 +102,6 @@ def test_distillation_recovers_perplexity_after_pruning_and_keeps_zeros(trained,
 
 def test_int4_gptq_keeps_perplexity_packs_the_model_and_reloads_without_pickle(trained, tmp_path):
     from torchslim.quant.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
-    from torchslim.quant.weight_only_step import load_weight_only
 
     make, data = trained
     context = _context(make(), data, tmp_path)
@@ -118,8 +118,7 @@ def test_int4_gptq_keeps_perplexity_packs_the_model_and_reloads_without_pickle(t
     assert isinstance(embedding, WeightOnlyEmbedding)
     assert embedding.qweight.data_ptr() == context.model.model.lm_head.qweight.data_ptr()  # one table for both
     path = deployable.save(tmp_path / "int4")
-    fresh = make().model
-    load_weight_only(fresh, tmp_path / "int4")
+    fresh = torchslim.load(tmp_path / "int4", make().model)
     ids, mask = context.bundle.preprocess(data.splits["test"][:8])
     assert torch.equal(fresh(ids, mask), context.model(ids, mask))
     ratio = (float_dir / "model.safetensors").stat().st_size / path.stat().st_size

@@ -17,10 +17,10 @@ import torch
 import yaml
 
 from conftest import tiny_bundle
+from torchslim._context import _StepContext as StepContext
 from torchslim.data import resolve_data
 from torchslim.errors import InputError
-from torchslim.pipeline import StepContext
-from torchslim.pruning.channel import ChannelPruning
+from torchslim.pruning.channel import ChannelPruningConfig
 from torchslim.recover.finetune import DistillConfig, FinetuneConfig, LossConfig, finetune
 from torchslim.recover.optim import OptimizerConfig
 from torchslim.registry import get_method
@@ -37,7 +37,7 @@ def _context(tmp_path) -> StepContext:
 
 def test_feature_distillation_learns_a_projection_to_the_teachers_width(tmp_path):
     context = _context(tmp_path)
-    get_method("prune", "channel").handler(context, ChannelPruning(ratio=0.5))
+    get_method("prune", "channel").handler(context, ChannelPruningConfig(ratio=0.5))
     assert context.model.conv2.out_channels == 4 and context.teacher.conv2.out_channels == 8
     config = FinetuneConfig(epochs=3, batch_size=64, device="cpu", optimizer=OptimizerConfig(name="adamw", lr=3e-3),
                             loss=LossConfig(name="focal", gamma=1.0),
@@ -173,7 +173,7 @@ def test_iterative_pruning_recovers_between_steps_with_the_same_trainer(tmp_path
     from torchslim._config import from_dict
 
     context = _context(tmp_path)
-    config = from_dict(ChannelPruning, {"ratio": 0.5, "steps": 3, "recover": {
+    config = from_dict(ChannelPruningConfig, {"ratio": 0.5, "steps": 3, "recover": {
         "epochs": 1, "batch_size": 64, "device": "cpu", "optimizer": {"name": "adamw", "lr": 0.003}}})
     details = get_method("prune", "channel").handler(context, config).details
     assert len(details["recover_train_loss"]) == 2  # after steps 1 and 2, not after the last

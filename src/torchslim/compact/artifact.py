@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from torchslim._cache import atomic_write_bytes
+from torchslim._deprecated import renamed
 from torchslim.compact.entropy import CodingError, SectionReader, SectionWriter
 from torchslim.compact.sharing import MAX_BITS, shared_layers, unshare_
 from torchslim.errors import ArtifactError
@@ -380,7 +381,7 @@ def read_artifact(path: str | Path, *, verify: bool = True) -> dict[str, torch.T
     return decode_artifact(data, str(path))
 
 
-def load_compact(template: nn.Module, path: str | Path, *, verify: bool = True) -> nn.Module:
+def _load_compact(template: nn.Module, path: str | Path, *, verify: bool = True) -> nn.Module:
     """A fresh plain copy of ``template`` (shared layers as dense weights) holding the artifact's tensors.
 
     Every state-dict entry of the copy is overwritten from the file (strictly), so nothing of the template's
@@ -425,10 +426,16 @@ class CompactDeployable(TorchDeployable):
         return path
 
     def load_and_run(self, path: Path, inputs: Any) -> Any:
-        fresh = load_compact(self.module, path)
+        fresh = _load_compact(self.module, path)
         with torch.inference_mode():
             return call_model(fresh, inputs)
 
 
 __all__ = ["ArtifactError", "CompactDeployable", "Storage", "decode_artifact", "encode_artifact",
-           "load_compact", "raw_fp32_bytes", "read_artifact", "round_to_storage_", "write_artifact"]
+           "raw_fp32_bytes", "read_artifact", "round_to_storage_", "write_artifact"]
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "load_compact": "_load_compact",
+})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+from torchslim._deprecated import renamed
 from torchslim._config import check
 from torchslim.compact.artifact import CompactDeployable, Storage, encode_artifact, raw_fp32_bytes, round_to_storage_
 from torchslim.compact.sharing import MAX_BITS, select_layers, share_weights_
@@ -29,8 +30,8 @@ from torchslim.recover.finetune import FinetuneConfig, finetune
 from torchslim.registry import register_method
 
 
-@dataclass
-class WeightSharing:
+@dataclass(frozen=True)
+class WeightSharingConfig:
     """Config of ``share_weights: {method: kmeans, ...}``.
 
     Args:
@@ -61,7 +62,7 @@ class WeightSharing:
         check(self.iterations >= 1, "iterations", f"must be >= 1, got {self.iterations}")
 
 
-def layer_bits(name: str, config: WeightSharing) -> int:
+def layer_bits(name: str, config: WeightSharingConfig) -> int:
     """Bits of the layer ``name``: its first matching ``layer_bits`` pattern, else ``config.bits``."""
     return next((bits for pattern, bits in config.layer_bits.items() if fnmatch.fnmatch(name, pattern)), config.bits)
 
@@ -79,8 +80,8 @@ def _details(deployable: CompactDeployable, shared: dict, training: dict | None)
     return details
 
 
-@register_method("share_weights", "kmeans", WeightSharing)
-def share_weights(context, config: WeightSharing) -> CompactDeployable:
+@register_method("share_weights", "kmeans", WeightSharingConfig)
+def share_weights(context, config: WeightSharingConfig) -> CompactDeployable:
     """Share the selected layers' weights in place (then fine-tune the centroids); returns the compact model
     with ``details``: bits, the shared layers, bytes per artifact component, raw fp32 bytes and the ratio."""
     selected, refused = select_layers(context.model, config.layers, config.skip)
@@ -101,3 +102,9 @@ def share_weights(context, config: WeightSharing) -> CompactDeployable:
     deployable = CompactDeployable(context.model, storage=config.storage)
     deployable.details = _details(deployable, shared, training)
     return deployable
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "WeightSharing": "WeightSharingConfig",
+})

@@ -16,7 +16,7 @@ and are reported. Quantization also applies to the tables inside hashed, QR and 
 ``hashing -> finetune -> rowwise-int4`` composes.
 
 Example:
-    >>> details, skipped = compress_embeddings_(model, RowwiseInt4())
+    >>> details, skipped = compress_embeddings_(model, RowwiseInt4Config())
     >>> details["embedding_bytes_before"] / details["embedding_bytes_after"]
     5.33...
 """
@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
+from torchslim._deprecated import renamed
 from torchslim._config import check
 from torchslim.compact.embedding_bags import (COMPRESSED_TABLES, EMBEDDING_TABLES, HashedEmbeddingBag,
                                               ProjectedEmbeddingBag, QREmbeddingBag, QuantizedEmbeddingBag,
@@ -46,8 +47,8 @@ def _check_common(config) -> None:
           f"must be >= 0, got {getattr(config, 'frequency_samples', 0)}")
 
 
-@dataclass
-class RowwiseInt8:
+@dataclass(frozen=True)
+class RowwiseInt8Config:
     """Config of ``compress_embeddings: {method: rowwise-int8}``: 8-bit codes, fp32 scale and bias per row.
 
     Args:
@@ -64,8 +65,8 @@ class RowwiseInt8:
         _check_common(self)
 
 
-@dataclass
-class RowwiseInt4:
+@dataclass(frozen=True)
+class RowwiseInt4Config:
     """Config of ``compress_embeddings: {method: rowwise-int4}``: 4-bit codes, fp16 scale and bias per row.
 
     Args:
@@ -84,8 +85,8 @@ class RowwiseInt4:
         _check_common(self)
 
 
-@dataclass
-class Hashing:
+@dataclass(frozen=True)
+class HashingConfig:
     """Config of ``compress_embeddings: {method: hashing}``: a table of ``rows`` ids gets
     ``min(ceil(rows_ratio * rows), max_rows)`` rows, id modulo that.
 
@@ -110,8 +111,8 @@ class Hashing:
         check(self.max_rows >= 0, "max_rows", f"must be >= 0, got {self.max_rows}")
 
 
-@dataclass
-class QuotientRemainder:
+@dataclass(frozen=True)
+class QuotientRemainderConfig:
     """Config of ``compress_embeddings: {method: qr}``: id ``i`` -> quotient row ``i // collisions`` combined
     with remainder row ``i % collisions``; a table keeps ``ceil(rows / collisions) + collisions`` rows.
 
@@ -135,8 +136,8 @@ class QuotientRemainder:
         check(self.collisions >= 2, "collisions", f"must be >= 2, got {self.collisions}")
 
 
-@dataclass
-class MixedDimension:
+@dataclass(frozen=True)
+class MixedDimensionConfig:
     """Config of ``compress_embeddings: {method: mixed-dim}``: the power rule of Ginart et al. gives a table of
     ``rows`` rows the width ``dim * (smallest_rows / rows) ** alpha`` (the smallest table keeps ``dim``).
 
@@ -242,7 +243,7 @@ def _segment_mean(values: torch.Tensor, groups: torch.Tensor, size: int, weights
     return total / mass.clamp(min=1e-12)[:, None]
 
 
-def _hashing(tables: dict[str, nn.EmbeddingBag], config: Hashing, counts) -> dict[str, nn.Module | str]:
+def _hashing(tables: dict[str, nn.EmbeddingBag], config: HashingConfig, counts) -> dict[str, nn.Module | str]:
     plan: dict[str, nn.Module | str] = {}
     for name, bag in tables.items():
         rows = math.ceil(config.rows_ratio * bag.num_embeddings)
@@ -292,7 +293,7 @@ def _solve(target: torch.Tensor, other: torch.Tensor, groups: torch.Tensor, size
     return numerator / denominator.clamp(min=1e-12)
 
 
-def _quotient_remainder(tables: dict[str, nn.EmbeddingBag], config: QuotientRemainder,
+def _quotient_remainder(tables: dict[str, nn.EmbeddingBag], config: QuotientRemainderConfig,
                         counts) -> dict[str, nn.Module | str]:
     plan: dict[str, nn.Module | str] = {}
     for name, bag in tables.items():
@@ -316,7 +317,7 @@ def _quotient_remainder(tables: dict[str, nn.EmbeddingBag], config: QuotientRema
     return plan
 
 
-def mixed_dimensions(rows: dict[str, int], dim: int, config: MixedDimension) -> dict[str, int]:
+def mixed_dimensions(rows: dict[str, int], dim: int, config: MixedDimensionConfig) -> dict[str, int]:
     """Ginart et al.'s power rule: width ``dim * (smallest / rows) ** alpha``, rounded, within [min_dim, dim]."""
     smallest = min(rows.values())
     widths = {}
@@ -344,7 +345,7 @@ def _projected(bag: nn.EmbeddingBag, width: int, weights: torch.Tensor) -> Proje
     return module
 
 
-def _mixed_dim(tables: dict[str, nn.EmbeddingBag], config: MixedDimension, counts) -> dict[str, nn.Module | str]:
+def _mixed_dim(tables: dict[str, nn.EmbeddingBag], config: MixedDimensionConfig, counts) -> dict[str, nn.Module | str]:
     plan: dict[str, nn.Module | str] = {}
     by_dim: dict[int, dict[str, int]] = {}
     for name, bag in tables.items():
@@ -372,11 +373,11 @@ class _Method:
 
 
 _METHODS = {
-    RowwiseInt8: _Method("rowwise-int8", _quantize(8), nested=True, needs_counts=False),
-    RowwiseInt4: _Method("rowwise-int4", _quantize(4), nested=True, needs_counts=False),
-    Hashing: _Method("hashing", _hashing, nested=False, needs_counts=True),
-    QuotientRemainder: _Method("qr", _quotient_remainder, nested=False, needs_counts=True),
-    MixedDimension: _Method("mixed-dim", _mixed_dim, nested=False, needs_counts=True),
+    RowwiseInt8Config: _Method("rowwise-int8", _quantize(8), nested=True, needs_counts=False),
+    RowwiseInt4Config: _Method("rowwise-int4", _quantize(4), nested=True, needs_counts=False),
+    HashingConfig: _Method("hashing", _hashing, nested=False, needs_counts=True),
+    QuotientRemainderConfig: _Method("qr", _quotient_remainder, nested=False, needs_counts=True),
+    MixedDimensionConfig: _Method("mixed-dim", _mixed_dim, nested=False, needs_counts=True),
 }
 
 
@@ -416,7 +417,8 @@ def compress_embeddings_(model: nn.Module, config, *, counts: dict[str, torch.Te
 
     Args:
         model: any module holding ``nn.EmbeddingBag`` tables.
-        config: `RowwiseInt8`, `RowwiseInt4`, `Hashing`, `QuotientRemainder` or `MixedDimension`.
+        config: `RowwiseInt8Config`, `RowwiseInt4Config`, `HashingConfig`, `QuotientRemainderConfig` or
+            `MixedDimensionConfig`.
         counts: per-table lookup counts (`lookup_counts`) weighting the initial averages (None: uniform).
 
     Returns:
@@ -473,13 +475,23 @@ def _handler(config_cls: type) -> Callable:
     return register_method("compress_embeddings", method.name, config_cls)(handler)
 
 
-compress_rowwise_int8 = _handler(RowwiseInt8)
-compress_rowwise_int4 = _handler(RowwiseInt4)
-compress_hashing = _handler(Hashing)
-compress_qr = _handler(QuotientRemainder)
-compress_mixed_dim = _handler(MixedDimension)
+compress_rowwise_int8 = _handler(RowwiseInt8Config)
+compress_rowwise_int4 = _handler(RowwiseInt4Config)
+compress_hashing = _handler(HashingConfig)
+compress_qr = _handler(QuotientRemainderConfig)
+compress_mixed_dim = _handler(MixedDimensionConfig)
 
 __all__ = [
-    "Hashing", "MixedDimension", "QuotientRemainder", "RowwiseInt4", "RowwiseInt8", "compress_embeddings_",
-    "embedding_bytes", "embedding_tables", "lookup_counts", "mixed_dimensions",
+    "HashingConfig", "MixedDimensionConfig", "QuotientRemainderConfig", "RowwiseInt4Config", "RowwiseInt8Config",
+    "compress_embeddings_", "embedding_bytes", "embedding_tables", "lookup_counts", "mixed_dimensions",
 ]
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "Hashing": "HashingConfig",
+    "MixedDimension": "MixedDimensionConfig",
+    "QuotientRemainder": "QuotientRemainderConfig",
+    "RowwiseInt4": "RowwiseInt4Config",
+    "RowwiseInt8": "RowwiseInt8Config",
+})

@@ -9,7 +9,7 @@ counted as they are; layers with no on-demand form here (EmbeddingBag, convoluti
 modes, ...) stay as they were and are reported.
 
 Example:
-    >>> materialize_(model, Materialize(bits=8))   # in place; returns {layer: reason} for layers left alone
+    >>> materialize_(model, MaterializeConfig(bits=8))   # in place; returns {layer: reason} for layers left alone
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchslim._deprecated import renamed
 from torchslim._config import check
 from torchslim.measure.size import resident_parameter_bytes
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable
 
 
-@dataclass
-class Materialize:
+@dataclass(frozen=True)
+class MaterializeConfig:
     """Config of ``materialize: {method: on-demand, ...}``.
 
     Args:
@@ -170,7 +171,7 @@ def _why_not(module: nn.Module) -> str | None:
     return None
 
 
-def _convert(module: nn.Module, config: Materialize, packs: dict[int, PackedWeight]) -> nn.Module:
+def _convert(module: nn.Module, config: MaterializeConfig, packs: dict[int, PackedWeight]) -> nn.Module:
     weight = module.weight
     if id(weight) not in packs:  # tied weights share one compact form
         packs[id(weight)] = PackedWeight(weight, config.bits, config.group_size)
@@ -182,7 +183,7 @@ def _convert(module: nn.Module, config: Materialize, packs: dict[int, PackedWeig
     return OnDemandConv(module, packed)
 
 
-def materialize_(model: nn.Module, config: Materialize) -> dict[str, str]:
+def materialize_(model: nn.Module, config: MaterializeConfig) -> dict[str, str]:
     """Replace the selected layers of ``model`` in place; returns ``{layer: reason}`` for those left alone."""
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
     skipped, packs = {}, {}
@@ -207,8 +208,8 @@ def materialize_(model: nn.Module, config: Materialize) -> dict[str, str]:
     return skipped
 
 
-@register_method("materialize", "on-demand", Materialize)
-def materialize_on_demand(context, config: Materialize) -> TorchDeployable:
+@register_method("materialize", "on-demand", MaterializeConfig)
+def materialize_on_demand(context, config: MaterializeConfig) -> TorchDeployable:
     """The recipe step: convert ``context.model`` in place; details hold resident bytes before and after."""
     before = resident_parameter_bytes(context.model)
     skipped = materialize_(context.model, config)
@@ -219,3 +220,9 @@ def materialize_on_demand(context, config: Materialize) -> TorchDeployable:
     return TorchDeployable(context.model.requires_grad_(False), details={
         "bits": config.bits, "layers_on_demand": converted, "resident_param_bytes_before": before,
         "resident_param_bytes_after": after, "resident_ratio": round(after / max(before, 1), 4)})
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "Materialize": "MaterializeConfig",
+})

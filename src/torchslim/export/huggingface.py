@@ -78,7 +78,7 @@ def save_huggingface(final, context, directory: Path) -> dict:
         wrong = _shape_mismatches(model)
         if wrong:
             raise ExportSkipped(f"its config cannot describe the compressed shapes ({'; '.join(wrong[:3])}); "
-                                f"reload torchslim's artifact with torchslim.load_pruned")
+                                f"reload torchslim's artifact with torchslim.load")
         model.save_pretrained(directory, safe_serialization=True)
         facts = {"format": "transformers save_pretrained"}
     facts["preprocessing"] = save_preprocessing(context.bundle.preprocess, directory)

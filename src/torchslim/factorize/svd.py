@@ -22,7 +22,7 @@ rounded up to a multiple of ``round_to``. A layer whose factorized pair would no
 is left as it was and listed, as are the layers this method cannot handle.
 
 Example:
-    >>> result = factorize_svd(model, SvdFactorization(energy=0.9), example_inputs)
+    >>> result = factorize_svd(model, SvdConfig(energy=0.9), example_inputs)
     >>> result.macs_after / result.macs_before, result.ranks
 """
 
@@ -43,13 +43,14 @@ from torchslim.errors import ArtifactError, InputError, describe, shorten
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.measure.stage import first_samples
+from torchslim._deprecated import renamed
 from torchslim.registry import register_method
 from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
 from torchslim.zoo import call_model
 
 
-@dataclass
-class SvdFactorization:
+@dataclass(frozen=True)
+class SvdConfig:
     """Config of ``factorize: {method: svd, ...}`` and of `factorize_svd`.
 
     Args:
@@ -169,7 +170,7 @@ def _empty_pair(module: nn.Module, rank: int, conv: str) -> nn.Sequential:
     return nn.Sequential(*pair).train(module.training).requires_grad_(weight.requires_grad)
 
 
-def _select_modules(model: nn.Module, config: SvdFactorization) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def _select_modules(model: nn.Module, config: SvdConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The layers ``config`` names that this method can factorize, and the others it names, with reasons."""
     owners: dict[int, int] = {}
     for _, parameter in model.named_parameters(remove_duplicate=False):
@@ -231,7 +232,7 @@ def _round_rank(rank: int, full_rank: int, round_to: int) -> int:
     return min(full_rank, -(-max(1, rank) // round_to) * round_to)
 
 
-def _local_ranks(layers: list[_Layer], config: SvdFactorization) -> dict[str, int]:
+def _local_ranks(layers: list[_Layer], config: SvdConfig) -> dict[str, int]:
     ranks = {}
     for layer in layers:
         if config.rank_ratio:
@@ -315,12 +316,12 @@ def _replace_and_check(model: nn.Module, layers: dict[str, _Layer], ranks: dict[
             skipped[name] = f"the model's code uses this layer as more than a call ({error})"
 
 
-def factorize_svd(model: nn.Module, config: SvdFactorization, example_inputs: Any) -> FactorizeResult:
+def factorize_svd(model: nn.Module, config: SvdConfig, example_inputs: Any) -> FactorizeResult:
     """Factorize the Linear and Conv2d layers ``config`` names in ``model``, in place; returns what changed.
 
     Args:
         model: changed in place: each factorized layer becomes an ``nn.Sequential`` of two layers.
-        config: ranks, layer patterns and conv mode (see `SvdFactorization`).
+        config: ranks, layer patterns and conv mode (see `SvdConfig`).
         example_inputs: one input batch (a tensor or a tuple of tensors); its first sample is used to count MACs.
 
     Returns:
@@ -330,7 +331,7 @@ def factorize_svd(model: nn.Module, config: SvdFactorization, example_inputs: An
         InputError: the model does not run on the example inputs.
 
     Example:
-        >>> result = factorize_svd(model, SvdFactorization(target_macs=0.5, conv="spatial"), torch.randn(8, 3, 32, 32))
+        >>> result = factorize_svd(model, SvdConfig(target_macs=0.5, conv="spatial"), torch.randn(8, 3, 32, 32))
         >>> result.ranks, result.skipped
     """
     reference, error, _ = _failure(model, example_inputs)
@@ -369,7 +370,7 @@ def factorize_svd(model: nn.Module, config: SvdFactorization, example_inputs: An
         skipped=skipped, target_reached=macs_after <= config.target_macs * macs_before if config.target_macs else True)
 
 
-def load_factorized(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
+def _load_factorized(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
     """Rebuild a factorized model, saved by ``TorchDeployable.save``, on a fresh instance of its original class
     (changed in place and returned): every layer saved as two factors is factorized again, then loaded.
 
@@ -382,14 +383,22 @@ def load_factorized(model: nn.Module, directory: str | Path, *, verify: bool = T
 
     Example:
         >>> TorchDeployable(factorized).save(Path("out"))
-        >>> model = load_factorized(DigitsCNN(), "out")
+        >>> model = _load_factorized(DigitsCNN(), "out")
     """
     from torchslim._validate import read_shapes
     from torchslim.integrity import verify_manifest
 
     directory = Path(directory)
     verify_manifest(directory, ["model.shapes.json", "model.safetensors"], verify=verify)
-    shapes = read_shapes(directory, SHAPES_FORMAT)
+    refactorize_to_shapes(model, read_shapes(directory, SHAPES_FORMAT), directory)
+    load_safetensors(model, directory / "model.safetensors")
+    return model
+
+
+def refactorize_to_shapes(model: nn.Module, shapes: dict[str, list[int]], directory: Path) -> list[str]:
+    """Replace every layer the recorded shapes hold as two factors (``name.0.weight``, ``name.1.weight``) by an
+    empty factor pair of those ranks; returns the layers replaced."""
+    replaced = []
     for name, module in list(model.named_modules()):
         first, second = shapes.get(f"{name}.0.weight"), shapes.get(f"{name}.1.weight")
         if type(module) not in (nn.Linear, nn.Conv2d) or first is None or second is None:
@@ -400,12 +409,12 @@ def load_factorized(model: nn.Module, directory: str | Path, *, verify: bool = T
         # Spatial pairs end in a 1 x kw kernel; a 1 x 1 second layer is a channel pair (or an equivalent kw = 1).
         conv = "channel" if isinstance(module, nn.Linear) or second[2:] == [1, 1] else "spatial"
         _set_module(model, name, _empty_pair(module, first[0], conv))
-    load_safetensors(model, directory / "model.safetensors")
-    return model
+        replaced.append(name)
+    return replaced
 
 
-@register_method("factorize", "svd", SvdFactorization)
-def factorize_layers(context, config: SvdFactorization) -> TorchDeployable:
+@register_method("factorize", "svd", SvdConfig)
+def factorize_layers(context, config: SvdConfig) -> TorchDeployable:
     """The recipe step: factorize ``context.model`` in place; the report gets ranks, energy, MACs and params."""
     result = factorize_svd(context.model, config, context.example_inputs(1))
     for layer, reason in result.skipped.items():
@@ -421,3 +430,10 @@ def factorize_layers(context, config: SvdFactorization) -> TorchDeployable:
     if dropped:
         details["masks_dropped"] = dropped
     return TorchDeployable(context.model, details=details)
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "SvdFactorization": "SvdConfig",
+    "load_factorized": "_load_factorized",
+})

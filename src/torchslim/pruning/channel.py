@@ -7,7 +7,7 @@ module attributes (``out_channels``, ``num_features``, ``in_features``, ...) fol
 is an ordinary ``nn.Module`` whose output shape is unchanged.
 
 Example:
-    >>> result = torchslim.prune(model, torchslim.ChannelPruning(ratio=0.3), example_inputs)
+    >>> result = torchslim.prune(model, torchslim.ChannelPruningConfig(ratio=0.3), example_inputs)
     >>> result.macs_after / result.macs_before
 """
 
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from torchslim._config import check
+from torchslim._deprecated import renamed
 from torchslim.errors import InputError, describe
 from torchslim.graph import ChannelGraph, analyse_channels, capture
 from torchslim.measure.latency import measure_latency
@@ -39,8 +40,8 @@ from torchslim.zoo import call_model
 
 
 
-@dataclass
-class ChannelPruning:
+@dataclass(frozen=True)
+class ChannelPruningConfig:
     """Config of ``prune: {method: channel, ...}`` and of `torchslim.prune`.
 
     Args:
@@ -187,7 +188,7 @@ def _groups(graph: ChannelGraph, ignore: list[str]) -> list[_Group]:
 def channel_groups(model: nn.Module, example_inputs: Any, how: str = "auto",
                    ignore: Sequence[str] = ()) -> list[tuple[list[str], int, int]]:
     """The dependency groups structured pruning cuts together, as ``(layers creating the group's channels,
-    prunable channels, all channels)``; a group answers to any of its layer names in `ChannelPruning.ratios`."""
+    prunable channels, all channels)``; a group answers to any of its layer names in `ChannelPruningConfig.ratios`."""
     graph = analyse_channels(capture(model, example_inputs, how))
     return [(list(g.modules), len(g.roots), g.size) for g in _groups(graph, list(ignore))]
 
@@ -242,7 +243,7 @@ def _group_ratio(group: _Group, ratios: dict[str, float], default: float) -> flo
     return default
 
 
-def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, ratio: float,
+def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPruningConfig, ratio: float,
                     scores: dict[int, float] | None = None) -> set[int]:
     """The channel classes to remove for ``ratio`` under ``config``'s importance, scope and limits.
 
@@ -372,7 +373,7 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, chosen: set[int]) -> 
     return shapes
 
 
-def prune(model: nn.Module, config: ChannelPruning, example_inputs: Any,
+def prune(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any,
           recover: Callable[[nn.Module, int], None] | None = None,
           calibration: Sequence[Any] | None = None) -> PruneResult:
     """Remove channels from ``model`` in place (see the module docstring); returns what changed.
@@ -430,7 +431,7 @@ def _latency(model: nn.Module, inputs: Any) -> float:
         return measure_latency(lambda x: call_model(model, x), inputs, warmup=2, repeats=7).median_ms
 
 
-def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, ratio: float, macs_goal: float,
+def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any, ratio: float, macs_goal: float,
                 latency_goal: float, calibration: Sequence[Any] | None = None) -> tuple[dict, dict, dict, tuple]:
     """One analyse -> select -> remove round; returns (removed channels per layer, skipped layers, new shapes,
     (relative output errors of refitted layers, the layers refitted to the residual stream))."""
@@ -482,7 +483,7 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
     return removed, skipped, {k: v for k, v in shapes.items() if v != before.get(k)}, errors
 
 
-def _scores(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, stats) -> dict[int, float]:
+def _scores(model: nn.Module, graph: ChannelGraph, config: ChannelPruningConfig, stats) -> dict[int, float]:
     """Importance of every channel class; activation scores fall back to L2 magnitude (rescaled to the
     activation scores' level) for classes no recorded layer reads."""
     if config.importance not in ("activation", "obs"):
@@ -555,7 +556,7 @@ def _restore(model: nn.Module, original: nn.Module) -> None:
                 setattr(target, attr, value)
 
 
-def _bisect_ratio(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, scores: dict[int, float],
+def _bisect_ratio(model: nn.Module, graph: ChannelGraph, config: ChannelPruningConfig, scores: dict[int, float],
                   reached) -> float:
     """The smallest ratio (to 1/4096) whose pruning, tried on copies, satisfies ``reached(trial_model)``."""
     low, high = 0.0, config.max_ratio
@@ -575,7 +576,7 @@ def save_pruned(model: nn.Module, directory: str | Path) -> Path:
     return TorchDeployable(model).save(Path(directory))
 
 
-def load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
+def _load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
     """Rebuild a pruned model on a fresh instance of its original class (changed in place and returned).
 
     Args:
@@ -590,7 +591,14 @@ def load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True)
 
     directory = Path(directory)
     verify_manifest(directory, ["model.shapes.json", "model.safetensors"], verify=verify)
-    shapes = read_shapes(directory, SHAPES_FORMAT)
+    resize_to_shapes(model, read_shapes(directory, SHAPES_FORMAT), directory)
+    load_safetensors(model, directory / "model.safetensors")
+    return model
+
+
+def resize_to_shapes(model: nn.Module, shapes: dict[str, list[int]], directory: Path) -> None:
+    """Give every tensor of ``model`` the recorded shape (empty, to be loaded) and its layers the matching
+    attributes (``out_features``, ...): the structure a channel-pruned model was saved with."""
     state = model.state_dict()
     graph = ChannelGraph()
     for name, shape in shapes.items():
@@ -600,8 +608,6 @@ def load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True)
             _set_tensor(model, name, torch.empty(shape, dtype=state[name].dtype))
             graph.modules[name.rpartition(".")[0]] = "changed"
     _update_attributes(model, graph)
-    load_safetensors(model, directory / "model.safetensors")
-    return model
 
 
 def _taylor_gradients(context, batches: int = 4, batch_size: int = 32) -> None:
@@ -630,8 +636,8 @@ def _taylor_gradients(context, batches: int = 4, batch_size: int = 32) -> None:
         loss.backward()
 
 
-@register_method("prune", "channel", ChannelPruning)
-def prune_channels(context, config: ChannelPruning) -> TorchDeployable:
+@register_method("prune", "channel", ChannelPruningConfig)
+def prune_channels(context, config: ChannelPruningConfig) -> TorchDeployable:
     """The recipe step: prune ``context.model`` in place; the report gets removed channels and MACs."""
     if config.importance == "taylor":
         _taylor_gradients(context)
@@ -680,3 +686,10 @@ def _follow_masks(context) -> None:
     if context.masks:
         parameters = dict(context.model.named_parameters())
         context.masks = {name: parameters[name].detach() != 0 for name in context.masks if name in parameters}
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "ChannelPruning": "ChannelPruningConfig",
+    "load_pruned": "_load_pruned",
+})

@@ -1,6 +1,6 @@
 """Keeping a Hugging Face model's config true to its pruned shapes, so ``save_pretrained`` ->
 ``from_pretrained`` rebuilds it. A config holds one width for all layers: a field is updated when every layer
-agrees, and otherwise reported (the model then reloads with `torchslim.load_pruned`)."""
+agrees, and otherwise reported (the model then reloads with `torchslim.load`)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def update_configs(model: nn.Module, before: dict[str, tuple[int, int]]) -> dict
                 setattr(config, field, widths.pop())
             elif widths:
                 notes[owner or "model"] = (f"FFN widths differ per layer ({sorted(widths)}): config.intermediate_size "
-                                           f"cannot say so; reload with torchslim.load_pruned")
+                                           f"cannot say so; reload with torchslim.load")
         heads = getattr(config, "num_attention_heads", None)
         head_dim = getattr(config, "head_dim", None)
         if heads and not head_dim:
@@ -63,7 +63,7 @@ def update_configs(model: nn.Module, before: dict[str, tuple[int, int]]) -> dict
             if queries:
                 notes[owner or "model"] = (f"attention heads were pruned, but this config derives the head size "
                                            f"from hidden_size={hidden} / num_attention_heads: reload with "
-                                           f"torchslim.load_pruned")
+                                           f"torchslim.load")
         elif heads and head_dim:
             for field, suffixes in (("num_attention_heads", ("q_proj", "query")),
                                     ("num_key_value_heads", ("k_proj", "key"))):
@@ -72,5 +72,5 @@ def update_configs(model: nn.Module, before: dict[str, tuple[int, int]]) -> dict
                 if len(counts) == 1 and hasattr(config, field):
                     setattr(config, field, counts.pop())
                 elif len(counts) > 1:
-                    notes[owner or "model"] = f"{field} differs per layer: reload with torchslim.load_pruned"
+                    notes[owner or "model"] = f"{field} differs per layer: reload with torchslim.load"
     return notes

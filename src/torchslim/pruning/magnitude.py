@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from torchslim._deprecated import renamed
 from torchslim.llm.blocks import is_linear_like, tied_modules, weight_matrix
 from torchslim.llm.sparsity import nm_mask, parse_pattern
 from torchslim.pruning._patterns import resolve_sparsity
@@ -24,8 +25,8 @@ from torchslim.runtime import TorchDeployable
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-@dataclass
-class MagnitudePruning:
+@dataclass(frozen=True)
+class MagnitudePruningConfig:
     """Config of ``prune: {method: magnitude, ...}``.
 
     Args:
@@ -43,7 +44,7 @@ class MagnitudePruning:
     version: int = 1
 
     def __post_init__(self) -> None:
-        self.sparsity = resolve_sparsity(self.sparsity, self.pattern)
+        object.__setattr__(self, "sparsity", resolve_sparsity(self.sparsity, self.pattern))  # frozen
 
 
 def prunable_weights(model: nn.Module, skip: list[str],
@@ -111,8 +112,8 @@ def nm_magnitude_masks(model: nn.Module, pattern: str, skip: list[str],
     return masks
 
 
-@register_method("prune", "magnitude", MagnitudePruning)
-def prune_magnitude(context, config: MagnitudePruning) -> TorchDeployable:
+@register_method("prune", "magnitude", MagnitudePruningConfig)
+def prune_magnitude(context, config: MagnitudePruningConfig) -> TorchDeployable:
     """Zero weights in place; returns the pruned model with per-layer sparsity in ``details``."""
     if config.pattern != "unstructured":
         masks = nm_magnitude_masks(context.model, config.pattern, config.skip, context.skip_layer)
@@ -132,3 +133,9 @@ def prune_magnitude(context, config: MagnitudePruning) -> TorchDeployable:
     layer_sparsity = {name: round(1 - float(m.float().mean()), 4) for name, m in masks.items()}
     return TorchDeployable(context.model, details={"sparsity": round(zeros / total, 4), "pattern": config.pattern,
                                                    "layers": layer_sparsity})
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "MagnitudePruning": "MagnitudePruningConfig",
+})

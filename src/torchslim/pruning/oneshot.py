@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from torchslim._deprecated import renamed
 from torchslim._config import check
 from torchslim.llm.blocks import (
     LayerStats, linear_layers, run_sequential, set_weight_matrix_, tied_modules, weight_matrix,
@@ -38,7 +39,7 @@ from torchslim.runtime import TorchDeployable
 DEFAULT_SKIP = ("*lm_head*",)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OneShotPruning:
     """Fields shared by ``prune: {method: wanda | sparsegpt, ...}``.
 
@@ -59,18 +60,18 @@ class OneShotPruning:
     version: int = 1
 
     def __post_init__(self) -> None:
-        self.sparsity = resolve_sparsity(self.sparsity, self.pattern)
+        object.__setattr__(self, "sparsity", resolve_sparsity(self.sparsity, self.pattern))  # frozen
         check(self.calibration_batches >= 1, "calibration_batches", f"must be >= 1, got {self.calibration_batches}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
-@dataclass
-class WandaPruning(OneShotPruning):
+@dataclass(frozen=True)
+class WandaConfig(OneShotPruning):
     """Config of ``prune: {method: wanda, ...}`` (the shared fields of `OneShotPruning`)."""
 
 
-@dataclass
-class SparseGPTPruning(OneShotPruning):
+@dataclass(frozen=True)
+class SparseGPTConfig(OneShotPruning):
     """Config of ``prune: {method: sparsegpt, ...}``: the shared fields of `OneShotPruning`, and
 
     Args:
@@ -174,8 +175,8 @@ def prune_one_shot(context, config: OneShotPruning, prune_layer: LayerPruner, wa
     return TorchDeployable(context.model, details=details)
 
 
-@register_method("prune", "wanda", WandaPruning)
-def prune_wanda(context, config: WandaPruning) -> TorchDeployable:
+@register_method("prune", "wanda", WandaConfig)
+def prune_wanda(context, config: WandaConfig) -> TorchDeployable:
     """Wanda: drop the weights with the smallest ``|W|·‖X‖`` per output row, block by block; no weight update."""
     def prune_layer(w: Tensor, stats: LayerStats) -> tuple[Tensor, Tensor]:
         keep = wanda_mask(w, stats.sq_norm, config.sparsity, config.pattern)
@@ -184,10 +185,17 @@ def prune_wanda(context, config: WandaPruning) -> TorchDeployable:
     return prune_one_shot(context, config, prune_layer, "sq_norm", "wanda")
 
 
-@register_method("prune", "sparsegpt", SparseGPTPruning)
-def prune_sparsegpt(context, config: SparseGPTPruning) -> TorchDeployable:
+@register_method("prune", "sparsegpt", SparseGPTConfig)
+def prune_sparsegpt(context, config: SparseGPTConfig) -> TorchDeployable:
     """SparseGPT: OBS pruning with weight reconstruction from each layer's input Hessian, block by block."""
     def prune_layer(w: Tensor, stats: LayerStats) -> tuple[Tensor, Tensor]:
         return sparsegpt_prune(w, stats.hessian, config.sparsity, config.pattern, config.blocksize, config.damp)
 
     return prune_one_shot(context, config, prune_layer, "hessian", "sparsegpt")
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "WandaPruning": "WandaConfig",
+    "SparseGPTPruning": "SparseGPTConfig",
+})

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from torchslim._deprecated import renamed
 from torchslim.errors import InputError
 from torchslim.export import export_onnx
 from torchslim.quant.cpu import has_vnni, int8_features
@@ -19,8 +20,8 @@ from torchslim.registry import register_method
 from torchslim.runtime import OnnxRuntimeDeployable
 
 
-@dataclass
-class Int8Dynamic:
+@dataclass(frozen=True)
+class Int8DynamicConfig:
     """Config of ``quantize: {method: int8-dynamic, ...}``.
 
     Args:
@@ -35,8 +36,8 @@ class Int8Dynamic:
     version: int = 1
 
 
-@register_method("quantize", "int8-dynamic", Int8Dynamic)
-def quantize_int8_dynamic(context, config: Int8Dynamic) -> OnnxRuntimeDeployable:
+@register_method("quantize", "int8-dynamic", Int8DynamicConfig)
+def quantize_int8_dynamic(context, config: Int8DynamicConfig) -> OnnxRuntimeDeployable:
     """Export ``context.model`` to ONNX; MatMul/Gemm weights and embedding tables to int8, activations dynamic."""
     from torchslim.quant import onnx_backend
 
@@ -63,3 +64,9 @@ def quantize_int8_dynamic(context, config: Int8Dynamic) -> OnnxRuntimeDeployable
                "cpu_int8_features": int8_features(), "kept_float_nodes": excluded, "exporter": exporter,
                "runtime_choice": "onnxruntime"}
     return OnnxRuntimeDeployable(int8_path, context.model, context.threads, details=details)
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "Int8Dynamic": "Int8DynamicConfig",
+})

@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from torchslim._deprecated import renamed
 from torchslim._config import check
 from torchslim.errors import InputError, describe
 from torchslim.measure.latency import measure_latency
@@ -30,8 +31,8 @@ from torchslim.zoo import call_model
 BACKENDS = {"onnxruntime": onnx_backend, "torchinductor": pt2e_backend}
 
 
-@dataclass
-class Int8Static:
+@dataclass(frozen=True)
+class Int8StaticConfig:
     """Config of ``quantize: {method: int8-static, ...}``.
 
     Args:
@@ -69,7 +70,7 @@ class Int8Static:
               f"must be >= 1, got {self.calibration_batch_size}")
 
 
-def _unavailable(name: str, config: Int8Static) -> str | None:
+def _unavailable(name: str, config: Int8StaticConfig) -> str | None:
     if name == "torchinductor" and not config.per_channel:
         return "quantizes weights per channel only (per_channel: false)"
     if name == "torchinductor" and config.fallback_layers:
@@ -77,7 +78,7 @@ def _unavailable(name: str, config: Int8Static) -> str | None:
     return BACKENDS[name].available()
 
 
-def _candidates(context, config: Int8Static) -> list[str]:
+def _candidates(context, config: Int8StaticConfig) -> list[str]:
     if config.runtime != "auto":
         reason = _unavailable(config.runtime, config)
         if reason:
@@ -104,8 +105,8 @@ def _time_candidate(deployable: Deployable, batch, reference, prefer: str, task:
     return figures
 
 
-@register_method("quantize", "int8-static", Int8Static)
-def quantize_int8_static(context, config: Int8Static) -> Deployable:
+@register_method("quantize", "int8-static", Int8StaticConfig)
+def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
     """Quantize ``context.model`` to int8 with calibration; returns it on the chosen (or fastest) runtime."""
     check_calibration(context, config)
     names = _candidates(context, config)
@@ -134,3 +135,9 @@ def quantize_int8_static(context, config: Int8Static) -> Deployable:
     chosen.details["runtime_choice"] = f"{best}: fastest by {criterion}"
     chosen.details["candidates"] = figures
     return chosen
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "Int8Static": "Int8StaticConfig",
+})

@@ -150,7 +150,10 @@ class InductorInt8Deployable(Deployable):
         # Observers shared between tensors (e.g. around a concat) share storage: store each copy on its own.
         tensors.update({f"observer/{k}": v.detach().clone() for k, v in self.ranges.items()})
         settings = {"observer": self.config.observer, "per_channel": self.config.per_channel,
-                    "skip": list(self.config.skip)}
+                    "skip": list(self.config.skip),
+                    # what the graph was captured on, so that `load_saved` can capture it again without inputs
+                    "example": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                                for t in _args(self.example)]}
         save_file(tensors, str(path), metadata={"format": ARTIFACT_FORMAT, "settings": json.dumps(settings),
                                                 "torch": torch.__version__})
         return path
@@ -187,6 +190,35 @@ def load_artifact(module: nn.Module, example: Any, path: Path, config, *, verify
             except (AttributeError, ValueError) as error:
                 raise ArtifactError(f"{path}: {key}: {error}") from None
     return InductorInt8Deployable(converted, ranges, module, example, config)
+
+
+def load_saved(module: nn.Module, path: Path, example: Any = None, *, verify: bool = True) -> InductorInt8Deployable:
+    """`load_artifact` with the settings the file records (observer, skip) and, unless ``example`` is given, zero
+    inputs of the recorded example shapes.
+
+    Raises:
+        ArtifactError: as `load_artifact`, or settings that are not what `InductorInt8Deployable.save` writes.
+    """
+    from types import SimpleNamespace
+
+    from torchslim._validate import require, safetensors_header
+
+    path = Path(path)
+    _, metadata = safetensors_header(path)
+    require(metadata.get("format") == ARTIFACT_FORMAT, path, f"not a {ARTIFACT_FORMAT} file")
+    try:
+        settings = json.loads(metadata.get("settings", ""))
+        config = SimpleNamespace(observer=str(settings["observer"]), per_channel=bool(settings["per_channel"]),
+                                 skip=[str(p) for p in settings["skip"]])
+        recorded = [torch.zeros(e["shape"], dtype=getattr(torch, e["dtype"])) for e in settings.get("example", [])]
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError):
+        from torchslim.errors import ArtifactError
+
+        raise ArtifactError(f"{path}: its settings metadata is not what torchslim writes") from None
+    if example is None:
+        require(bool(recorded), path, "records no example input shapes; pass example_inputs")
+        example = tuple(recorded) if len(recorded) > 1 else recorded[0]
+    return load_artifact(module, example, path, config, verify=verify)
 
 
 def float_layers(converted: nn.Module) -> tuple[int, dict[str, str]]:

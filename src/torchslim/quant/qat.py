@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchslim._deprecated import renamed
 from torchslim._config import check
 from torchslim.errors import InputError
 from torchslim.quant import onnx_backend
@@ -44,8 +45,8 @@ def _qat_finetune() -> FinetuneConfig:
     return FinetuneConfig(epochs=2, batch_size=32, optimizer=OptimizerConfig(name="adamw", lr=1e-5, weight_decay=0.0))
 
 
-@dataclass
-class Qat:
+@dataclass(frozen=True)
+class QatConfig:
     """Config of ``quantize: {method: qat, ...}``.
 
     Args:
@@ -115,8 +116,8 @@ def _quantized_layers(model: nn.Module, skip: list[str]) -> dict[str, nn.Module]
             if isinstance(m, QUANTIZED) and not any(fnmatch.fnmatch(name, p) for p in skip)}
 
 
-@register_method("quantize", "qat", Qat)
-def quantize_qat(context, config: Qat) -> OnnxRuntimeDeployable:
+@register_method("quantize", "qat", QatConfig)
+def quantize_qat(context, config: QatConfig) -> OnnxRuntimeDeployable:
     """Fold, simulate int8, fine-tune, and convert ``context.model`` to an ONNX Runtime int8 model."""
     reason = onnx_backend.available()
     if reason:
@@ -157,3 +158,9 @@ def quantize_qat(context, config: Qat) -> OnnxRuntimeDeployable:
     deployable.details.update(folded_batchnorms=len(folded), simulated_layers=len(layers),
                               train_loss=trained.details["train_loss"], runtime_choice="onnxruntime")
     return deployable
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "Qat": "QatConfig",
+})

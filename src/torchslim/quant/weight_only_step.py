@@ -34,13 +34,14 @@ from torchslim._config import check
 from torchslim.errors import InputError
 from torchslim.llm.blocks import output_head
 from torchslim.quant.fold import _set_module
+from torchslim._deprecated import renamed
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable, load_safetensors
 
 FORMAT = "torchslim.weight-only/1"
 
 
-@dataclass
+@dataclass(frozen=True)
 class WeightOnly:
     """Config shared by ``int4-weight`` and ``int8-weight``.
 
@@ -77,15 +78,15 @@ class WeightOnly:
         check(0.0 < self.damp < 1.0, "damp", f"must be in (0, 1), got {self.damp}")
 
 
-@dataclass
-class Int4Weight(WeightOnly):
+@dataclass(frozen=True)
+class Int4WeightConfig(WeightOnly):
     """Config of ``quantize: {method: int4-weight, ...}`` (fields: see `WeightOnly`); group 128 by default."""
 
     bits = 4
 
 
-@dataclass
-class Int8Weight(WeightOnly):
+@dataclass(frozen=True)
+class Int8WeightConfig(WeightOnly):
     """Config of ``quantize: {method: int8-weight, ...}`` (fields: see `WeightOnly`); per channel by default."""
 
     group_size: int = 0
@@ -199,7 +200,7 @@ def quantize_weights_(context, config: WeightOnly) -> dict:
 class WeightOnlyDeployable(TorchDeployable):
     """An eager model with packed weight-only layers. Its artifact is ``model.safetensors`` (packed codes,
     scales, zero points, float layers) plus ``model.weight_only.json`` (which layers are packed, and how), from
-    which `load_weight_only` rebuilds it on a float copy of the model: no pickle anywhere."""
+    which `torchslim.load` rebuilds it on a float copy of the model: no pickle anywhere."""
 
     def save(self, directory: Path) -> Path:
         from torchslim.quant.weight_only import weight_only_layers
@@ -210,7 +211,7 @@ class WeightOnlyDeployable(TorchDeployable):
         return path
 
 
-def load_weight_only(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
+def _load_weight_only(model: nn.Module, directory: str | Path, *, verify: bool = True) -> nn.Module:
     """Turn a float model (the same architecture, e.g. freshly built from its spec) into the saved weight-only
     model in ``directory`` (written by `WeightOnlyDeployable.save`), in place; returns it.
 
@@ -242,5 +243,13 @@ def _handler(context, config: WeightOnly) -> WeightOnlyDeployable:
     return WeightOnlyDeployable(context.model, details=details)
 
 
-register_method("quantize", "int4-weight", Int4Weight)(_handler)
-register_method("quantize", "int8-weight", Int8Weight)(_handler)
+register_method("quantize", "int4-weight", Int4WeightConfig)(_handler)
+register_method("quantize", "int8-weight", Int8WeightConfig)(_handler)
+
+
+# Old names, kept for one release (see torchslim._deprecated).
+__getattr__ = renamed(__name__, {
+    "Int4Weight": "Int4WeightConfig",
+    "Int8Weight": "Int8WeightConfig",
+    "load_weight_only": "_load_weight_only",
+})

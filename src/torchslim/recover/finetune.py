@@ -78,7 +78,7 @@ class DistillConfig:
             check(len(pair) == 2, f"features[{i}]", f"expected [student_layer, teacher_layer], got {shorten(pair)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
     """Config of ``finetune: {...}`` (method ``distill``, the default): the `TrainConfig` fields (epochs,
     batch_size, optimizer, schedule, grad_clip, accumulate, precision, device, early_stop, checkpoint_every)

@@ -52,7 +52,7 @@ class EarlyStopConfig:
         check(self.min_delta >= 0, "min_delta", f"must be >= 0, got {self.min_delta}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """How to train: the fields every training step shares (``finetune: {...}`` adds its losses to these).
 

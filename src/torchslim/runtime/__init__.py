@@ -53,7 +53,7 @@ SHAPES_FORMAT = "torchslim.model-shapes/1"
 
 class TorchDeployable(Deployable):
     """An eager PyTorch module; its artifact is the state dict in safetensors plus ``model.shapes.json`` (every
-    tensor's shape), from which `torchslim.pruning.channel.load_pruned` rebuilds a structurally pruned model on
+    tensor's shape), from which `torchslim.load` rebuilds a structurally pruned or factorized model on
     its original class."""
 
     runtime = "torch"
@@ -61,6 +61,8 @@ class TorchDeployable(Deployable):
     def __init__(self, module: nn.Module, details: dict | None = None):
         self.module = module.eval()
         self.details = details or {}
+        # Structural steps `torchslim.load` repeats before loading the weights (set by `torchslim._context`).
+        self.replayed: list[dict] = []
 
     def __call__(self, inputs: Any) -> torch.Tensor:
         with torch.inference_mode():
@@ -73,7 +75,10 @@ class TorchDeployable(Deployable):
         path = directory / "model.safetensors"
         save_model(self.module, str(path))
         shapes = {name: list(t.shape) for name, t in self.module.state_dict().items()}
-        (directory / "model.shapes.json").write_text(json.dumps({"format": SHAPES_FORMAT, "shapes": shapes}))
+        document = {"format": SHAPES_FORMAT, "shapes": shapes}
+        if self.replayed:
+            document["replayed"] = self.replayed
+        (directory / "model.shapes.json").write_text(json.dumps(document))
         return path
 
     def load_and_run(self, path: Path, inputs: Any) -> Any:

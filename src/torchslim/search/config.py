@@ -48,7 +48,7 @@ class SpaceConfig:
         max_groups: at most this many groups (the ones with the most MACs) get their own decision; the rest
             share one.
         round_to: pruned channel counts stay multiples of this.
-        importance: how channels are ranked inside a group (`ChannelPruning.importance`).
+        importance: how channels are ranked inside a group (`ChannelPruningConfig.importance`).
         precision: quantization options of the whole model ("float" = none); those this model or machine
             cannot run are left out and reported.
         float_layers: with int8-static, this many of the layers whose quantization costs the most (measured

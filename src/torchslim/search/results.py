@@ -36,9 +36,9 @@ def _reload(runner, point: dict):
         return OnnxRuntimeDeployable(path, runner.teacher, runner.threads)
     kinds = {next(iter(step)) for step in point["recipe"]["steps"]}
     if path.name == "model.safetensors" and kinds <= {"prune", "finetune"}:
-        from torchslim.pruning.channel import load_pruned
+        from torchslim.pruning.channel import _load_pruned
 
-        return TorchDeployable(load_pruned(copy.deepcopy(runner.pristine), path.parent))
+        return TorchDeployable(_load_pruned(copy.deepcopy(runner.pristine), path.parent))
     return None
 
 

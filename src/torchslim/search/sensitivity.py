@@ -130,7 +130,7 @@ class SensitivityPass:
 
     def _prune_options(self, result: dict) -> None:
         from torchslim.graph import analyse_channels, capture
-        from torchslim.pruning.channel import ChannelPruning, remove_channels, select_channels
+        from torchslim.pruning.channel import ChannelPruningConfig, remove_channels, select_channels
 
         decisions = [d for d in self.space.decisions if d.kind == PRUNE]
         if not decisions:
@@ -145,7 +145,7 @@ class SensitivityPass:
                 if option == d.neutral:
                     continue
                 model = copy.deepcopy(self.runner.pristine)
-                config = ChannelPruning(ratio=0.0, ratios={layer: option for layer in d.layers},
+                config = ChannelPruningConfig(ratio=0.0, ratios={layer: option for layer in d.layers},
                                         importance=importance, round_to=self.space.round_to, ignore=self.space.skip)
                 try:
                     remove_channels(model, graph, select_channels(model, graph, config, 0.0))
@@ -154,7 +154,7 @@ class SensitivityPass:
                     result["options"].setdefault(d.name, {})[str(option)] = {"error": describe(error)}
 
     def _rank_options(self, result: dict) -> None:
-        from torchslim.factorize.svd import SvdFactorization, factorize_svd
+        from torchslim.factorize.svd import SvdConfig, factorize_svd
 
         for d in [d for d in self.space.decisions if d.kind == RANK]:
             for option in d.options:
@@ -162,7 +162,7 @@ class SensitivityPass:
                     continue
                 model = copy.deepcopy(self.runner.pristine)
                 try:
-                    factorize_svd(model, SvdFactorization(rank_ratio=option, layers=list(d.layers),
+                    factorize_svd(model, SvdConfig(rank_ratio=option, layers=list(d.layers),
                                                           round_to=self.space.round_to), self.example)
                     result["options"].setdefault(d.name, {})[str(option)] = self._structural(model)
                 except Exception as error:

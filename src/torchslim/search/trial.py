@@ -149,17 +149,16 @@ class TrialRunner:
 
     def build(self, raw_recipe: dict, name: str) -> tuple[Deployable, Any]:
         """Run a recipe's steps on a fresh copy of the model; returns (final deployable, step context)."""
-        from torchslim.pipeline import StepContext
+        from torchslim._context import _StepContext, run_step
         from torchslim.recipe import parse_recipe
-        from torchslim.registry import get_method
 
         recipe = parse_recipe(raw_recipe, source=name)
         model = copy.deepcopy(self.pristine)
         bundle = dataclasses.replace(self.bundle, model=model, notes=[])
         scratch = self.workdir / name / "scratch"
-        context = StepContext(model=model, teacher=self.teacher, bundle=bundle, data=self.data, seed=recipe.seed,
-                              threads=self.threads, workdir=scratch, batch_size=recipe.measure.batch_size,
-                              progress=False)
+        context = _StepContext(model=model, teacher=self.teacher, bundle=bundle, data=self.data, seed=recipe.seed,
+                               threads=self.threads, workdir=scratch, batch_size=recipe.measure.batch_size,
+                               progress=False)
         deployable: Deployable = TorchDeployable(model)
         torch.set_num_threads(self.compute_threads)
         torch.manual_seed(recipe.seed)
@@ -167,7 +166,7 @@ class TrialRunner:
             for index, step in enumerate(recipe.steps):
                 context.where = f"{name}: steps[{index}].{step.kind}"
                 context.step_index = index
-                deployable = get_method(step.kind, step.method).handler(context, step.config)
+                deployable = run_step(context, step.kind, step.method, step.config, onnx_metadata=False)
         finally:
             torch.set_num_threads(self.threads)
         return deployable, context
