@@ -53,7 +53,8 @@ class QatConfig:
         runtime: "onnxruntime" (the runtime the fine-tuned model is converted for).
         observer: activation ranges, as in int8-static (calibrated before training, recalibrated after).
         per_channel: one weight scale per output channel (else per tensor).
-        calibration_batches / calibration_batch_size: the calibration data, as in int8-static.
+        calibration_batches: how many calibration batches, as in int8-static.
+        calibration_batch_size: samples per calibration batch, as in int8-static.
         skip: module-name patterns (fnmatch) kept in float, neither simulated nor quantized.
         fallback_layers: as in int8-static, measured after training.
         bias_correction: as in int8-static (after QAT the weights sit on their grid, so it moves little).
