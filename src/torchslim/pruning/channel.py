@@ -26,6 +26,7 @@ from torch import nn
 from torchslim._config import check
 from torchslim.errors import InputError, describe
 from torchslim.graph import ChannelGraph, analyse_channels, capture
+from torchslim.graph.capture import output_tensors
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
@@ -468,7 +469,7 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
     if error is not None:
         raise RuntimeError(f"the pruned model fails to run ({error}); please report this model") from None
     if shape != reference_shape:
-        raise RuntimeError(f"structured pruning changed the output shape {reference_shape} -> {shape}")
+        raise RuntimeError(f"structured pruning changed the output shapes {reference_shape} -> {shape}")
     skipped = dict(graph.skipped)
     errors: tuple[dict, list] = ({}, [])
     if config.reconstruct:
@@ -523,10 +524,14 @@ def _kept_linear_positions(model: nn.Module, graph: ChannelGraph, chosen: set[in
 
 
 def _output_shape(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, str | None, str | None]:
-    """(output shape, None, None), or (None, the error, the name of the innermost layer it was raised in)."""
+    """(the shape of every output tensor, None, None), or (None, the error, the name of the innermost layer it
+    was raised in). Outputs may be tensors or tuples, lists, dicts and dataclasses (a ``ModelOutput``) of them."""
     try:
         with torch.no_grad():
-            return tuple(call_model(model.eval(), example_inputs).shape), None, None
+            outputs = output_tensors(call_model(model.eval(), example_inputs))
+        if not outputs:
+            raise InputError("the model's output holds no tensor")
+        return tuple(tuple(t.shape) for t in outputs), None, None
     except Exception as error:  # the caller decides whether a retry can fix it
         names = {id(m): name for name, m in model.named_modules()}
         where = None
