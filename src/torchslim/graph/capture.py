@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any
 
@@ -29,6 +30,14 @@ def output_tensors(value: Any) -> list[torch.Tensor]:
     return [t for item in items for t in output_tensors(item)]
 
 
+def _flat_forward(forward):
+    @functools.wraps(forward)
+    def flat(*args, **kwargs):
+        return tuple(output_tensors(forward(*args, **kwargs)))
+
+    return flat
+
+
 def capture(model: nn.Module, example_inputs: Any, how: str = "auto") -> Any:
     """The graph of ``model`` (in eval mode) for ``example_inputs`` (a tensor or a tuple of tensors):
     torch.export's ExportedProgram, or a graph recorded by running the model (`torchslim.graph.trace.trace`).
@@ -42,6 +51,10 @@ def capture(model: nn.Module, example_inputs: Any, how: str = "auto") -> Any:
         return _trace(model, args, "tracing was requested")
     was_training = model.training
     model.eval()
+    # torch.export returns only pytree-registered types: flatten the output (a dataclass, a ModelOutput, a dict
+    # of tuples) to its tensors, the only part the analysis reads, by shadowing forward for the capture.
+    shadowed = model.__dict__.get("forward")
+    model.forward = _flat_forward(model.forward)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -49,6 +62,9 @@ def capture(model: nn.Module, example_inputs: Any, how: str = "auto") -> Any:
     except Exception as error:
         reason = describe(error, 200)
     finally:
+        del model.forward
+        if shadowed is not None:
+            model.forward = shadowed
         model.train(was_training)
     if how == "export":
         raise InputError(f"model cannot be captured by torch.export: {reason}")

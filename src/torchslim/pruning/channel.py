@@ -257,7 +257,7 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
         for group in groups:
             fraction = min(_group_ratio(group, config.ratios, ratio), config.max_ratio)
             chosen.update(_lowest(group, scores, _removable(group, fraction, config.round_to)))
-        return chosen
+        return _keep_every_layer(graph, chosen, scores)
     ranked = []
     for index, group in enumerate(groups):
         values = np.array([scores.get(r, 0.0) for r in group.roots.tolist()])
@@ -275,6 +275,16 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
             budget -= 1
     for index, group in enumerate(groups):
         chosen.update(_lowest(group, scores, _removable(group, taken[index] / group.size, config.round_to)))
+    return _keep_every_layer(graph, chosen, scores)
+
+
+def _keep_every_layer(graph: ChannelGraph, chosen: set[int], scores: dict[int, float]) -> set[int]:
+    """A class can hold every output channel of a layer (a branch concatenated into a stream that a reshape
+    splits into whole blocks): keep the best-scoring class of any layer that would lose all its channels."""
+    for _, ids in graph.producers:
+        roots = set(graph.uf.roots(ids).tolist())
+        if roots and roots <= chosen:
+            chosen.discard(max(roots, key=lambda r: scores.get(r, 0.0)))
     return chosen
 
 
@@ -282,14 +292,13 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
     for name, kind in graph.modules.items():
         module = model.get_submodule(name)
         if isinstance(module, nn.modules.conv._ConvNd):
-            out_channels, in_per_group = module.weight.shape[:2]
-            if module.groups > 1 and in_per_group == 1 and module.groups == module.out_channels:
-                module.groups = out_channels  # depthwise stays depthwise
-            module.out_channels, module.in_channels = out_channels, in_per_group * module.groups
+            _update_conv(module)
         elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
         elif isinstance(module, nn.modules.batchnorm._NormBase):
             module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
+        elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+            module.num_channels = module.weight.shape[0]  # the group count stays (equal widths per group)
         elif isinstance(module, nn.LayerNorm) and module.weight is not None:
             module.normalized_shape = (module.weight.shape[0],)
         elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
@@ -297,6 +306,19 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
         elif hasattr(module, "nf") and type(module).__name__ == "Conv1D":
             module.nf = module.weight.shape[1]  # transformers' Conv1D: weight (in, out), output width nf
     _update_attention_attributes(model)
+
+
+def _update_conv(module: nn.modules.conv._ConvNd) -> None:
+    """Channel counts from the weight: (out, in / groups, ...), or (in, out / groups, ...) when transposed.
+    A depthwise convolution stays depthwise (its groups follow its channels); other groups stay."""
+    first, per_group = module.weight.shape[:2]
+    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    if depthwise:
+        module.groups = first
+    if module.transposed:
+        module.in_channels, module.out_channels = first, per_group * module.groups
+    else:
+        module.out_channels, module.in_channels = first, per_group * module.groups
 
 
 _HEAD_SIZE = ("head_dim", "attention_head_size")
