@@ -218,3 +218,49 @@ def test_a_bert_model_output_is_pruned_and_the_config_that_cannot_express_its_he
     assert "hidden_size=32 / num_attention_heads" in note and "encoder.layer.0.attention.self.query.weight" in note
     torch.manual_seed(0)
     assert reloads_exactly(lambda: _tiny_hf("bert"), model, x, tmp_path)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention between two Linear layers; returns its (output, averaged weights) tuple."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.embed = nn.Linear(6, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        y = self.embed(x)
+        out, weights = self.attn(y, y, y)
+        return self.head(torch.relu(out)), weights
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_loses_positions_in_every_head_and_runs_its_own_forward(batch_first, tmp_path):
+    torch.manual_seed(0)
+    model, x = Attention(batch_first), torch.randn(2, 5, 6) if batch_first else torch.randn(5, 2, 6)
+    exact_prune(model, x, "trace")  # the query rows are rescaled: the softmax sees the same logits
+    attn = model.attn
+    assert (attn.embed_dim, attn.num_heads, attn.head_dim, attn.kdim) == (16, 4, 4, 16)
+    assert attn.in_proj_weight.shape == (48, 16) and attn.out_proj.weight.shape == (16, 16)
+    assert model.embed.out_features == 16 and model.head.in_features == 16
+    with torch.no_grad():  # the fused inference path (batch_first, no grad) reads the same attributes
+        assert run(model, x)[0].shape == ((2, 5, 3) if batch_first else (5, 2, 3))
+    torch.manual_seed(0)
+    assert reloads_exactly(lambda: Attention(batch_first), model, x, tmp_path)
+
+
+def test_transformer_encoder_prunes_its_width_and_ffn_and_counts_the_fused_path(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        return nn.Sequential(nn.Linear(8, 32), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                             nn.Linear(32, 3)).eval()
+
+    model, x = build(), torch.randn(2, 5, 8)
+    result = prune(model, ChannelPruning(ratio=0.5), x)
+    layer = model[1].layers[0]
+    assert (layer.self_attn.embed_dim, layer.self_attn.head_dim, layer.linear1.out_features) == (16, 4, 32)
+    assert layer.norm1.normalized_shape == (16,) and run(model, x)[0].shape == (2, 5, 3)
+    assert 0.2 < result.macs_after / result.macs_before < 0.3
+    assert reloads_exactly(build, model, x, tmp_path)

@@ -41,7 +41,8 @@ def _flat_forward(forward):
 def capture(model: nn.Module, example_inputs: Any, how: str = "auto") -> Any:
     """The graph of ``model`` (in eval mode) for ``example_inputs`` (a tensor or a tuple of tensors):
     torch.export's ExportedProgram, or a graph recorded by running the model (`torchslim.graph.trace.trace`).
-    ``how``: "auto" (export, tracing when export fails), "export" or "trace".
+    ``how``: "auto" (export, tracing when export fails or the model holds an ``nn.MultiheadAttention``),
+    "export" or "trace".
 
     Raises:
         InputError: the model cannot be captured either way; the message names the reasons.
@@ -49,6 +50,9 @@ def capture(model: nn.Module, example_inputs: Any, how: str = "auto") -> Any:
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if how == "trace":
         return _trace(model, args, "tracing was requested")
+    if how == "auto" and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        # torch.export decomposes it into reshapes that mix batch and heads; a traced run records one call.
+        return _trace(model, args, "nn.MultiheadAttention is analysed as one call, which a traced run records")
     was_training = model.training
     model.eval()
     # torch.export returns only pytree-registered types: flatten the output (a dataclass, a ModelOutput, a dict

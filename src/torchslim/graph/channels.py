@@ -712,6 +712,11 @@ class ChannelAnalysis:
         out = self._dense(node, weight, bias if fits else None, self.ids(x).get(1), 1, "linear-transposed")
         return {} if out is None else {1: out}
 
+    def op_multi_head_attention_forward(self, node) -> list:
+        from torchslim.graph.attention import multi_head_attention
+
+        return multi_head_attention(self, node)
+
     def op_scaled_dot_product_attention(self, node) -> TensorIds:
         q, k, v = node.args[:3]
         q_ids, k_ids, v_ids = self.ids(q), self.ids(k), self.ids(v)

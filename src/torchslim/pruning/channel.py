@@ -70,8 +70,9 @@ class ChannelPruning:
         steps: prune in this many steps (re-analysing and re-scoring each time), calling ``recover`` between
             steps when `prune` is given one.
         seed: for ``importance: random``.
-        capture: how the graph is captured: "auto" (torch.export; when it fails, a traced run of the example
-            inputs, which analyses only the path they take), "export" or "trace".
+        capture: how the graph is captured: "auto" (torch.export; when it fails or the model holds an
+            ``nn.MultiheadAttention``, a traced run of the example inputs, which analyses only the path they
+            take), "export" or "trace".
         reconstruct: refit every linear layer that lost input channels by least squares on calibration
             inputs, so its output (bias included) stays as close as possible to the unpruned layer's.
         damping: ``reconstruct`` adds this fraction of the mean input second moment to the diagonal it
@@ -293,6 +294,8 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
         module = model.get_submodule(name)
         if isinstance(module, nn.modules.conv._ConvNd):
             _update_conv(module)
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            _update_multihead_attention(module)
         elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
         elif isinstance(module, nn.modules.batchnorm._NormBase):
@@ -306,6 +309,22 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
         elif hasattr(module, "nf") and type(module).__name__ == "Conv1D":
             module.nf = module.weight.shape[1]  # transformers' Conv1D: weight (in, out), output width nf
     _update_attention_attributes(model)
+
+
+def _update_multihead_attention(module: nn.MultiheadAttention) -> None:
+    """Its forward derives the head size from the width: fewer positions per head, same head count. The
+    softmax scale 1 / sqrt(head_dim) grows with the smaller head, so the query rows are scaled by
+    sqrt(new / old) to keep every attention logit as it was (`load_pruned` overwrites the tensors after
+    this, with the scaled ones that were saved)."""
+    width = module.in_proj_weight.shape[1]
+    old, new = module.head_dim, width // module.num_heads
+    module.embed_dim = module.kdim = module.vdim = width
+    module.head_dim = new
+    if new != old:
+        with torch.no_grad():
+            module.in_proj_weight[:width].mul_((new / old) ** 0.5)
+            if module.in_proj_bias is not None:
+                module.in_proj_bias[:width].mul_((new / old) ** 0.5)
 
 
 def _update_conv(module: nn.modules.conv._ConvNd) -> None:
