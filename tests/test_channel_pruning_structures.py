@@ -264,3 +264,28 @@ def test_transformer_encoder_prunes_its_width_and_ffn_and_counts_the_fused_path(
     assert layer.norm1.normalized_shape == (16,) and run(model, x)[0].shape == (2, 5, 3)
     assert 0.2 < result.macs_after / result.macs_before < 0.3
     assert reloads_exactly(build, model, x, tmp_path)
+
+
+def test_tied_weights_stay_tied_when_a_pruned_model_is_reloaded(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 16)
+            self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+            self.head = nn.Linear(16, 20, bias=False)
+            self.head.weight = self.embed.weight  # an LM head sharing the embedding
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            return self.head(x + self.down(torch.relu(self.up(x))))
+
+    def build():
+        torch.manual_seed(0)
+        return Tied().eval()
+
+    model, ids = build(), torch.randint(0, 20, (2, 6))
+    prune(model, ChannelPruning(ratio=0.5), ids)
+    assert model.embed.weight.shape == (20, 8) and model.head.weight is model.embed.weight
+    save_pruned(model, tmp_path)
+    fresh = load_pruned(build(), tmp_path)
+    assert fresh.head.weight is fresh.embed.weight and torch.equal(fresh(ids), model(ids))

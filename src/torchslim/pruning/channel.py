@@ -638,13 +638,20 @@ def load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True)
     verify_manifest(directory, ["model.shapes.json", "model.safetensors"], verify=verify)
     shapes = read_shapes(directory, SHAPES_FORMAT)
     state = model.state_dict()
-    graph = ChannelGraph()
+    tensors = _named_tensors(model)
+    aliases: dict[int, list[str]] = {}  # tied weights (an LM head sharing the embedding) stay one tensor
+    for name, tensor in tensors.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    graph, resized = ChannelGraph(), set()
     for name, shape in shapes.items():
         if name not in state:
             raise InputError(f"{directory}: the model has no tensor {name!r}; is this the original model class?")
-        if list(state[name].shape) != shape:
-            _set_tensor(model, name, torch.empty(shape, dtype=state[name].dtype))
-            graph.modules[name.rpartition(".")[0]] = "changed"
+        if list(state[name].shape) != shape and name not in resized:
+            value, shared = torch.empty(shape, dtype=state[name].dtype), None
+            for alias in aliases.get(id(tensors[name]), [name]):
+                shared = _set_tensor(model, alias, value, shared)
+                graph.modules[alias.rpartition(".")[0]] = "changed"
+                resized.add(alias)
     _update_attributes(model, graph)
     load_safetensors(model, directory / "model.safetensors")
     return model
