@@ -28,11 +28,12 @@ def run(model, x) -> list[torch.Tensor]:
         return output_tensors(model(*x) if isinstance(x, tuple) else model(x))
 
 
-def exact_prune(model: nn.Module, x, how: str, ratio: float = 0.5):
+def exact_prune(model: nn.Module, x, how: str, ratio: float = 0.5, recurrent: bool = False):
     """Prune at ``ratio``; every output of the pruned model equals the silenced original's. Returns the graph."""
     model.eval()
     args = x if isinstance(x, tuple) else (x,)
-    graph = analyse_channels(capture(model, x) if how == "export" else trace(model, args, "testing the tracer"))
+    program = capture(model, x, "export") if how == "export" else trace(model, args, "testing the tracer")
+    graph = analyse_channels(program, recurrent)
     chosen = select_channels(model, graph, ChannelPruning(ratio=ratio), ratio)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
@@ -289,3 +290,40 @@ def test_tied_weights_stay_tied_when_a_pruned_model_is_reloaded(tmp_path):
     save_pruned(model, tmp_path)
     fresh = load_pruned(build(), tmp_path)
     assert fresh.head.weight is fresh.embed.weight and torch.equal(fresh(ids), model(ids))
+
+
+class Recurrent(nn.Module):
+    """A 2-layer bidirectional LSTM (batch first) into a GRU, between Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.lstm = nn.LSTM(16, 12, num_layers=2, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(24, 10, batch_first=True)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(torch.relu(self.embed(x)))
+        z, _ = self.gru(y)
+        return self.head(z[:, -1])
+
+
+@both
+def test_lstm_and_gru_hidden_sizes_are_pruned_across_gates_layers_and_directions_when_allowed(how, tmp_path):
+    torch.manual_seed(0)
+    model, x = Recurrent(), torch.randn(2, 5, 6)
+    before = count_macs(model, x[:1])
+    exact_prune(model, x, how, recurrent=True)
+    assert (model.lstm.input_size, model.lstm.hidden_size, model.gru.input_size, model.gru.hidden_size) == (8, 6, 12, 5)
+    assert model.lstm.weight_ih_l1.shape == (24, 12) and model.lstm.weight_hh_l0_reverse.shape == (24, 6)
+    assert model.gru.weight_hh_l0.shape == (15, 5) and model.head.in_features == 5
+    assert count_macs(model, x[:1]) < 0.35 * before
+    torch.manual_seed(0)
+    assert reloads_exactly(Recurrent, model, x, tmp_path)
+
+
+def test_recurrent_layers_stay_unless_allowed_and_the_report_says_how():
+    model, x = Recurrent(), torch.randn(2, 5, 6)
+    result = prune(model, ChannelPruning(ratio=0.5), x)
+    assert model.lstm.hidden_size == 12 and model.gru.hidden_size == 10 and model.embed.out_features == 16
+    assert "ChannelPruning.recurrent allows it" in result.skipped["lstm"]

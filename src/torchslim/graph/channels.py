@@ -142,7 +142,6 @@ SPATIAL = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
 REDUCE = {"mean", "sum", "amax", "amin", "std", "var"}
 RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}
 MATMUL = {"baddbmm", "einsum"}
-RECURRENT = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
 IGNORED = {"sym_size", "sym_numel", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
            "_set_grad_enabled", "size"}
 
@@ -150,8 +149,9 @@ IGNORED = {"sym_size", "sym_numel", "_assert_tensor_metadata", "_assert_scalar",
 class ChannelAnalysis:
     """Walks an ExportedProgram once, assigning and uniting channel ids (see the module docstring)."""
 
-    def __init__(self, program: torch.export.ExportedProgram):
+    def __init__(self, program: torch.export.ExportedProgram, recurrent: bool = False):
         self.program = program
+        self.recurrent = recurrent  # prune the hidden size of recurrent layers (`torchslim.graph.recurrent`)
         signature = program.graph_signature
         self.param_names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
         self.graph = ChannelGraph()
@@ -188,7 +188,7 @@ class ChannelAnalysis:
                 self.env[node.name] = {}
             elif node.op == "call_function":
                 self.env[node.name] = self.visit(node)
-                if not node.users and isinstance(self.env[node.name], dict):
+                if not node.users and isinstance(self.env[node.name], dict) and not _unused_state(node):
                     # An unused result (e.g. a pooler the wrapper ignores) keeps its width: the module's own
                     # structure (a Hugging Face config, say) may still promise it.
                     for ids in self.env[node.name].values():
@@ -238,9 +238,6 @@ class ChannelAnalysis:
             return self.reshape(node)
         if name in IGNORED or name in FRESH:
             return {}
-        if name in RECURRENT:
-            self.block_all(node, "recurrent layer: its input and hidden sizes are not pruned")
-            return [{} for _ in range(3)]
         if name in MATMUL:
             self.block_all(node, f"{name}: not analysed yet, coupled channels kept")
             return {}
@@ -717,6 +714,13 @@ class ChannelAnalysis:
 
         return multi_head_attention(self, node)
 
+    def op_lstm(self, node) -> list:
+        from torchslim.graph.recurrent import recurrent
+
+        return recurrent(self, node, _op_name(node))
+
+    op_gru = op_rnn_tanh = op_rnn_relu = op_lstm
+
     def op_scaled_dot_product_attention(self, node) -> TensorIds:
         q, k, v = node.args[:3]
         q_ids, k_ids, v_ids = self.ids(q), self.ids(k), self.ids(v)
@@ -749,6 +753,12 @@ class ChannelAnalysis:
         return {d + shift: ids for d, ids in x_ids.items() if before[d] == after[d + shift]}
 
 
+def _unused_state(node) -> bool:
+    """A recurrent layer's final states, discarded by the caller (``y, _ = self.lstm(x)``): free to shrink."""
+    source = node.args[0] if node.target is operator.getitem and node.args else None
+    return isinstance(source, torch.fx.Node) and _op_name(source) in ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
 def _dim_groups(before: list[int], after: list[int]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Pair runs of input and output dimensions whose sizes multiply to the same product (a reshape's blocks)."""
     groups, i, j = [], 0, 0
@@ -771,6 +781,6 @@ def _dim_groups(before: list[int], after: list[int]) -> list[tuple[tuple[int, in
     return groups
 
 
-def analyse_channels(program: torch.export.ExportedProgram) -> ChannelGraph:
-    """Run the channel analysis on a captured program."""
-    return ChannelAnalysis(program).run()
+def analyse_channels(program: torch.export.ExportedProgram, recurrent: bool = False) -> ChannelGraph:
+    """Run the channel analysis on a captured program; ``recurrent``: prune recurrent layers' hidden sizes."""
+    return ChannelAnalysis(program, recurrent).run()

@@ -78,6 +78,9 @@ class ChannelPruning:
         damping: ``reconstruct`` adds this fraction of the mean input second moment to the diagonal it
             inverts (keeps the solve stable when kept channels are nearly collinear; 0 = exact least squares).
         calibration_samples: training samples that ``activation`` and ``reconstruct`` read (recipe step).
+        recurrent: also prune the hidden size of ``LSTM``/``GRU``/``RNN`` layers (every gate, layer and
+            direction together). Off by default: code that builds a state of ``hidden_size`` itself, or reads
+            the state's width elsewhere, would no longer match.
         recover: in a recipe, a fine-tuning run (the ``finetune`` step's settings) between pruning steps
             (iterative pruning: prune a little, recover, prune more); null: none.
     """
@@ -97,6 +100,7 @@ class ChannelPruning:
     reconstruct: bool = False
     damping: float = 0.01
     calibration_samples: int = 256
+    recurrent: bool = False
     recover: FinetuneConfig | None = None
     version: int = 1
 
@@ -294,6 +298,9 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
         module = model.get_submodule(name)
         if isinstance(module, nn.modules.conv._ConvNd):
             _update_conv(module)
+        elif isinstance(module, nn.RNNBase):
+            module.hidden_size, module.input_size = module.weight_hh_l0.shape[1], module.weight_ih_l0.shape[1]
+            module._init_flat_weights()  # its forward reads this list, not the parameters
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             _update_multihead_attention(module)
         elif isinstance(module, nn.Linear):
@@ -480,7 +487,7 @@ def _prune_once(model: nn.Module, config: ChannelPruning, example_inputs: Any, r
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
     single = first_samples(example_inputs, 1)
-    graph = analyse_channels(capture(model, example_inputs, config.capture))
+    graph = analyse_channels(capture(model, example_inputs, config.capture), config.recurrent)
     want = {"activation": ("sq_norm",), "obs": ("hessian", "mean")}.get(config.importance)
     stats = calibrate.collect(model, graph.modules, calibration, want) if want else None
     scores = _scores(model, graph, config, stats)
