@@ -58,15 +58,15 @@ def capture(model: nn.Module, example_inputs: Any, how: str = "auto") -> Any:
     # torch.export returns only pytree-registered types: flatten the output (a dataclass, a ModelOutput, a dict
     # of tuples) to its tensors, the only part the analysis reads, by shadowing forward for the capture.
     shadowed = model.__dict__.get("forward")
-    model.forward = _flat_forward(model.forward)
     try:
+        model.forward = _flat_forward(model.forward)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.export.export(model, args, strict=False)
     except Exception as error:
         reason = describe(error, 200)
     finally:
-        del model.forward
+        model.__dict__.pop("forward", None)
         if shadowed is not None:
             model.forward = shadowed
         model.train(was_training)

@@ -141,6 +141,8 @@ def update_configs(model: nn.Module, before: dict[str, tuple[int, int]]) -> dict
                      _update_heads(module.config, prefix, before, linears)):
             if note:
                 notes[key] = note
+        if all(before.get(n) == width for n, width in linears.items() if n.startswith(prefix)):
+            continue  # nothing under this config changed width
         try:
             differ = _try_head_dim(module, before, linears, prefix, _unexpressed(module))
             if not differ:
