@@ -20,12 +20,13 @@ from torchslim.graph.channels import _shape
 def multi_head_attention(analysis, node) -> list:
     """``F.multi_head_attention_forward(query, key, value, embed_dim, num_heads, in_proj_weight, in_proj_bias,
     bias_k, bias_v, add_zero_attn, dropout, out_proj_weight, out_proj_bias, ..., use_separate_proj_weight,
-    ..., static_k, static_v, ...)``, inputs (L, N, E): returns the ids of (output, attention weights)."""
+    ..., static_k, static_v, ...)``, inputs (L, N, E) or (L, E): returns the ids of (output, attention weights)."""
     args = list(node.args) + [None] * 25
     query, key, value, _, heads, in_weight, in_bias, bias_k, bias_v = args[:9]
     out_weight, out_bias, separate, static_k, static_v = args[11], args[12], args[17], args[21], args[22]
     graph = analysis.graph
-    ids = [analysis.ids(t).get(2) for t in (query, key, value)]
+    last = len(_shape(query)) - 1  # (L, N, E), or (L, E) unbatched
+    ids = [analysis.ids(t).get(len(_shape(t)) - 1) for t in (query, key, value)]
     in_name, out_name = analysis.param(in_weight), analysis.param(out_weight)
     unusual = separate or any(a is not None for a in (bias_k, bias_v, static_k, static_v))
     if unusual or in_name is None or out_name is None or any(i is None for i in ids):
@@ -53,4 +54,4 @@ def multi_head_attention(analysis, node) -> list:
     if analysis.param(out_bias):
         graph.use(analysis.param(out_bias), 0, out)
     graph.producers.append((out_module, out))
-    return [{2: out}, {}]
+    return [{last: out}, {}]
