@@ -1,10 +1,16 @@
-"""Structured-pruning coverage: `python benchmarks/pruning_coverage.py [--json PATH] [--models a,b] [--max-params M]`.
+"""Structured-pruning coverage: `python benchmarks/pruning_coverage.py [--json PATH] [--models a,b] [--max-params M]
+[--suite all|torchvision|structures]`.
 
-Every classification model in torchvision (random weights), plus timm and Hugging Face models where installed:
-prune 30% of channels, run a forward pass, check the output shape, save and reload (safetensors + shapes JSON,
-rebuilt on a fresh instance of the model class) and compare outputs and MACs. `--capture trace` runs every model
+Every classification model in torchvision (random weights), plus timm and Hugging Face models where installed,
+plus the structure rows (`benchmarks/_coverage_models.py`: Hugging Face models of 12 families built from tiny
+configs and passed directly, nn.TransformerEncoder, a ConvLSTM, grouped-conv residual blocks, a U-Net with
+transposed convolutions, tuple/dict/dataclass outputs, several inputs): prune 30% of channels, run a forward
+pass, check the shape of every output tensor, save and reload (safetensors + shapes JSON, rebuilt on a fresh
+instance of the model class; Hugging Face models through `save_pretrained` -> `from_pretrained` when their
+config expresses the pruned widths) and compare every output bit for bit. `--capture trace` runs every model
 through the traced fallback used when torch.export fails. Prints a table; the JSON holds
-`{"torchvision": {"total", "ok", "failed": {name: reason}}, "others": {...}, "rows": [...]}`.
+`{"torchvision": {"total", "ok", "failed": {name: reason}}, "others": {...}, "structures": {..., "pruned_15"},
+"rows": [...]}`; a row's `pruned_15` says whether it lost >= 15% of its MACs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, write_json  # noqa: E402
 
 from torchslim.errors import describe  # noqa: E402
+from torchslim.graph.capture import output_tensors  # noqa: E402
 from torchslim import load  # noqa: E402
 from torchslim.pruning.channel import ChannelPruningConfig, prune, save_pruned  # noqa: E402
 from torchslim.zoo import call_model  # noqa: E402
@@ -50,24 +57,44 @@ TIMM = ["efficientnet_b0", "mobilenetv3_large_100", "convnext_tiny", "vit_small_
 CAPTURE = {"how": "auto"}
 
 
+def _outputs(model, example) -> list:
+    with torch.no_grad():
+        return output_tensors(call_model(model.eval(), example))
+
+
+def _reload(build, model, result, folder: str):
+    """(the reloaded model, how): `from_pretrained` for a Hugging Face model whose config expresses the pruned
+    widths, else `torchslim.load` on a fresh instance."""
+    if hasattr(model, "save_pretrained") and not any("torchslim.load" in v for v in result.skipped.values()):
+        model.save_pretrained(folder)
+        return type(model).from_pretrained(folder), "from_pretrained"
+    save_pruned(model, folder)
+    torch.manual_seed(1)
+    return load(folder, build()), "torchslim.load"
+
+
 def check(name: str, build, example) -> dict:
     started = time.perf_counter()
     torch.manual_seed(0)
     model = build().eval()
+    shapes = [t.shape for t in _outputs(model, example)]
     result = prune(model, ChannelPruningConfig(ratio=0.3, capture=CAPTURE["how"]), example)
-    with torch.no_grad():
-        out = call_model(model, example)
+    out = _outputs(model, example)
+    if [t.shape for t in out] != shapes:
+        raise AssertionError(f"output shapes changed: {shapes} -> {[t.shape for t in out]}")
     with tempfile.TemporaryDirectory() as folder:
-        save_pruned(model, folder)
-        torch.manual_seed(1)
-        fresh = load(folder, build())
-        with torch.no_grad():
-            same = torch.equal(call_model(fresh, example), out)
-    if not same:
-        raise AssertionError("reloaded model computes different outputs")
-    return {"model": name, "ok": True, "macs_ratio": round(result.macs_after / result.macs_before, 4),
-            "params_ratio": round(result.params_after / result.params_before, 4),
-            "skipped_layers": len(result.skipped), "seconds": round(time.perf_counter() - started, 1)}
+        fresh, how = _reload(build, model, result, folder)
+        again = _outputs(fresh, example)
+    if len(again) != len(out) or not all(torch.equal(a, b) for a, b in zip(again, out)):
+        raise AssertionError(f"the model reloaded by {how} computes different outputs")
+    ratio = result.macs_after / result.macs_before
+    row = {"model": name, "ok": True, "macs_ratio": round(ratio, 4), "pruned_15": ratio <= 0.85,
+           "params_ratio": round(result.params_after / result.params_before, 4), "outputs": len(out),
+           "reload": how, "skipped_layers": len(result.skipped), "seconds": round(time.perf_counter() - started, 1)}
+    config_notes = [v for v in result.skipped.values() if "torchslim.load" in v]
+    if config_notes:
+        row["config_note"] = config_notes[0][:200]
+    return row
 
 
 def run(names, factory, example_for, max_params: float) -> tuple[dict, list]:
@@ -89,10 +116,26 @@ def run(names, factory, example_for, max_params: float) -> tuple[dict, list]:
             if "--verbose" in sys.argv:
                 traceback.print_exc()
         row = rows[-1]
-        print(f"{row['model']:32s} {'ok' if row['ok'] else ('--' if row['ok'] is None else 'FAILED')}  "
-              f"{row.get('macs_ratio', '')} {row.get('reason', row.get('note', ''))}", flush=True)
+        print(f"{row['model']:44s} {'ok' if row['ok'] else ('--' if row['ok'] is None else 'FAILED')}  "
+              f"{row.get('macs_ratio', '')} {row.get('reload', '')} {row.get('reason', row.get('note', ''))}",
+              flush=True)
     counted = [r for r in rows if r["ok"] is not None]
-    return {"total": len(counted), "ok": sum(bool(r["ok"]) for r in counted), "failed": failed}, rows
+    return {"total": len(counted), "ok": sum(bool(r["ok"]) for r in counted),
+            "pruned_15": sum(bool(r.get("pruned_15")) for r in counted), "failed": failed}, rows
+
+
+def structures(max_params: float) -> tuple[dict, list]:
+    """The structure rows: Hugging Face families from configs (when transformers is installed) and the rest."""
+    from _coverage_models import HF as HF_CONFIGS, STRUCTURES
+
+    table = dict(STRUCTURES)
+    try:
+        import transformers  # noqa: F401
+
+        table.update(HF_CONFIGS)
+    except ImportError:
+        pass
+    return run(list(table), lambda n: table[n][0], lambda n: table[n][1](), max_params)
 
 
 def main() -> None:
@@ -101,9 +144,21 @@ def main() -> None:
     p.add_argument("--max-params", type=float, default=1e9, help="skip models above this many million params")
     p.add_argument("--capture", default="auto", choices=["auto", "export", "trace"],
                    help="graph capture: trace = the fallback for models torch.export cannot capture, on every model")
+    p.add_argument("--suite", default="all", choices=["all", "torchvision", "structures"],
+                   help="structures = only the structure rows (Hugging Face families, grouped/transposed convs, ...)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
     CAPTURE["how"] = args.capture
+    shapes_summary, shape_rows = ({"total": 0, "ok": 0, "pruned_15": 0, "failed": {}}, [])
+    if args.suite in ("all", "structures"):
+        shapes_summary, shape_rows = structures(args.max_params)
+        share = shapes_summary["pruned_15"] / max(shapes_summary["total"], 1)
+        print(f"structures: {shapes_summary['ok']} / {shapes_summary['total']} pruned, run and reloaded bit-exact; "
+              f"{shapes_summary['pruned_15']} ({share:.1%}) lost >= 15% of their MACs (goal >= 95%)")
+        if args.suite == "structures":
+            write_json(args.json, {"benchmark": "pruning_coverage", "capture": args.capture,
+                                   "structures": shapes_summary, "rows": shape_rows})
+            return
     import torchvision
 
     names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
@@ -133,7 +188,8 @@ def main() -> None:
     share = summary["ok"] / max(summary["total"], 1)
     print(f"torchvision: {summary['ok']} / {summary['total']} ({share:.1%}) pruned, run, saved and reloaded "
           f"(goal >= 95%); others: {others['ok']} / {others['total']}")
-    write_json(args.json, {"benchmark": "pruning_coverage", "capture": args.capture, "torchvision": summary, "others": others, "rows": rows})
+    write_json(args.json, {"benchmark": "pruning_coverage", "capture": args.capture, "torchvision": summary,
+                           "others": others, "structures": shapes_summary, "rows": rows + shape_rows})
 
 
 if __name__ == "__main__":

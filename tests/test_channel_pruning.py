@@ -101,7 +101,7 @@ def test_residual_stream_is_cut_together_and_the_model_shrinks(capture_by):
 
 
 @both
-def test_depthwise_follows_its_input_and_grouped_conv_is_kept_and_reported(capture_by):
+def test_depthwise_follows_its_input_and_grouped_conv_keeps_its_groups(capture_by):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -115,8 +115,9 @@ def test_depthwise_follows_its_input_and_grouped_conv_is_kept_and_reported(captu
 
     model = Net()
     graph, _ = exact_prune(model, torch.randn(2, 3, 8, 8))
-    assert model.pw.out_channels == 16 and model.dw.groups == 16  # feeds a grouped conv: kept
-    assert "grouped convolution" in graph.skipped["grouped"]
+    assert model.pw.out_channels == 8 and model.dw.groups == 8  # the depthwise conv's groups follow
+    grouped = model.grouped  # 2 groups of 8 in / 4 out -> 2 groups of 4 / 2: equal widths per group
+    assert (grouped.in_channels, grouped.out_channels, grouped.groups) == (8, 4, 2) and model.out.in_channels == 4
 
     class Separable(nn.Module):
         def __init__(self):

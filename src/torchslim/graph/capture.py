@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from typing import Any
 
@@ -11,10 +13,36 @@ from torch import nn
 from torchslim.errors import InputError, describe
 
 
+def output_tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output, in a fixed order: a tensor, or tuples, lists, dicts (transformers'
+    ``ModelOutput`` is an OrderedDict) and dataclasses of them, nested; anything else (None, numbers, caches
+    of other types) holds none."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (tuple, list)):
+        items = list(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    else:
+        return []
+    return [t for item in items for t in output_tensors(item)]
+
+
+def _flat_forward(forward):
+    @functools.wraps(forward)
+    def flat(*args, **kwargs):
+        return tuple(output_tensors(forward(*args, **kwargs)))
+
+    return flat
+
+
 def capture(model: nn.Module, example_inputs: Any, how: str = "auto") -> Any:
     """The graph of ``model`` (in eval mode) for ``example_inputs`` (a tensor or a tuple of tensors):
     torch.export's ExportedProgram, or a graph recorded by running the model (`torchslim.graph.trace.trace`).
-    ``how``: "auto" (export, tracing when export fails), "export" or "trace".
+    ``how``: "auto" (export, tracing when export fails or the model holds an ``nn.MultiheadAttention``),
+    "export" or "trace".
 
     Raises:
         InputError: the model cannot be captured either way; the message names the reasons.
@@ -22,15 +50,25 @@ def capture(model: nn.Module, example_inputs: Any, how: str = "auto") -> Any:
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if how == "trace":
         return _trace(model, args, "tracing was requested")
+    if how == "auto" and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        # torch.export decomposes it into reshapes that mix batch and heads; a traced run records one call.
+        return _trace(model, args, "nn.MultiheadAttention is analysed as one call, which a traced run records")
     was_training = model.training
     model.eval()
+    # torch.export returns only pytree-registered types: flatten the output (a dataclass, a ModelOutput, a dict
+    # of tuples) to its tensors, the only part the analysis reads, by shadowing forward for the capture.
+    shadowed = model.__dict__.get("forward")
     try:
+        model.forward = _flat_forward(model.forward)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.export.export(model, args, strict=False)
     except Exception as error:
         reason = describe(error, 200)
     finally:
+        model.__dict__.pop("forward", None)
+        if shadowed is not None:
+            model.forward = shadowed
         model.train(was_training)
     if how == "export":
         raise InputError(f"model cannot be captured by torch.export: {reason}")

@@ -142,7 +142,6 @@ SPATIAL = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d",
 REDUCE = {"mean", "sum", "amax", "amin", "std", "var"}
 RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}
 MATMUL = {"baddbmm", "einsum"}
-RECURRENT = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
 IGNORED = {"sym_size", "sym_numel", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
            "_set_grad_enabled", "size"}
 
@@ -150,8 +149,9 @@ IGNORED = {"sym_size", "sym_numel", "_assert_tensor_metadata", "_assert_scalar",
 class ChannelAnalysis:
     """Walks an ExportedProgram once, assigning and uniting channel ids (see the module docstring)."""
 
-    def __init__(self, program: torch.export.ExportedProgram):
+    def __init__(self, program: torch.export.ExportedProgram, recurrent: bool = False):
         self.program = program
+        self.recurrent = recurrent  # prune the hidden size of recurrent layers (`torchslim.graph.recurrent`)
         signature = program.graph_signature
         self.param_names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
         self.graph = ChannelGraph()
@@ -173,7 +173,8 @@ class ChannelAnalysis:
 
     def layer_of(self, node) -> str:
         stack = node.meta.get("nn_module_stack") or {}
-        return list(stack.values())[-1][0] if stack else node.name
+        path = list(stack.values())[-1][0] if stack else ""
+        return path or node.name  # an op of the root module's own forward: the op names itself
 
     def block_all(self, node, reason: str) -> None:
         for arg in node.all_input_nodes:
@@ -187,7 +188,7 @@ class ChannelAnalysis:
                 self.env[node.name] = {}
             elif node.op == "call_function":
                 self.env[node.name] = self.visit(node)
-                if not node.users and isinstance(self.env[node.name], dict):
+                if not node.users and isinstance(self.env[node.name], dict) and not _unused_state(node):
                     # An unused result (e.g. a pooler the wrapper ignores) keeps its width: the module's own
                     # structure (a Hugging Face config, say) may still promise it.
                     for ids in self.env[node.name].values():
@@ -237,9 +238,6 @@ class ChannelAnalysis:
             return self.reshape(node)
         if name in IGNORED or name in FRESH:
             return {}
-        if name in RECURRENT:
-            self.block_all(node, "recurrent layer: its input and hidden sizes are not pruned")
-            return [{} for _ in range(3)]
         if name in MATMUL:
             self.block_all(node, f"{name}: not analysed yet, coupled channels kept")
             return {}
@@ -255,38 +253,59 @@ class ChannelAnalysis:
 
     op_conv1d = op_conv3d = op_conv2d
 
+    def op_conv_transpose2d(self, node) -> TensorIds:
+        x, weight, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
+        groups = _arg(node, 6, "groups", 1)
+        return self._conv(node, x, weight, bias, groups, transposed=True)
+
+    op_conv_transpose1d = op_conv_transpose3d = op_conv_transpose2d
+
     def op_convolution(self, node) -> TensorIds:
         x, weight, bias, _, _, _, transposed, _, groups = node.args[:9]
-        if transposed:
-            self.block_all(node, "transposed convolution is not pruned yet")
-            return {}
-        return self._conv(node, x, weight, bias, groups)
+        return self._conv(node, x, weight, bias, groups, transposed=bool(transposed))
 
-    def _conv(self, node, x, weight, bias, groups: int) -> TensorIds:
+    def _conv(self, node, x, weight, bias, groups: int, transposed: bool = False) -> TensorIds:
+        """A convolution's weight is (out, in / groups, ...), a transposed one's (in, out / groups, ...)."""
         weight_name = self.param(weight)
-        out_channels, in_per_group = _shape(weight)[:2]
-        x_ids = self.ids(x).get(1)
         if weight_name is None:
             self.block_all(node, "convolution with a computed weight")
             return {}
+        shape = _shape(weight)
+        in_dim, out_dim = (0, 1) if transposed else (1, 0)
+        in_channels = shape[0] if transposed else shape[1] * groups
+        out_channels = shape[1] * groups if transposed else shape[0]
+        x_ids = self.ids(x).get(1)
         module = self.module_of(weight_name)
         self.graph.modules[module] = "conv"
         if groups == 1:
             out = self.graph.uf.new(out_channels)
             if x_ids is not None:
-                self.graph.use(weight_name, 1, x_ids)
+                self.graph.use(weight_name, in_dim, x_ids)
             self.graph.producers.append((module, out))
-        elif in_per_group == 1 and out_channels == groups and x_ids is not None:
-            out = x_ids  # depthwise: each output channel belongs to its input channel
+            self.graph.use(weight_name, out_dim, out)
+        elif in_channels == out_channels == groups and x_ids is not None:
+            out = x_ids  # depthwise: each output channel belongs to its input channel, groups follow
+            self.graph.use(weight_name, 0, out)
         else:
-            out = self.graph.uf.new(out_channels)
-            reason = "grouped convolution: channels stay (whole-group pruning not supported yet)"
-            self.graph.block(out, reason, module)
-            self.graph.block(x_ids, reason, module)
-        self.graph.use(weight_name, 0, out)
+            out = self._grouped(weight_name, x_ids, groups, in_channels, out_channels, in_dim, out_dim)
+            self.graph.producers.append((module, out))
         if self.param(bias):
             self.graph.use(self.param(bias), 0, out)
         return {1: out}
+
+    def _grouped(self, weight_name: str, x_ids, groups: int, in_channels: int, out_channels: int,
+                 in_dim: int, out_dim: int) -> np.ndarray:
+        """A grouped convolution keeps its groups and loses the same positions in every group (equal widths
+        per group): position j of every group is one channel class, on its input and on its output side."""
+        out = self.graph.uf.new(out_channels)
+        sides = [(out, out_channels, out_dim)] + ([(x_ids, in_channels, in_dim)] if x_ids is not None else [])
+        for ids, count, dim in sides:
+            columns = ids.reshape(groups, count // groups)
+            for row in columns[1:]:
+                self.graph.uf.union(columns[0], row)
+            # Weight dim 1 holds one group's width (in / groups, or out / groups when transposed), dim 0 all.
+            self.graph.use(weight_name, dim, columns[0] if dim == 1 else ids)
+        return out
 
     def _dense(self, node, weight, bias, in_ids, out_axis: int, kind: str) -> np.ndarray | None:
         """A parameter matrix with outputs along ``out_axis`` and inputs along the other: new output channels."""
@@ -344,8 +363,19 @@ class ChannelAnalysis:
         return dict(x_ids)
 
     def op_group_norm(self, node) -> TensorIds:
-        x_ids = self.ids(node.args[0])
-        self.graph.block(x_ids.get(1), "GroupNorm: channels must stay divisible by its groups", self.layer_of(node))
+        """GroupNorm keeps its group count: position j of every group is one channel class (equal widths)."""
+        x_ids, groups = self.ids(node.args[0]), _arg(node, 1, "num_groups")
+        channel = x_ids.get(1)
+        if channel is not None:
+            columns = channel.reshape(groups, -1)
+            for row in columns[1:]:
+                self.graph.uf.union(columns[0], row)
+        for arg in node.args[2:4]:
+            name = self.param(arg)
+            if name is not None:
+                self.graph.modules[self.module_of(name)] = "norm"
+                if channel is not None:
+                    self.graph.use(name, 0, channel)
         return dict(x_ids)
 
     def op_embedding(self, node) -> TensorIds:
@@ -679,6 +709,18 @@ class ChannelAnalysis:
         out = self._dense(node, weight, bias if fits else None, self.ids(x).get(1), 1, "linear-transposed")
         return {} if out is None else {1: out}
 
+    def op_multi_head_attention_forward(self, node) -> list:
+        from torchslim.graph.attention import multi_head_attention
+
+        return multi_head_attention(self, node)
+
+    def op_lstm(self, node) -> list:
+        from torchslim.graph.recurrent import recurrent
+
+        return recurrent(self, node, _op_name(node))
+
+    op_gru = op_rnn_tanh = op_rnn_relu = op_lstm
+
     def op_scaled_dot_product_attention(self, node) -> TensorIds:
         q, k, v = node.args[:3]
         q_ids, k_ids, v_ids = self.ids(q), self.ids(k), self.ids(v)
@@ -711,6 +753,12 @@ class ChannelAnalysis:
         return {d + shift: ids for d, ids in x_ids.items() if before[d] == after[d + shift]}
 
 
+def _unused_state(node) -> bool:
+    """A recurrent layer's final states, discarded by the caller (``y, _ = self.lstm(x)``): free to shrink."""
+    source = node.args[0] if node.target is operator.getitem and node.args else None
+    return isinstance(source, torch.fx.Node) and _op_name(source) in ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
 def _dim_groups(before: list[int], after: list[int]) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Pair runs of input and output dimensions whose sizes multiply to the same product (a reshape's blocks)."""
     groups, i, j = [], 0, 0
@@ -733,6 +781,6 @@ def _dim_groups(before: list[int], after: list[int]) -> list[tuple[tuple[int, in
     return groups
 
 
-def analyse_channels(program: torch.export.ExportedProgram) -> ChannelGraph:
-    """Run the channel analysis on a captured program."""
-    return ChannelAnalysis(program).run()
+def analyse_channels(program: torch.export.ExportedProgram, recurrent: bool = False) -> ChannelGraph:
+    """Run the channel analysis on a captured program; ``recurrent``: prune recurrent layers' hidden sizes."""
+    return ChannelAnalysis(program, recurrent).run()

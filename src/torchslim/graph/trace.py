@@ -25,6 +25,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from torchslim.graph.capture import output_tensors
+
 # Torch functions whose argument order differs from the aten operator the analysis reads: (names, reorder).
 _REORDER = {
     F.batch_norm: ("input", "weight", "bias", "running_mean", "running_var"),
@@ -172,7 +174,7 @@ def trace(model: nn.Module, args: tuple, why: str) -> TracedProgram:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    outputs = [recorder.node_for(t) for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+    outputs = [recorder.node_for(t) for t in output_tensors(output)]
     recorder.graph.output(tuple(outputs))
     notes = {"(graph)": f"captured by running the example inputs ({why}): branches the inputs did not take "
                         f"were not analysed"}

@@ -37,6 +37,13 @@ _register_packed_matmuls()
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs of ``model`` on ``example_inputs`` (one batch, as given: pass batch size 1 for per-sample MACs)."""
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        call_model(model, example_inputs)
+    # nn.MultiheadAttention / TransformerEncoderLayer's fused inference kernels have no formula in the
+    # counter: count the same computation through the unfused path.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            call_model(model, example_inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(counter.get_total_flops()) // 2

@@ -27,6 +27,7 @@ from torchslim._config import check
 from torchslim._deprecated import renamed
 from torchslim.errors import InputError, describe
 from torchslim.graph import ChannelGraph, analyse_channels, capture
+from torchslim.graph.capture import output_tensors
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
@@ -70,13 +71,17 @@ class ChannelPruningConfig:
         steps: prune in this many steps (re-analysing and re-scoring each time), calling ``recover`` between
             steps when `prune` is given one.
         seed: for ``importance: random``.
-        capture: how the graph is captured: "auto" (torch.export; when it fails, a traced run of the example
-            inputs, which analyses only the path they take), "export" or "trace".
+        capture: how the graph is captured: "auto" (torch.export; when it fails or the model holds an
+            ``nn.MultiheadAttention``, a traced run of the example inputs, which analyses only the path they
+            take), "export" or "trace".
         reconstruct: refit every linear layer that lost input channels by least squares on calibration
             inputs, so its output (bias included) stays as close as possible to the unpruned layer's.
         damping: ``reconstruct`` adds this fraction of the mean input second moment to the diagonal it
             inverts (keeps the solve stable when kept channels are nearly collinear; 0 = exact least squares).
         calibration_samples: training samples that ``activation`` and ``reconstruct`` read (recipe step).
+        recurrent: also prune the hidden size of ``LSTM``/``GRU``/``RNN`` layers (every gate, layer and
+            direction together). Off by default: code that builds a state of ``hidden_size`` itself, or reads
+            the state's width elsewhere, would no longer match.
         recover: in a recipe, a fine-tuning run (the ``finetune`` step's settings) between pruning steps
             (iterative pruning: prune a little, recover, prune more); null: none.
     """
@@ -96,6 +101,7 @@ class ChannelPruningConfig:
     reconstruct: bool = False
     damping: float = 0.01
     calibration_samples: int = 256
+    recurrent: bool = False
     recover: FinetuneConfig | None = None
     version: int = 1
 
@@ -257,7 +263,7 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
         for group in groups:
             fraction = min(_group_ratio(group, config.ratios, ratio), config.max_ratio)
             chosen.update(_lowest(group, scores, _removable(group, fraction, config.round_to)))
-        return chosen
+        return _keep_every_layer(graph, chosen, scores)
     ranked = []
     for index, group in enumerate(groups):
         values = np.array([scores.get(r, 0.0) for r in group.roots.tolist()])
@@ -275,6 +281,16 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
             budget -= 1
     for index, group in enumerate(groups):
         chosen.update(_lowest(group, scores, _removable(group, taken[index] / group.size, config.round_to)))
+    return _keep_every_layer(graph, chosen, scores)
+
+
+def _keep_every_layer(graph: ChannelGraph, chosen: set[int], scores: dict[int, float]) -> set[int]:
+    """A class can hold every output channel of a layer (a branch concatenated into a stream that a reshape
+    splits into whole blocks): keep the best-scoring class of any layer that would lose all its channels."""
+    for _, ids in graph.producers:
+        roots = set(graph.uf.roots(ids).tolist())
+        if roots and roots <= chosen:
+            chosen.discard(max(roots, key=lambda r: scores.get(r, 0.0)))
     return chosen
 
 
@@ -282,14 +298,18 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
     for name, kind in graph.modules.items():
         module = model.get_submodule(name)
         if isinstance(module, nn.modules.conv._ConvNd):
-            out_channels, in_per_group = module.weight.shape[:2]
-            if module.groups > 1 and in_per_group == 1 and module.groups == module.out_channels:
-                module.groups = out_channels  # depthwise stays depthwise
-            module.out_channels, module.in_channels = out_channels, in_per_group * module.groups
+            _update_conv(module)
+        elif isinstance(module, nn.RNNBase):
+            module.hidden_size, module.input_size = module.weight_hh_l0.shape[1], module.weight_ih_l0.shape[1]
+            module._init_flat_weights()  # its forward reads this list, not the parameters
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            _update_multihead_attention(module)
         elif isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
         elif isinstance(module, nn.modules.batchnorm._NormBase):
             module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
+        elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+            module.num_channels = module.weight.shape[0]  # the group count stays (equal widths per group)
         elif isinstance(module, nn.LayerNorm) and module.weight is not None:
             module.normalized_shape = (module.weight.shape[0],)
         elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
@@ -297,6 +317,35 @@ def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
         elif hasattr(module, "nf") and type(module).__name__ == "Conv1D":
             module.nf = module.weight.shape[1]  # transformers' Conv1D: weight (in, out), output width nf
     _update_attention_attributes(model)
+
+
+def _update_multihead_attention(module: nn.MultiheadAttention) -> None:
+    """Its forward derives the head size from the width: fewer positions per head, same head count. The
+    softmax scale 1 / sqrt(head_dim) grows with the smaller head, so the query rows are scaled by
+    sqrt(new / old) to keep every attention logit as it was (`load_pruned` overwrites the tensors after
+    this, with the scaled ones that were saved)."""
+    width = module.in_proj_weight.shape[1]
+    old, new = module.head_dim, width // module.num_heads
+    module.embed_dim = module.kdim = module.vdim = width
+    module.head_dim = new
+    if new != old:
+        with torch.no_grad():
+            module.in_proj_weight[:width].mul_((new / old) ** 0.5)
+            if module.in_proj_bias is not None:
+                module.in_proj_bias[:width].mul_((new / old) ** 0.5)
+
+
+def _update_conv(module: nn.modules.conv._ConvNd) -> None:
+    """Channel counts from the weight: (out, in / groups, ...), or (in, out / groups, ...) when transposed.
+    A depthwise convolution stays depthwise (its groups follow its channels); other groups stay."""
+    first, per_group = module.weight.shape[:2]
+    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+    if depthwise:
+        module.groups = first
+    if module.transposed:
+        module.in_channels, module.out_channels = first, per_group * module.groups
+    else:
+        module.out_channels, module.in_channels = first, per_group * module.groups
 
 
 _HEAD_SIZE = ("head_dim", "attention_head_size")
@@ -439,7 +488,7 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
     single = first_samples(example_inputs, 1)
-    graph = analyse_channels(capture(model, example_inputs, config.capture))
+    graph = analyse_channels(capture(model, example_inputs, config.capture), config.recurrent)
     want = {"activation": ("sq_norm",), "obs": ("hessian", "mean")}.get(config.importance)
     stats = calibrate.collect(model, graph.modules, calibration, want) if want else None
     scores = _scores(model, graph, config, stats)
@@ -469,7 +518,7 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
     if error is not None:
         raise RuntimeError(f"the pruned model fails to run ({error}); please report this model") from None
     if shape != reference_shape:
-        raise RuntimeError(f"structured pruning changed the output shape {reference_shape} -> {shape}")
+        raise RuntimeError(f"structured pruning changed the output shapes {reference_shape} -> {shape}")
     skipped = dict(graph.skipped)
     errors: tuple[dict, list] = ({}, [])
     if config.reconstruct:
@@ -524,10 +573,14 @@ def _kept_linear_positions(model: nn.Module, graph: ChannelGraph, chosen: set[in
 
 
 def _output_shape(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, str | None, str | None]:
-    """(output shape, None, None), or (None, the error, the name of the innermost layer it was raised in)."""
+    """(the shape of every output tensor, None, None), or (None, the error, the name of the innermost layer it
+    was raised in). Outputs may be tensors or tuples, lists, dicts and dataclasses (a ``ModelOutput``) of them."""
     try:
         with torch.no_grad():
-            return tuple(call_model(model.eval(), example_inputs).shape), None, None
+            outputs = output_tensors(call_model(model.eval(), example_inputs))
+        if not outputs:
+            raise InputError("the model's output holds no tensor")
+        return tuple(tuple(t.shape) for t in outputs), None, None
     except Exception as error:  # the caller decides whether a retry can fix it
         names = {id(m): name for name, m in model.named_modules()}
         where = None
@@ -600,13 +653,20 @@ def resize_to_shapes(model: nn.Module, shapes: dict[str, list[int]], directory: 
     """Give every tensor of ``model`` the recorded shape (empty, to be loaded) and its layers the matching
     attributes (``out_features``, ...): the structure a channel-pruned model was saved with."""
     state = model.state_dict()
-    graph = ChannelGraph()
+    tensors = _named_tensors(model)
+    aliases: dict[int, list[str]] = {}  # tied weights (an LM head sharing the embedding) stay one tensor
+    for name, tensor in tensors.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    graph, resized = ChannelGraph(), set()
     for name, shape in shapes.items():
         if name not in state:
             raise InputError(f"{directory}: the model has no tensor {name!r}; is this the original model class?")
-        if list(state[name].shape) != shape:
-            _set_tensor(model, name, torch.empty(shape, dtype=state[name].dtype))
-            graph.modules[name.rpartition(".")[0]] = "changed"
+        if list(state[name].shape) != shape and name not in resized:
+            value, shared = torch.empty(shape, dtype=state[name].dtype), None
+            for alias in aliases.get(id(tensors[name]), [name]):
+                shared = _set_tensor(model, alias, value, shared)
+                graph.modules[alias.rpartition(".")[0]] = "changed"
+                resized.add(alias)
     _update_attributes(model, graph)
 
 
