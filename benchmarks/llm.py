@@ -50,10 +50,10 @@ ROWS: dict[str, list[tuple[str, str, dict]]] = {
     "sparsegpt 2:4": [("prune", "sparsegpt", {"pattern": "2:4", **CALIBRATION})],
     "sparsegpt 50% + int4 gptq g128": [("prune", "sparsegpt", {"sparsity": 0.5, **CALIBRATION}),
                                        ("quantize", "int4-weight", {"algorithm": "gptq", **CALIBRATION})],
-    "ffn/2 channel l1": [("prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"]})],
-    "ffn/2 channel activation+refit": [("prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"],
+    "ffn/2 channel l1": [("prune", "channel", {"ratio": 0.5, "skip": ["*attn*"]})],
+    "ffn/2 channel activation+refit": [("prune", "channel", {"ratio": 0.5, "skip": ["*attn*"],
                                                              "importance": "activation", "reconstruct": True})],
-    "ffn/2 channel obs+refit": [("prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"], "importance": "obs",
+    "ffn/2 channel obs+refit": [("prune", "channel", {"ratio": 0.5, "skip": ["*attn*"], "importance": "obs",
                                                       "reconstruct": True})],
 }
 

@@ -113,14 +113,14 @@ def distillation_sentences(sentences, count: int, seed: int = 0) -> list[str]:
 
 
 MINILM_PRUNING = {  # name -> (row label, config)
-    "l1": ("weight magnitude (l1)", ChannelPruningConfig(ratio=0.5, ignore=["*attention*"])),
-    "activation": ("activation importance", ChannelPruningConfig(ratio=0.5, ignore=["*attention*"], importance="activation",
+    "l1": ("weight magnitude (l1)", ChannelPruningConfig(ratio=0.5, skip=["*attention*"])),
+    "activation": ("activation importance", ChannelPruningConfig(ratio=0.5, skip=["*attention*"], importance="activation",
                                                            calibration_samples=1024)),
     "activation+refit": ("activation importance + least-squares refit",
-                         ChannelPruningConfig(ratio=0.5, ignore=["*attention*"], importance="activation", reconstruct=True,
+                         ChannelPruningConfig(ratio=0.5, skip=["*attention*"], importance="activation", reconstruct=True,
                                         calibration_samples=1024)),
     "obs+refit": ("optimal-brain-surgeon order + least-squares refit",
-                  ChannelPruningConfig(ratio=0.5, ignore=["*attention*"], importance="obs", reconstruct=True,
+                  ChannelPruningConfig(ratio=0.5, skip=["*attention*"], importance="obs", reconstruct=True,
                                  calibration_samples=1024)),
 }
 

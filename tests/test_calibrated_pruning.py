@@ -93,8 +93,8 @@ def test_recipe_step_prunes_a_gpt2_ffn_with_activation_importance_and_refits_its
     from torchslim.registry import get_method
 
     errors = {}
-    for name, config in {"l1": ChannelPruningConfig(ratio=0.5, ignore=["*attn*", "*wte*", "*wpe*", "*ln*"]),
-                         "activation+refit": ChannelPruningConfig(ratio=0.5, ignore=["*attn*", "*wte*", "*wpe*", "*ln*"],
+    for name, config in {"l1": ChannelPruningConfig(ratio=0.5, skip=["*attn*", "*wte*", "*wpe*", "*ln*"]),
+                         "activation+refit": ChannelPruningConfig(ratio=0.5, skip=["*attn*", "*wte*", "*wpe*", "*ln*"],
                                                             importance="activation", reconstruct=True)}.items():
         context = text_context(tmp_path)
         deployable = get_method("prune", "channel").handler(context, config)

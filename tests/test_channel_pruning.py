@@ -258,8 +258,8 @@ def test_round_to_max_ratio_ignore_and_macs_target():
     prune(model, ChannelPruningConfig(ratio=0.3, round_to=8), x)
     assert model.a[0].out_channels % 8 == 0 and model.stem[0].out_channels % 8 == 0
     model = Residual()
-    result = prune(model, ChannelPruningConfig(ratio=0.5, ignore=["a.0"]), x)
-    assert model.a[0].out_channels == 32 and result.skipped["a.0"] == "ignored by the config"
+    result = prune(model, ChannelPruningConfig(ratio=0.5, skip=["a.0"]), x)
+    assert model.a[0].out_channels == 32 and result.skipped["a.0"] == "excluded by the config (skip)"
     model = Residual()
     result = prune(model, ChannelPruningConfig(target_macs=0.4), x)
     assert 0.3 <= result.macs_after / result.macs_before <= 0.4
@@ -417,7 +417,7 @@ def test_hugging_face_config_follows_the_pruned_ffn_and_save_pretrained_round_tr
     bundle = resolve_model("builtin:minilm")
     encoder = bundle.model.encoder
     ids, mask = bundle.preprocess(["A sentence to capture the graph with.", "And another one."])
-    result = prune(bundle.model, ChannelPruningConfig(ratio=0.5, ignore=["*attention*"]), (ids, mask))
+    result = prune(bundle.model, ChannelPruningConfig(ratio=0.5, skip=["*attention*"]), (ids, mask))
     assert encoder.config.intermediate_size == 768  # 1536 -> 768 in every layer
     assert encoder.encoder.layer[0].attention.self.query.out_features == 384
     assert result.macs_after < 0.75 * result.macs_before
@@ -450,7 +450,7 @@ def test_gpt2_loses_whole_heads_of_its_fused_qkv_and_ffn_neurons(tmp_path):
 
     model = build()
     x = (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
-    result = prune(model, ChannelPruningConfig(ratio=0.5, ignore=["*wte", "*wpe"]), x)
+    result = prune(model, ChannelPruningConfig(ratio=0.5, skip=["*wte", "*wpe"]), x)
     attention = model.model.transformer.h[0].attn
     # Fused q/k/v: each of the three thirds loses the same whole heads; the split size and head count follow.
     assert attention.c_attn.nf == 3 * attention.split_size == 3 * 32 and attention.num_heads == 2

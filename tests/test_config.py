@@ -1,5 +1,5 @@
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 
@@ -38,3 +38,19 @@ def test_errors_name_the_field(data, field_name):
     with pytest.raises(FieldError) as error:
         from_dict(Outer, data)
     assert error.value.field == field_name
+
+
+@dataclass
+class Renamed:
+    skip: list[str] = field(default_factory=list)
+    renamed_fields: ClassVar[dict[str, str]] = {"ignore": "skip"}
+
+
+def test_an_old_spelling_names_the_new_one():
+    assert from_dict(Renamed, {"skip": ["a*"]}).skip == ["a*"]
+    with pytest.raises(FieldError) as error:
+        from_dict(Outer, {"inner": {"rate": 0.1}, "count": 2, "x": 1}, prefix="step.")
+    assert "unknown key" in str(error.value)
+    with pytest.raises(FieldError) as error:
+        from_dict(Renamed, {"ignore": ["a*"]}, prefix="prune.")
+    assert error.value.field == "prune.ignore" and str(error.value).startswith("prune.ignore: was renamed to skip")

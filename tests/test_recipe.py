@@ -78,6 +78,16 @@ def test_bad_recipes_name_file_step_and_field(tmp_path, text, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("step, message", [
+    ("prune: {method: channel, ignore: ['*attn*']}", "steps[0].prune.ignore: was renamed to skip"),
+])
+def test_old_spellings_name_the_new_word(tmp_path, step, message):
+    path = write(tmp_path, f"model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - {step}\n")
+    with pytest.raises(InputError) as error:
+        load_recipe(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(InputError, match="recipe file not found"):
         load_recipe(tmp_path / "absent.yaml")

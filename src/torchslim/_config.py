@@ -7,6 +7,10 @@ Every conversion also enforces what no config needs to state itself: float field
 ``.nan`` and ``1e999`` are refused), int fields fit in 64 bits, and counts named in the shared vocabulary have sane
 upper bounds (`LIMITS`: a ``batch_size`` of 10**9 is refused before anything allocates it). Messages echo values
 through `torchslim.errors.shorten`, never whole.
+
+A config that renamed a field lists it in a ``renamed_fields`` class variable (old key -> new spelling, see
+docs/glossary.md); `from_dict` refuses the old key with a message naming the new one, so a recipe written for
+the old vocabulary fails clearly instead of as an unknown key.
 """
 
 from __future__ import annotations
@@ -172,7 +176,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         raise FieldError(prefix.rstrip(".") or cls.__name__, f"expected a mapping, got {shorten(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed = getattr(cls, "renamed_fields", {})
     for key in data:
+        if key not in fields and key in renamed:
+            raise FieldError(f"{prefix}{key}", f"was renamed to {renamed[key]} (see the glossary in the docs)")
         if key not in fields:
             known = ", ".join(fields) or "none"
             raise FieldError(f"{prefix}{key_text(key)}", f"unknown key (known: {known})")

@@ -166,7 +166,7 @@ def test_width_pruning_of_gpt2_ffns_then_distillation(trained, tmp_path):
     make, data = trained
     context = _context(make(), data, tmp_path)
     base = _perplexity(context)
-    _apply(context, "prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"]})
+    _apply(context, "prune", "channel", {"ratio": 0.5, "skip": ["*attn*"]})
     block = context.model.model.transformer.h[0]
     assert block.mlp.c_fc.weight.shape == (64, 128) and block.mlp.c_proj.weight.shape == (128, 64)
     pruned = _perplexity(context)
@@ -182,7 +182,7 @@ def test_data_aware_width_pruning_of_a_trained_lm_beats_weight_magnitude(trained
     for name, settings in {"l1": {}, "random": {"importance": "random"}, "taylor": {"importance": "taylor"},
                            "activation+refit": {"importance": "activation", "reconstruct": True}}.items():
         context = _context(make(), data, tmp_path)
-        details = _apply(context, "prune", "channel", {"ratio": 0.5, "ignore": ["*attn*"], **settings}).details
+        details = _apply(context, "prune", "channel", {"ratio": 0.5, "skip": ["*attn*"], **settings}).details
         assert context.model.model.transformer.h[0].mlp.c_fc.nf == 128  # 256 -> 128
         perplexity[name] = _perplexity(context)
         if name == "activation+refit":

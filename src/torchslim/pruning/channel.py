@@ -17,7 +17,7 @@ import copy
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class ChannelPruningConfig:
             per group; a group loses at most ``max_ratio``).
         round_to: keep channel counts multiples of this (hardware-friendly widths); 1 = exact.
         max_ratio: the most any group may lose.
-        ignore: module-name patterns (fnmatch) whose channels stay.
+        skip: module-name patterns (fnmatch) whose channels stay.
         steps: prune in this many steps (re-analysing and re-scoring each time), calling ``recover`` between
             steps when `prune` is given one.
         seed: for ``importance: random``.
@@ -94,7 +94,7 @@ class ChannelPruningConfig:
     scope: Literal["local", "global"] = "local"
     round_to: int = 1
     max_ratio: float = 0.9
-    ignore: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
     steps: int = 1
     seed: int = 0
     capture: Literal["auto", "export", "trace"] = "auto"
@@ -104,6 +104,7 @@ class ChannelPruningConfig:
     recurrent: bool = False
     recover: FinetuneConfig | None = None
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {"ignore": "skip"}
 
     def __post_init__(self) -> None:
         check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
@@ -151,7 +152,7 @@ class _Group:
     modules: list[str]
 
 
-def _groups(graph: ChannelGraph, ignore: list[str]) -> list[_Group]:
+def _groups(graph: ChannelGraph, skip: list[str]) -> list[_Group]:
     """Producers that share channel classes form one group (e.g. every conv writing into a residual stream)."""
     blocked = set(graph.blocked_roots())
     owner: dict[int, int] = {}
@@ -179,10 +180,10 @@ def _groups(graph: ChannelGraph, ignore: list[str]) -> list[_Group]:
     for members in merged.values():
         modules = [graph.producers[i][0] for i in members]
         roots = set().union(*(roots_of[i] for i in members))
-        ignored = any(fnmatch.fnmatch(m, p) for m in modules for p in ignore)
-        if ignored:
+        excluded = any(fnmatch.fnmatch(m, p) for m in modules for p in skip)
+        if excluded:
             for m in modules:
-                graph.skipped.setdefault(m, "ignored by the config")
+                graph.skipped.setdefault(m, "excluded by the config (skip)")
             continue
         prunable = np.array(sorted(r for r in roots if r not in blocked), dtype=np.int64)
         if len(prunable):
@@ -192,11 +193,11 @@ def _groups(graph: ChannelGraph, ignore: list[str]) -> list[_Group]:
 
 
 def channel_groups(model: nn.Module, example_inputs: Any, how: str = "auto",
-                   ignore: Sequence[str] = ()) -> list[tuple[list[str], int, int]]:
+                   skip: Sequence[str] = ()) -> list[tuple[list[str], int, int]]:
     """The dependency groups structured pruning cuts together, as ``(layers creating the group's channels,
     prunable channels, all channels)``; a group answers to any of its layer names in `ChannelPruningConfig.ratios`."""
     graph = analyse_channels(capture(model, example_inputs, how))
-    return [(list(g.modules), len(g.roots), g.size) for g in _groups(graph, list(ignore))]
+    return [(list(g.modules), len(g.roots), g.size) for g in _groups(graph, list(skip))]
 
 def _importance(model: nn.Module, graph: ChannelGraph, kind: str, seed: int) -> dict[int, float]:
     """Score every channel class: summed over every parameter slice it owns."""
@@ -257,7 +258,7 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
     selections on one graph (a bisection, a retry) score once.
     """
     scores = scores if scores is not None else _importance(model, graph, config.importance, config.seed)
-    groups = _groups(graph, config.ignore)
+    groups = _groups(graph, config.skip)
     chosen: set[int] = set()
     if config.scope == "local":
         for group in groups:

@@ -146,7 +146,7 @@ class SensitivityPass:
                     continue
                 model = copy.deepcopy(self.runner.pristine)
                 config = ChannelPruningConfig(ratio=0.0, ratios={layer: option for layer in d.layers},
-                                        importance=importance, round_to=self.space.round_to, ignore=self.space.skip)
+                                        importance=importance, round_to=self.space.round_to, skip=self.space.skip)
                 try:
                     remove_channels(model, graph, select_channels(model, graph, config, 0.0))
                     result["options"].setdefault(d.name, {})[str(option)] = self._structural(model)

@@ -113,7 +113,7 @@ class SearchSpace:
         if ratios:
             steps.append({"prune": {"method": "channel", "ratio": 0.0, "ratios": ratios, "scope": "local",
                                     "importance": self.importance, "round_to": self.round_to,
-                                    "ignore": list(self.skip)}})
+                                    "skip": list(self.skip)}})
         ranks: dict[float, list[str]] = {}
         for d in self.decisions:
             if d.kind == RANK and plan.get(d.name, 1.0) < 1.0:
@@ -212,7 +212,7 @@ def _prune_decisions(bundle, config, macs: dict[str, int], notes: list[str]) -> 
         notes.append("prune: no ratio above 0 in space.ratios")
         return []
     try:
-        groups = channel_groups(bundle.model, bundle.example_inputs(2), ignore=config.skip)
+        groups = channel_groups(bundle.model, bundle.example_inputs(2), skip=config.skip)
     except (InputError, RuntimeError) as error:
         notes.append(f"prune: the channel graph could not be captured ({str(error)[:160]})")
         return []
