@@ -84,7 +84,7 @@ def test_configs_validate_patterns_and_imply_the_sparsity_of_n_m():
     assert from_dict(SparseGPTConfig, to_dict(config)) == config
     for data, field_name in [({"pattern": "2/4"}, "pattern"), ({"pattern": "4:2"}, "pattern"),
                              ({"sparsity": 1.0}, "sparsity"), ({"pattern": "2:4", "sparsity": 0.7}, "sparsity"),
-                             ({"batch_size": 0}, "batch_size"), ({"damp": 0.0}, "damp")]:
+                             ({"batch_size": 0}, "batch_size"), ({"damping": 0.0}, "damping")]:
         with pytest.raises(FieldError) as error:
             from_dict(SparseGPTConfig, data)
         assert error.value.field == field_name

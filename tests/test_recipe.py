@@ -80,6 +80,8 @@ def test_bad_recipes_name_file_step_and_field(tmp_path, text, message):
 
 @pytest.mark.parametrize("step, message", [
     ("prune: {method: channel, ignore: ['*attn*']}", "steps[0].prune.ignore: was renamed to skip"),
+    ("prune: {method: sparsegpt, damp: 0.1}", "steps[0].prune.damp: was renamed to damping"),
+    ("quantize: {method: int4-weight, damp: 0.1}", "steps[0].quantize.damp: was renamed to damping"),
 ])
 def test_old_spellings_name_the_new_word(tmp_path, step, message):
     path = write(tmp_path, f"model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - {step}\n")

@@ -111,14 +111,14 @@ def wanda_mask(w: Tensor, sq_norm: Tensor, sparsity: float, pattern: str = "unst
     return _mask(scores, sparsity, pattern, per_row=True)
 
 
-def _inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor U of ``(H + λI)⁻¹`` (``H⁻¹ = UᵀU``); λ = ``damp`` · mean diag(H), raised if needed."""
+def _inverse_cholesky(hessian: Tensor, damping: float) -> Tensor:
+    """Upper Cholesky factor U of ``(H + λI)⁻¹`` (``H⁻¹ = UᵀU``); λ = ``damping`` · mean diag(H), raised if needed."""
     h = hessian.clone()
     dead = h.diagonal() == 0  # inputs that were always zero: their weights cost nothing either way
     h[dead, dead] = 1.0
     scale = float(h.diagonal().mean())
     for attempt in range(6):
-        damped = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (damp * 10 ** attempt * scale)
+        damped = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (damping * 10 ** attempt * scale)
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             inverse = torch.cholesky_inverse(factor)
@@ -129,7 +129,7 @@ def _inverse_cholesky(hessian: Tensor, damp: float) -> Tensor:
 
 
 def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float, pattern: str = "unstructured",
-                    blocksize: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+                    blocksize: int = 128, damping: float = 0.01) -> tuple[Tensor, Tensor]:
     """SparseGPT: prune ``w`` and update the kept weights to minimise ``tr((W - Ŵ) H (W - Ŵ)ᵀ)``.
 
     Columns are visited left to right in blocks of ``blocksize``. At the start of a block (or of every M
@@ -144,7 +144,7 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float, pattern: str = 
         sparsity: fraction pruned (exactly ``int(sparsity · out · in)`` weights) for "unstructured".
         pattern: "unstructured" or "N:M" (then the sparsity is 1 - N/M and ``sparsity`` is ignored).
         blocksize: columns per lazy-update block (rounded down to a multiple of M for N:M).
-        damp: diagonal damping as a fraction of the mean of diag(H).
+        damping: added to diag(H), as a fraction of its mean.
 
     Returns:
         ``(pruned weight in w's dtype, boolean keep-mask)``, both ``(out, in)``.
@@ -156,7 +156,7 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float, pattern: str = 
             raise ValueError(f"{columns} inputs are not a multiple of {nm[1]} (the M of an N:M pattern)")
         blocksize = max(nm[1], blocksize // nm[1] * nm[1])
     weight = w.detach().float().clone(memory_format=torch.contiguous_format)  # Conv1D's view is transposed
-    upper = _inverse_cholesky(hessian.detach().float().to(weight.device), damp)
+    upper = _inverse_cholesky(hessian.detach().float().to(weight.device), damping)
     mask = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
     pruned = 0
     for start in range(0, columns, blocksize):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -76,16 +76,17 @@ class SparseGPTConfig(OneShotPruning):
 
     Args:
         blocksize: columns pruned together before their error is propagated to the rest (lazy batch updates).
-        damp: added to diag(H), as a fraction of its mean, so that H can be inverted.
+        damping: added to diag(H), as a fraction of its mean, so that H can be inverted.
     """
 
     blocksize: int = 128
-    damp: float = 0.01
+    damping: float = 0.01
+    renamed_fields: ClassVar[dict[str, str]] = {"damp": "damping"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.blocksize >= 1, "blocksize", f"must be >= 1, got {self.blocksize}")
-        check(0.0 < self.damp <= 1.0, "damp", f"must be in (0, 1], got {self.damp}")
+        check(0.0 < self.damping <= 1.0, "damping", f"must be in (0, 1], got {self.damping}")
 
 
 LayerPruner = Callable[[Tensor, LayerStats], "tuple[Tensor, Tensor]"]
@@ -189,7 +190,7 @@ def prune_wanda(context, config: WandaConfig) -> TorchDeployable:
 def prune_sparsegpt(context, config: SparseGPTConfig) -> TorchDeployable:
     """SparseGPT: OBS pruning with weight reconstruction from each layer's input Hessian, block by block."""
     def prune_layer(w: Tensor, stats: LayerStats) -> tuple[Tensor, Tensor]:
-        return sparsegpt_prune(w, stats.hessian, config.sparsity, config.pattern, config.blocksize, config.damp)
+        return sparsegpt_prune(w, stats.hessian, config.sparsity, config.pattern, config.blocksize, config.damping)
 
     return prune_one_shot(context, config, prune_layer, "hessian", "sparsegpt")
 

@@ -32,10 +32,10 @@ def quadratic_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor)
     return float(((delta @ hessian.double()) * delta).sum())
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``."""
+def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damping * mean(diag H) I)^-1``."""
     h = hessian.clone()
-    h.diagonal().add_(damp * h.diagonal().mean())
+    h.diagonal().add_(damping * h.diagonal().mean())
     lower = torch.linalg.cholesky(h)
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
@@ -51,7 +51,7 @@ def _prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = False,
-                  blocksize: int = 128, damp: float = 0.01, act_order: bool = False,
+                  blocksize: int = 128, damping: float = 0.01, act_order: bool = False,
                   mask: torch.Tensor | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
     """Quantize ``w`` with GPTQ given the layer's input Hessian.
 
@@ -62,7 +62,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
         group_size: input columns per group; 0 = per-channel (one grid per row from the whole original row).
         symmetric: grids centred on 0.
         blocksize: columns per lazy block update.
-        damp: fraction of the mean diagonal added to ``H`` (keeps the inverse well conditioned).
+        damping: fraction of the mean diagonal added to ``H`` (keeps the inverse well conditioned).
         act_order: quantize columns in order of decreasing ``H_jj`` (static groups, see the module docstring).
         mask: bool (out, in), False = pruned: those weights get the zero-point code (exactly 0) and their
             error is propagated like any other; ranges are fitted on the kept weights only.
@@ -97,7 +97,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size:
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols, device=weight.device)
     weight, keep, h = weight[:, order], keep[:, order], h[order][:, order]
     group_of = order // length  # group (in the stored, unpermuted layout) of each permuted column
-    upper = _inverse_cholesky(h, damp)
+    upper = _inverse_cholesky(h, damping)
     codes = torch.zeros_like(weight)
 
     for start in range(0, cols, blocksize):

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ class WeightOnly:
         symmetric: symmetric codes (no zero point) instead of asymmetric ones.
         head_bits: bits of the output head and the embedding tied to it (8, 4, or 0 to keep them in float).
         act_order: gptq only: quantize columns in order of decreasing Hessian diagonal.
-        damp: gptq only: fraction of the mean Hessian diagonal added to it.
+        damping: gptq only: fraction of the mean Hessian diagonal added to it.
         skip: module-name patterns (fnmatch) kept in float.
     """
 
@@ -63,9 +63,10 @@ class WeightOnly:
     symmetric: bool = False
     head_bits: int = 8
     act_order: bool = False
-    damp: float = 0.01
+    damping: float = 0.01
     skip: list[str] = field(default_factory=list)
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {"damp": "damping"}
 
     bits = 4
 
@@ -75,7 +76,7 @@ class WeightOnly:
         check(self.head_bits in (0, 4, 8), "head_bits", f"must be 8, 4 or 0 (float), got {self.head_bits}")
         check(self.calibration_batches >= 1, "calibration_batches", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        check(0.0 < self.damp < 1.0, "damp", f"must be in (0, 1), got {self.damp}")
+        check(0.0 < self.damping < 1.0, "damping", f"must be in (0, 1), got {self.damping}")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class _Quantizer:
         input_scale = None
         if algorithm == "gptq":
             qweight, _ = gptq.gptq_quantize(weight, stats.hessian, bits, group, symmetric=config.symmetric,
-                                            damp=config.damp, act_order=config.act_order, mask=mask)
+                                            damping=config.damping, act_order=config.act_order, mask=mask)
         elif algorithm == "awq":
             qweight, input_scale = awq.awq_quantize(weight, stats.samples, bits, group)
         elif algorithm == "hqq":
