@@ -82,6 +82,8 @@ def test_bad_recipes_name_file_step_and_field(tmp_path, text, message):
     ("prune: {method: channel, ignore: ['*attn*']}", "steps[0].prune.ignore: was renamed to skip"),
     ("prune: {method: sparsegpt, damp: 0.1}", "steps[0].prune.damp: was renamed to damping"),
     ("quantize: {method: int4-weight, damp: 0.1}", "steps[0].quantize.damp: was renamed to damping"),
+    ("prune: {method: channel, steps: 2, recover: {epochs: 1}}", "steps[0].prune.recover: was renamed to finetune"),
+    ("share_weights: {finetune_centroids: false}", "steps[0].share_weights.finetune_centroids: was renamed to finetune"),
 ])
 def test_old_spellings_name_the_new_word(tmp_path, step, message):
     path = write(tmp_path, f"model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - {step}\n")

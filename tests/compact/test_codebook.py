@@ -186,7 +186,7 @@ def test_tied_tensors_are_stored_once():
 
 
 def test_entropy_coded_indices_and_positions_beat_packed_bits_on_real_weights(tmp_path, mlp):
-    context, deployable = pruned_shared_mlp(tmp_path, mlp, sparsity=0.9, bits=4, finetune_centroids=False)
+    context, deployable = pruned_shared_mlp(tmp_path, mlp, sparsity=0.9, bits=4, finetune=None)
     nonzero = sum(layer["nonzero"] for layer in deployable.details["layers"].values())
     weights = sum(layer["weights"] for layer in deployable.details["layers"].values())
     sizes = deployable.details["bytes"]
@@ -206,7 +206,7 @@ def test_four_bit_sharing_keeps_digits_mlp_accuracy_before_fine_tuning(tmp_path,
 def test_centroid_fine_tuning_moves_only_centroids_and_keeps_pruned_zeros(tmp_path, mlp, digits):
     finetune = FinetuneConfig(epochs=2, batch_size=128, optimizer=OptimizerConfig(name="adam", lr=1e-3,
                                                                                   weight_decay=0.0))
-    frozen_context, frozen = pruned_shared_mlp(tmp_path / "a", mlp, finetune_centroids=False)
+    frozen_context, frozen = pruned_shared_mlp(tmp_path / "a", mlp, finetune=None)
     tuned_context, tuned = pruned_shared_mlp(tmp_path / "b", mlp, finetune=finetune)
     assert "centroid_finetune" in tuned.details and not tuned_context.masks
     frozen_layers, tuned_layers = shared_layers(frozen.module), shared_layers(tuned.module)

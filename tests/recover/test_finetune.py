@@ -169,14 +169,14 @@ def test_a_corrupted_checkpoint_stops_the_cli_with_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_iterative_pruning_recovers_between_steps_with_the_same_trainer(tmp_path):
+def test_iterative_pruning_finetunes_between_steps_with_the_same_trainer(tmp_path):
     from torchslim._config import from_dict
 
     context = _context(tmp_path)
-    config = from_dict(ChannelPruningConfig, {"ratio": 0.5, "steps": 3, "recover": {
+    config = from_dict(ChannelPruningConfig, {"ratio": 0.5, "steps": 3, "finetune": {
         "epochs": 1, "batch_size": 64, "device": "cpu", "optimizer": {"name": "adamw", "lr": 0.003}}})
     details = get_method("prune", "channel").handler(context, config).details
-    assert len(details["recover_train_loss"]) == 2  # after steps 1 and 2, not after the last
+    assert len(details["finetune_train_loss"]) == 2  # after steps 1 and 2, not after the last
     assert context.model.conv2.out_channels == 4  # the same final widths as one step
     assert details["macs_after"] < 0.5 * details["macs_before"]
 

@@ -25,7 +25,7 @@ def _recipe(path: Path, trials: int, workers: int) -> Path:
     recipe = {"model": "builtin:digits-mlp", "data": "builtin:digits", "seed": 0,
               "measure": {"batch_size": 16, "warmup": 1, "repeats": 2, "max_eval_samples": 64},
               "search": {"space": {"ratios": [0.0, 0.25, 0.5], "precision": ["float"], "epochs": [1], "round_to": 1},
-                         "recovery": {"epochs": 1, "batch_size": 256, "optimizer": {"name": "adamw", "lr": 0.003}},
+                         "finetune": {"epochs": 1, "batch_size": 256, "optimizer": {"name": "adamw", "lr": 0.003}},
                          "constraints": {"max_drop": 0.5}, "trials": trials, "workers": workers, "repeats": 2,
                          "sensitivity": {"samples": 32, "plans": 1}}}
     path.write_text(yaml.safe_dump(recipe))

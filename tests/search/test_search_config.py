@@ -62,4 +62,4 @@ def test_the_example_search_recipe_loads():
 
     recipe = load_recipe(Path(__file__).parents[2] / "examples" / "search" / "digits-cnn.yaml")
     assert not recipe.steps and recipe.search.constraints.max_drop == 0.005 and recipe.search.seconds == 1800
-    assert recipe.search.recovery.optimizer.lr == 0.02 and recipe.measure.batch_size == 256
+    assert recipe.search.finetune.optimizer.lr == 0.02 and recipe.measure.batch_size == 256

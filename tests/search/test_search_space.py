@@ -29,11 +29,11 @@ def test_tied_groups_share_one_decision_and_plans_become_recipes(tiny):
     assert space["precision"].options == ("float", "int8-static") and space["epochs"].options == (1, 2)
     assert space.combinations() == 2 * 2 * 2
     plan = {"prune:conv1": 0.5, "epochs": 2, "precision": "int8-static"}
-    raw = space.recipe(plan, bundle.spec, data.spec, 0, {"batch_size": 32}, SearchConfig().recovery)
+    raw = space.recipe(plan, bundle.spec, data.spec, 0, {"batch_size": 32}, SearchConfig().finetune)
     recipe = parse_recipe(raw, "plan")
     assert [s.name for s in recipe.steps] == ["prune:channel", "finetune:distill", "quantize:int8-static"]
     assert recipe.steps[0].config.ratios == {"conv1": 0.5, "conv2": 0.5} and recipe.steps[1].config.epochs == 2
-    neutral = space.recipe(space.neutral_plan(), bundle.spec, data.spec, 0, {}, SearchConfig().recovery)
+    neutral = space.recipe(space.neutral_plan(), bundle.spec, data.spec, 0, {}, SearchConfig().finetune)
     assert neutral["steps"] == []  # no compression: nothing to recover either
     assert SearchSpace.from_dict(space.to_dict()).decisions == space.decisions
 
@@ -45,7 +45,7 @@ def test_float_layer_decisions_apply_under_int8_static_only(tiny):
     assert [d.name for d in space.active({"precision": "float"})][-1] == "precision"
     assert "float:conv1" in [d.name for d in space.active({"precision": "int8-static"})]
     raw = space.recipe({"precision": "int8-static", "float:conv1": True}, bundle.spec, data.spec, 0, {},
-                       SearchConfig().recovery)
+                       SearchConfig().finetune)
     assert raw["steps"][-1]["quantize"]["skip"] == ["conv1"]
 
 

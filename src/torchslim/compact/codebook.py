@@ -3,7 +3,7 @@ entropy-coded storage.
 
 Each selected Conv/Linear layer's kept weights are clustered by 1-D k-means into ``2**bits`` shared values
 (`torchslim.compact.sharing`); pruned weights (the pruning masks of earlier steps, or exact zeros) stay
-exactly zero and are not stored. With ``finetune_centroids`` the model is then fine-tuned by the ordinary
+exactly zero and are not stored. Unless ``finetune`` is null, the model is then fine-tuned by the ordinary
 ``finetune`` trainer: the gradient of each shared value is the sum over its cluster, so only the centroids
 (and the model's other trainable parameters, e.g. biases) move while the cluster indices stay fixed. The
 result is saved as a ``model.tslim`` file (`torchslim.compact.artifact`): codebooks, entropy-coded indices and
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torchslim._deprecated import renamed
 from torchslim._config import check
@@ -40,8 +41,9 @@ class WeightSharingConfig:
         layers: module-name patterns (fnmatch) of the Conv/Linear layers to share.
         skip: module-name patterns left unshared (stored as other tensors).
         iterations: k-means passes at most (it stops once no centroid moves).
-        finetune_centroids: fine-tune the shared values (and the other trainable parameters) afterwards.
-        finetune: the fine-tuning run (``finetune``'s fields: epochs, optimizer, distillation, ...).
+        finetune: the fine-tuning run of the shared values (and the other trainable parameters) afterwards
+            (``finetune``'s fields: epochs, optimizer, distillation, ...); null: the centroids stay as k-means
+            left them.
         storage: how codebooks and the other tensors are stored in the artifact.
     """
 
@@ -50,10 +52,11 @@ class WeightSharingConfig:
     layers: list[str] = field(default_factory=lambda: ["*"])
     skip: list[str] = field(default_factory=list)
     iterations: int = 100
-    finetune_centroids: bool = True
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: FinetuneConfig | None = field(default_factory=FinetuneConfig)
     storage: Storage = field(default_factory=Storage)
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {
+        "finetune_centroids": "finetune (a mapping fine-tunes the centroids, null: none)"}
 
     def __post_init__(self) -> None:
         check(1 <= self.bits <= MAX_BITS, "bits", f"must be in [1, {MAX_BITS}], got {self.bits}")
@@ -96,7 +99,7 @@ def share_weights(context, config: WeightSharingConfig) -> CompactDeployable:
     if not shared:
         context.skip_layer("*", "no Conv/Linear layers to share")
     training = None
-    if shared and config.finetune_centroids:
+    if shared and config.finetune is not None:
         training = finetune(context, config.finetune, name="centroids").details
     round_to_storage_(context.model, config.storage)
     deployable = CompactDeployable(context.model, storage=config.storage)

@@ -68,8 +68,8 @@ class ChannelPruningConfig:
         round_to: keep channel counts multiples of this (hardware-friendly widths); 1 = exact.
         max_ratio: the most any group may lose.
         skip: module-name patterns (fnmatch) whose channels stay.
-        steps: prune in this many steps (re-analysing and re-scoring each time), calling ``recover`` between
-            steps when `prune` is given one.
+        steps: prune in this many steps (re-analysing and re-scoring each time), running ``finetune`` between
+            steps (in a recipe; `prune` calls its ``recover`` callback there).
         seed: for ``importance: random``.
         capture: how the graph is captured: "auto" (torch.export; when it fails or the model holds an
             ``nn.MultiheadAttention``, a traced run of the example inputs, which analyses only the path they
@@ -82,8 +82,8 @@ class ChannelPruningConfig:
         recurrent: also prune the hidden size of ``LSTM``/``GRU``/``RNN`` layers (every gate, layer and
             direction together). Off by default: code that builds a state of ``hidden_size`` itself, or reads
             the state's width elsewhere, would no longer match.
-        recover: in a recipe, a fine-tuning run (the ``finetune`` step's settings) between pruning steps
-            (iterative pruning: prune a little, recover, prune more); null: none.
+        finetune: in a recipe, a fine-tuning run (the ``finetune`` step's settings) between pruning steps
+            (iterative pruning: prune a little, fine-tune, prune more); null: none.
     """
 
     ratio: float = 0.3
@@ -102,9 +102,9 @@ class ChannelPruningConfig:
     damping: float = 0.01
     calibration_samples: int = 256
     recurrent: bool = False
-    recover: FinetuneConfig | None = None
+    finetune: FinetuneConfig | None = None
     version: int = 1
-    renamed_fields: ClassVar[dict[str, str]] = {"ignore": "skip"}
+    renamed_fields: ClassVar[dict[str, str]] = {"ignore": "skip", "recover": "finetune"}
 
     def __post_init__(self) -> None:
         check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
@@ -704,14 +704,14 @@ def prune_channels(context, config: ChannelPruningConfig) -> TorchDeployable:
         _taylor_gradients(context)
     # A latency target is measured at the recipe's batch size; otherwise a small batch suffices to capture.
     example = context.example_inputs(context.batch_size if config.target_latency else 2)
-    recovered: list[list[float]] = []
+    losses: list[list[float]] = []
 
-    def recover(model: nn.Module, step: int) -> None:
+    def finetune_between(model: nn.Module, step: int) -> None:
         _follow_masks(context)
         where = context.where
-        context.where = f"{where}.recover (after pruning step {step})"
+        context.where = f"{where}.finetune (after pruning step {step})"
         try:
-            recovered.append(finetune(context, config.recover, name=f"recover{step}").details["train_loss"])
+            losses.append(finetune(context, config.finetune, name=f"finetune{step}").details["train_loss"])
         finally:
             context.where = where
 
@@ -723,7 +723,7 @@ def prune_channels(context, config: ChannelPruningConfig) -> TorchDeployable:
             "train", context.bundle.preprocess, size, shuffle=True, seed=context.seed,
             limit=config.calibration_samples)]
     try:
-        result = prune(context.model, config, example, recover if config.recover is not None else None,
+        result = prune(context.model, config, example, finetune_between if config.finetune is not None else None,
                        calibration)
     finally:
         context.model.zero_grad(set_to_none=True)
@@ -732,8 +732,8 @@ def prune_channels(context, config: ChannelPruningConfig) -> TorchDeployable:
         context.skip_layer(layer, reason)
     details = {"macs_before": result.macs_before, "macs_after": result.macs_after,
                "removed_channels": result.removed_channels}
-    if recovered:
-        details["recover_train_loss"] = recovered
+    if losses:
+        details["finetune_train_loss"] = losses
     if result.refit_errors:
         details["refit_relative_error"] = {"layers": len(result.refit_errors),
                                            "mean": round(float(np.mean(list(result.refit_errors.values()))), 4),

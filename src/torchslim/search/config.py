@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from torchslim._config import check
 from torchslim.recover.finetune import DistillConfig, FinetuneConfig
@@ -133,7 +133,7 @@ class SensitivityConfig:
         check(0 <= self.plans <= 64, "plans", f"must be in [0, 64], got {self.plans}")
 
 
-def _default_recovery() -> FinetuneConfig:
+def _default_finetune() -> FinetuneConfig:
     # The demo's recovery settings; a trial's epochs come from the space.
     return FinetuneConfig(epochs=8, batch_size=64, optimizer=OptimizerConfig(name="sgd", lr=0.02),
                           distill=DistillConfig(temperature=4.0, alpha=0.7))
@@ -156,7 +156,7 @@ class SearchConfig:
         runtime: where latency is measured: "auto" (each candidate's own runtime: ONNX Runtime when quantized
             there, eager PyTorch otherwise), "onnxruntime" (float candidates exported too) or "torch".
         sensitivity: the proxy pass (`SensitivityConfig`).
-        recovery: the fine-tuning a trial runs (its epochs come from ``space.epochs``).
+        finetune: the fine-tuning a trial runs (its epochs come from ``space.epochs``).
         repeats: latency repeats per measurement (alternated with the baseline's; medians).
     """
 
@@ -170,9 +170,10 @@ class SearchConfig:
     sampler: Literal["tpe", "random"] = "tpe"
     runtime: Literal["auto", "onnxruntime", "torch"] = "auto"
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
-    recovery: FinetuneConfig = field(default_factory=_default_recovery)
+    finetune: FinetuneConfig = field(default_factory=_default_finetune)
     repeats: int = 7
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {"recovery": "finetune"}
 
     def __post_init__(self) -> None:
         check(len(self.objectives) >= 1, "objectives", "name at least one of score, latency, size, macs")

@@ -102,8 +102,9 @@ class SearchSpace:
             total = total // options * (options - 1 + quantized)
         return total
 
-    def recipe(self, plan: dict, model: str, data: str, seed: int, measure: dict, recovery: Any) -> dict:
-        """The recipe (a plain dict, as YAML holds it) that builds ``plan``."""
+    def recipe(self, plan: dict, model: str, data: str, seed: int, measure: dict, finetune: Any) -> dict:
+        """The recipe (a plain dict, as YAML holds it) that builds ``plan``; ``finetune`` is the search's
+        fine-tuning run (a `FinetuneConfig` or its dict), given the plan's epochs."""
         plan = self.complete(plan)
         steps = []
         ratios = {}
@@ -123,7 +124,7 @@ class SearchSpace:
                                         "round_to": self.round_to}})
         epochs = int(plan.get(EPOCHS, 0) or 0)
         if epochs and steps:
-            settings = to_dict(recovery) if not isinstance(recovery, dict) else dict(recovery)
+            settings = to_dict(finetune) if not isinstance(finetune, dict) else dict(finetune)
             settings.pop("version", None)
             steps.append({"finetune": {**settings, "epochs": epochs}})
         precision = plan.get(PRECISION, "float")

@@ -115,7 +115,7 @@ def objective_for(runner: TrialRunner, space: SearchSpace, payload: dict, log: C
         trial.set_user_attr("worker", worker_id())
         plan = suggest(trial, space)
         raw = space.recipe(plan, recipe["model"], recipe["data"], recipe["seed"], recipe["measure"],
-                           search["recovery"])
+                           search["finetune"])
         trial.set_user_attr("recipe", raw)
         log(f"trial {trial.number} started on {worker_id()}")
         try:
