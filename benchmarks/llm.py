@@ -35,7 +35,7 @@ from torchslim.registry import get_method  # noqa: E402
 from torchslim.runtime import TorchDeployable  # noqa: E402
 from torchslim.zoo import resolve_model  # noqa: E402
 
-CALIBRATION = {"calibration_batches": 16, "batch_size": 8}
+CALIBRATION = {"calibration": {"samples": 128, "batch_size": 8}}
 ROWS: dict[str, list[tuple[str, str, dict]]] = {
     "fp32": [],
     "int8-weight rtn per-channel": [("quantize", "int8-weight", {})],

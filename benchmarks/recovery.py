@@ -39,6 +39,7 @@ from torchslim.data import resolve_data  # noqa: E402
 from torchslim.measure.macs import count_macs  # noqa: E402
 from torchslim.measure.params import count_params  # noqa: E402
 from torchslim.pruning.channel import ChannelPruningConfig  # noqa: E402
+from torchslim.data.config import CalibrationConfig  # noqa: E402
 from torchslim.recover.finetune import DistillConfig, FinetuneConfig, finetune  # noqa: E402
 from torchslim.recover.optim import OptimizerConfig, ScheduleConfig  # noqa: E402
 from torchslim.registry import get_method  # noqa: E402
@@ -115,13 +116,13 @@ def distillation_sentences(sentences, count: int, seed: int = 0) -> list[str]:
 MINILM_PRUNING = {  # name -> (row label, config)
     "l1": ("weight magnitude (l1)", ChannelPruningConfig(ratio=0.5, skip=["*attention*"])),
     "activation": ("activation importance", ChannelPruningConfig(ratio=0.5, skip=["*attention*"], importance="activation",
-                                                           calibration_samples=1024)),
+                                                           calibration=CalibrationConfig(samples=1024, split="train"))),
     "activation+refit": ("activation importance + least-squares refit",
                          ChannelPruningConfig(ratio=0.5, skip=["*attention*"], importance="activation", reconstruct=True,
-                                        calibration_samples=1024)),
+                                        calibration=CalibrationConfig(samples=1024, split="train"))),
     "obs+refit": ("optimal-brain-surgeon order + least-squares refit",
                   ChannelPruningConfig(ratio=0.5, skip=["*attention*"], importance="obs", reconstruct=True,
-                                 calibration_samples=1024)),
+                                 calibration=CalibrationConfig(samples=1024, split="train"))),
 }
 
 
@@ -142,7 +143,7 @@ def minilm_part(workdir: Path, epochs: int, lr: float = 1e-4, passages: int = 0,
     for name in sorted(MINILM_PRUNING, key=lambda n: n == importance):  # the one recovered from comes last
         context.model = copy.deepcopy(unpruned)
         label, config = MINILM_PRUNING[name]
-        config = dataclasses.replace(config, calibration_samples=calibration)
+        config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, samples=calibration))
         get_method("prune", "channel").handler(context, config)
         pruned_eval, _ = evaluate_model(context.model, context, reference)
         rows.append({"row": f"FFN halved by {label}, before recovery", "cosine": pruned_eval.metrics["cosine"],

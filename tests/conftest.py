@@ -53,7 +53,7 @@ TINY_RECIPE = {
     "steps": [
         {"prune": {"method": "magnitude", "sparsity": 0.5}},
         {"finetune": {"epochs": 1, "batch_size": 128, "optimizer": {"name": "adamw", "lr": 0.003}}},
-        {"quantize": {"method": "int8-static", "calibration_batches": 2}},
+        {"quantize": {"method": "int8-static", "calibration": {"samples": 64}}},
     ],
     "measure": {"batch_size": 32, "warmup": 1, "repeats": 3, "max_eval_samples": 128},
 }

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from torchslim.data.config import CalibrationConfig
 from torchslim.data import resolve_data
 from torchslim._context import _StepContext
 from torchslim.pruning.magnitude import MagnitudePruningConfig, magnitude_masks, prunable_weights
@@ -29,7 +30,9 @@ def make_context(tmp_path, bundle=None) -> _StepContext:
 def small_config(entry):
     def small(config):
         fields = {f.name for f in dataclasses.fields(config)}
-        changes = {k: v for k, v in {"epochs": 1, "batch_size": 256, "calibration_batches": 2}.items() if k in fields}
+        changes = {k: v for k, v in {"epochs": 1, "batch_size": 256}.items() if k in fields}
+        if "calibration" in fields:
+            changes["calibration"] = dataclasses.replace(config.calibration, samples=64)
         return dataclasses.replace(config, **changes)
 
     config = small(entry.config_cls())
@@ -118,7 +121,7 @@ def test_int8_static_runs_integer_kernels_close_to_float(tmp_path):
     from torchslim.quant.int8_static import Int8StaticConfig, quantize_int8_static
 
     context = make_context(tmp_path)
-    deployable = quantize_int8_static(context, Int8StaticConfig(calibration_batches=4))
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=CalibrationConfig(samples=128)))
     graph = onnx.load(str(deployable.path)).graph
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
     assert len(int8_weights) == 3  # conv1, conv2, fc
@@ -139,7 +142,7 @@ def test_int8_static_skip_keeps_matching_layers_in_float(tmp_path):
     from torchslim.quant.int8_static import Int8StaticConfig, quantize_int8_static
 
     context = make_context(tmp_path)
-    deployable = quantize_int8_static(context, Int8StaticConfig(calibration_batches=2, skip=["fc"]))
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=CalibrationConfig(samples=64), skip=["fc"]))
     graph = onnx.load(str(deployable.path)).graph
     assert len([t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]) == 2
     assert len(context.skipped) == 1 and "float" in next(iter(context.skipped.values()))
@@ -153,7 +156,8 @@ def test_auto_runtime_times_every_available_backend_and_keeps_the_fastest(tmp_pa
         pytest.skip(f"only {available} available here")
     context = make_context(tmp_path)
     context.batch_size = 32
-    deployable = quantize_int8_static(context, Int8StaticConfig(calibration_batches=2, prefer="batch"))
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=CalibrationConfig(samples=64),
+                                                                prefer="batch"))
     candidates = deployable.details["candidates"]
     assert set(candidates) == set(available)
     timed = {n: c for n, c in candidates.items() if "error" not in c}
@@ -183,7 +187,7 @@ def test_torchinductor_int8_artifact_reloads_to_identical_outputs(tmp_path):
     bundle = ModelBundle(model=plain_cnn(), spec="test:plain", task="classification", modality="image",
                          preprocess=tiny.preprocess, example_inputs=tiny.example_inputs)
     context = make_context(tmp_path, bundle)
-    config = Int8StaticConfig(runtime="torchinductor", calibration_batches=2)
+    config = Int8StaticConfig(runtime="torchinductor", calibration=CalibrationConfig(samples=64))
     deployable = pt2e_backend.build(context, config)
     assert deployable.details["int8_layers"] == "3 of 3 conv/linear" and not context.skipped
     x, _ = next(context.data.batches("test", context.bundle.preprocess, 16))
@@ -227,7 +231,8 @@ def test_torchinductor_reports_layers_its_quantizer_passes_over(tmp_path):
     bundle = ModelBundle(model=model, spec="test:same-pad", task="classification", modality="image",
                          preprocess=tiny.preprocess, example_inputs=tiny.example_inputs)
     context = make_context(tmp_path, bundle)
-    deployable = pt2e_backend.build(context, Int8StaticConfig(runtime="torchinductor", calibration_batches=1))
+    deployable = pt2e_backend.build(context, Int8StaticConfig(runtime="torchinductor",
+                                                              calibration=CalibrationConfig(samples=32)))
     total, done = 3, int(deployable.details["int8_layers"].split()[0])
     assert done < total and len(context.skipped) == total - done
     assert all("not matched by torchao" in why for why in context.skipped.values())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torchslim
+from torchslim.data.config import CalibrationConfig
 from torchslim._config import FieldError, from_dict, to_dict
 from torchslim._context import _StepContext as StepContext
 from torchslim.data import DataBundle, resolve_data
@@ -96,7 +97,7 @@ def test_configs_validate_patterns_and_imply_the_sparsity_of_n_m():
 def test_wanda_prunes_every_gpt2_block_layer_by_half_and_keeps_the_head_dense(tmp_path):
     context = text_context(tmp_path)
     head = context.model.model.lm_head.weight.clone()
-    deployable = prune_wanda(context, WandaConfig(calibration_batches=2, batch_size=4))
+    deployable = prune_wanda(context, WandaConfig(calibration=CalibrationConfig(samples=8, batch_size=4)))
     details = deployable.details
     assert len(details["layers"]) == 8 and set(details["layers"].values()) == {0.5}
     assert details["sparsity"] == 0.5 and details["pattern"] == "unstructured"
@@ -117,7 +118,8 @@ def test_wanda_prunes_every_gpt2_block_layer_by_half_and_keeps_the_head_dense(tm
 def test_sparsegpt_n_m_on_llama_keeps_n_of_every_m_and_beats_magnitude(tmp_path, pattern):
     n, m = (int(v) for v in pattern.split(":"))
     context = text_context(tmp_path, "llama")
-    deployable = prune_sparsegpt(context, SparseGPTConfig(pattern=pattern, calibration_batches=3, batch_size=4))
+    deployable = prune_sparsegpt(context, SparseGPTConfig(pattern=pattern,
+                                                          calibration=CalibrationConfig(samples=12, batch_size=4)))
     assert len(deployable.details["layers"]) == 14 and deployable.details["sparsity"] == 0.5
     for name in deployable.details["layers"]:
         w = weight_matrix(context.model.get_submodule(name))
@@ -133,10 +135,10 @@ def test_sparsegpt_n_m_on_llama_keeps_n_of_every_m_and_beats_magnitude(tmp_path,
 
 def test_sparsegpt_unstructured_on_gpt2_beats_wanda(tmp_path):
     context = text_context(tmp_path)
-    deployable = prune_sparsegpt(context, SparseGPTConfig(calibration_batches=3, batch_size=4))
+    deployable = prune_sparsegpt(context, SparseGPTConfig(calibration=CalibrationConfig(samples=12, batch_size=4)))
     assert deployable.details["sparsity"] == 0.5
     wanda = text_context(tmp_path)
-    prune_wanda(wanda, WandaConfig(calibration_batches=3, batch_size=4))
+    prune_wanda(wanda, WandaConfig(calibration=CalibrationConfig(samples=12, batch_size=4)))
     # Measured relative logit error: sparsegpt 0.151, wanda 0.206 (Llama: 0.223, 0.296; magnitude 0.328).
     assert relative_error(context) < 0.9 * relative_error(wanda)
 
@@ -154,7 +156,8 @@ def test_zeros_of_an_earlier_step_stay_zero_through_sparsegpt_updates(tmp_path):
     context.masks.update({name: mask.clone() for name, mask in earlier.items()})
     # With 2:4, groups holding 3-4 earlier zeros keep some of them, and the OBS update of the group's pruned
     # weights would make them nonzero again (258 of 1211 in a 32x64 layer, unprotected).
-    deployable = prune_sparsegpt(context, SparseGPTConfig(pattern="2:4", calibration_batches=2, batch_size=4))
+    deployable = prune_sparsegpt(context, SparseGPTConfig(pattern="2:4",
+                                                          calibration=CalibrationConfig(samples=8, batch_size=4)))
     assert len(earlier) == 8
     for name, mask in earlier.items():
         assert int((parameters[name][~mask] != 0).sum()) == 0, name
@@ -174,7 +177,8 @@ def test_an_empty_calib_split_is_an_input_error_naming_the_step(tmp_path):
 def test_a_cnn_gets_its_linear_layer_pruned_and_its_convs_reported(tmp_path):
     bundle = tiny_bundle()
     batches = resolve_data("builtin:digits").batches("calib", bundle.preprocess, 64)  # (images, labels) pairs
-    result = torchslim.apply(bundle.model, SparseGPTConfig(calibration_batches=2, batch_size=64), batches)
+    result = torchslim.apply(bundle.model, SparseGPTConfig(calibration=CalibrationConfig(samples=128,
+                                                                                         batch_size=64)), batches)
     assert result.deployable(bundle.example_inputs(4)).shape == (4, 10)
     assert result.details["layers"] == {"fc": 0.5} and result.details["calibration_tokens"] == 128
     assert set(result.skipped) == {"conv1", "conv2"} and "Linear layers only" in result.skipped["conv1"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError
 from torchslim.quant import onnx_backend
 from torchslim.quant.int8_static import Int8StaticConfig, quantize_int8_static
@@ -24,7 +25,8 @@ pytest.importorskip("onnxruntime")
 def test_calibration_data_of_the_wrong_shape_is_named_before_any_work(tmp_path):
     rgb = ImagePreprocess(size=16, resize=16, mean=(0.3,) * 3, std=(0.4,) * 3, channels=3)
     context = make_context(tmp_path, dataclasses.replace(tiny_bundle(), preprocess=rgb))
-    for handler, config in [(quantize_int8_static, Int8StaticConfig(runtime="onnxruntime")), (quantize_qat, QatConfig())]:
+    for handler, config in [(quantize_int8_static, Int8StaticConfig(runtime="onnxruntime")), (quantize_qat,
+                                                                                              QatConfig())]:
         with pytest.raises(InputError, match=r"calibration samples have shape \[\(3, 16, 16\)\], the model takes "
                                              r"\[\(1, 16, 16\)\]"):
             handler(context, config)
@@ -42,7 +44,8 @@ def test_a_runtime_that_is_not_installed_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_backend, "available", lambda: "ONNX Runtime is not installed "
                                                            "(pip install 'torchslim[onnx]')")
     context = make_context(tmp_path)
-    for handler, config in [(quantize_int8_static, Int8StaticConfig(runtime="onnxruntime")), (quantize_qat, QatConfig())]:
+    for handler, config in [(quantize_int8_static, Int8StaticConfig(runtime="onnxruntime")), (quantize_qat,
+                                                                                              QatConfig())]:
         with pytest.raises(InputError, match=r"pip install 'torchslim\[onnx\]'"):
             handler(context, config)
 
@@ -62,7 +65,8 @@ def test_a_layer_without_an_integer_kernel_is_kept_in_float_and_reported(tmp_pat
     torch.manual_seed(0)
     bundle = dataclasses.replace(tiny_bundle(), model=NormNet().eval())
     context = make_context(tmp_path, bundle)
-    deployable = quantize_int8_static(context, Int8StaticConfig(runtime="onnxruntime", calibration_batches=1))
+    deployable = quantize_int8_static(context, Int8StaticConfig(runtime="onnxruntime",
+                                                                calibration=CalibrationConfig(samples=32)))
     float_ops = set(deployable.details["float_layers"].values())
     assert float_ops == {"InstanceNormalization"}  # how GroupNorm exports
     assert sum("no integer kernel" in why for why in context.skipped.values()) == 1

@@ -9,6 +9,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from torchslim.data.config import CalibrationConfig
 from torchslim.quant.int8_static import Int8StaticConfig, quantize_int8_static
 from torchslim.quant.onnx_backend import ACTIVATIONS
 from torchslim.quant.onnx_ranges import observe_activations
@@ -32,7 +33,8 @@ def _scales(path) -> dict[str, tuple[float, int]]:
 @pytest.mark.parametrize("observer", ["minmax", "mse"])
 def test_our_activation_scales_reach_the_qdq_file_exactly(tmp_path, observer):
     context = make_context(tmp_path)
-    deployable = quantize_int8_static(context, Int8StaticConfig(calibration_batches=2, observer=observer,
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=CalibrationConfig(samples=64),
+                                                                observer=observer,
                                                           runtime="onnxruntime"))
     prepared = next(context.workdir.glob("int8-static-onnxruntime/float.prepared.onnx"))
     feeds = [{"input_0": x.numpy()} for x, _ in context.data.batches("calib", context.bundle.preprocess, 32,
@@ -53,7 +55,8 @@ def test_our_activation_scales_reach_the_qdq_file_exactly(tmp_path, observer):
 
 def test_deployed_integer_kernels_match_the_simulation(tmp_path):
     context = make_context(tmp_path)
-    deployable = quantize_int8_static(context, Int8StaticConfig(calibration_batches=2, runtime="onnxruntime"))
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=CalibrationConfig(samples=64),
+                                                                runtime="onnxruntime"))
     check = deployable.details["deployed_vs_simulated"]
     # With reduce_range chosen from the CPU's features, no int16 saturation: the fused kernels agree with the
     # literal QuantizeLinear/DequantizeLinear simulation up to rounding of the requantization.
@@ -62,7 +65,8 @@ def test_deployed_integer_kernels_match_the_simulation(tmp_path):
 
 def test_fallback_keeps_the_most_sensitive_layers_in_float(tmp_path):
     context = make_context(tmp_path)
-    deployable = quantize_int8_static(context, Int8StaticConfig(calibration_batches=2, runtime="onnxruntime",
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=CalibrationConfig(samples=64),
+                                                                runtime="onnxruntime",
                                                           fallback_layers=1))
     sensitive = deployable.details["sensitive_float_nodes_db"]
     assert len(sensitive) == 1 and all(np.isfinite(v) for v in sensitive.values())

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
+from torchslim.data.config import CalibrationConfig
 from torchslim.quant.bias_correction import output_shift, quantized_weight
 from torchslim.quant.fold import fold_batchnorms
 from torchslim.quant.qat import QatConfig, quantize_qat
@@ -90,7 +91,8 @@ def test_bias_correction_moves_each_quantized_layers_bias_by_its_predicted_offse
     from torchslim.quant.onnx_ranges import observe_activations
 
     context = make_context(tmp_path)
-    deployable = quantize_int8_static(context, Int8StaticConfig(calibration_batches=2, runtime="onnxruntime"))
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=CalibrationConfig(samples=64),
+                                                                runtime="onnxruntime"))
     workdir = tmp_path / "int8-static-onnxruntime"
     prepared = onnx.load(str(workdir / "float.prepared.onnx")).graph
     after = onnx.load(str(workdir / "float.prepared.corrected.onnx")).graph
@@ -127,7 +129,7 @@ def _qdq_weights(path) -> dict[str, np.ndarray]:
 def test_qat_trains_weights_on_the_grid_the_deployed_int8_model_holds(tmp_path):
     context = make_context(tmp_path)
     before = {n: p.detach().clone() for n, p in context.model.named_parameters()}
-    config = QatConfig(calibration_batches=2, bias_correction=False,
+    config = QatConfig(calibration=CalibrationConfig(samples=64), bias_correction=False,
                  finetune=FinetuneConfig(epochs=2, batch_size=128, optimizer=OptimizerConfig(name="adamw", lr=1e-3)))
     deployable = quantize_qat(context, config)
     model = context.model

@@ -84,6 +84,14 @@ def test_bad_recipes_name_file_step_and_field(tmp_path, text, message):
     ("quantize: {method: int4-weight, damp: 0.1}", "steps[0].quantize.damp: was renamed to damping"),
     ("prune: {method: channel, steps: 2, recover: {epochs: 1}}", "steps[0].prune.recover: was renamed to finetune"),
     ("share_weights: {finetune_centroids: false}", "steps[0].share_weights.finetune_centroids: was renamed to finetune"),
+    ("prune: {method: channel, calibration_samples: 64}", "steps[0].prune.calibration_samples: was renamed to "
+                                                          "calibration.samples"),
+    ("prune: {method: wanda, batch_size: 4}", "steps[0].prune.batch_size: was renamed to calibration.batch_size"),
+    ("quantize: {method: int8-static, calibration_batches: 2}", "steps[0].quantize.calibration_batches: was renamed "
+                                                                "to calibration.samples (samples, not batches"),
+    ("quantize: {method: qat, calibration_batch_size: 8}", "steps[0].quantize.calibration_batch_size: was renamed "
+                                                           "to calibration.batch_size"),
+    ("quantize: {method: int4-weight, calibration_batches: 2}", "steps[0].quantize.calibration_batches: was renamed"),
 ])
 def test_old_spellings_name_the_new_word(tmp_path, step, message):
     path = write(tmp_path, f"model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - {step}\n")
@@ -123,3 +131,14 @@ def test_every_example_recipe_loads():
     for path in examples:
         recipe = load_recipe(path)
         assert recipe.steps, path.name
+
+
+def test_a_calibration_mapping_overrides_only_the_keys_it_names_of_the_method_default():
+    raw = {"model": "builtin:digits-cnn", "data": "builtin:digits", "steps": [
+        {"prune": {"method": "channel", "importance": "activation", "calibration": {"samples": 512}}},
+        {"prune": {"method": "wanda", "calibration": {"batch_size": 4}}},
+        {"quantize": {"method": "int8-static", "calibration": {"split": "train"}}}]}
+    channel, wanda, int8 = (step.config.calibration for step in parse_recipe(raw).steps)
+    assert (channel.samples, channel.batch_size, channel.split) == (512, 32, "train")
+    assert (wanda.samples, wanda.batch_size, wanda.split) == (128, 4, "calib")
+    assert (int8.samples, int8.batch_size, int8.split) == (256, 32, "train")

@@ -50,6 +50,7 @@ _PUBLIC = {
     "list_builtin_data": "torchslim.data",
     "DataConfig": "torchslim.data.config",
     "SplitConfig": "torchslim.data.config",
+    "CalibrationConfig": "torchslim.data.config",
     "ModelConfig": "torchslim.zoo.config",
     "ExportConfig": "torchslim.export.config",
     "write_exports": "torchslim.export",

@@ -11,6 +11,10 @@ through `torchslim.errors.shorten`, never whole.
 A config that renamed a field lists it in a ``renamed_fields`` class variable (old key -> new spelling, see
 docs/glossary.md); `from_dict` refuses the old key with a message naming the new one, so a recipe written for
 the old vocabulary fails clearly instead of as an unknown key.
+
+A sub-config class whose defaults differ per method (``CalibrationConfig``) sets ``overlays_default = True``: a
+mapping given for such a field then overrides only the keys it names of that field's default, not of the class's
+(``calibration: {samples: 512}`` keeps the method's own split and batch size).
 """
 
 from __future__ import annotations
@@ -183,13 +187,24 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in fields:
             known = ", ".join(fields) or "none"
             raise FieldError(f"{prefix}{key_text(key)}", f"unknown key (known: {known})")
-    kwargs = {key: _convert(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    kwargs = {key: _convert(_overlaid(fields[key], hints[key], value), hints[key], f"{prefix}{key}")
+              for key, value in data.items()}
     if "version" in kwargs:
         check_version(cls, kwargs["version"], f"{prefix}version")
     try:
         return cls(**kwargs)
     except FieldError as error:
         raise FieldError(f"{prefix}{error.field}", error.message) from None
+
+
+def _overlaid(field: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """``value`` laid over the field's default sub-config where its type asks for that (``overlays_default``)."""
+    if not (isinstance(value, dict) and dataclasses.is_dataclass(tp) and getattr(tp, "overlays_default", False)):
+        return value
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if not isinstance(default, tp):
+        return value
+    return {**{f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}, **value}
 
 
 def supported_version(cls: type) -> int | None:

@@ -109,7 +109,7 @@ def test_int4_gptq_keeps_perplexity_packs_the_model_and_reloads_without_pickle(t
     float_dir = tmp_path / "float"
     TorchDeployable(context.model).save(float_dir)
     deployable = _apply(context, "quantize", "int4-weight", {"algorithm": "gptq", "group_size": 32,
-                                                            "calibration_batches": 2, "batch_size": 16})
+                                                            "calibration": {"samples": 32, "batch_size": 16}})
     quantized = _perplexity(context)
     assert quantized < base * 1.05, (base, quantized)
     layers = [m for m in context.model.modules() if isinstance(m, WeightOnlyLinear)]
@@ -138,11 +138,11 @@ def test_layers_a_group_size_does_not_fit_stay_float_and_are_reported(trained, t
 def test_pruned_weights_stay_exactly_zero_through_int4_gptq(trained, tmp_path):
     make, data = trained
     context = _context(make(), data, tmp_path)
-    _apply(context, "prune", "sparsegpt", {"sparsity": 0.5, "calibration_batches": 2, "batch_size": 16})
+    _apply(context, "prune", "sparsegpt", {"sparsity": 0.5, "calibration": {"samples": 32, "batch_size": 16}})
     names = ["mlp.c_fc", "attn.c_proj"]  # attn.c_proj is square: its mask's layout cannot be told by shape
     masks = {n: context.masks[f"model.transformer.h.0.{n}.weight"].t() for n in names}  # Conv1D keeps (in, out)
-    _apply(context, "quantize", "int4-weight", {"algorithm": "gptq", "group_size": 32, "calibration_batches": 2,
-                                               "batch_size": 16})
+    _apply(context, "quantize", "int4-weight", {"algorithm": "gptq", "group_size": 32,
+                                                "calibration": {"samples": 32, "batch_size": 16}})
     for name, mask in masks.items():
         weight = context.model.model.transformer.h[0].get_submodule(name).dequantized_weight()
         assert float((~mask).float().mean()) == pytest.approx(0.5, abs=0.01)
@@ -216,7 +216,7 @@ def test_a_causal_lm_recipe_runs_end_to_end_with_perplexity_and_decode_speed(tra
     register_builtin_model("tiny-test-lm")(make)
     register_builtin_data("tiny-test-cycle")(lambda seed=0: data)
     recipe = parse_recipe({"model": "builtin:tiny-test-lm", "data": "builtin:tiny-test-cycle", "steps": [
-        {"prune": {"method": "wanda", "pattern": "4:8", "calibration_batches": 2, "batch_size": 16}},
+        {"prune": {"method": "wanda", "pattern": "4:8", "calibration": {"samples": 32, "batch_size": 16}}},
         {"quantize": {"method": "int8-weight"}}], "measure": {"batch_size": 8, "warmup": 1, "repeats": 3}})
     report = compress(recipe, tmp_path / "out", progress=False, log=lambda *a: None)
     base, pruned, final = report["stages"]
@@ -241,4 +241,4 @@ def test_a_calibration_set_too_small_is_a_clear_error(trained, tmp_path, kind, m
     make, data = trained
     context = _context(make(), data, tmp_path)
     with pytest.raises(InputError, match="calibration samples/tokens, fewer than the 64"):
-        _apply(context, kind, method, {**settings, "calibration_batches": 1, "batch_size": 2})
+        _apply(context, kind, method, {**settings, "calibration": {"samples": 2, "batch_size": 2}})

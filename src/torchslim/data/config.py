@@ -9,6 +9,7 @@ Every field is validated like a method config (an unknown key is an error naming
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 from torchslim._config import check
 
@@ -34,6 +35,34 @@ class SplitConfig:
         check(self.fractions[2] > 0, "fractions", "the test fraction must be > 0 (every stage is scored on it)")
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         check(self.calibration_samples >= 1, "calibration_samples", f"must be >= 1, got {self.calibration_samples}")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The calibration a method runs: how many samples it reads, in batches of what size, from which split.
+
+    One sub-config, the same in every method that calibrates (``calibration: {samples: 512}`` in a recipe step).
+    Each method sets its own default; a recipe's mapping overrides only the keys it names of that default
+    (in Python, a new `CalibrationConfig` starts from the defaults below: give every field you mean).
+
+    Args:
+        samples: samples read (the first ones of the split, or a seeded draw where the method says so;
+            0: the whole split).
+        batch_size: samples per calibration batch (a calibration batch, not a training one).
+        split: the split read: ``calib`` (drawn from ``train`` unless the source has its own) or ``train``.
+
+    Example:
+        >>> ChannelPruningConfig(importance="activation", calibration=CalibrationConfig(samples=512, split="train"))
+    """
+
+    samples: int = 256
+    batch_size: int = 32
+    split: Literal["calib", "train"] = "calib"
+    overlays_default: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check(self.samples >= 0, "samples", f"must be >= 0 (0: the whole split), got {self.samples}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 COLUMN_FIELDS = ("text", "text_pair", "label", "image", "dense", "categorical")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from torchslim._config import check
+from torchslim.data.config import CalibrationConfig
 from torchslim._deprecated import renamed
 from torchslim.errors import InputError, describe
 from torchslim.graph import ChannelGraph, analyse_channels, capture
@@ -78,7 +79,8 @@ class ChannelPruningConfig:
             inputs, so its output (bias included) stays as close as possible to the unpruned layer's.
         damping: ``reconstruct`` adds this fraction of the mean input second moment to the diagonal it
             inverts (keeps the solve stable when kept channels are nearly collinear; 0 = exact least squares).
-        calibration_samples: training samples that ``activation`` and ``reconstruct`` read (recipe step).
+        calibration: the samples ``activation`` and ``reconstruct`` read in a recipe step (`CalibrationConfig`;
+            default a seeded draw of 256 ``train`` samples in batches of 32; text one sequence at a time).
         recurrent: also prune the hidden size of ``LSTM``/``GRU``/``RNN`` layers (every gate, layer and
             direction together). Off by default: code that builds a state of ``hidden_size`` itself, or reads
             the state's width elsewhere, would no longer match.
@@ -100,11 +102,12 @@ class ChannelPruningConfig:
     capture: Literal["auto", "export", "trace"] = "auto"
     reconstruct: bool = False
     damping: float = 0.01
-    calibration_samples: int = 256
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(split="train"))
     recurrent: bool = False
     finetune: FinetuneConfig | None = None
     version: int = 1
-    renamed_fields: ClassVar[dict[str, str]] = {"ignore": "skip", "recover": "finetune"}
+    renamed_fields: ClassVar[dict[str, str]] = {"ignore": "skip", "recover": "finetune",
+                                                "calibration_samples": "calibration.samples"}
 
     def __post_init__(self) -> None:
         check(0.0 <= self.ratio < 1.0, "ratio", f"must be in [0, 1), got {self.ratio}")
@@ -120,7 +123,6 @@ class ChannelPruningConfig:
         check(not (self.target_macs and self.target_latency), "target_latency", "give target_macs or target_latency")
         check(1 <= self.steps <= 100, "steps", f"must be in [1, 100], got {self.steps}")
         check(0.0 <= self.damping <= 1.0, "damping", f"must be in [0, 1], got {self.damping}")
-        check(self.calibration_samples >= 1, "calibration_samples", f"must be >= 1, got {self.calibration_samples}")
 
     @property
     def calibrated(self) -> bool:
@@ -444,7 +446,7 @@ def prune(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any,
                          "(the recipe step computes them from the training data)")
     if config.calibrated and not calibration:
         raise InputError("importance activation and reconstruct need calibration inputs (the recipe step reads "
-                         "calibration_samples training samples)")
+                         "calibration.samples samples of calibration.split)")
     single = first_samples(example_inputs, 1)
     macs_before, params_before = count_macs(model, single), count_params(model)
     linear_widths = hf_config.widths_before(model)
@@ -718,10 +720,10 @@ def prune_channels(context, config: ChannelPruningConfig) -> TorchDeployable:
     calibration = None
     if config.calibrated:
         # Text goes one sequence at a time: padding positions would otherwise weigh in the statistics.
-        size = 1 if context.bundle.modality == "text" else 32
+        size = 1 if context.bundle.modality == "text" else config.calibration.batch_size
         calibration = [inputs for inputs, _ in context.data.batches(
-            "train", context.bundle.preprocess, size, shuffle=True, seed=context.seed,
-            limit=config.calibration_samples)]
+            config.calibration.split, context.bundle.preprocess, size, shuffle=True, seed=context.seed,
+            limit=config.calibration.samples)]
     try:
         result = prune(context.model, config, example, finetune_between if config.finetune is not None else None,
                        calibration)

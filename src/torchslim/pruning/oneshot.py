@@ -13,14 +13,13 @@ papers. The zeros are baked into the weights and the masks kept, so later fine-t
 
 Example recipe step::
 
-    - prune: {method: sparsegpt, pattern: "2:4", calibration_batches: 16, batch_size: 8}
+    - prune: {method: sparsegpt, pattern: "2:4", calibration: {samples: 128, batch_size: 8}}
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Callable, ClassVar
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim.data.config import CalibrationConfig
 from torchslim.llm.blocks import (
     LayerStats, linear_layers, run_sequential, set_weight_matrix_, tied_modules, weight_matrix,
 )
@@ -47,22 +47,22 @@ class OneShotPruning:
         sparsity: fraction of each pruned layer's weights set to zero, in [0, 1). Left out: 0.5 for
             "unstructured", 1 - N/M for an N:M pattern (an explicit value that differs from 1 - N/M is an error).
         pattern: "unstructured" or "N:M" (keep N of every M consecutive inputs of each output row).
-        calibration_batches: batches drawn from the data's ``calib`` split (fewer if it is smaller).
-        batch_size: samples per calibration batch.
+        calibration: the calibration samples (`CalibrationConfig`; default 128 samples of the ``calib`` split,
+            fewer if it is smaller, in batches of 8).
         skip: module-name patterns (fnmatch) left dense; default ["*lm_head*"].
     """
 
     sparsity: float | None = None
     pattern: str = "unstructured"
-    calibration_batches: int = 16
-    batch_size: int = 8
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(samples=128, batch_size=8))
     skip: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP))
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {
+        "calibration_batches": "calibration.samples (samples, not batches: calibration_batches x batch_size)",
+        "batch_size": "calibration.batch_size"}
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sparsity", resolve_sparsity(self.sparsity, self.pattern))  # frozen
-        check(self.calibration_batches >= 1, "calibration_batches", f"must be >= 1, got {self.calibration_batches}")
-        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class SparseGPTConfig(OneShotPruning):
 
     blocksize: int = 128
     damping: float = 0.01
-    renamed_fields: ClassVar[dict[str, str]] = {"damp": "damping"}
+    renamed_fields: ClassVar[dict[str, str]] = {**OneShotPruning.renamed_fields, "damp": "damping"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,8 +147,7 @@ def prune_one_shot(context, config: OneShotPruning, prune_layer: LayerPruner, wa
         context.skip_layer("*", f"no Linear layers for {method} to prune")
         return TorchDeployable(context.model, details=details)
     device = next(context.model.parameters()).device
-    source = SimpleNamespace(calibration_batches=config.calibration_batches, calibration_batch_size=config.batch_size)
-    batches = [_to_device(inputs, device) for inputs in calibration_batches(context, source)]
+    batches = [_to_device(inputs, device) for inputs in calibration_batches(context, config.calibration)]
     tokens = require_calibration_tokens(batches, context.where, method)
     keeps: dict[str, Tensor] = {}
 

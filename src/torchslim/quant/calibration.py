@@ -1,8 +1,9 @@
-"""Calibration input shared by every int8 backend: the data's ``calib`` split, preprocessed for the model."""
+"""Calibration input shared by every method that reads it from a `CalibrationConfig` (the int8 backends,
+Wanda/SparseGPT, GPTQ/AWQ): its split, preprocessed for the model."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import dataclasses
 from typing import Any, Iterator
 
 import torch
@@ -16,18 +17,22 @@ def _shapes(inputs: Any) -> list[tuple[int, ...]]:
 
 
 def calibration_batches(context, config) -> Iterator[Any]:
-    """Yield ``config.calibration_batches`` input batches of ``config.calibration_batch_size`` samples.
+    """Yield the first ``samples`` samples of the calibration split, as input batches of ``batch_size``.
+
+    Args:
+        config: a `CalibrationConfig`, or a method config holding one as ``calibration``.
 
     Raises:
-        InputError: the ``calib`` split is empty, or a batch's sample shape is not the model's (a grayscale
-            folder for an RGB model, say), named before any quantization work is done.
+        InputError: the split is empty, or a batch's sample shape is not the model's (a grayscale folder for an
+            RGB model, say), named before any quantization work is done.
     """
-    if len(context.data.splits.get("calib", [])) == 0:
-        raise InputError(f"{context.where}: the data has no calibration samples (its 'calib' split is empty)")
+    calibration = getattr(config, "calibration", config)
+    split = calibration.split
+    if len(context.data.splits.get(split, [])) == 0:
+        raise InputError(f"{context.where}: the data has no calibration samples (its {split!r} split is empty)")
     expected = _shapes(context.example_inputs(1))
-    limit = config.calibration_batches * config.calibration_batch_size
-    for inputs, _ in context.data.batches("calib", context.bundle.preprocess, config.calibration_batch_size,
-                                          limit=limit):
+    for inputs, _ in context.data.batches(split, context.bundle.preprocess, calibration.batch_size,
+                                          limit=calibration.samples):
         found = _shapes(inputs)
         # Sequence models take any length: only the number of inputs and their ranks must match.
         comparable = [len(e) for e in expected] == [len(f) for f in found]
@@ -39,7 +44,8 @@ def calibration_batches(context, config) -> Iterator[Any]:
 
 def check_calibration(context, config) -> None:
     """Fail early (before any export or training) if the calibration data is empty or does not fit the model."""
-    next(calibration_batches(context, SimpleNamespace(calibration_batches=1, calibration_batch_size=1)))
+    calibration = getattr(config, "calibration", config)
+    next(calibration_batches(context, dataclasses.replace(calibration, samples=1, batch_size=1)))
 
 
 MIN_CALIBRATION_TOKENS = 64
@@ -62,7 +68,7 @@ def require_calibration_tokens(batches: list, where: str, method: str) -> int:
     samples than that describe the calibration text, not the layer's inputs)."""
     count = calibration_tokens(batches)
     if count < MIN_CALIBRATION_TOKENS:
-        raise InputError(f"{where}.calibration_batches: {method} got {count} calibration samples/tokens, fewer than "
-                         f"the {MIN_CALIBRATION_TOKENS} it needs; use more calibration_batches or a larger "
-                         f"calib split")
+        raise InputError(f"{where}.calibration.samples: {method} got {count} calibration samples/tokens, fewer "
+                         f"than the {MIN_CALIBRATION_TOKENS} it needs; use more calibration.samples or a larger "
+                         f"calibration split")
     return count

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError, describe
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
@@ -41,8 +42,8 @@ class Int8StaticConfig:
             "percentile" (99.99th), "mse" or "entropy" (KL). torchinductor uses torchao's observers: min-max,
             moving-average min-max, or its histogram (an L2-optimal range) for the last three.
         per_channel: one weight scale per output channel (else per tensor; onnxruntime only).
-        calibration_batches: number of calibration batches drawn from the data's ``calib`` split.
-        calibration_batch_size: samples per calibration batch.
+        calibration: the calibration samples (`CalibrationConfig`: ``samples``, ``batch_size``, ``split``;
+            default 256 samples of the ``calib`` split in batches of 32).
         skip: module-name patterns (fnmatch) kept in float, e.g. ["fc"].
         fallback_layers: keep in float the layers whose own quantization error, measured in the simulated int8
             model on calibration data, is largest (this many; onnxruntime). 0 = quantize every layer.
@@ -55,19 +56,19 @@ class Int8StaticConfig:
     runtime: Literal["auto", "onnxruntime", "torchinductor"] = "auto"
     observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     per_channel: bool = True
-    calibration_batches: int = 8
-    calibration_batch_size: int = 32
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     skip: list[str] = field(default_factory=list)
     prefer: Literal["balanced", "batch", "bs1"] = "balanced"
     fallback_layers: int = 0
     bias_correction: bool = True
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {
+        "calibration_batches": "calibration.samples (samples, not batches: calibration_batches x "
+                               "calibration_batch_size)",
+        "calibration_batch_size": "calibration.batch_size"}
 
     def __post_init__(self) -> None:
-        check(self.calibration_batches >= 1, "calibration_batches", f"must be >= 1, got {self.calibration_batches}")
         check(self.fallback_layers >= 0, "fallback_layers", f"must be >= 0, got {self.fallback_layers}")
-        check(self.calibration_batch_size >= 1, "calibration_batch_size",
-              f"must be >= 1, got {self.calibration_batch_size}")
 
 
 def _unavailable(name: str, config: Int8StaticConfig) -> str | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError
 from torchslim.quant import onnx_backend
 from torchslim.quant.calibration import calibration_batches, check_calibration
@@ -53,8 +54,7 @@ class QatConfig:
         runtime: "onnxruntime" (the runtime the fine-tuned model is converted for).
         observer: activation ranges, as in int8-static (calibrated before training, recalibrated after).
         per_channel: one weight scale per output channel (else per tensor).
-        calibration_batches: how many calibration batches, as in int8-static.
-        calibration_batch_size: samples per calibration batch, as in int8-static.
+        calibration: the calibration samples, as in int8-static (`CalibrationConfig`).
         skip: module-name patterns (fnmatch) kept in float, neither simulated nor quantized.
         fallback_layers: as in int8-static, measured after training.
         bias_correction: as in int8-static (after QAT the weights sit on their grid, so it moves little).
@@ -65,18 +65,18 @@ class QatConfig:
     runtime: Literal["onnxruntime"] = "onnxruntime"
     observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
     per_channel: bool = True
-    calibration_batches: int = 8
-    calibration_batch_size: int = 32
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     skip: list[str] = field(default_factory=list)
     fallback_layers: int = 0
     bias_correction: bool = True
     finetune: FinetuneConfig = field(default_factory=_qat_finetune)
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {
+        "calibration_batches": "calibration.samples (samples, not batches: calibration_batches x "
+                               "calibration_batch_size)",
+        "calibration_batch_size": "calibration.batch_size"}
 
     def __post_init__(self) -> None:
-        check(self.calibration_batches >= 1, "calibration_batches", f"must be >= 1, got {self.calibration_batches}")
-        check(self.calibration_batch_size >= 1, "calibration_batch_size",
-              f"must be >= 1, got {self.calibration_batch_size}")
         check(self.fallback_layers >= 0, "fallback_layers", f"must be >= 0, got {self.fallback_layers}")
 
 

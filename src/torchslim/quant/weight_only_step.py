@@ -24,13 +24,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from torchslim._config import check
+from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError
 from torchslim.llm.blocks import output_head
 from torchslim.quant.fold import _set_module
@@ -48,7 +48,8 @@ class WeightOnly:
     Args:
         group_size: weights of a row sharing one scale/zero point (0: one per output row, i.e. per channel).
         algorithm: "rtn", "hqq" (no data), "gptq" or "awq" (calibrated on the recipe's ``calib`` split).
-        calibration_batches: batches of ``batch_size`` calibration samples for gptq/awq.
+        calibration: the calibration samples of gptq/awq (`CalibrationConfig`; default 128 samples of the
+            ``calib`` split in batches of 8).
         symmetric: symmetric codes (no zero point) instead of asymmetric ones.
         head_bits: bits of the output head and the embedding tied to it (8, 4, or 0 to keep them in float).
         act_order: gptq only: quantize columns in order of decreasing Hessian diagonal.
@@ -58,15 +59,16 @@ class WeightOnly:
 
     group_size: int = 128
     algorithm: Literal["rtn", "hqq", "gptq", "awq"] = "rtn"
-    calibration_batches: int = 16
-    batch_size: int = 8
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(samples=128, batch_size=8))
     symmetric: bool = False
     head_bits: int = 8
     act_order: bool = False
     damping: float = 0.01
     skip: list[str] = field(default_factory=list)
     version: int = 1
-    renamed_fields: ClassVar[dict[str, str]] = {"damp": "damping"}
+    renamed_fields: ClassVar[dict[str, str]] = {
+        "damp": "damping", "batch_size": "calibration.batch_size",
+        "calibration_batches": "calibration.samples (samples, not batches: calibration_batches x batch_size)"}
 
     bits = 4
 
@@ -74,8 +76,6 @@ class WeightOnly:
         check(self.group_size == 0 or (self.group_size >= 8 and self.group_size % 8 == 0), "group_size",
               f"must be 0 (per output channel) or a multiple of 8, got {self.group_size}")
         check(self.head_bits in (0, 4, 8), "head_bits", f"must be 8, 4 or 0 (float), got {self.head_bits}")
-        check(self.calibration_batches >= 1, "calibration_batches", "must be >= 1")
-        check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(0.0 < self.damping < 1.0, "damping", f"must be in (0, 1), got {self.damping}")
 
 
@@ -150,8 +150,7 @@ def _zero_codes(qweight) -> torch.Tensor:
 def _calibration_batches(context, config: WeightOnly) -> list:
     from torchslim.quant.calibration import calibration_batches
 
-    source = SimpleNamespace(calibration_batches=config.calibration_batches, calibration_batch_size=config.batch_size)
-    return list(calibration_batches(context, source))
+    return list(calibration_batches(context, config.calibration))
 
 
 def quantize_weights_(context, config: WeightOnly) -> dict:
