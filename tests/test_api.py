@@ -19,7 +19,7 @@ from torch import nn
 import torchslim
 from torchslim.errors import ArtifactError, InputError
 
-from api_models import CASES, SmallCNN, cnn_case
+from api_models import CASES, SmallCNN, click_case, cnn_case
 
 # Settings that make a method act on models this small, or keep it quick; every other method runs its defaults.
 CONTRACT_SETTINGS = {
@@ -244,3 +244,27 @@ def test_int8_static_on_torchinductor_reloads_through_load_without_inputs(tmp_pa
     result.save(tmp_path / "int8")
     loaded = torchslim.load(tmp_path / "int8", case.fresh())  # input shapes come from the file
     assert (loaded(case.inputs) - expected).abs().max().item() <= TOLERANCE["torchinductor"]
+
+
+def test_an_artifact_recording_a_renamed_calibration_key_still_loads(tmp_path):
+    """Written before compress_embeddings' frequency_samples became calibration.samples: replay rebuilds the
+    structure without it."""
+    import json
+
+    from torchslim.compact.embeddings import HashingConfig
+    from torchslim.integrity import write_manifest
+
+    case = click_case()
+    result = torchslim.apply(case.model, HashingConfig(min_rows=1000), case.data, task=case.task)
+    folder = tmp_path / "artifact"
+    result.save(folder)
+    shapes = folder / "model.shapes.json"
+    raw = json.loads(shapes.read_text())
+    (step,) = raw["replayed"]
+    assert step["config"].pop("calibration")["samples"] == 0
+    step["config"]["frequency_samples"] = 0
+    shapes.write_text(json.dumps(raw))
+    write_manifest(folder)
+    loaded = torchslim.load(folder, case.fresh())
+    with torch.inference_mode():
+        assert torch.equal(_call(loaded, case.inputs), _call(result.deployable, case.inputs))

@@ -92,6 +92,8 @@ def test_bad_recipes_name_file_step_and_field(tmp_path, text, message):
     ("quantize: {method: qat, calibration_batch_size: 8}", "steps[0].quantize.calibration_batch_size: was renamed "
                                                            "to calibration.batch_size"),
     ("quantize: {method: int4-weight, calibration_batches: 2}", "steps[0].quantize.calibration_batches: was renamed"),
+    ("compress_embeddings: {method: hashing, frequency_samples: 0}", "steps[0].compress_embeddings.frequency_samples: "
+                                                                    "was renamed to calibration.samples"),
 ])
 def test_old_spellings_name_the_new_word(tmp_path, step, message):
     path = write(tmp_path, f"model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - {step}\n")

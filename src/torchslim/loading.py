@@ -168,7 +168,11 @@ def _replay(model: nn.Module, step: Any, where: str) -> None:
                                                                                              dict):
         raise ArtifactError(f"{where}: expected a recorded step of kind {' or '.join(REPLAYED_KINDS)}")
     try:
-        config = from_dict(get_method(step["kind"], str(step.get("method"))).config_cls, step["config"])
+        config_cls = get_method(step["kind"], str(step.get("method"))).config_cls
+        # A key renamed since the artifact was written only set how the step calibrated (compress_embeddings'
+        # frequency_samples), which replaying the structure does not read: drop it rather than refuse the file.
+        recorded = {k: v for k, v in step["config"].items() if k not in getattr(config_cls, "renamed_fields", {})}
+        config = from_dict(config_cls, recorded)
     except (KeyError, FieldError) as error:
         raise ArtifactError(f"{where}: {error}") from None
     if step["kind"] == "materialize":

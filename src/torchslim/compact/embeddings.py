@@ -26,13 +26,14 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim.data.config import CalibrationConfig
 from torchslim.compact.embedding_bags import (COMPRESSED_TABLES, EMBEDDING_TABLES, HashedEmbeddingBag,
                                               ProjectedEmbeddingBag, QREmbeddingBag, QuantizedEmbeddingBag,
                                               new_like, storage)
@@ -43,8 +44,11 @@ from torchslim.zoo import call_model
 
 def _check_common(config) -> None:
     check(config.min_rows >= 0, "min_rows", f"must be >= 0, got {config.min_rows}")
-    check(getattr(config, "frequency_samples", 0) >= 0, "frequency_samples",
-          f"must be >= 0, got {getattr(config, 'frequency_samples', 0)}")
+
+
+def _counting() -> CalibrationConfig:
+    # Counting lookups is cheap per sample: the whole training split by default, in large batches.
+    return CalibrationConfig(samples=0, batch_size=4096, split="train")
 
 
 @dataclass(frozen=True)
@@ -94,16 +98,18 @@ class HashingConfig:
         rows_ratio: fraction of the rows kept.
         max_rows: at most this many rows per table (0: no cap).
         min_rows: tables with fewer rows stay as they are.
-        frequency_samples: training samples whose lookups weight the averaged rows (0: the whole split).
+        calibration: the samples whose lookups weight the averaged rows (`CalibrationConfig`; default the whole
+            ``train`` split in batches of 4096).
         skip: table-name patterns (fnmatch) left as they are.
     """
 
     rows_ratio: float = 0.25
     max_rows: int = 0
     min_rows: int = 10_000
-    frequency_samples: int = 0
+    calibration: CalibrationConfig = field(default_factory=_counting)
     skip: list[str] = field(default_factory=list)
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {"frequency_samples": "calibration.samples"}
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -120,16 +126,18 @@ class QuotientRemainderConfig:
         collisions: ids sharing a quotient row (the remainder table's rows).
         operation: "mult" (elementwise product, the paper's best) or "add".
         min_rows: tables with fewer rows stay as they are.
-        frequency_samples: training samples whose lookups weight the initial fit (0: the whole split).
+        calibration: the samples whose lookups weight the initial fit (`CalibrationConfig`; default the whole
+            ``train`` split in batches of 4096).
         skip: table-name patterns (fnmatch) left as they are.
     """
 
     collisions: int = 4
     operation: Literal["mult", "add"] = "mult"
     min_rows: int = 10_000
-    frequency_samples: int = 0
+    calibration: CalibrationConfig = field(default_factory=_counting)
     skip: list[str] = field(default_factory=list)
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {"frequency_samples": "calibration.samples"}
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -146,7 +154,8 @@ class MixedDimensionConfig:
         min_dim: the narrowest width.
         power_of_two: round widths to powers of two.
         min_rows: tables with fewer rows stay as they are.
-        frequency_samples: training samples whose lookups weight the initial projection (0: the whole split).
+        calibration: the samples whose lookups weight the initial projection (`CalibrationConfig`; default the whole
+            ``train`` split in batches of 4096).
         skip: table-name patterns (fnmatch) left as they are.
     """
 
@@ -154,9 +163,10 @@ class MixedDimensionConfig:
     min_dim: int = 2
     power_of_two: bool = True
     min_rows: int = 10_000
-    frequency_samples: int = 0
+    calibration: CalibrationConfig = field(default_factory=_counting)
     skip: list[str] = field(default_factory=list)
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {"frequency_samples": "calibration.samples"}
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -447,11 +457,11 @@ def compress_embeddings_(model: nn.Module, config, *, counts: dict[str, torch.Te
 
 def _count_lookups(context, config, nested: bool) -> dict[str, torch.Tensor]:
     tables, _ = candidate_tables(context.model, nested)
-    data = context.data
-    if not tables or len(data.splits.get("train") or []) == 0:
+    data, calibration = context.data, config.calibration
+    if not tables or len(data.splits.get(calibration.split) or []) == 0:
         return {}
-    batches = (inputs for inputs, _ in data.batches("train", context.bundle.preprocess, 4096,
-                                                     limit=config.frequency_samples))
+    batches = (inputs for inputs, _ in data.batches(calibration.split, context.bundle.preprocess,
+                                                     calibration.batch_size, limit=calibration.samples))
     return lookup_counts(context.model, tables, batches)
 
 
