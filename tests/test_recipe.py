@@ -144,3 +144,12 @@ def test_a_calibration_mapping_overrides_only_the_keys_it_names_of_the_method_de
     assert (channel.samples, channel.batch_size, channel.split) == (512, 32, "train")
     assert (wanda.samples, wanda.batch_size, wanda.split) == (128, 4, "calib")
     assert (int8.samples, int8.batch_size, int8.split) == (256, 32, "train")
+
+
+def test_an_old_search_spelling_names_the_new_word(tmp_path):
+    path = write(tmp_path, "model: builtin:digits-cnn\ndata: builtin:digits\nsearch: {sensitivity: {samples: 32}}\n")
+    with pytest.raises(InputError, match=r"search\.sensitivity\.samples: was renamed to calibration\.samples"):
+        load_recipe(path)
+    path = write(tmp_path, "model: builtin:digits-cnn\ndata: builtin:digits\nsearch: {recovery: {epochs: 1}}\n")
+    with pytest.raises(InputError, match=r"search\.recovery: was renamed to finetune"):
+        load_recipe(path)

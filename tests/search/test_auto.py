@@ -20,7 +20,7 @@ TINY_SEARCH = {
     "search": {"space": {"ratios": [0.0, 0.5], "precision": ["float"], "epochs": [1], "round_to": 1},
                "finetune": {"epochs": 1, "batch_size": 128, "optimizer": {"name": "adamw", "lr": 0.003}},
                "constraints": {"max_drop": 0.5}, "trials": 3, "repeats": 2,
-               "sensitivity": {"samples": 32, "plans": 1}},
+               "sensitivity": {"calibration": {"samples": 32}, "plans": 1}},
 }
 
 

@@ -27,7 +27,7 @@ def _recipe(path: Path, trials: int, workers: int) -> Path:
               "search": {"space": {"ratios": [0.0, 0.25, 0.5], "precision": ["float"], "epochs": [1], "round_to": 1},
                          "finetune": {"epochs": 1, "batch_size": 256, "optimizer": {"name": "adamw", "lr": 0.003}},
                          "constraints": {"max_drop": 0.5}, "trials": trials, "workers": workers, "repeats": 2,
-                         "sensitivity": {"samples": 32, "plans": 1}}}
+                         "sensitivity": {"calibration": {"samples": 32}, "plans": 1}}}
     path.write_text(yaml.safe_dump(recipe))
     return path
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torchslim.data.config import CalibrationConfig
 from torchslim.recipe import parse_recipe
 from torchslim.search.allocation import Predictor
 from torchslim.search.config import SpaceConfig
@@ -21,7 +22,7 @@ def measured(tmp_path_factory):
     runner = TrialRunner(recipe, tmp_path_factory.mktemp("sensitivity"), repeats=2)
     space = build_space(runner.bundle, runner.data, SpaceConfig(ratios=[0.0, 0.5], precision=["float", "int8-static"],
                                                                 round_to=1), "auto")
-    result = SensitivityPass(runner, space, samples=32, float_layers=1, log=lambda message: None).run()
+    result = SensitivityPass(runner, space, CalibrationConfig(samples=32), float_layers=1, log=lambda message: None).run()
     return runner, space, result
 
 

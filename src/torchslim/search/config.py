@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from torchslim._config import check
+from torchslim.data.config import CalibrationConfig
 from torchslim.recover.finetune import DistillConfig, FinetuneConfig
 from torchslim.recover.optim import OptimizerConfig
 
@@ -116,20 +117,23 @@ class SensitivityConfig:
     """The proxy pass before any trial.
 
     Args:
-        samples: calibration samples each option is scored on (the data's ``calib`` split, else ``train``).
+        calibration: the samples each option is scored on (`CalibrationConfig`; default 128 of the ``calib``
+            split, read from ``train`` when the data has no ``calib`` samples, in batches of 32, text at most 16).
         proxy: what predicts a plan's drop: "loss" (KL divergence, 1 - cosine or NLL change on the
             calibration samples), "sqnr" (the output's signal-to-noise ratio, dB) or "auto" (loss first; after
             the trials the report says which ranked the measured drops better).
         plans: plans allocated from the proxy and enqueued as the first trials.
     """
 
-    samples: int = 128
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(samples=128))
     proxy: Literal["auto", "loss", "sqnr"] = "auto"
     plans: int = 4
     version: int = 1
+    renamed_fields: ClassVar[dict[str, str]] = {"samples": "calibration.samples"}
 
     def __post_init__(self) -> None:
-        check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
+        check(self.calibration.samples >= 1, "calibration.samples",
+              f"must be >= 1, got {self.calibration.samples}")
         check(0 <= self.plans <= 64, "plans", f"must be in [0, 64], got {self.plans}")
 
 

@@ -108,7 +108,7 @@ def _new_study(recipe, runner, storage, name: str, log: Callable, started: float
     config = recipe.search
     space = spaces.build_space(runner.bundle, runner.data, config.space, config.runtime)
     log(f"search space: {spaces.space_size_text(space)}" + (f" ({'; '.join(space.notes)})" if space.notes else ""))
-    result = sensitivity.SensitivityPass(runner, space, config.sensitivity.samples, config.space.float_layers,
+    result = sensitivity.SensitivityPass(runner, space, config.sensitivity.calibration, config.space.float_layers,
                                          log).run()
     sensitivity.add_float_decisions(space, result)
     constraints = config.constraints

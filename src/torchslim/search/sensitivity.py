@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from torchslim.data.config import CalibrationConfig
 from torchslim.errors import describe
 from torchslim.measure.metrics import kl_divergence
 from torchslim.search.space import PRECISION, PRUNE, RANK, SearchSpace, module_work
@@ -102,14 +103,18 @@ def output_sqnr(outputs: torch.Tensor, reference: torch.Tensor) -> float:
 class SensitivityPass:
     """Scores every option of ``space`` on a copy of ``runner``'s model (see the module docstring)."""
 
-    def __init__(self, runner, space: SearchSpace, samples: int, float_layers: int, log: Callable = print):
+    def __init__(self, runner, space: SearchSpace, calibration: CalibrationConfig, float_layers: int,
+                 log: Callable = print):
         self.runner, self.space, self.log = runner, space, log
         self.float_layers = float_layers
         data, preprocess = runner.data, runner.bundle.preprocess
-        split = "calib" if len(data.splits.get("calib", [])) else "train"
-        size = 16 if runner.bundle.modality == "text" else 32
+        split = calibration.split
+        if split == "calib" and not len(data.splits.get("calib", [])):
+            split = "train"  # a source with no calibration samples still has training ones
+        # Text batches pad to their longest sequence: short batches keep the scored outputs cheap.
+        size = min(calibration.batch_size, 16) if runner.bundle.modality == "text" else calibration.batch_size
         self.split = split
-        self.batches = [inputs for inputs, _ in data.batches(split, preprocess, size, limit=samples)]
+        self.batches = [inputs for inputs, _ in data.batches(split, preprocess, size, limit=calibration.samples)]
         self.reference = self._outputs(runner.pristine)
         self.example = runner.bundle.example_inputs(2)
         self.work = module_work(runner.pristine, self.example)
