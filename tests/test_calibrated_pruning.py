@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from torchslim._config import FieldError
+from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError
 from torchslim.pruning.channel import ChannelPruningConfig, prune
 
@@ -82,8 +84,8 @@ def test_calibrated_pruning_without_calibration_inputs_is_a_clear_error():
     for config in (ChannelPruningConfig(importance="activation"), ChannelPruningConfig(reconstruct=True)):
         with pytest.raises(InputError, match="need calibration inputs"):
             prune(MLP(), config, torch.randn(2, 6))
-    with pytest.raises(Exception, match="calibration_samples"):
-        ChannelPruningConfig(calibration_samples=0)
+    with pytest.raises(FieldError, match=r"samples: must be >= 0 \(0: the whole split\), got -1"):
+        ChannelPruningConfig(calibration=CalibrationConfig(samples=-1, split="train"))
 
 
 def test_recipe_step_prunes_a_gpt2_ffn_with_activation_importance_and_refits_its_conv1d_layers(tmp_path):
