@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         {"demo": _demo, "compress": _compress, "profile": _profile, "auto": _auto,
          "worker": _worker}[args.command](args)
     except InputError as error:
-        print(f"torchslim: error: {_one_line(error)}", file=sys.stderr)
+        print(f"torchslim: error: {_error_text(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         if main_thread:
@@ -229,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _error_text(error: BaseException) -> str:
+    """A recipe's problems one per line under a summary line (see `RecipeError`); any other error on one line."""
+    from torchslim.errors import RecipeError
+
+    return str(error) if isinstance(error, RecipeError) else _one_line(error)
 
 
 def _one_line(error: BaseException) -> str:
