@@ -111,12 +111,14 @@ def _observer_ranges(prepared: nn.Module) -> dict[str, torch.Tensor]:
 def _convert(module: nn.Module, example: Any, config, calibrate=None, ranges: dict | None = None):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    from torchslim._progress import bar
+
     quantizer, skipped = _quantizer(module, config)
     prepared = prepare_pt2e(_capture(module, example), quantizer)
     if ranges is not None:
         prepared.load_state_dict(ranges, strict=False)
     with torch.no_grad():
-        for batch in calibrate or ():
+        for batch in bar(calibrate or (), desc="calibrating (torchao)"):
             prepared(*_args(batch))
     ranges = _observer_ranges(prepared)
     return convert_pt2e(prepared), ranges, skipped
