@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._quiet import quiet_torch_compile_logs
 from torchslim.quant.calibration import calibration_batches
 from torchslim.quant.cpu import has_vnni, int8_features
 from torchslim.runtime import Deployable
 
 ARTIFACT_FORMAT = "torchslim.pt2e-int8/1"
+quiet_torch_compile_logs()  # before torchao's import (in this module only) logs its first line
 OBSERVERS = {"minmax": "MinMaxObserver", "moving_average": "MovingAverageMinMaxObserver"}
 
 
