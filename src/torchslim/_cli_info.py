@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import textwrap
@@ -12,15 +13,17 @@ from typing import Any
 
 
 def version_text() -> str:
-    """``torchslim X.Y.Z (torch A.B.C, Python D.E.F)``, read from the installed metadata (torch is not imported)."""
+    """``torchslim X.Y.Z (torch A.B.C+build, Python D.E.F)``; torch's own ``__version__`` names its build (+cpu,
+    +cu130), which its package metadata may leave out."""
     import platform
-    from importlib import metadata
 
     from torchslim import __version__
 
     try:
-        torch_version = metadata.version("torch")
-    except metadata.PackageNotFoundError:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
         torch_version = "not installed"
     return f"torchslim {__version__} (torch {torch_version}, Python {platform.python_version()})"
 
@@ -67,7 +70,7 @@ def run_check(args) -> None:
     recipe = load_recipe(args.recipe, args.set)
     sys.stdout.write(resolved_yaml(recipe))
     steps = ", ".join(step.name for step in recipe.steps) or "no steps"
-    print(f"torchslim: {args.recipe}: valid ({recipe.model} on {recipe.data}; {steps})", file=sys.stderr)
+    logging.getLogger("torchslim").info(f"{args.recipe}: valid ({recipe.model} on {recipe.data}; {steps})")
 
 
 def run_schema(args) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -109,8 +110,6 @@ def _search_parsers(sub) -> tuple[argparse.ArgumentParser, argparse.ArgumentPars
 
 def _log(quiet: bool):
     """Progress lines: the ``torchslim`` logger's INFO level, which ``--quiet`` hides (see `_logging`)."""
-    import logging
-
     return logging.getLogger("torchslim").info
 
 
@@ -190,8 +189,8 @@ def _compress(args) -> None:
         from torchslim._cli_info import resolved_yaml
 
         sys.stdout.write(resolved_yaml(recipe))
-        print(f"torchslim: dry run: {args.recipe} is valid; it would write {out} (nothing was run)",
-              file=sys.stderr)
+        logging.getLogger("torchslim").info(f"dry run: {args.recipe} is valid; it would write {out} (nothing "
+                                            f"was run)")
         return
     _run_recipe(recipe, out, args)
 
@@ -237,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from torchslim.plugins import load_plugins
 
-        load_plugins(args.imports, entry_points=not args.no_plugins)
+        loaded = load_plugins(args.imports, entry_points=not args.no_plugins)
+        logging.getLogger("torchslim").debug(f"plugins loaded: {', '.join(loaded) or 'none'}")
         from torchslim import _cli_info
 
         {"demo": _demo, "compress": _compress, "profile": _profile, "auto": _auto, "worker": _worker,
