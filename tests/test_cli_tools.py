@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from torchslim.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {method: magnitude, sparsity: 0.5}\n"
 
@@ -65,11 +67,16 @@ def test_list_methods_text_of_one_kind():
     assert headers == ["quantize: {method: int4-weight}", "quantize: {method: int8-dynamic}",
                        "quantize: {method: int8-static}", "quantize: {method: int8-weight}", "quantize: {method: qat}"]
     assert "    runtime: 'auto' | 'onnxruntime' | 'torchinductor' = auto" in result.stdout
-    refused = cli("list", "methods", "--kind", "quantise")
-    assert refused.returncode == 2
-    assert refused.stderr.strip() == ("torchslim: error: --kind: unknown step kind 'quantise', did you mean "
-                                      "'quantize'? (known: prune, factorize, share_weights, compress_embeddings, "
-                                      "finetune, materialize, quantize)")
+
+
+
+def test_list_refuses_an_unknown_kind_with_did_you_mean(capsys):
+    assert main(["list", "methods", "--kind", "quantise"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "torchslim: error: --kind: unknown step kind 'quantise', did you mean 'quantize'? (known: prune, factorize, "
+        "share_weights, compress_embeddings, finetune, materialize, quantize)")
+    assert main(["list", "models", "--kind", "prune"]) == 2
+    assert "--kind: lists methods only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("what, prefixes, builtin", [
@@ -77,18 +84,21 @@ def test_list_methods_text_of_one_kind():
     ("data", ["builtin:", "csv:", "datasets:", "file:", "imagefolder:", "jsonl:", "parquet:", "text:"],
      "builtin:digits"),
 ])
-def test_list_models_and_data_show_prefixes_and_builtins(what, prefixes, builtin):
-    result = cli("list", what, "--json")
+def test_list_models_and_data_show_prefixes_and_builtins(what, prefixes, builtin, capsys):
+    result = cli("list", what)
     assert result.returncode == 0, result.stderr
-    listed = json.loads(result.stdout)
+    assert result.stdout.startswith(f"{'model' if what == 'models' else 'data'} spec prefixes:\n  builtin:  ")
+    assert re.search(rf"^  {builtin} +\S", result.stdout, re.MULTILINE), result.stdout
+    assert main(["list", what, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
     assert [p["prefix"] for p in listed["prefixes"]] == prefixes
     assert builtin in [b["name"] for b in listed["builtins"]]
-    assert all(b["help"] for b in listed["builtins"]) and all(p["help"] for p in listed["prefixes"])
-    text = cli("list", what)
-    assert text.returncode == 0 and builtin in text.stdout and "spec prefixes:" in text.stdout
+    # each with a line of help (but the test suite's own tiny model, registered here in-process)
+    assert all(b["help"] for b in listed["builtins"] if "test" not in b["name"])
+    assert all(p["help"] for p in listed["prefixes"])
 
 
-def test_check_prints_the_resolved_recipe_and_loads_nothing(tmp_path):
+def test_check_prints_the_resolved_recipe_and_loads_nothing(tmp_path, capsys):
     from torchslim.recipe import load_recipe
 
     # a file: model that does not exist: check never imports or builds the model
@@ -101,8 +111,9 @@ def test_check_prints_the_resolved_recipe_and_loads_nothing(tmp_path):
                                              "pattern": "unstructured", "version": 1}
     assert result.stderr.strip() == (f"torchslim: {recipe}: valid (file:absent.py:make on builtin:digits; "
                                      f"prune:magnitude)")
-    quiet = cli("check", recipe, "--quiet")
-    assert quiet.returncode == 0 and quiet.stderr == "" and yaml.safe_load(quiet.stdout)["seed"] == 3
+    assert main(["check", str(recipe), "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and yaml.safe_load(quiet.out)["seed"] == 3
 
 
 def test_check_reports_every_problem_at_once(tmp_path):
@@ -120,16 +131,15 @@ def test_check_reports_every_problem_at_once(tmp_path):
     assert len(lines) == 5
 
 
-def test_one_problem_is_one_line(tmp_path):
+def test_one_problem_is_one_line(tmp_path, capsys):
     recipe = write(tmp_path, TINY.replace("magnitude", "magnitud"))
-    result = cli("check", recipe)
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [f"torchslim: error: {recipe}: steps[0].prune.method: unknown prune method "
+    assert main(["check", str(recipe)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"torchslim: error: {recipe}: steps[0].prune.method: unknown prune method "
                                           f"'magnitud', did you mean 'magnitude'? (known: channel, magnitude, "
                                           f"sparsegpt, wanda)"]
 
 
-def test_compress_dry_run_validates_and_writes_nothing(tmp_path):
+def test_compress_dry_run_validates_and_writes_nothing(tmp_path, capsys):
     recipe = write(tmp_path, TINY)
     out = tmp_path / "out"
     result = cli("compress", recipe, "--out", out, "--dry-run")
@@ -137,21 +147,25 @@ def test_compress_dry_run_validates_and_writes_nothing(tmp_path):
     assert yaml.safe_load(result.stdout)["steps"][0]["prune"]["sparsity"] == 0.5
     assert f"dry run: {recipe} is valid; it would write {out}" in result.stderr
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
-    bad = cli("compress", write(tmp_path, TINY + "mesure: {}\n", "bad.yaml"), "--out", out, "--dry-run")
-    assert bad.returncode == 2 and "mesure: unknown key, did you mean 'measure'?" in bad.stderr
-    refused = cli("compress", recipe, "--out", tmp_path, "--dry-run", "--overwrite")  # the recipe's own folder
-    assert refused.returncode == 2 and "holds the recipe" in refused.stderr and not out.exists()
+    bad = write(tmp_path, TINY + "mesure: {}\n", "bad.yaml")
+    assert main(["compress", str(bad), "--out", str(out), "--dry-run"]) == 2
+    assert "mesure: unknown key, did you mean 'measure'?" in capsys.readouterr().err
+    assert main(["compress", str(recipe), "--out", str(tmp_path), "--dry-run", "--overwrite"]) == 2
+    assert "holds the recipe" in capsys.readouterr().err and not out.exists()  # the recipe's own folder
 
 
-def test_verbose_adds_details_and_works_before_or_after_the_command(tmp_path):
+def test_verbose_adds_details_and_works_before_or_after_the_command(tmp_path, capsys):
     recipe = write(tmp_path, TINY)
-    for args in (("-v", "check", recipe), ("check", recipe, "-v"), ("check", recipe, "--verbose")):
-        result = cli(*args, "--no-plugins")
-        assert result.returncode == 0, result.stderr
-        assert "torchslim: plugins loaded: none" in result.stderr.splitlines()
-    plain = cli("check", recipe)
-    assert "plugins loaded" not in plain.stderr and "valid" in plain.stderr
-    assert cli("--quiet", "check", recipe).stderr == ""
+    result = cli("-v", "check", recipe, "--no-plugins")
+    assert result.returncode == 0, result.stderr
+    assert "torchslim: plugins loaded: none" in result.stderr.splitlines()
+    for args in (["check", str(recipe), "-v"], ["check", str(recipe), "--verbose"]):
+        assert main([*args, "--no-plugins"]) == 0
+        assert "torchslim: plugins loaded: none" in capsys.readouterr().err.splitlines()
+    assert main(["check", str(recipe)]) == 0
+    plain = capsys.readouterr().err
+    assert "plugins loaded" not in plain and "valid" in plain
+    assert main(["--quiet", "check", str(recipe)]) == 0 and capsys.readouterr().err == ""
 
 
 def test_schema_matches_the_checked_in_copy_and_accepts_every_example():
