@@ -134,9 +134,9 @@ def test_check_reports_every_problem_at_once(tmp_path):
 def test_one_problem_is_one_line(tmp_path, capsys):
     recipe = write(tmp_path, TINY.replace("magnitude", "magnitud"))
     assert main(["check", str(recipe)]) == 2
-    assert capsys.readouterr().err.splitlines() == [f"torchslim: error: {recipe}: steps[0].prune.method: unknown prune method "
-                                          f"'magnitud', did you mean 'magnitude'? (known: channel, magnitude, "
-                                          f"sparsegpt, wanda)"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"torchslim: error: {recipe}: steps[0].prune.method: unknown prune method 'magnitud', did you mean "
+        f"'magnitude'? (known: channel, magnitude, sparsegpt, wanda)"]
 
 
 def test_compress_dry_run_validates_and_writes_nothing(tmp_path, capsys):

@@ -142,3 +142,14 @@ def test_one_problem_stays_one_line(tmp_path):
         load_recipe(path)
     assert str(error.value) == (f"{path}: steps[0].prune.scop: unknown key, did you mean 'scope'? "
                                 f"(known: sparsity, scope, skip, pattern, version)")
+
+
+def test_a_recipe_of_many_broken_steps_lists_twenty_problems_and_counts_the_rest():
+    from torchslim.errors import RecipeError
+
+    raw = {"model": "builtin:digits-cnn", "data": "builtin:digits", "steps": [{"squash": {}}] * 30}
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(raw, "many.yaml")
+    lines = str(error.value).splitlines()
+    assert lines[0] == "30 problems in many.yaml:" and len(error.value.problems) == 30
+    assert len(lines) == 22 and lines[-1] == "  ... and 10 more" and lines[20].startswith("  steps[19]: ")

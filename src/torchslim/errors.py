@@ -24,13 +24,17 @@ class RecipeError(InputError):
         problems: one ``field: message`` text per problem, in the recipe's order.
     """
 
+    MAX_LISTED = 20  # a recipe of 10,000 broken steps must not print 10,000 lines
+
     def __init__(self, source: str, problems: list[str]):
         self.source, self.problems = source, list(problems)
         if len(self.problems) == 1:
             super().__init__(f"{source}: {self.problems[0]}")
-        else:
-            super().__init__("\n".join([f"{len(self.problems)} problems in {source}:",
-                                        *(f"  {problem}" for problem in self.problems)]))
+            return
+        listed = [f"  {problem}" for problem in self.problems[:self.MAX_LISTED]]
+        if len(self.problems) > self.MAX_LISTED:
+            listed.append(f"  ... and {len(self.problems) - self.MAX_LISTED} more")
+        super().__init__("\n".join([f"{len(self.problems)} problems in {source}:", *listed]))
 
 
 class ArtifactError(InputError):

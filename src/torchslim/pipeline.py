@@ -183,15 +183,15 @@ def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: boo
     """Run ``recipe``; write report.json, report.md, recipe.yaml, the final artifact and manifest.json to
     ``out_dir``.
 
-    Progress lines go to ``log`` (default: the ``torchslim.pipeline`` logger's INFO level); ``progress=False``
-    hides the progress bars. ``out_dir`` is checked before any work starts (see `torchslim._output`): a new path, an empty folder or a
+    ``out_dir`` is checked before any work starts (see `torchslim._output`): a new path, an empty folder or a
     previous run's output folder; ``overwrite=True`` also allows replacing another file or folder, but never the
     working or home folder, a filesystem root or a folder holding the recipe. A lock beside it keeps a second run
     away while this one lasts. Nothing is written unless the whole run succeeds (the folder appears complete or
     not at all). Training steps checkpoint to ``<out_dir>.checkpoints/``; running the same recipe again after an
     interruption resumes from there (``fresh=True`` deletes them first); the folder is removed when the run
     completes. Under torchrun (see `torchslim.recover.distributed`) only rank 0 measures and writes; other ranks
-    return None.
+    return None. Progress lines go to ``log`` (default: the ``torchslim.pipeline`` logger, level INFO);
+    ``progress=False`` hides the progress bars.
 
     Returns:
         The report (see `torchslim.report.build_report`).

@@ -170,5 +170,6 @@ def recipe_schema() -> dict:
         "search": {"anyOf": [{"$ref": f"#/$defs/{builder.config(SearchConfig)}"}, {"type": "null"}],
                    "description": "The search of `torchslim auto` (space, objectives, constraints)."},
     }
-    return {"$schema": SCHEMA_DIALECT, "title": "torchslim recipe", "type": "object", "properties": properties, "required": ["model", "data"],
+    return {"$schema": SCHEMA_DIALECT, "title": "torchslim recipe", "type": "object", "properties": properties,
+            "required": ["model", "data"],
             "additionalProperties": False, "$defs": dict(sorted(builder.defs.items()))}
