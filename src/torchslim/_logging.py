@@ -18,7 +18,12 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            print(self.format(record), file=sys.stderr, flush=True)
+            tqdm = sys.modules.get("tqdm")
+            if tqdm is not None:  # a progress bar may be on screen: tqdm clears it, prints, then redraws it
+                tqdm.tqdm.write(self.format(record), file=sys.stderr)
+                sys.stderr.flush()
+            else:
+                print(self.format(record), file=sys.stderr, flush=True)
         except Exception:  # logging must never end a run
             self.handleError(record)
 
