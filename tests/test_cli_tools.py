@@ -224,3 +224,14 @@ def test_a_run_logs_progress_lines_details_with_v_and_nothing_with_quiet(tmp_pat
     assert "torchslim: step 1/1: prune:magnitude" in verbose
     assert any(re.fullmatch(r"torchslim: prune:magnitude took \d+\.\d s; result on torch", line) for line in verbose)
     assert runs["--quiet"].stderr == ""
+
+
+def test_a_closed_stdout_ends_quietly_with_141():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `torchslim list methods | head` once head has exited
+    try:
+        result = subprocess.run([sys.executable, "-m", "torchslim.cli", "list", "methods"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == ""
