@@ -90,7 +90,7 @@ def config_fields(cls: type) -> list[dict]:
         if not field.init or field.name == "version":
             continue
         default = default_value(field)
-        rows.append({"name": field.name, "type": _type_name(hints[field.name]),
+        rows.append({"name": field.name, "type": _type_name(hints[field.name]).replace("NoneType", "null"),
                      "default": None if default is dataclasses.MISSING else default,
                      "required": default is dataclasses.MISSING, "help": helps.get(field.name, "")})
     return rows
