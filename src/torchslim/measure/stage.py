@@ -27,11 +27,18 @@ class Evaluation:
     outputs: torch.Tensor
 
 
-def collect_outputs(deployable, data, preprocess, batch_size: int, limit: int,
-                    split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run ``deployable`` over ``split`` (the test split unless told); returns (outputs, labels or None)."""
+def collect_outputs(deployable, data, preprocess, batch_size: int, limit: int, split: str = "test", *,
+                    progress: bool | None = None, desc: str = "evaluating") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``deployable`` over ``split`` (the test split unless told); returns (outputs, labels or None).
+
+    ``progress`` False hides the progress bar (None: the global setting of `torchslim._progress`).
+    """
+    from torchslim._progress import bar
+
     outputs, labels = [], []
-    for inputs, target in data.batches(split, preprocess, batch_size, limit=limit):
+    samples = len(data.splits[split]) if limit <= 0 else min(limit, len(data.splits[split]))
+    batches = data.batches(split, preprocess, batch_size, limit=limit)
+    for inputs, target in bar(batches, total=-(-samples // batch_size), desc=desc, show=progress):
         outputs.append(deployable(inputs).float())
         if target is not None:
             labels.append(target)

@@ -18,6 +18,7 @@ import torch
 
 from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim._progress import bar
 from torchslim.errors import InputError, describe
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
@@ -118,7 +119,7 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
     with torch.inference_mode():
         reference = call_model(context.model, batch)
     built, figures = {}, {}
-    for name in names:
+    for name in bar(names, desc="building and timing each int8 runtime", unit="runtime", show=context.progress):
         try:
             built[name] = BACKENDS[name].build(context, config)
             figures[name] = _time_candidate(built[name], batch, reference, config.prefer,

@@ -49,6 +49,7 @@ class WeightOnly:
         group_size: weights of a row sharing one scale/zero point (0: one per output row, i.e. per channel).
         algorithm: "rtn", "hqq" (no data), "gptq" or "awq" (calibrated on the recipe's ``calib`` split).
         calibration_batches: batches of ``batch_size`` calibration samples for gptq/awq.
+        batch_size: calibration samples per batch (gptq/awq).
         symmetric: symmetric codes (no zero point) instead of asymmetric ones.
         head_bits: bits of the output head and the embedding tied to it (8, 4, or 0 to keep them in float).
         act_order: gptq only: quantize columns in order of decreasing Hessian diagonal.
