@@ -47,6 +47,10 @@ class Int8Static:
             model on calibration data, is largest (this many; onnxruntime). 0 = quantize every layer.
         bias_correction: subtract each layer's expected weight-rounding offset from its bias, measured with the
             calibration data's channel means (`torchslim.quant.bias_correction`; onnxruntime).
+        equalize: before calibration, fold BatchNorms into their layers and apply cross-layer equalization with
+            high-bias absorption (`torchslim.quant.equalize`): per-channel weight ranges of Conv/Linear pairs
+            joined by ReLU or nothing become alike; the float function is unchanged. Pairs through ReLU6 are
+            left alone (ReLU6 is not positively homogeneous). The step details list the pairs.
         prefer: what "fastest" means for ``runtime: auto``: "balanced" (geometric mean of the batch-1 and
             batched latencies), "batch" (batched latency) or "bs1" (batch-1 latency).
     """
@@ -60,6 +64,7 @@ class Int8Static:
     prefer: Literal["balanced", "batch", "bs1"] = "balanced"
     fallback_layers: int = 0
     bias_correction: bool = True
+    equalize: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -109,9 +114,12 @@ def quantize_int8_static(context, config: Int8Static) -> Deployable:
     """Quantize ``context.model`` to int8 with calibration; returns it on the chosen (or fastest) runtime."""
     check_calibration(context, config)
     names = _candidates(context, config)
+    equalization = _equalize(context) if config.equalize else None
     if len(names) == 1:
         deployable = BACKENDS[names[0]].build(context, config)
         deployable.details["runtime_choice"] = names[0] + (" (the only candidate)" if config.runtime == "auto" else "")
+        if equalization:
+            deployable.details["equalization"] = equalization
         return deployable
     batch = context.data.fill_batch("val", context.bundle.preprocess, context.batch_size)
     with torch.inference_mode():
@@ -133,4 +141,17 @@ def quantize_int8_static(context, config: Int8Static) -> Deployable:
                  "batch": f"batch-{context.batch_size} latency", "bs1": "batch-1 latency"}[config.prefer]
     chosen.details["runtime_choice"] = f"{best}: fastest by {criterion}"
     chosen.details["candidates"] = figures
+    if equalization:
+        chosen.details["equalization"] = equalization
     return chosen
+
+
+def _equalize(context) -> dict:
+    """Fold BatchNorms and cross-layer equalize ``context.model`` in place (quantize is the last step, as in
+    QAT); every backend then calibrates and quantizes the equalized model."""
+    from torchslim.quant.equalize import fold_and_equalize_
+
+    result, folded, not_folded = fold_and_equalize_(context.model.eval(), context.example_inputs(1))
+    for name, why in not_folded.items():
+        context.skip_layer(name, f"BatchNorm not folded before equalization: {why}")
+    return {"folded_batchnorms": len(folded), **result.summary()}
