@@ -16,6 +16,8 @@ unless ``relu6_as_relu`` is set: then the ReLU6 module is replaced by ReLU first
 MobileNetV2). That changes the float function wherever a pre-activation exceeds 6 (measured on
 EfficientNet-Lite0, whose pre-activations often do: top-1 agreement with the original fell to 0.25 on 16
 photos), so it is off by default, and a module shared with a pair that cannot be equalized is never replaced.
+(Scales bounded so that the clip is never reached on calibration data are not exact on other data: held-out
+pre-activations exceed the calibration maxima, and the moved clip point then cuts them.)
 
 High-bias absorption: after a BatchNorm with shift ``beta`` and scale ``gamma``, A's pre-activation rarely falls
 below ``c = max(0, beta - 3 |gamma|)``; for a ReLU, ``relu(x) = relu(x - c) + c`` whenever ``x >= c``, so ``c``
