@@ -498,7 +498,8 @@ def main() -> None:
     failed = [r for r in rows if "error" in r]
     for r in failed:
         print(f"FAILED {r['model']} {r['row']}: {r['error']}")
-    goals = goals_for(rows)
+    # The goals compare rows with each other (the peer, the fp32 ONNX file): only a run of every row checks them.
+    goals = goals_for(rows) if only == ROWS else []
     import onnxruntime
     import torchao
 
