@@ -147,8 +147,8 @@ def test_int8_fidelity_with_equalization_is_at_least_as_good(seed):
     assert equalized >= plain + 3.0, (plain, equalized)
 
 
-def test_int8_static_step_equalizes_before_calibration_and_reports_the_pairs(tmp_path):
-    pytest.importorskip("onnxruntime")
+def _step(tmp_path, runtime: str):
+    """The int8-static step with ``equalize: true`` on the MobileNetV2-like model; (deployable, inputs, fp32)."""
     import sys
     from pathlib import Path
 
@@ -165,10 +165,27 @@ def test_int8_static_step_equalizes_before_calibration_and_reports_the_pairs(tmp
     inputs = next(iter(context.data.batches("test", bundle.preprocess, 64, limit=64)))[0]
     with torch.no_grad():
         reference = context.teacher(inputs)
-    deployable = quantize_int8_static(context, Int8Static(calibration_batches=2, runtime="onnxruntime",
-                                                          equalize=True))
+    deployable = quantize_int8_static(context, Int8Static(calibration_batches=2, runtime=runtime, equalize=True))
+    return deployable, inputs, reference
+
+
+def test_int8_static_step_equalizes_before_calibration_and_reports_the_pairs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    deployable, inputs, reference = _step(tmp_path, "onnxruntime")
     report = deployable.details["equalization"]
     assert report["equalized_pairs"] and report["sweeps"] >= 1
     assert "3.0 -> relu -> 3.3" in report["equalized_pairs"] and report["folded_batchnorms"] == 7
     agreement = float((deployable(inputs).argmax(-1) == reference.argmax(-1)).float().mean())
     assert agreement >= 0.8, agreement
+
+
+@pytest.mark.slow
+def test_torchinductor_backend_quantizes_the_equalized_model_and_reloads_it_exactly(tmp_path):
+    pytest.importorskip("torchao")
+    deployable, inputs, reference = _step(tmp_path, "torchinductor")
+    outputs = deployable(inputs)  # compiles
+    assert len(deployable.details["equalization"]["equalized_pairs"]) == 6
+    assert deployable.details["int8_layers"] == "8 of 8 conv/linear"
+    assert float((outputs.argmax(-1) == reference.argmax(-1)).float().mean()) >= 0.9
+    reloaded = deployable.load_and_run(deployable.save(tmp_path / "artifact"), inputs)
+    assert torch.allclose(reloaded, outputs, atol=1e-5)
