@@ -62,3 +62,56 @@ def test_smoothing_lowers_the_simulated_int8_error_of_outlier_channels():
     # The outliers took the per-tensor activation grid; smoothed, the error on unseen tokens drops >= 4x.
     assert after < before / 4, (before, after)
     assert result.smoothed["norm1"]["error_after"] < result.smoothed["norm1"]["error_before"] / 4
+
+
+class _NormHead(nn.Module):
+    """Digits classifier whose LayerNorm feeds two Linear layers only, one feature an outlier."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(16 * 16, 32)
+        self.norm = nn.LayerNorm(32)
+        self.a, self.b = nn.Linear(32, 10), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.norm(self.embed(x.flatten(1)))
+        return self.a(h) + self.b(h)
+
+
+def _step(tmp_path, smoothquant: bool) -> tuple[float, dict]:
+    """int8-static (ONNX Runtime) on a LayerNorm head with one outlier feature: (agreement on 512 digits, details)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import TINY_PREPROCESS
+    from test_methods import make_context
+
+    from torchslim.quant.int8_static import Int8Static, quantize_int8_static
+    from torchslim.zoo import ModelBundle
+
+    torch.manual_seed(0)
+    model = _NormHead().eval()
+    with torch.no_grad():
+        model.norm.weight[5] = 50.0
+    bundle = ModelBundle(model=model, spec="test:norm-head", task="classification", modality="image",
+                         preprocess=TINY_PREPROCESS, example_inputs=TINY_PREPROCESS.example)
+    context = make_context(tmp_path, bundle)
+    inputs = torch.cat([x for x, _ in context.data.batches("test", bundle.preprocess, 256, limit=512)])
+    with torch.no_grad():
+        reference = context.teacher(inputs)
+    deployable = quantize_int8_static(context, Int8Static(calibration_batches=2, runtime="onnxruntime",
+                                                          smoothquant=smoothquant))
+    agreement = float((deployable(inputs).argmax(-1) == reference.argmax(-1)).float().mean())
+    return agreement, deployable.details
+
+
+def test_int8_static_step_smooths_before_calibration(tmp_path):
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    plain, _ = _step(tmp_path / "plain", False)
+    smoothed, details = _step(tmp_path / "smoothed", True)
+    assert details["smoothing"]["smoothed"]["norm"]["linears"] == ["a", "b"]
+    # Measured: 0.910 -> 0.963 top-1 agreement with fp32 on 512 digits.
+    assert smoothed >= plain + 0.03 and smoothed >= 0.95, (plain, smoothed)
