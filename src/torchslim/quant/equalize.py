@@ -101,7 +101,7 @@ def _single_reader(node) -> bool:
     return len(node.users) == 1
 
 
-def _walk_back(node, param_names) -> tuple[Any, str, str, bool] | str:
+def _walk_back(node) -> tuple[Any, str, str, bool] | str:
     """From B's input back to A: (A's node, activation, activation module, padded) or why not."""
     activation, module, padded = "identity", "", False
     while True:
@@ -143,7 +143,7 @@ def equalizable_pairs(model: nn.Module, example_inputs: Any, capture_how: str = 
     pairs, refused = [], {}
     for node in layer_nodes:
         second = _owner(node, param_names)
-        found = _walk_back(node.args[0], param_names)
+        found = _walk_back(node.args[0])
         if isinstance(found, str):
             refused[str(second)] = found
             continue
