@@ -12,7 +12,8 @@ import torch
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.memory import peak_memory_bytes
-from torchslim.measure.metrics import accuracy, cosine_similarity_stats, kl_divergence, roc_auc, top1_agreement
+from torchslim.measure.metrics import (CONFIDENT_MARGIN, accuracy, confident_agreement, cosine_similarity_stats,
+                                      kl_divergence, roc_auc, top1_agreement, topk_agreement)
 from torchslim.measure.params import count_nonzero_params, count_params
 from torchslim.measure.size import artifact_bytes, resident_parameter_bytes
 
@@ -57,11 +58,23 @@ def evaluate(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torc
     if task == "embedding":
         mean, minimum = cosine_similarity_stats(outputs, reference)
         return Evaluation("cosine", mean, {"cosine": mean, "cosine_min": minimum}, outputs)
-    metrics = {"agreement": top1_agreement(outputs, reference), "kl": kl_divergence(outputs, reference)}
+    metrics = {"agreement": top1_agreement(outputs, reference), **fidelity(outputs, reference)}
     if labels is not None:
         metrics = {"accuracy": accuracy(outputs, labels), **metrics}
         return Evaluation("accuracy", metrics["accuracy"], metrics, outputs)
     return Evaluation("agreement", metrics["agreement"], metrics, outputs)
+
+
+def fidelity(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """What plain top-1 agreement hides: agreement on the samples the reference is confident about (its top-1
+    softmax probability above its top-2 by more than ``confident_margin``; ``confident_samples`` of them), top-5
+    agreement (the reference's class among the stage's five best) and mean KL(reference || stage) in nats."""
+    agreement, count = confident_agreement(logits, reference, CONFIDENT_MARGIN)
+    metrics = {"top5_agreement": topk_agreement(logits, reference, 5), "kl": kl_divergence(logits, reference),
+               "confident_margin": CONFIDENT_MARGIN, "confident_samples": float(count)}
+    if agreement is not None:
+        metrics["confident_agreement"] = agreement
+    return metrics
 
 
 def evaluate_ctr(logits: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> Evaluation:

@@ -153,8 +153,10 @@ class InductorInt8Deployable(Deployable):
         tensors = {f"graph/{k}": v.contiguous() for k, v in graph_tensors(self.converted).items()}
         # Observers shared between tensors (e.g. around a concat) share storage: store each copy on its own.
         tensors.update({f"observer/{k}": v.detach().clone() for k, v in self.ranges.items()})
+        # equalize/smoothquant rewrote the float model this graph was captured from: a reload needs that model.
         settings = {"observer": self.config.observer, "per_channel": self.config.per_channel,
-                    "skip": list(self.config.skip),
+                    "skip": list(self.config.skip), "equalize": getattr(self.config, "equalize", False),
+                    "smoothquant": getattr(self.config, "smoothquant", False),
                     # what the graph was captured on, so that `load_saved` can capture it again without inputs
                     "example": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                                 for t in _args(self.example)]}
