@@ -1,4 +1,5 @@
-"""int8 side by side: `python benchmarks/quantization.py [--json PATH] [--crops N] [--models lite0,minilm] [--quick]`.
+"""int8 side by side: `python benchmarks/quantization.py [--json PATH] [--crops N] [--models lite0,minilm] [--quick]
+[--rows fp32_eager,torchslim_pipeline,torchslim_equalize]`.
 
 For each model (EfficientNet-Lite0 on builtin:images, all-MiniLM-L6-v2 on builtin:sentences) this process builds
 and measures, one after another and by the same code:
@@ -50,7 +51,8 @@ from torchslim.errors import describe  # noqa: E402
 from torchslim.export import export_onnx  # noqa: E402
 from torchslim.measure import measure_latency, set_threads  # noqa: E402
 from torchslim.measure.size import artifact_bytes  # noqa: E402
-from torchslim.measure.metrics import cosine_similarity_stats, kl_divergence, top1_agreement  # noqa: E402
+from torchslim.measure.metrics import (CONFIDENT_MARGIN, confident_agreement, cosine_similarity_stats,  # noqa: E402
+                                      kl_divergence, top1_agreement, topk_agreement)
 from torchslim.quant import pt2e_backend  # noqa: E402
 from torchslim.quant.cpu import has_vnni, int8_features  # noqa: E402
 from torchslim.zoo import call_model, resolve_model  # noqa: E402
@@ -295,7 +297,7 @@ def torchslim_pipeline(w: Workload, scratch: Path, threads: int, extra: tuple[st
                                        if k in ("runtime_choice", "weights", "activations", "reduce_range",
                                                 "observer", "calibration_samples", "format",
                                                 "sensitive_float_nodes_db", "export_seconds",
-                                                "ptq_seconds")}}
+                                                "ptq_seconds", "equalization")}}
     return Candidate(f"torchslim {stage['step'].split(':')[1]}{label}", "onnxruntime",
                      onnx_session(path, w.bundle.model, threads), path.stat().st_size, stage["step_seconds"],
                      notes, path=path)
@@ -308,7 +310,15 @@ def torchslim_fallback(w: Workload, scratch: Path, threads: int) -> Candidate | 
     return torchslim_pipeline(w, scratch, threads, ("steps.0.quantize.fallback_layers=4",), " fallback 4")
 
 
-ROWS = (fp32_eager, fp32_onnx, ort_peer, torch_ao_dynamic, torchao_compiled, torchslim_pipeline, torchslim_fallback)
+def torchslim_equalize(w: Workload, scratch: Path, threads: int) -> Candidate | None:
+    """Lite0 only: the same recipe with cross-layer equalization before calibration (``equalize: true``)."""
+    if w.key != "lite0":
+        return None
+    return torchslim_pipeline(w, scratch, threads, ("steps.0.quantize.equalize=true",), " equalize")
+
+
+ROWS = (fp32_eager, fp32_onnx, ort_peer, torch_ao_dynamic, torchao_compiled, torchslim_pipeline, torchslim_fallback,
+        torchslim_equalize)
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
@@ -317,8 +327,12 @@ def fidelity(task: str, outputs: torch.Tensor, reference: torch.Tensor) -> dict:
         mean, minimum = cosine_similarity_stats(outputs, reference)
         scores = {"cosine_mean": round(mean, 5), "cosine_min": round(minimum, 5)}
     else:
+        confident, count = confident_agreement(outputs, reference, CONFIDENT_MARGIN)
         scores = {"agreement": round(top1_agreement(outputs, reference), 5),
-                  "kl": round(kl_divergence(outputs, reference), 5)}
+                  "kl": round(kl_divergence(outputs, reference), 5),
+                  "top5_agreement": round(topk_agreement(outputs, reference, 5), 5),
+                  "confident_agreement": None if confident is None else round(confident, 5),
+                  "confident_samples": count, "confident_margin": CONFIDENT_MARGIN}
     return {**scores, "eval_samples": int(outputs.shape[0])}
 
 
@@ -342,9 +356,10 @@ def measure(c: Candidate, w: Workload, reference: torch.Tensor | None, repeats: 
     return row, outputs
 
 
-def run_workload(w: Workload, scratch: Path, threads: int, repeats: int, log: Callable[[str], None]) -> list[dict]:
+def run_workload(w: Workload, scratch: Path, threads: int, repeats: int, log: Callable[[str], None],
+                 only: tuple = ROWS) -> list[dict]:
     rows, reference = [], None
-    for build in ROWS:
+    for build in (b for b in ROWS if b in only or b is fp32_eager):  # fp32 eager is every row's reference
         torch.manual_seed(0)
         set_threads(threads)
         log(f"{w.key}: {build.__name__} ...")
@@ -384,7 +399,7 @@ def run_workload(w: Workload, scratch: Path, threads: int, repeats: int, log: Ca
 # ---------------------------------------------------------------------------------------------------- output
 def print_table(rows: list[dict]) -> None:
     head = (f"{'model':7s} {'row':32s} {'runtime':13s} {'bs1 ms':>8s} {'x':>6s} {'batch ms':>14s} {'x':>6s} "
-            f"{'MB':>6s} {'size x':>6s} {'deflt x':>7s} {'fidelity':25s} {'prep s':>7s} {'compile s':>9s}")
+            f"{'MB':>6s} {'size x':>6s} {'deflt x':>7s} {'fidelity':52s} {'prep s':>7s} {'compile s':>9s}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -392,17 +407,20 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['model']:7s} {r['row']:26s} {r.get('runtime', ''):13s} ERROR: {r['error'][:110]}")
             continue
         if "agreement" in r:
-            fid = f"agree {r['agreement']:.4f} KL {r['kl']:.4f}"
+            confident = "n/a" if r["confident_agreement"] is None else f"{r['confident_agreement']:.4f}"
+            fid = (f"agree {r['agreement']:.4f} conf {confident}/{r['confident_samples']} top5 "
+                   f"{r['top5_agreement']:.4f} KL {r['kl']:.4f}")
         else:
             fid = f"cos {r['cosine_mean']:.4f} min {r['cosine_min']:.4f}"
         batch = f"{r['latency_ms_batch']:.2f} @{r['batch_size']}"
         print(f"{r['model']:7s} {r['row']:32s} {r['runtime']:13s} {r['latency_ms_bs1']:8.2f} {r['speedup_bs1']:6.2f} "
               f"{batch:>14s} {r['speedup_batch']:6.2f} {r['artifact_bytes'] / 1e6:6.2f} {r['size_reduction']:6.2f} "
-              f"{r.get('size_reduction_deflate', ''):>7} {fid:25s} {r['prep_s']:7.1f} {r.get('compile_s', ''):>9}")
+              f"{r.get('size_reduction_deflate', ''):>7} {fid:52s} {r['prep_s']:7.1f} {r.get('compile_s', ''):>9}")
     print("x: speed-up vs fp32 eager. size x: fp32 ONNX file / ONNX file for ONNX Runtime rows, fp32 eager "
           "torch.save(state_dict) / row's torch.save bytes for torch rows; deflt x: the same for the files deflated "
           "(zlib 9) as the pipeline's reports count shipped size. prep s: calibration + quantization "
-          "(+ export) wall time.")
+          "(+ export) wall time. conf: top-1 agreement on the crops where fp32's top-1 softmax probability leads "
+          "its top-2 by more than 0.1 / how many; top5: fp32's class among the row's five best.")
 
 
 def goals_for(rows: list[dict], min_crops: int = 500) -> list[dict]:
@@ -445,6 +463,8 @@ def main() -> None:
     p.add_argument("--crops", type=int, default=0, help="Lite0 evaluation crops of the 640 test crops (0: all)")
     p.add_argument("--models", default="lite0,minilm", help="comma-separated: lite0, minilm")
     p.add_argument("--quick", action="store_true", help="smoke test: 64 eval samples, few repeats")
+    p.add_argument("--rows", default="", help="comma-separated row functions to run (fp32_eager, the reference, "
+                   "always runs), e.g. torchslim_pipeline,torchslim_equalize; default: all")
     p.add_argument("--threads", type=int, default=0,
                    help="intra-op threads of torch and every ONNX Runtime session (0: all cores of this process)")
     args = p.parse_args()
@@ -452,6 +472,11 @@ def main() -> None:
     unknown = sorted(set(models) - {"lite0", "minilm"})
     if unknown:
         raise SystemExit(f"--models: unknown {', '.join(unknown)} (choose from lite0, minilm)")
+    by_name = {build.__name__: build for build in ROWS}
+    wrong = sorted(set(r for r in args.rows.split(",") if r) - set(by_name))
+    if wrong:
+        raise SystemExit(f"--rows: unknown {', '.join(wrong)} (choose from {', '.join(by_name)})")
+    only = tuple(by_name[r] for r in args.rows.split(",") if r) or ROWS
     crops = 64 if args.quick and not args.crops else args.crops
     repeats = 3 if args.quick else 10
     threads = set_threads(args.threads)
@@ -461,7 +486,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="torchslim-quant-bench-") as scratch:
         for key in models:
             workload = lite0_workload(crops) if key == "lite0" else minilm_workload(64 if args.quick else 0)
-            rows += run_workload(workload, Path(scratch), threads, repeats, log)
+            rows += run_workload(workload, Path(scratch), threads, repeats, log, only)
             del workload
     print(f"\nthreads {threads}; CPU int8 features {', '.join(int8_features()) or 'none'} (VNNI: {has_vnni()}); "
           f"torch {torch.__version__}; {'quick' if args.quick else 'full'} run, {repeats} batched repeats "
@@ -473,7 +498,8 @@ def main() -> None:
     failed = [r for r in rows if "error" in r]
     for r in failed:
         print(f"FAILED {r['model']} {r['row']}: {r['error']}")
-    goals = goals_for(rows)
+    # The goals compare rows with each other (the peer, the fp32 ONNX file): only a run of every row checks them.
+    goals = goals_for(rows) if only == ROWS else []
     import onnxruntime
     import torchao
 

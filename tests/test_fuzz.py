@@ -90,12 +90,22 @@ def test_every_reader_rejects_each_kind_of_damage_with_an_artifact_error():
 
 
 # -- the recipe parser ----------------------------------------------------------------------------------------
+def _assert_one_error(message: str, source: str) -> None:
+    """One line naming ``source``, or (several problems) a summary line naming it and one short line each."""
+    lines = message.splitlines()
+    if len(lines) == 1:
+        assert message.startswith(source) and len(message) < 1000, message[:300]
+        return
+    assert lines[0] == f"{len(lines) - 1} problems in {source}:" or lines[0].endswith(f"problems in {source}:")
+    assert len(lines) <= 22 and all(line.startswith("  ") and len(line) < 1000 for line in lines[1:]), message[:300]
+
+
 def _parses_or_input_error(text: str):
     try:
         raw = load_yaml(text, "fuzz.yaml")
         return parse_recipe(raw, "fuzz.yaml")
     except InputError as error:
-        assert str(error).startswith("fuzz.yaml") and len(str(error)) < 1000, str(error)[:300]
+        _assert_one_error(str(error), "fuzz.yaml")
         return None
 
 
@@ -116,7 +126,7 @@ def test_a_damaged_demo_recipe_is_a_recipe_or_one_input_error(data, tmp_path_fac
     try:
         assert isinstance(load_recipe(path), Recipe)
     except InputError as error:
-        assert str(path) in str(error) and "\n" not in str(error).strip()
+        _assert_one_error(str(error).strip(), str(path))
 
 
 _VALUES = st.recursive(
@@ -136,4 +146,4 @@ def test_arbitrary_recipe_structures_are_validated_or_refused(steps, measure, se
     try:
         assert isinstance(parse_recipe(raw, "fuzz.yaml"), Recipe)
     except InputError as error:
-        assert str(error).startswith("fuzz.yaml: ") and len(str(error)) < 1000
+        _assert_one_error(str(error), "fuzz.yaml")

@@ -35,6 +35,11 @@ def test_report_contract(tiny_run):
         assert stage["eval_samples"] == 128
     base, pruned, final = on_disk["stages"][0], on_disk["stages"][1], on_disk["stages"][-1]
     assert base["ratios"]["speedup_batch"] == 1.0 and base["metrics"]["agreement"] == 1.0
+    assert base["metrics"]["top5_agreement"] == 1.0 and base["metrics"]["kl"] == pytest.approx(0.0, abs=1e-9)
+    # (the tiny model is untrained: its softmax margins are small, so few or no samples count as confident)
+    confident = final["metrics"]["confident_samples"]
+    assert 0 <= confident <= 128 and ("confident_agreement" in final["metrics"]) == (confident > 0)
+    assert "top-5" in (out / "report.md").read_text()
     assert pruned["params_nonzero"] < 0.6 * base["params_nonzero"]
     assert final["runtime"] == "onnxruntime" and final["macs"] == base["macs"] > 0
     assert final["size_bytes_raw"] == (out / "model.onnx").stat().st_size  # the file itself, measured

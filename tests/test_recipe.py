@@ -52,7 +52,7 @@ def test_finetune_without_method_uses_the_default():
     ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {method: magnitude, sparsity: high}\n",
      "steps[0].prune.sparsity: expected float, got 'high'"),
     ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {method: nonsense}\n",
-     "steps[0].prune.method: unknown prune method 'nonsense'; known: channel, magnitude"),
+     "steps[0].prune.method: unknown prune method 'nonsense' (known: channel, magnitude"),
     ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {sparsity: 0.5}\n",
      "steps[0].prune.method: required"),
     ("model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - squash: {}\n",
@@ -153,3 +153,47 @@ def test_an_old_search_spelling_names_the_new_word(tmp_path):
     path = write(tmp_path, "model: builtin:digits-cnn\ndata: builtin:digits\nsearch: {recovery: {epochs: 1}}\n")
     with pytest.raises(InputError, match=r"search\.recovery: was renamed to finetune"):
         load_recipe(path)
+
+
+def test_every_problem_is_reported_at_once_with_did_you_mean(tmp_path):
+    from torchslim.errors import RecipeError
+
+    path = write(tmp_path, "model: torchvison:resnet18\ndata: builtin:digit\nsed: 3\nsteps:\n"
+                           "  - prune: {method: magnitud}\n  - finetun: {}\n"
+                           "  - quantize: {method: int8-static, observr: minmax, fallback_layers: -1}\n"
+                           "measure: {batch_sise: 8, repeats: 0}\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"7 problems in {path}:" and len(lines) == 8 and error.value.problems == \
+        [line.strip() for line in lines[1:]]
+    expected = ["sed: unknown key, did you mean 'seed'?", "model: unknown model spec 'torchvison:resnet18', "
+                "did you mean 'torchvision:'?", "data: unknown built-in data set 'digit', did you mean 'digits'?",
+                "steps[0].prune.method: unknown prune method 'magnitud', did you mean 'magnitude'?",
+                "steps[1]: unknown step kind 'finetun', did you mean 'finetune'?",
+                "steps[2].quantize.observr: unknown key, did you mean 'observer'?",
+                "measure.batch_sise: unknown key, did you mean 'batch_size'?"]
+    for text in expected:
+        assert sum(text in line for line in lines[1:]) == 1, text
+    # range checks run once a config's keys are all known: they would only repeat the problem
+    assert not any("fallback_layers: must" in line or "repeats: must" in line for line in lines)
+
+
+def test_one_problem_stays_one_line(tmp_path):
+    path = write(tmp_path, "model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n  - prune: {method: magnitude,"
+                           " sparsity: 0.5, scop: local}\n")
+    with pytest.raises(InputError) as error:
+        load_recipe(path)
+    assert str(error.value) == (f"{path}: steps[0].prune.scop: unknown key, did you mean 'scope'? "
+                                f"(known: sparsity, scope, skip, pattern, version)")
+
+
+def test_a_recipe_of_many_broken_steps_lists_twenty_problems_and_counts_the_rest():
+    from torchslim.errors import RecipeError
+
+    raw = {"model": "builtin:digits-cnn", "data": "builtin:digits", "steps": [{"squash": {}}] * 30}
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(raw, "many.yaml")
+    lines = str(error.value).splitlines()
+    assert lines[0] == "30 problems in many.yaml:" and len(error.value.problems) == 30
+    assert len(lines) == 22 and lines[-1] == "  ... and 10 more" and lines[20].startswith("  steps[19]: ")

@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 # name -> module that defines it; resolved on first access to keep `import torchslim` light.
 _PUBLIC = {
     "InputError": "torchslim.errors",
+    "RecipeError": "torchslim.errors",
     "Recipe": "torchslim.recipe",
     "MeasureConfig": "torchslim.recipe",
     "load_recipe": "torchslim.recipe",
@@ -40,6 +41,9 @@ _PUBLIC = {
     "profile_model": "torchslim.profile",
     "register_method": "torchslim.registry",
     "list_methods": "torchslim.registry",
+    "list_method_details": "torchslim.catalog",
+    "list_spec_details": "torchslim.catalog",
+    "recipe_schema": "torchslim.schema",
     "ModelBundle": "torchslim.zoo",
     "resolve_model": "torchslim.zoo",
     "register_model_prefix": "torchslim.zoo",

@@ -45,12 +45,33 @@ _INT_RANGE = 1 << 63
 
 
 class FieldError(ValueError):
-    """A config field holds a value out of range; ``field`` names it (dotted for nested configs)."""
+    """A config field holds a value out of range; ``field`` names it (dotted for nested configs).
 
-    def __init__(self, field: str, message: str):
+    `from_dict` checks every key before it gives up: when several are wrong, the error it raises is the first
+    one and ``problems`` lists them all (each a `FieldError`), so that a recipe's errors are reported at once.
+    """
+
+    def __init__(self, field: str, message: str, problems: list[FieldError] | None = None):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.problems = problems or [self]
+
+    @classmethod
+    def of(cls, problems: list[FieldError]) -> FieldError:
+        """One error standing for ``problems`` (at least one): the first, listing them all."""
+        first = problems[0]
+        return cls(first.field, first.message, problems)
+
+
+def did_you_mean(word: Any, known: Any) -> str:
+    """``", did you mean 'x'?"`` for the known name closest to ``word`` (typing slips), or ``""``."""
+    import difflib
+
+    if not isinstance(word, str) or len(word) > 100:
+        return ""
+    close = difflib.get_close_matches(word, [str(k) for k in known], n=1, cutoff=0.6)
+    return f", did you mean {close[0]!r}?" if close else ""
 
 
 def check(condition: bool, field: str, message: str) -> None:
@@ -181,14 +202,24 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     renamed = getattr(cls, "renamed_fields", {})
-    for key in data:
+    problems: list[FieldError] = []
+    kwargs = {}
+    for key, value in data.items():
         if key not in fields and key in renamed:
-            raise FieldError(f"{prefix}{key}", f"was renamed to {renamed[key]} (see the glossary in the docs)")
+            problems.append(FieldError(f"{prefix}{key}",
+                                       f"was renamed to {renamed[key]} (see the glossary in the docs)"))
+            continue
         if key not in fields:
             known = ", ".join(fields) or "none"
-            raise FieldError(f"{prefix}{key_text(key)}", f"unknown key (known: {known})")
-    kwargs = {key: _convert(_overlaid(fields[key], hints[key], value), hints[key], f"{prefix}{key}")
-              for key, value in data.items()}
+            problems.append(FieldError(f"{prefix}{key_text(key)}",
+                                       f"unknown key{did_you_mean(key, fields)} (known: {known})"))
+            continue
+        try:
+            kwargs[key] = _convert(_overlaid(fields[key], hints[key], value), hints[key], f"{prefix}{key}")
+        except FieldError as error:
+            problems.extend(error.problems)
+    if problems:  # the range checks below would only repeat or mask these
+        raise FieldError.of(problems)
     if "version" in kwargs:
         check_version(cls, kwargs["version"], f"{prefix}version")
     try:

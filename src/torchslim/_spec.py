@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+from torchslim._config import did_you_mean
 from torchslim.errors import InputError, describe, shorten
 
 
@@ -106,12 +107,16 @@ class SpecRegistry:
         prefix, sep, rest = spec.partition(":")
         if not sep or prefix not in self.resolvers:
             known = ", ".join(f"{p}:" for p in sorted(self.resolvers))
-            raise InputError(f"{self.field}: unknown {self.field} spec {shorten(spec)} (known prefixes: {known})")
+            # a spec without a colon is most often a built-in's bare name
+            names = [f"{p}:" for p in self.resolvers] if sep else [f"builtin:{b}" for b in self.builtins]
+            hint = did_you_mean(f"{prefix}:" if sep else f"builtin:{spec}", names)
+            raise InputError(f"{self.field}: unknown {self.field} spec {shorten(spec)}{hint} "
+                             f"(known prefixes: {known})")
         if not rest:
             raise InputError(f"{self.field}: spec {shorten(spec)} names nothing after '{prefix}:'")
         if prefix == "builtin" and rest not in self.builtins:
-            raise InputError(f"{self.field}: unknown {self.builtin_noun} {shorten(rest)} "
-                             f"(known: {', '.join(sorted(self.builtins))})")
+            raise InputError(f"{self.field}: unknown {self.builtin_noun} {shorten(rest)}"
+                             f"{did_you_mean(rest, self.builtins)} (known: {', '.join(sorted(self.builtins))})")
         return prefix, rest
 
     def resolve(self, spec: str, *args: Any, config: Any = None) -> Any:

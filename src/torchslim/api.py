@@ -98,9 +98,13 @@ def resolve_config(config: Any) -> tuple[str, str, Any]:
     from torchslim.registry import method_for_config
 
     if isinstance(config, dict):
-        from torchslim.recipe import _parse_step
+        from torchslim.errors import RecipeError
+        from torchslim.recipe import _parse_step, _Problems
 
-        step = _parse_step(config, 0, "config")
+        problems = _Problems()
+        step = _parse_step(config, 0, problems)
+        if step is None or problems.items:
+            raise RecipeError("config", problems.items)
         return step.kind, step.method, step.config
     from torchslim._config import FieldError, check_version
 

@@ -1,13 +1,16 @@
-"""The ``torchslim`` command: ``demo``, ``compress RECIPE``, ``profile SPEC``, ``auto``, ``worker``, ``report DIR``.
+"""The ``torchslim`` command: ``demo``, ``compress RECIPE``, ``profile SPEC``, ``auto``, ``worker``, ``report DIR``,
+and the commands that run nothing: ``check RECIPE``, ``list methods|models|data``, ``schema``, ``--version``.
 
-Exit codes: 0 success, 2 bad input (one line on stderr naming what and where), 1 internal failure, 130 interrupted
-(Ctrl-C), 143 terminated (SIGTERM); an interrupted run removes its scratch files and keeps its training checkpoints.
+Exit codes: 0 success, 2 bad input (one line on stderr naming what and where; a recipe's problems one line each
+under a summary line), 1 internal failure, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted run
+removes its scratch files and keeps its training checkpoints. See docs/cli.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -26,9 +29,13 @@ def _raise_terminated(signum, frame) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchslim", description="Make PyTorch models smaller and faster, "
                                      "recover their accuracy, and prove it with measured numbers.")
+    from torchslim import _cli_info
+
+    parser.add_argument("--version", action=_cli_info.VersionAction, help="print the versions and exit")
     parser.add_argument("--no-verify", action="store_true",
                         help="load saved artifacts without checking them against their manifest.json (for files "
                              "you edited on purpose; sets TORCHSLIM_VERIFY=0)")
+    _add_verbosity(parser, on_command=False)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the embedded default: builtin:digits-cnn, prune channels -> distil -> int8")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
@@ -38,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     compress.add_argument("--out", default=None, help="output folder (default: out/<recipe name>)")
     compress.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a recipe field, e.g. --set steps.0.prune.sparsity=0.6 (repeatable)")
+    compress.add_argument("--dry-run", action="store_true",
+                          help="validate the recipe and --out, print the resolved recipe, run nothing")
     profile = sub.add_parser("profile", help="measure one model: params, MACs, bytes, latency, memory")
     profile.add_argument("spec", help="model spec, e.g. torchvision:resnet50 or builtin:digits-cnn")
     profile.add_argument("--batch-size", type=int, default=32, help="batched latency's batch size (default 32)")
@@ -48,20 +57,30 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("folders", nargs="+", metavar="DIR", help="output folders of torchslim runs")
     report.add_argument("--out", default=None, help="the HTML file to write (default: one DIR: DIR/report.html, "
                         "its manifest.json entry refreshed; several: comparison.html)")
+    info = _cli_info.add_parsers(sub)
     for p in (demo, compress, auto):
         p.add_argument("--fresh", action="store_true",
                        help="discard training checkpoints of an interrupted earlier run instead of resuming it")
         p.add_argument("--overwrite", action="store_true",
                        help="replace --out even if no torchslim run wrote it (never the working or home folder, "
                             "a filesystem root or a folder holding the recipe)")
-    for p in (demo, compress, profile, auto, worker, report):
-        p.add_argument("--quiet", action="store_true", help="no progress output")
+    for p in (demo, compress, profile, auto, worker, report, *info):
+        _add_verbosity(p, on_command=True)
         p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                        help="import a plugin module (or .py file) that registers prefixes or methods; runs its "
                             "code (repeatable)")
         p.add_argument("--no-plugins", action="store_true",
                        help="do not load the installed packages' torchslim.plugins entry points")
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, on_command: bool) -> None:
+    """``-v`` and ``--quiet``, accepted before the command and after it (a command's own default is SUPPRESS,
+    so that it keeps what was given before the command name)."""
+    parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if on_command else 0,
+                        help="more detail: what was loaded, how long each step took")
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS if on_command else False,
+                        help="no progress lines or bars: warnings, errors and results only")
 
 
 def _search_parsers(sub) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -94,7 +113,8 @@ def _search_parsers(sub) -> tuple[argparse.ArgumentParser, argparse.ArgumentPars
 
 
 def _log(quiet: bool):
-    return (lambda *a, **k: None) if quiet else (lambda msg: print(f"torchslim: {msg}", file=sys.stderr, flush=True))
+    """Progress lines: the ``torchslim`` logger's INFO level, which ``--quiet`` hides (see `_logging`)."""
+    return logging.getLogger("torchslim").info
 
 
 def _auto(args) -> None:
@@ -139,8 +159,8 @@ def _run_recipe(recipe, out: str, args) -> None:
     from torchslim.pipeline import compress
     from torchslim.report import print_table
 
-    log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(f"torchslim: {msg}", file=sys.stderr))
-    report = compress(recipe, out, progress=not args.quiet, log=log, fresh=args.fresh, overwrite=args.overwrite)
+    report = compress(recipe, out, progress=not args.quiet, log=_log(args.quiet), fresh=args.fresh,
+                      overwrite=args.overwrite)
     if report is None:  # a torchrun rank other than 0: rank 0 prints and writes
         return
     print_table(report)
@@ -169,7 +189,15 @@ def _compress(args) -> None:
     _check_out(out, args, args.recipe)
     from torchslim.recipe import load_recipe
 
-    _run_recipe(load_recipe(args.recipe, args.set), out, args)
+    recipe = load_recipe(args.recipe, args.set)
+    if args.dry_run:
+        from torchslim._cli_info import resolved_yaml
+
+        sys.stdout.write(resolved_yaml(recipe))
+        logging.getLogger("torchslim").info(f"dry run: {args.recipe} is valid; it would write {out} (nothing "
+                                            f"was run)")
+        return
+    _run_recipe(recipe, out, args)
 
 
 def _profile(args) -> None:
@@ -207,7 +235,12 @@ def _report(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     args = _parser().parse_args(argv)
+    from torchslim import _progress
+    from torchslim._logging import configure_logging
     from torchslim.errors import InputError
+
+    configure_logging(args.verbose, args.quiet)
+    _progress.set_enabled(not args.quiet)
 
     if args.no_verify:
         os.environ["TORCHSLIM_VERIFY"] = "0"
@@ -216,12 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from torchslim.plugins import load_plugins
 
-        load_plugins(args.imports, entry_points=not args.no_plugins)
+        loaded = load_plugins(args.imports, entry_points=not args.no_plugins)
+        logging.getLogger("torchslim").debug(f"plugins loaded: {', '.join(loaded) or 'none'}")
+        from torchslim import _cli_info
+
         {"demo": _demo, "compress": _compress, "profile": _profile, "auto": _auto, "worker": _worker,
-         "report": _report}[args.command](args)
+         "report": _report, "list": _cli_info.run_list, "check": _cli_info.run_check,
+         "schema": _cli_info.run_schema}[args.command](args)
     except InputError as error:
-        print(f"torchslim: error: {_one_line(error)}", file=sys.stderr)
+        print(f"torchslim: error: {_error_text(error)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`torchslim list methods | head`): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not raise again
+        return 141
     except KeyboardInterrupt as interrupt:
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
@@ -242,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _error_text(error: BaseException) -> str:
+    """A recipe's problems one per line under a summary line (see `RecipeError`); any other error on one line."""
+    from torchslim.errors import RecipeError
+
+    return str(error) if isinstance(error, RecipeError) else _one_line(error)
 
 
 def _one_line(error: BaseException) -> str:

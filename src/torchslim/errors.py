@@ -13,6 +13,30 @@ class InputError(ValueError):
     """Bad input from the user; the message names what and where."""
 
 
+class RecipeError(InputError):
+    """Every problem found in one recipe, reported together.
+
+    One problem reads as one line, ``SOURCE: field: message``; several read as a first line ``N problems in
+    SOURCE:`` and one indented line per problem, each naming the step and the field.
+
+    Attributes:
+        source: the recipe file (or "demo", "--set").
+        problems: one ``field: message`` text per problem, in the recipe's order.
+    """
+
+    MAX_LISTED = 20  # a recipe of 10,000 broken steps must not print 10,000 lines
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, list(problems)
+        if len(self.problems) == 1:
+            super().__init__(f"{source}: {self.problems[0]}")
+            return
+        listed = [f"  {problem}" for problem in self.problems[:self.MAX_LISTED]]
+        if len(self.problems) > self.MAX_LISTED:
+            listed.append(f"  ... and {len(self.problems) - self.MAX_LISTED} more")
+        super().__init__("\n".join([f"{len(self.problems)} problems in {source}:", *listed]))
+
+
 class ArtifactError(InputError):
     """A saved model (an output folder or one of its files) that cannot be used as it is: not one, another
     version, truncated, corrupted, or changed since torchslim wrote it. The message names the file."""

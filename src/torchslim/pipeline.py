@@ -7,6 +7,7 @@ with the same inputs, threads and repetitions, so that every ratio in the report
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 import tempfile
 import time
@@ -19,6 +20,7 @@ from torch import nn
 
 from torchslim._context import _StepContext, run_step
 from torchslim._output import OutputLock, atomic_output_dir, check_output_dir, checkpoint_root
+from torchslim._progress import enabled as progress_bars
 from torchslim.data import DataBundle, resolve_data
 from torchslim.errors import InputError
 from torchslim.export import check_exports
@@ -28,6 +30,8 @@ from torchslim.measure.stage import collect_outputs, evaluate, measure_deployabl
 from torchslim.recipe import Recipe
 from torchslim.runtime import Deployable, TorchDeployable
 from torchslim.zoo import ModelBundle, call_model, resolve_model
+
+_LOG = logging.getLogger(__name__)  # the CLI shows INFO lines, DEBUG with -v (see torchslim._logging)
 
 
 def _check_compatible(bundle: ModelBundle, data: DataBundle) -> None:
@@ -45,10 +49,10 @@ def _check_compatible(bundle: ModelBundle, data: DataBundle) -> None:
 class Pipeline:
     """Runs a recipe. Use `compress` unless you need the stages' live objects."""
 
-    def __init__(self, recipe: Recipe, *, progress: bool = True, log=print):
+    def __init__(self, recipe: Recipe, *, progress: bool = True, log=None):
         self.recipe = recipe
         self.progress = progress
-        self.log = log
+        self.log = log or _LOG.info
 
     def _measure(self, name: str, step: str | None, deployable: Deployable, seconds: float, context: _StepContext,
                  reference: torch.Tensor | None, latency_batch: Any, scratch: Path) -> dict:
@@ -56,7 +60,7 @@ class Pipeline:
         eval_batch = max(m.batch_size, 32)
         self.log(f"measuring {name} on {deployable.runtime} ...")
         outputs, labels = collect_outputs(deployable, context.data, context.bundle.preprocess, eval_batch,
-                                          m.max_eval_samples)
+                                          m.max_eval_samples, progress=context.progress, desc=f"evaluating {name}")
         evaluation = evaluate(outputs, labels, reference, context.bundle.task)
         record = {"name": name, "step": step}
         record.update(measure_deployable(deployable, scratch / name.replace(":", "-"), latency_batch, m.batch_size,
@@ -83,8 +87,11 @@ class Pipeline:
         main = distributed.current().is_main
         torch.manual_seed(recipe.seed)
         threads = set_threads(recipe.measure.threads)
+        started = time.perf_counter()
         bundle = resolve_model(recipe.model)
         data = resolve_data(recipe.data, recipe.seed)
+        _LOG.debug(f"{bundle.spec} and {data.spec} loaded in {time.perf_counter() - started:.1f} s; "
+                   f"{threads} threads; scratch files in {workdir}")
         _check_compatible(bundle, data)
         check_exports(recipe.export, bundle, f"{recipe.source}: export")
         teacher = copy.deepcopy(bundle.model).eval().requires_grad_(False)
@@ -109,13 +116,14 @@ class Pipeline:
             started = time.perf_counter()
             deployable = run_step(context, step.kind, step.method, step.config)
             seconds = time.perf_counter() - started
+            _LOG.debug(f"{step.name} took {seconds:.1f} s; result on {deployable.runtime}")
             if main:
                 stages.append(self._measure(f"{index + 1}-{step.name}", step.name, deployable, seconds, context,
                                             reference, latency_batch, scratch))
         return stages, deployable, context
 
 
-def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: bool = True, log=print,
+def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: bool = True, log=None,
              fresh: bool = False, overwrite: bool = False) -> dict | None:
     """Run ``recipe``; write report.json, report.md, recipe.yaml, the final artifact and manifest.json to
     ``out_dir``.
@@ -127,7 +135,8 @@ def compress(recipe: Recipe, out_dir: str | Path | None = None, *, progress: boo
     not at all). Training steps checkpoint to ``<out_dir>.checkpoints/``; running the same recipe again after an
     interruption resumes from there (``fresh=True`` deletes them first); the folder is removed when the run
     completes. Under torchrun (see `torchslim.recover.distributed`) only rank 0 measures and writes; other ranks
-    return None.
+    return None. Progress lines go to ``log`` (default: the ``torchslim.pipeline`` logger, level INFO);
+    ``progress=False`` hides the progress bars.
 
     Returns:
         The report (see `torchslim.report.build_report`).
@@ -167,7 +176,7 @@ def _compress(recipe: Recipe, out_dir: Path | None, info, progress: bool, log, f
     if checkpoints is not None and fresh and info.is_main and checkpoints.exists():
         shutil.rmtree(checkpoints)
     distributed.barrier()
-    with _scratch_folder() as scratch:
+    with _scratch_folder() as scratch, progress_bars(progress and info.is_main):
         stages, final, context = Pipeline(recipe, progress=progress, log=log if info.is_main else _quiet).run(
             Path(scratch), checkpoints)
         if not info.is_main:

@@ -24,9 +24,9 @@ import yaml
 
 from torchslim import data as data_specs
 from torchslim import zoo
-from torchslim._config import FieldError, check, from_dict, to_dict
+from torchslim._config import FieldError, check, did_you_mean, from_dict, to_dict
 from torchslim.data.config import DataConfig, as_data_config
-from torchslim.errors import InputError, key_text, shorten
+from torchslim.errors import InputError, RecipeError, key_text, shorten
 from torchslim.export.config import ExportConfig, export_from_recipe
 from torchslim.registry import STEP_KINDS, default_method, get_method
 from torchslim.zoo.config import ModelConfig, as_model_config
@@ -165,87 +165,126 @@ class Recipe:
 _TOP_LEVEL = ("version", "model", "data", "steps", "measure", "seed", "export", "search")
 
 
-def _spec_config(raw: Any, key: str, cls: type, source: str):
+class _Problems:
+    """Collects a recipe's problems (``field: message`` texts), so that one run reports them all."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.items.append(text)
+
+    def config(self, cls: type, raw: Any, prefix: str = "", at: str = "") -> Any:
+        """``from_dict(cls, raw, prefix)``, or None after recording its problems (each under ``at``)."""
+        try:
+            return from_dict(cls, raw, prefix=prefix)
+        except FieldError as error:
+            for problem in error.problems:
+                self.add(f"{at}{problem}")
+        return None
+
+
+def _spec_config(raw: Any, key: str, cls: type, problems: _Problems):
     """The model/data entry: a spec string, or a mapping validated as ``cls`` (a `ModelConfig`/`DataConfig`)."""
     example = "builtin:digits-cnn" if key == "model" else "builtin:digits"
     if isinstance(raw, str) and raw:
         return cls(spec=raw)
     if isinstance(raw, dict):
         if not raw.get("spec"):
-            raise InputError(f"{source}: {key}.spec: required, a spec string such as {example}")
+            problems.add(f"{key}.spec: required, a spec string such as {example}")
+            return None
+        return problems.config(cls, raw, prefix=f"{key}.")
+    problems.add(f"{key}: required, a spec string such as {example} (or a mapping with spec:)")
+    return None
+
+
+def _check_spec(config: Any, check_spec: Any, problems: _Problems) -> None:
+    if config is not None:
         try:
-            return from_dict(cls, raw, prefix=f"{key}.")
-        except FieldError as error:
-            raise InputError(f"{source}: {error}") from None
-    raise InputError(f"{source}: {key}: required, a spec string such as {example} (or a mapping with spec:)")
+            check_spec(config)
+        except InputError as error:
+            problems.add(str(error))
 
 
-def _parse_step(item: Any, index: int, where: str) -> Step:
-    at = f"{where}: steps[{index}]"
+def _parse_step(item: Any, index: int, problems: _Problems) -> Step | None:
+    at = f"steps[{index}]"
     if not isinstance(item, dict) or len(item) != 1:
-        raise InputError(f"{at}: each step must be a mapping with exactly one key naming its kind "
-                         f"({', '.join(STEP_KINDS)}), got {shorten(item)}")
+        problems.add(f"{at}: each step must be a mapping with exactly one key naming its kind "
+                     f"({', '.join(STEP_KINDS)}), got {shorten(item)}")
+        return None
     ((kind, body),) = item.items()
     if not isinstance(kind, str) or kind not in STEP_KINDS:
-        raise InputError(f"{at}: unknown step kind {shorten(kind)} (known: {', '.join(STEP_KINDS)})")
+        problems.add(f"{at}: unknown step kind {shorten(kind)}{did_you_mean(kind, STEP_KINDS)} "
+                     f"(known: {', '.join(STEP_KINDS)})")
+        return None
     body = {} if body is None else body
     if not isinstance(body, dict):
-        raise InputError(f"{at}.{kind}: expected a mapping of settings, got {shorten(body)}")
+        problems.add(f"{at}.{kind}: expected a mapping of settings, got {shorten(body)}")
+        return None
     body = dict(body)
     method = body.pop("method", None) or default_method(kind)
     if method is None:
-        raise InputError(f"{at}.{kind}.method: required (e.g. method: magnitude)")
+        problems.add(f"{at}.{kind}.method: required (e.g. method: {_example_method(kind)})")
+        return None
     if not isinstance(method, str) or len(method) > 100:
-        raise InputError(f"{at}.{kind}.method: expected a method name, got {shorten(method)}")
+        problems.add(f"{at}.{kind}.method: expected a method name, got {shorten(method)}")
+        return None
     try:
         entry = get_method(kind, method)
     except KeyError as error:
-        raise InputError(f"{at}.{kind}.method: {error.args[0]}") from None
-    try:
-        config = from_dict(entry.config_cls, body)
-    except FieldError as error:
-        raise InputError(f"{at}.{kind}.{error}") from None
-    return Step(kind=kind, method=entry.name, config=config)
+        problems.add(f"{at}.{kind}.method: {error.args[0]}")
+        return None
+    config = problems.config(entry.config_cls, body, at=f"{at}.{kind}.")
+    return None if config is None else Step(kind=kind, method=entry.name, config=config)
+
+
+def _example_method(kind: str) -> str:
+    from torchslim.registry import list_methods
+
+    names = [entry.name for entry in list_methods(kind)]
+    return "magnitude" if "magnitude" in names else (names[0] if names else "NAME")
 
 
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
-    """Validate a recipe given as a plain dict (as loaded from YAML)."""
+    """Validate a recipe given as a plain dict (as loaded from YAML).
+
+    Raises:
+        RecipeError: every problem found (an unknown key, step kind, method or spec prefix, a mistyped or
+            out-of-range field), each naming the step and the field, with "did you mean" for near misses.
+    """
     if not isinstance(raw, dict):
         raise InputError(f"{source}: a recipe must be a mapping with keys model, data, steps, got {type(raw).__name__}")
+    problems = _Problems()
     for key in raw:
         if key not in _TOP_LEVEL:
-            raise InputError(f"{source}: {key_text(key)}: unknown key (known: {', '.join(_TOP_LEVEL)})")
+            problems.add(f"{key_text(key)}: unknown key{did_you_mean(key, _TOP_LEVEL)} "
+                         f"(known: {', '.join(_TOP_LEVEL)})")
     if raw.get("version", SCHEMA_VERSION) != SCHEMA_VERSION:
-        raise InputError(f"{source}: version: this torchslim reads recipe version {SCHEMA_VERSION}, "
-                         f"got {shorten(raw['version'])}")
-    model = _spec_config(raw.get("model"), "model", ModelConfig, source)
-    data = _spec_config(raw.get("data"), "data", DataConfig, source)
-    try:
-        zoo.check_spec(model)
-        data_specs.check_spec(data)
-    except InputError as error:
-        raise InputError(f"{source}: {error}") from None
-    try:
-        export = from_dict(ExportConfig, export_from_recipe(raw.get("export") or "auto"), prefix="export.")
-    except FieldError as error:
-        raise InputError(f"{source}: {error}") from None
+        problems.add(f"version: this torchslim reads recipe version {SCHEMA_VERSION}, got {shorten(raw['version'])}")
+    model = _spec_config(raw.get("model"), "model", ModelConfig, problems)
+    data = _spec_config(raw.get("data"), "data", DataConfig, problems)
+    _check_spec(model, zoo.check_spec, problems)
+    _check_spec(data, data_specs.check_spec, problems)
+    export = problems.config(ExportConfig, export_from_recipe(raw.get("export") or "auto"), prefix="export.")
     steps_raw = raw.get("steps") or []
+    steps: list[Step | None] = []
     if not isinstance(steps_raw, list):
-        raise InputError(f"{source}: steps: expected a list of steps, got {shorten(steps_raw)}")
-    steps = [_parse_step(item, i, source) for i, item in enumerate(steps_raw)]
-    _check_order(steps, source)
-    try:
-        measure = from_dict(MeasureConfig, raw.get("measure") or {}, prefix="measure.")
-    except FieldError as error:
-        raise InputError(f"{source}: {error}") from None
+        problems.add(f"steps: expected a list of steps, got {shorten(steps_raw)}")
+    else:
+        steps = [_parse_step(item, i, problems) for i, item in enumerate(steps_raw)]
+        _check_order(steps, problems)
+    measure = problems.config(MeasureConfig, raw.get("measure") or {}, prefix="measure.")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 63:
-        raise InputError(f"{source}: seed: expected a non-negative int, got {shorten(seed)}")
+        problems.add(f"seed: expected a non-negative int, got {shorten(seed)}")
+    search = _parse_search(raw, problems)
+    if problems.items:
+        raise RecipeError(source, problems.items)
     return Recipe(model=model, data=data, steps=steps, measure=measure, seed=seed, source=source, export=export,
-                  search=_parse_search(raw, source))
+                  search=search)
 
 
-def _parse_search(raw: dict, source: str) -> Any:
+def _parse_search(raw: dict, problems: _Problems) -> Any:
     """The ``search:`` section (`torchslim auto`) as a validated `SearchConfig`, or None without one."""
     if "search" not in raw:
         return None
@@ -253,21 +292,17 @@ def _parse_search(raw: dict, source: str) -> Any:
 
     body = raw["search"] if raw["search"] is not None else {}
     if not isinstance(body, dict):
-        raise InputError(f"{source}: search: expected a mapping (space, objectives, constraints, ...), "
-                         f"got {shorten(body)}")
-    try:
-        return from_dict(SearchConfig, body, prefix="search.")
-    except FieldError as error:
-        raise InputError(f"{source}: {error}") from None
+        problems.add(f"search: expected a mapping (space, objectives, constraints, ...), got {shorten(body)}")
+        return None
+    return problems.config(SearchConfig, body, prefix="search.")
 
 
-def _check_order(steps: list[Step], source: str) -> None:
+def _check_order(steps: list[Step | None], problems: _Problems) -> None:
     # A quantized artifact runs on an inference runtime, and run-time generated weights are frozen codes:
     # nothing can train or prune either afterwards.
     for index, step in enumerate(steps[:-1]):
-        if step.kind in ("quantize", "materialize"):
-            raise InputError(f"{source}: steps[{index}].{step.kind}: must be the last step "
-                             f"(steps after it would need a float model)")
+        if step is not None and step.kind in ("quantize", "materialize"):
+            problems.add(f"steps[{index}].{step.kind}: must be the last step (steps after it would need a float model)")
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:

@@ -82,8 +82,11 @@ def get_method(kind: str, name: str) -> MethodEntry:
     try:
         return _METHODS[(kind, name)]
     except KeyError:
-        known = ", ".join(sorted(n for k, n in _METHODS if k == kind)) or "none"
-        raise KeyError(f"unknown {kind} method {name!r}; known: {known}") from None
+        from torchslim._config import did_you_mean
+
+        names = sorted(n for k, n in _METHODS if k == kind)
+        raise KeyError(f"unknown {kind} method {name!r}{did_you_mean(name, names)} "
+                       f"(known: {', '.join(names) or 'none'})") from None
 
 
 def method_for_config(config: Any) -> MethodEntry:

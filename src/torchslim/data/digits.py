@@ -14,6 +14,7 @@ SPLIT_SEED = 20240601  # the split is fixed, whatever the recipe's seed, so scor
 
 @register_builtin_data("digits")
 def load_digits(seed: int = 0) -> DataBundle:
+    """scikit-learn's 8x8 handwritten digits (10 classes) with a fixed seeded split."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()

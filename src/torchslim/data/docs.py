@@ -141,6 +141,7 @@ def _versions() -> str:
 
 @register_builtin_data("docs")
 def load_docs(seed: int = 0) -> DataBundle:
+    """About a million words of English technical prose, for training and measuring language models."""
     corpus = load_corpus()
     words = sum(len(p.split()) for p in corpus)
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"

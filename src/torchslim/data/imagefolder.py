@@ -89,6 +89,7 @@ def _layout(root: Path) -> dict[str, Path]:
 
 @register_data_prefix("imagefolder")
 def load_imagefolder(path: str, seed: int = 0, config: DataConfig | None = None) -> DataBundle:
+    """``imagefolder:PATH``: one sub-folder of images per class (the torchvision ImageFolder layout)."""
     config = config or DataConfig(spec=f"imagefolder:{path}")
     where = f"data: imagefolder:{path}"
     root = Path(path)

@@ -76,6 +76,7 @@ def _draw_crops(photos: list[np.ndarray], per_photo: int, rng: np.random.Generat
 
 @register_builtin_data("images")
 def load_images(seed: int = 0) -> DataBundle:
+    """Random square crops of the photos bundled in scikit-image and scikit-learn (no labels)."""
     rng = np.random.default_rng(1234)  # crops are fixed, whatever the recipe's seed
     loaded = {name: _load_photo(name) for name in EVAL_PHOTOS + CALIB_PHOTOS}
     missing = [name for name, photo in loaded.items() if photo is None]

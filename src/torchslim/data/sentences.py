@@ -93,6 +93,7 @@ def load_corpus() -> list[str]:
 
 @register_builtin_data("sentences")
 def load_sentences(seed: int = 0) -> DataBundle:
+    """Real English sentences from the docstrings of Python's standard library."""
     corpus = load_corpus()
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     return text_bundle("builtin:sentences", corpus, (0.8, 0.1, 0.1), seed, lambda digest, n: (

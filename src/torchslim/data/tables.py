@@ -326,6 +326,8 @@ def _register(kind: str) -> None:
         tables, files = read_tables(rest, kind, f"data: {config.spec}")
         return table_bundle(config, tables, files, seed)
 
+    load.__doc__ = f"``{kind}:PATH``: a {kind} table (a file, or train/val/test files); see the data: mapping."
+
 
 for _kind in EXTENSIONS:
     _register(_kind)
@@ -333,6 +335,7 @@ for _kind in EXTENSIONS:
 
 @register_data_prefix("datasets")
 def load_datasets(rest: str, seed: int = 0, config: DataConfig | None = None) -> DataBundle:
+    """``datasets:NAME_OR_PATH``: a Hugging Face ``datasets`` data set from the local cache or a saved folder."""
     config = config or DataConfig(spec=f"datasets:{rest}")
     tables, files = read_datasets(rest, f"data: {config.spec}")
     return table_bundle(config, tables, files, seed)

@@ -48,6 +48,7 @@ def _files(root: Path, where: str) -> list[Path]:
 
 @register_data_prefix("text")
 def load_text(path: str, seed: int = 0, config: DataConfig | None = None) -> DataBundle:
+    """``text:PATH``: a UTF-8 .txt/.md file, or a folder of them, for language models."""
     config = config or DataConfig(spec=f"text:{path}")
     where = f"data: text:{path}"
     corpus: list[str] = []

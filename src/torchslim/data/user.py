@@ -108,6 +108,7 @@ def _datasets(made: Any, where: str) -> dict[str, Any]:
 
 @register_data_prefix("file")
 def load_file_data(target: str, seed: int = 0, config: DataConfig | None = None) -> DataBundle:
+    """``file:path/to/module.py:factory``: your own Python returns the samples (the file's code runs)."""
     config = config or DataConfig(spec=f"file:{target}")
     where = f"data: file:{target}"
     factory, _ = load_factory(target, "data")

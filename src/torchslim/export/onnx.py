@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._progress import ticking
 from torchslim.errors import InputError, describe
 
 OPSET = 18
@@ -40,22 +41,29 @@ def export_onnx(module: nn.Module, example_inputs: Any, path: str | Path, *, dyn
     names = [f"input_{i}" for i in range(len(args))]
     module = module.eval()
     errors = []
-    for exporter in ("dynamo", "torchscript"):
-        try:
-            with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")
-                if exporter == "dynamo":
-                    shapes = tuple(dict.fromkeys(_dynamic_dims(t), torch.export.Dim.AUTO) for t in args)
-                    shapes = shapes if dynamic_batch else None
-                    program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=["output"],
-                                                dynamic_shapes=shapes, opset_version=OPSET, external_data=False)
-                    program.save(str(path))
-                else:
-                    axes = {n: {d: ("batch", "sequence")[d] for d in _dynamic_dims(t)} for n, t in zip(names, args)}
-                    axes = {**axes, "output": {0: "batch"}} if dynamic_batch else None
-                    torch.onnx.export(module, args, str(path), dynamo=False, input_names=names,
-                                      output_names=["output"], dynamic_axes=axes, opset_version=OPSET)
-            return exporter
-        except Exception as error:  # record and try the next exporter
-            errors.append(f"{exporter}: {describe(error)}")
+    with ticking(f"exporting {path.name} to ONNX"):
+        for exporter in ("dynamo", "torchscript"):
+            try:
+                _export_with(exporter, module, args, names, path, dynamic_batch)
+                return exporter
+            except Exception as error:  # record and try the next exporter
+                errors.append(f"{exporter}: {describe(error)}")
     raise InputError(f"ONNX export failed ({'; '.join(errors)})")
+
+
+def _export_with(exporter: str, module: nn.Module, args: tuple, names: list[str], path: Path,
+                 dynamic_batch: bool) -> None:
+    """One try of ``torch.onnx.export`` with ``exporter`` ("dynamo" or "torchscript"), its chatter silenced."""
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            shapes = tuple(dict.fromkeys(_dynamic_dims(t), torch.export.Dim.AUTO) for t in args)
+            shapes = shapes if dynamic_batch else None
+            program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=["output"],
+                                        dynamic_shapes=shapes, opset_version=OPSET, external_data=False)
+            program.save(str(path))
+        else:
+            axes = {n: {d: ("batch", "sequence")[d] for d in _dynamic_dims(t)} for n, t in zip(names, args)}
+            axes = {**axes, "output": {0: "batch"}} if dynamic_batch else None
+            torch.onnx.export(module, args, str(path), dynamo=False, input_names=names,
+                              output_names=["output"], dynamic_axes=axes, opset_version=OPSET)

@@ -257,12 +257,15 @@ class _StatsHooks:
 
 
 def collect_stats(layers: dict[str, nn.Module], runs: Sequence[Callable[[], Any]], want: Sequence[str],
-                  max_samples: int = 0) -> dict[str, LayerStats]:
+                  max_samples: int = 0, desc: str | None = None) -> dict[str, LayerStats]:
     """LayerStats (``want``: "hessian", "sq_norm", "abs_mean", "samples", "mean") of ``layers``' inputs over the calls
-    ``runs`` make; a convolution's rows are its input positions, ``in_channels`` wide. Layers never run are absent."""
+    ``runs`` make; a convolution's rows are its input positions, ``in_channels`` wide. Layers never run are absent.
+    With ``desc``, a progress bar of that title counts the calls."""
+    from torchslim._progress import bar
+
     hooks = _StatsHooks(layers, want, max_samples)
     try:
-        for run in runs:
+        for run in bar(runs, desc=desc or "", show=None if desc else False):
             hooks.new_call()
             run()
     finally:
@@ -452,6 +455,8 @@ def run_sequential(model: nn.Module, batches: Sequence[Any], process: Process, *
     layers = linear_layers(model)
     if not layers:
         raise InputError(f"calibration: {type(model).__name__} has no Linear layers to calibrate")
+    from torchslim._progress import bar
+
     call = call or _call_model
     log = log or (lambda message: None)
     run = SequentialRun(blocks=None, num_blocks=0, tokens=0, layers=[])
@@ -465,7 +470,8 @@ def run_sequential(model: nn.Module, batches: Sequence[Any], process: Process, *
             path, blocks = found
             run.blocks, run.num_blocks = path, len(blocks)
             run.tokens = sum(i.hidden().numel() // i.hidden().shape[-1] for i in inputs)
-            for index, block in enumerate(blocks):
+            for index, block in enumerate(bar(blocks, desc=f"calibrating {path or 'model'} block by block",
+                                              unit="block")):
                 block_name = f"{path}.{index}" if path else str(index)
                 names = {f"{block_name}.{n}" if n else block_name: m for n, m in block.named_modules()
                          if is_linear_like(m)}
@@ -483,7 +489,8 @@ def run_sequential(model: nn.Module, batches: Sequence[Any], process: Process, *
         outside = {n: m for n, m in layers.items() if n not in inside and not _matches(n, skip)}
         if outside:
             log(f"calibrating {len(outside)} layers outside the blocks")
-            stats = collect_stats(outside, [lambda b=b: call(model, b) for b in batches], want, max_samples)
+            stats = collect_stats(outside, [lambda b=b: call(model, b) for b in batches], want, max_samples,
+                                  desc="calibrating the layers outside the blocks")
             process("", model, stats)
             run.layers.extend(stats)
             run.tokens = run.tokens or max((s.tokens for s in stats.values()), default=0)

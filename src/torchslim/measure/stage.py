@@ -12,7 +12,8 @@ import torch
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.memory import peak_memory_bytes
-from torchslim.measure.metrics import accuracy, cosine_similarity_stats, kl_divergence, roc_auc, top1_agreement
+from torchslim.measure.metrics import (CONFIDENT_MARGIN, accuracy, confident_agreement, cosine_similarity_stats,
+                                      kl_divergence, roc_auc, top1_agreement, topk_agreement)
 from torchslim.measure.params import count_nonzero_params, count_params
 from torchslim.measure.size import artifact_bytes, resident_parameter_bytes
 
@@ -27,11 +28,18 @@ class Evaluation:
     outputs: torch.Tensor
 
 
-def collect_outputs(deployable, data, preprocess, batch_size: int, limit: int,
-                    split: str = "test") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run ``deployable`` over ``split`` (the test split unless told); returns (outputs, labels or None)."""
+def collect_outputs(deployable, data, preprocess, batch_size: int, limit: int, split: str = "test", *,
+                    progress: bool | None = None, desc: str = "evaluating") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``deployable`` over ``split`` (the test split unless told); returns (outputs, labels or None).
+
+    ``progress`` False hides the progress bar (None: the global setting of `torchslim._progress`).
+    """
+    from torchslim._progress import bar
+
     outputs, labels = [], []
-    for inputs, target in data.batches(split, preprocess, batch_size, limit=limit):
+    samples = len(data.splits[split]) if limit <= 0 else min(limit, len(data.splits[split]))
+    batches = data.batches(split, preprocess, batch_size, limit=limit)
+    for inputs, target in bar(batches, total=-(-samples // batch_size), desc=desc, show=progress):
         outputs.append(deployable(inputs).float())
         if target is not None:
             labels.append(target)
@@ -50,11 +58,23 @@ def evaluate(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torc
     if task == "embedding":
         mean, minimum = cosine_similarity_stats(outputs, reference)
         return Evaluation("cosine", mean, {"cosine": mean, "cosine_min": minimum}, outputs)
-    metrics = {"agreement": top1_agreement(outputs, reference), "kl": kl_divergence(outputs, reference)}
+    metrics = {"agreement": top1_agreement(outputs, reference), **fidelity(outputs, reference)}
     if labels is not None:
         metrics = {"accuracy": accuracy(outputs, labels), **metrics}
         return Evaluation("accuracy", metrics["accuracy"], metrics, outputs)
     return Evaluation("agreement", metrics["agreement"], metrics, outputs)
+
+
+def fidelity(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """What plain top-1 agreement hides: agreement on the samples the reference is confident about (its top-1
+    softmax probability above its top-2 by more than ``confident_margin``; ``confident_samples`` of them), top-5
+    agreement (the reference's class among the stage's five best) and mean KL(reference || stage) in nats."""
+    agreement, count = confident_agreement(logits, reference, CONFIDENT_MARGIN)
+    metrics = {"top5_agreement": topk_agreement(logits, reference, 5), "kl": kl_divergence(logits, reference),
+               "confident_margin": CONFIDENT_MARGIN, "confident_samples": float(count)}
+    if agreement is not None:
+        metrics["confident_agreement"] = agreement
+    return metrics
 
 
 def evaluate_ctr(logits: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> Evaluation:

@@ -56,7 +56,8 @@ def collect(model: nn.Module, modules: dict[str, str], batches: Iterable[Any],
         with torch.no_grad():
             call_model(model, inputs)
 
-    return collect_stats(_consumers(model, modules), [lambda b=b: run(b) for b in batches], want)
+    return collect_stats(_consumers(model, modules), [lambda b=b: run(b) for b in batches], want,
+                         desc="calibrating (channel statistics)")
 
 
 def input_dim(module: nn.Module) -> int:

@@ -18,6 +18,7 @@ import torch
 
 from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim._progress import bar
 from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError, describe
 from torchslim.measure.latency import measure_latency
@@ -49,6 +50,13 @@ class Int8StaticConfig:
             model on calibration data, is largest (this many; onnxruntime). 0 = quantize every layer.
         bias_correction: subtract each layer's expected weight-rounding offset from its bias, measured with the
             calibration data's channel means (`torchslim.quant.bias_correction`; onnxruntime).
+        equalize: before calibration, fold BatchNorms into their layers and apply cross-layer equalization with
+            high-bias absorption (`torchslim.quant.equalize`): per-channel weight ranges of Conv/Linear pairs
+            joined by ReLU or nothing become alike; the float function is unchanged. Pairs through ReLU6 are
+            left alone (ReLU6 is not positively homogeneous). The step details list the pairs.
+        smoothquant: before calibration, smooth the Linear layers fed only by a LayerNorm
+            (`torchslim.quant.smooth`, alpha searched per LayerNorm on the calibration data); the float function
+            is unchanged. LayerNorms whose output also feeds a residual (post-LN encoders) are left alone.
         prefer: what "fastest" means for ``runtime: auto``: "balanced" (geometric mean of the batch-1 and
             batched latencies), "batch" (batched latency) or "bs1" (batch-1 latency).
     """
@@ -61,6 +69,8 @@ class Int8StaticConfig:
     prefer: Literal["balanced", "batch", "bs1"] = "balanced"
     fallback_layers: int = 0
     bias_correction: bool = True
+    equalize: bool = False
+    smoothquant: bool = False
     version: int = 1
     renamed_fields: ClassVar[dict[str, str]] = {
         "calibration_batches": "calibration.samples (samples, not batches: calibration_batches x "
@@ -111,15 +121,17 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
     """Quantize ``context.model`` to int8 with calibration; returns it on the chosen (or fastest) runtime."""
     check_calibration(context, config)
     names = _candidates(context, config)
+    prepared = _prepare(context, config)
     if len(names) == 1:
         deployable = BACKENDS[names[0]].build(context, config)
         deployable.details["runtime_choice"] = names[0] + (" (the only candidate)" if config.runtime == "auto" else "")
+        deployable.details.update(prepared)
         return deployable
     batch = context.data.fill_batch("val", context.bundle.preprocess, context.batch_size)
     with torch.inference_mode():
         reference = call_model(context.model, batch)
     built, figures = {}, {}
-    for name in names:
+    for name in bar(names, desc="building and timing each int8 runtime", unit="runtime", show=context.progress):
         try:
             built[name] = BACKENDS[name].build(context, config)
             figures[name] = _time_candidate(built[name], batch, reference, config.prefer,
@@ -135,7 +147,33 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
                  "batch": f"batch-{context.batch_size} latency", "bs1": "batch-1 latency"}[config.prefer]
     chosen.details["runtime_choice"] = f"{best}: fastest by {criterion}"
     chosen.details["candidates"] = figures
+    chosen.details.update(prepared)
     return chosen
+
+
+def _prepare(context, config: Int8StaticConfig) -> dict:
+    """Equalize and smooth ``context.model`` in place as the config asks; what was done, for the details."""
+    done = {}
+    if config.equalize:
+        done["equalization"] = _equalize(context)
+    if config.smoothquant:
+        from torchslim.quant.calibration import calibration_batches
+        from torchslim.quant.smooth import smooth_
+
+        result = smooth_(context.model.eval(), context.example_inputs(1), calibration_batches(context, config))
+        done["smoothing"] = {"smoothed": result.smoothed, "refused": result.refused}
+    return done
+
+
+def _equalize(context) -> dict:
+    """Fold BatchNorms and cross-layer equalize ``context.model`` in place (quantize is the last step, as in
+    QAT); every backend then calibrates and quantizes the equalized model."""
+    from torchslim.quant.equalize import fold_and_equalize_
+
+    result, folded, not_folded = fold_and_equalize_(context.model.eval(), context.example_inputs(1))
+    for name, why in not_folded.items():
+        context.skip_layer(name, f"BatchNorm not folded before equalization: {why}")
+    return {"folded_batchnorms": len(folded), **result.summary()}
 
 
 # Old names, kept for one release (see torchslim._deprecated).

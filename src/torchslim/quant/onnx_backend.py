@@ -201,7 +201,9 @@ class _Reader:
     """ONNX Runtime CalibrationDataReader over prepared feeds (its own ranges are replaced by ours)."""
 
     def __init__(self, feeds: list):
-        self.feeds = iter(feeds)
+        from torchslim._progress import bar
+
+        self.feeds = iter(bar(feeds, desc="calibrating (ONNX Runtime)"))
 
     def get_next(self):
         return next(self.feeds, None)

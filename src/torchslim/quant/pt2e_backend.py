@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim._quiet import quiet_torch_compile_logs
 from torchslim.quant.calibration import calibration_batches
 from torchslim.quant.cpu import has_vnni, int8_features
 from torchslim.runtime import Deployable
 
 ARTIFACT_FORMAT = "torchslim.pt2e-int8/1"
+quiet_torch_compile_logs()  # before torchao's import (in this module only) logs its first line
 OBSERVERS = {"minmax": "MinMaxObserver", "moving_average": "MovingAverageMinMaxObserver"}
 
 
@@ -111,12 +113,14 @@ def _observer_ranges(prepared: nn.Module) -> dict[str, torch.Tensor]:
 def _convert(module: nn.Module, example: Any, config, calibrate=None, ranges: dict | None = None):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    from torchslim._progress import bar
+
     quantizer, skipped = _quantizer(module, config)
     prepared = prepare_pt2e(_capture(module, example), quantizer)
     if ranges is not None:
         prepared.load_state_dict(ranges, strict=False)
     with torch.no_grad():
-        for batch in calibrate or ():
+        for batch in bar(calibrate or (), desc="calibrating (torchao)"):
             prepared(*_args(batch))
     ranges = _observer_ranges(prepared)
     return convert_pt2e(prepared), ranges, skipped
@@ -149,8 +153,10 @@ class InductorInt8Deployable(Deployable):
         tensors = {f"graph/{k}": v.contiguous() for k, v in graph_tensors(self.converted).items()}
         # Observers shared between tensors (e.g. around a concat) share storage: store each copy on its own.
         tensors.update({f"observer/{k}": v.detach().clone() for k, v in self.ranges.items()})
+        # equalize/smoothquant rewrote the float model this graph was captured from: a reload needs that model.
         settings = {"observer": self.config.observer, "per_channel": self.config.per_channel,
-                    "skip": list(self.config.skip),
+                    "skip": list(self.config.skip), "equalize": getattr(self.config, "equalize", False),
+                    "smoothquant": getattr(self.config, "smoothquant", False),
                     # what the graph was captured on, so that `load_saved` can capture it again without inputs
                     "example": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                                 for t in _args(self.example)]}

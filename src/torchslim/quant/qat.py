@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim._progress import bar
 from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError
 from torchslim.quant import onnx_backend
@@ -140,7 +141,8 @@ def quantize_qat(context, config: QatConfig) -> OnnxRuntimeDeployable:
             hooks[name] = InputFakeQuant(config.observer)
             handles.append(layer.register_forward_pre_hook(hooks[name]))
         with torch.inference_mode():
-            for inputs in calibration_batches(context, config):
+            for inputs in bar(calibration_batches(context, config), total=config.calibration_batches,
+                              desc="calibrating", show=context.progress):
                 call_model(model, inputs)
         for hook in hooks.values():
             hook.freeze()

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from torchslim._config import check
+from torchslim._quiet import sparse_invariants_warning_silenced
 from torchslim.errors import InputError
 from torchslim.recover import checkpoint as ckpt
 from torchslim.recover import distributed
@@ -355,11 +356,12 @@ class Trainer:
             scaler.unscale_(opt)
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+        with sparse_invariants_warning_silenced():  # Adagrad on embedding tables' sparse gradients
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
         opt.zero_grad(set_to_none=True)
 
     def _end_epoch(self, state: dict, best: dict | None) -> dict | None:

@@ -145,6 +145,17 @@ def spec_of(entry) -> str:
     return entry.get("spec", "?") if isinstance(entry, dict) else str(entry)
 
 
+def _fidelity(stage: dict) -> str:
+    """Agreement with the baseline beyond the headline (classification stages): on confident samples, top-5, KL."""
+    m = stage.get("metrics") or {}
+    if "top5_agreement" not in m:
+        return ""
+    confident = (f"{m['confident_agreement']:.4f} on the {int(m['confident_samples'])} samples where the baseline's "
+                 f"top-1 leads its top-2 by more than {m['confident_margin']}" if "confident_agreement" in m
+                 else f"no sample with a baseline margin above {m['confident_margin']}")
+    return f" agreement {m['agreement']:.4f}, {confident}, top-5 {m['top5_agreement']:.4f}, KL {m['kl']:.4g} nats;"
+
+
 def to_markdown(report: dict) -> str:
     lines = [f"# torchslim report", "", f"model `{spec_of(report['recipe']['model'])}` on data `{spec_of(report['recipe']['data'])}`, "
              f"{report['environment']['threads']} threads, {report['environment']['cpu']}", "",
@@ -157,7 +168,7 @@ def to_markdown(report: dict) -> str:
         resident = stage.get("resident_param_bytes")
         facts = json.dumps(stage.get("details") or {}, sort_keys=True, default=str)
         facts = facts if len(facts) <= 800 else facts[:800] + " ...(report.json has all)"
-        lines.append(f"- **{stage['name']}**: parameters resident {_mb(resident)}; details `{facts}`")
+        lines.append(f"- **{stage['name']}**: parameters resident {_mb(resident)};{_fidelity(stage)} details `{facts}`")
     if report["skipped"]:
         lines += ["", "## Left as they were", ""] + [f"- `{k}`: {v}" for k, v in report["skipped"].items()]
     if report["notes"]:

@@ -134,7 +134,7 @@ class TrialRunner:
     def _evaluate(self, deployable: Deployable, reference: torch.Tensor | None):
         eval_batch = max(self.recipe.measure.batch_size, 32)
         outputs, labels = collect_outputs(deployable, self.data, self.bundle.preprocess, eval_batch,
-                                          self.recipe.measure.max_eval_samples, split=self.split)
+                                          self.recipe.measure.max_eval_samples, split=self.split, progress=False)
         return evaluate(outputs, labels, reference, self.bundle.task)
 
     def _baseline(self) -> dict:

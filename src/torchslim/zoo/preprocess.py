@@ -52,7 +52,8 @@ class ImagePreprocess:
         array = np.asarray(image)
         if array.ndim == 2:
             array = array[:, :, None]
-        x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
+        # a copy: a decoded image is often a read-only view (PIL), which torch.from_numpy warns about
+        x = torch.from_numpy(np.array(array, copy=True, order="C")).permute(2, 0, 1).float()
         if array.dtype == np.uint8:
             x = x / 255.0
         if x.shape[0] != self.channels:

@@ -106,6 +106,7 @@ def torchvision_transform(weights, overrides: dict):
 
 @register_model_prefix("torchvision")
 def torchvision_model(name: str, config: ModelConfig | None = None) -> ModelBundle:
+    """``torchvision:NAME``: a torchvision classifier with its weights' preprocessing (local weights or random)."""
     config = config or ModelConfig(spec=f"torchvision:{name}")
     spec = f"torchvision:{name}"
     models = need("torchvision.models", "vision", spec)
@@ -166,6 +167,7 @@ def timm_transform(timm, model: nn.Module, overrides: dict):
 
 @register_model_prefix("timm")
 def timm_model(name: str, config: ModelConfig | None = None) -> ModelBundle:
+    """``timm:NAME``: a timm model with its pretrained config's preprocessing (local weights or random)."""
     config = config or ModelConfig(spec=f"timm:{name}")
     spec = f"timm:{name}"
     timm = need("timm", "vision", spec)
