@@ -140,9 +140,10 @@ def quantize_qat(context, config: QatConfig) -> OnnxRuntimeDeployable:
         for name, layer in layers.items():
             hooks[name] = InputFakeQuant(config.observer)
             handles.append(layer.register_forward_pre_hook(hooks[name]))
+        batches = -(-config.calibration.samples // config.calibration.batch_size)  # the last one may be short
         with torch.inference_mode():
-            for inputs in bar(calibration_batches(context, config), total=config.calibration_batches,
-                              desc="calibrating", show=context.progress):
+            for inputs in bar(calibration_batches(context, config), total=batches, desc="calibrating",
+                              show=context.progress):
                 call_model(model, inputs)
         for hook in hooks.values():
             hook.freeze()
