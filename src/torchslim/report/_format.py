@@ -17,26 +17,25 @@ def _number(value) -> float | None:
     return float(value)
 
 
-def count(value) -> str:
-    """1234567 -> '1.23 M' (parameters, MACs)."""
+def _scaled(value, units: tuple[tuple[float, str], ...], plain: str) -> str:
+    """``value`` in the largest of ``units`` it reaches (three significant digits below 100), else ``plain``."""
     n = _number(value)
     if n is None:
         return "n/a"
-    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    for scale, unit in units:
         if abs(n) >= scale:
             return f"{n / scale:.3g} {unit}" if abs(n) / scale < 100 else f"{n / scale:.0f} {unit}"
-    return f"{n:.0f}"
+    return plain.format(n)
+
+
+def count(value) -> str:
+    """1234567 -> '1.23 M' (parameters, MACs)."""
+    return _scaled(value, ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")), "{:.0f}")
 
 
 def size(value) -> str:
     """Bytes in decimal units: 1234567 -> '1.23 MB'."""
-    n = _number(value)
-    if n is None:
-        return "n/a"
-    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}" if abs(n) / scale < 100 else f"{n / scale:.0f} {unit}"
-    return f"{n:.0f} B"
+    return _scaled(value, ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")), "{:.0f} B")
 
 
 def ms(value) -> str:
