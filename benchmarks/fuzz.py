@@ -30,7 +30,7 @@ def _environment() -> dict:
     import torch
 
     import torchslim
-    from torchslim.quant.cpu import int8_features
+    from torchslim.core.cpu import int8_features
     from torchslim.report import environment
 
     env = environment(torch.get_num_threads())

@@ -27,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, write_json  # noqa: E402
 
 from torchslim.errors import describe  # noqa: E402
-from torchslim.graph.capture import output_tensors  # noqa: E402
+from torchslim.core.modules import call_model, output_tensors  # noqa: E402
 from torchslim import load  # noqa: E402
 from torchslim.pruning.channel import ChannelPruningConfig, prune, save_pruned  # noqa: E402
-from torchslim.zoo import call_model  # noqa: E402
 
 
 def minilm():

@@ -54,8 +54,9 @@ from torchslim.measure.size import artifact_bytes  # noqa: E402
 from torchslim.measure.metrics import (CONFIDENT_MARGIN, confident_agreement, cosine_similarity_stats,  # noqa: E402
                                       kl_divergence, top1_agreement, topk_agreement)
 from torchslim.quant import pt2e_backend  # noqa: E402
-from torchslim.quant.cpu import has_vnni, int8_features  # noqa: E402
-from torchslim.zoo import call_model, resolve_model  # noqa: E402
+from torchslim.core.cpu import has_vnni, int8_features  # noqa: E402
+from torchslim.core.modules import call_model  # noqa: E402
+from torchslim.zoo import resolve_model  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 SEQUENCE = 64  # MiniLM's timed sequence length

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pruning_models import GroupedResNet, MultiInputNet, Transposed1d3d, UNet
 from torch import nn
 
 import torchslim
-
-from pruning_models import GroupedResNet, MultiInputNet, Transposed1d3d, UNet
+from torchslim.core.modules import output_tensors
 from torchslim.graph import analyse_channels, capture
-from torchslim.graph.capture import output_tensors
 from torchslim.graph.trace import trace
 from torchslim.measure.macs import count_macs
-from torchslim.pruning.channel import (
-    ChannelPruningConfig, prune, remove_channels, save_pruned, select_channels,
-)
+from torchslim.pruning.channel import ChannelPruningConfig, prune, remove_channels, save_pruned, select_channels
 
 both = pytest.mark.parametrize("how", ["export", "trace"])
 

@@ -7,19 +7,18 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_bundle
 
 import torchslim
-from torchslim.data.config import CalibrationConfig
 from torchslim._config import FieldError, from_dict, to_dict
 from torchslim._context import _StepContext as StepContext
+from torchslim.core.modules import weight_matrix
 from torchslim.data import DataBundle, resolve_data
+from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError
-from torchslim.llm.blocks import weight_matrix
 from torchslim.pruning.magnitude import MagnitudePruningConfig, prune_magnitude
 from torchslim.pruning.oneshot import SparseGPTConfig, WandaConfig, prune_sparsegpt, prune_wanda
 from torchslim.zoo import ModelBundle
-
-from conftest import tiny_bundle
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from torchslim._context import _StepContext, run_step
 from torchslim._output import OutputLock, atomic_output_dir, check_output_dir, checkpoint_root
 from torchslim._progress import enabled as progress_bars
+from torchslim.core.modules import call_model
 from torchslim.data import DataBundle, resolve_data
 from torchslim.errors import InputError
 from torchslim.export import check_exports
@@ -29,7 +29,7 @@ from torchslim.measure.latency import set_threads
 from torchslim.measure.stage import collect_outputs, evaluate, measure_deployable
 from torchslim.recipe import Recipe
 from torchslim.runtime import Deployable, TorchDeployable
-from torchslim.zoo import ModelBundle, call_model, resolve_model
+from torchslim.zoo import ModelBundle, resolve_model
 
 _LOG = logging.getLogger(__name__)  # the CLI shows INFO lines, DEBUG with -v (see torchslim._logging)
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from torchslim.core.calibration import run_sequential
+from torchslim.core.modules import find_blocks, is_linear_like, linear_layers, set_weight_matrix_, weight_matrix
 from torchslim.errors import InputError
-from torchslim.llm.blocks import (
-    find_blocks, is_linear_like, linear_layers, run_sequential, set_weight_matrix_, weight_matrix,
-)
 
 transformers = pytest.importorskip("transformers")
 

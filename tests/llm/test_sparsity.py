@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchslim.llm.sparsity import (
+from torchslim.pruning.sparsity import (
     magnitude_mask, nm_mask, parse_pattern, pattern_sparsity, sparsegpt_prune, unstructured_mask, wanda_mask,
 )
 

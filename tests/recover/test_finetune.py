@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_bundle
+
 from torchslim._context import _StepContext as StepContext
 from torchslim.data import resolve_data
 from torchslim.errors import InputError
@@ -66,9 +66,10 @@ def test_unknown_feature_layer_names_the_nearest(tmp_path):
 
 
 def test_attention_distillation_reads_minilms_last_layer():
+    from torchslim.core.modules import call_model
     from torchslim.recover.features import TappedStudent, TappedTeacher, attention_heads, find_attention
     from torchslim.recover.losses import attention_distillation_loss
-    from torchslim.zoo import call_model, resolve_model
+    from torchslim.zoo import resolve_model
 
     bundle = resolve_model("builtin:minilm")
     names = find_attention(bundle.model, "test")

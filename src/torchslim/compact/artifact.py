@@ -53,9 +53,9 @@ from torchslim._cache import atomic_write_bytes
 from torchslim._deprecated import renamed
 from torchslim.compact.entropy import CodingError, SectionReader, SectionWriter
 from torchslim.compact.sharing import MAX_BITS, shared_layers, unshare_
+from torchslim.core.modules import call_model
 from torchslim.errors import ArtifactError
 from torchslim.runtime import TorchDeployable
-from torchslim.zoo import call_model
 
 MAGIC = b"TSLM"
 VERSION = 1

@@ -19,14 +19,14 @@ Example recipe step::
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim._deprecated import renamed
 from torchslim.compact.artifact import CompactDeployable, Storage, encode_artifact, raw_fp32_bytes, round_to_storage_
 from torchslim.compact.sharing import MAX_BITS, select_layers, share_weights_
+from torchslim.core.modules import matches
 from torchslim.recover.finetune import FinetuneConfig, finetune
 from torchslim.registry import register_method
 
@@ -67,7 +67,7 @@ class WeightSharingConfig:
 
 def layer_bits(name: str, config: WeightSharingConfig) -> int:
     """Bits of the layer ``name``: its first matching ``layer_bits`` pattern, else ``config.bits``."""
-    return next((bits for pattern, bits in config.layer_bits.items() if fnmatch.fnmatch(name, pattern)), config.bits)
+    return next((bits for pattern, bits in config.layer_bits.items() if matches(name, [pattern])), config.bits)
 
 
 def _details(deployable: CompactDeployable, shared: dict, training: dict | None) -> dict:

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
@@ -31,15 +30,16 @@ from typing import Any, Callable, ClassVar, Literal
 import torch
 from torch import nn
 
-from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim._deprecated import renamed
+from torchslim.compact.embedding_bags import (
+    COMPRESSED_TABLES, EMBEDDING_TABLES, HashedEmbeddingBag, ProjectedEmbeddingBag, QREmbeddingBag,
+    QuantizedEmbeddingBag, new_like, storage,
+)
+from torchslim.core.modules import call_model, matches
 from torchslim.data.config import CalibrationConfig
-from torchslim.compact.embedding_bags import (COMPRESSED_TABLES, EMBEDDING_TABLES, HashedEmbeddingBag,
-                                              ProjectedEmbeddingBag, QREmbeddingBag, QuantizedEmbeddingBag,
-                                              new_like, storage)
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable
-from torchslim.zoo import call_model
 
 
 def _check_common(config) -> None:
@@ -438,7 +438,7 @@ def compress_embeddings_(model: nn.Module, config, *, counts: dict[str, torch.Te
     before = embedding_bytes(model)
     tables, kept = candidate_tables(model, method.nested)
     for name in list(tables):
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.skip):
+        if matches(name, config.skip):
             kept[name] = f"matched {method.name} skip"
             del tables[name]
     records = []

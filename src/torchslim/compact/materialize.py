@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim._deprecated import renamed
+from torchslim.core.modules import matches, replace_module
 from torchslim.measure.size import resident_parameter_bytes
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable
@@ -189,9 +189,9 @@ def materialize_(model: nn.Module, config: MaterializeConfig) -> dict[str, str]:
     skipped, packs = {}, {}
     targets = []
     for name, module in model.named_modules():
-        if not name or not any(fnmatch.fnmatchcase(name, p) for p in config.layers):
+        if not name or not matches(name, config.layers):
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in config.skip):
+        if matches(name, config.skip):
             continue
         if isinstance(module, nn.EmbeddingBag):
             skipped[name] = "EmbeddingBag: use compress_embeddings (row-wise packed kernels) instead"
@@ -203,8 +203,7 @@ def materialize_(model: nn.Module, config: MaterializeConfig) -> dict[str, str]:
                 targets.append(name)
     modules = dict(model.named_modules())
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, _convert(modules[name], config, packs))
+        replace_module(model, name, _convert(modules[name], config, packs))
     return skipped
 
 

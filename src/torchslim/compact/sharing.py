@@ -16,12 +16,11 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchslim.core.modules import matches
 from torchslim.pruning.magnitude import PRUNABLE
 
 MAX_BITS = 8  # indices are stored as uint8
@@ -113,9 +112,9 @@ def select_layers(model: nn.Module, layers: list[str], skip: list[str]) -> tuple
     """(names of the Conv/Linear layers matched by ``layers`` and not by ``skip``, {name: why not shareable})."""
     selected, refused = [], {}
     for name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE) or not any(fnmatch.fnmatch(name, p) for p in layers):
+        if not isinstance(module, PRUNABLE) or not matches(name, layers):
             continue
-        if any(fnmatch.fnmatch(name, p) for p in skip):
+        if matches(name, skip):
             continue
         if parametrize.is_parametrized(module, "weight"):
             refused[name] = "weight already parametrized (shared or otherwise transformed)"

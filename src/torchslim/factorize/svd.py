@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -39,14 +38,14 @@ import torch
 from torch import nn
 
 from torchslim._config import check
-from torchslim.errors import ArtifactError, InputError, describe, shorten
+from torchslim._deprecated import renamed
+from torchslim.core.modules import call_model, forward_shapes, matches, replace_module
+from torchslim.errors import ArtifactError, InputError, shorten
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.measure.stage import first_samples
-from torchslim._deprecated import renamed
 from torchslim.registry import register_method
 from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
-from torchslim.zoo import call_model
 
 
 @dataclass(frozen=True)
@@ -178,9 +177,9 @@ def _select_modules(model: nn.Module, config: SvdConfig) -> tuple[dict[str, nn.M
     modules, skipped = {}, {}
     for name, module in model.named_modules():
         weight = module._parameters.get("weight")
-        if weight is None or weight.ndim < 2 or not any(fnmatch.fnmatch(name, p) for p in config.layers):
+        if weight is None or weight.ndim < 2 or not matches(name, config.layers):
             continue
-        if any(fnmatch.fnmatch(name, p) for p in config.skip):
+        if matches(name, config.skip):
             skipped[name] = "excluded by the config (skip)"
         elif type(module) not in (nn.Linear, nn.Conv2d):  # subclasses (e.g. attention's out_proj) may not call forward
             skipped[name] = f"{type(module).__name__} is not factorized (only nn.Linear and nn.Conv2d)"
@@ -272,47 +271,26 @@ def _ranks_for_macs(layers: list[_Layer], budget: float, fixed_macs: int, round_
     return {layer.name: _round_rank(exact[layer.name], len(layer.singular), round_to) for layer in layers}
 
 
-def _failure(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, str | None, str | None]:
-    """(output shape, None, None), or (None, the error, the innermost layer whose code raised it)."""
-    try:
-        with torch.inference_mode():
-            return tuple(call_model(model, example_inputs).shape), None, None
-    except Exception as error:  # the caller restores the layers involved, or re-raises
-        names = {id(m): name for name, m in model.named_modules()}
-        where, trace = None, error.__traceback__
-        while trace is not None:
-            owner = trace.tb_frame.f_locals.get("self")
-            if isinstance(owner, nn.Module) and id(owner) in names:
-                where = names[id(owner)]
-            trace = trace.tb_next
-        return None, describe(error, 200), where
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def _replace_and_check(model: nn.Module, layers: dict[str, _Layer], ranks: dict[str, int], conv: str,
                        example_inputs: Any, reference: tuple, skipped: dict[str, str]) -> dict[str, _Layer]:
     """Swap in the factorized pairs; layers whose replacement breaks the model's code are put back and listed.
     Returns the layers that stay factorized."""
     for name, layer in layers.items():
-        _set_module(model, name, factorized_layers(layer.module, ranks[name], conv))
+        replace_module(model, name, factorized_layers(layer.module, ranks[name], conv))
     layers = dict(layers)
     while True:
-        shape, error, where = _failure(model, example_inputs)
+        shape, error, where = forward_shapes(model, example_inputs)
         if error is None and shape == reference:
             return layers
         involved = [n for n in layers if where is not None and (where in ("", n) or where.startswith(n + ".")
                                                                 or n.startswith(where + "."))]
         if error is None or not involved:
             for name, layer in layers.items():
-                _set_module(model, name, layer.module)
+                replace_module(model, name, layer.module)
             raise RuntimeError(f"the factorized model fails ({error or f'output shape {shape} != {reference}'}); "
                                "it was restored; please report this model")
         for name in involved:  # e.g. the parent reads ``self.dense.weight`` itself
-            _set_module(model, name, layers.pop(name).module)
+            replace_module(model, name, layers.pop(name).module)
             skipped[name] = f"the model's code uses this layer as more than a call ({error})"
 
 
@@ -334,7 +312,7 @@ def factorize_svd(model: nn.Module, config: SvdConfig, example_inputs: Any) -> F
         >>> result = factorize_svd(model, SvdConfig(target_macs=0.5, conv="spatial"), torch.randn(8, 3, 32, 32))
         >>> result.ranks, result.skipped
     """
-    reference, error, _ = _failure(model, example_inputs)
+    reference, error, _ = forward_shapes(model, example_inputs)
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
     single = first_samples(example_inputs, 1)
@@ -408,7 +386,7 @@ def refactorize_to_shapes(model: nn.Module, shapes: dict[str, list[int]], direct
                                 f"factorize a {type(module).__name__}")
         # Spatial pairs end in a 1 x kw kernel; a 1 x 1 second layer is a channel pair (or an equivalent kw = 1).
         conv = "channel" if isinstance(module, nn.Linear) or second[2:] == [1, 1] else "spatial"
-        _set_module(model, name, _empty_pair(module, first[0], conv))
+        replace_module(model, name, _empty_pair(module, first[0], conv))
         replaced.append(name)
     return replaced
 

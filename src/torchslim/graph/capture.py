@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 from typing import Any
@@ -10,24 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.modules import output_tensors
 from torchslim.errors import InputError, describe
-
-
-def output_tensors(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a model's output, in a fixed order: a tensor, or tuples, lists, dicts (transformers'
-    ``ModelOutput`` is an OrderedDict) and dataclasses of them, nested; anything else (None, numbers, caches
-    of other types) holds none."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        items = list(value.values())
-    elif isinstance(value, (tuple, list)):
-        items = list(value)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        items = [getattr(value, f.name) for f in dataclasses.fields(value)]
-    else:
-        return []
-    return [t for item in items for t in output_tensors(item)]
 
 
 def _flat_forward(forward):

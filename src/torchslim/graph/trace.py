@@ -17,7 +17,6 @@ import inspect
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from torchslim.graph.capture import output_tensors
+from torchslim.core.modules import output_tensors
 
 # Torch functions whose argument order differs from the aten operator the analysis reads: (names, reorder).
 _REORDER = {

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchslim.zoo import call_model
+from torchslim.core.modules import call_model
 
 
 def _register_packed_matmuls() -> None:

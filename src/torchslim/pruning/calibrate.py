@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.llm.blocks import LayerStats, StopForward, collect_stats, is_linear_like, weight_matrix
-from torchslim.zoo import call_model
+from torchslim.core.calibration import LayerStats, StopForward, collect_stats
+from torchslim.core.modules import call_model, is_linear_like, weight_matrix
 
 # Both least-squares solves get at least this relative ridge, even at damping 0: duplicate or never-active
 # channels make the covariance singular.

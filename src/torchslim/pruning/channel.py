@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Sequence
@@ -24,22 +23,19 @@ import torch
 from torch import nn
 
 from torchslim._config import check
-from torchslim.data.config import CalibrationConfig
 from torchslim._deprecated import renamed
-from torchslim.errors import InputError, describe
+from torchslim.core.modules import call_model, forward_shapes, is_linear_like, matches, tied_modules
+from torchslim.data.config import CalibrationConfig
+from torchslim.errors import InputError
 from torchslim.graph import ChannelGraph, analyse_channels, capture
-from torchslim.graph.capture import output_tensors
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.measure.stage import first_samples
-from torchslim.llm.blocks import is_linear_like, tied_modules
 from torchslim.pruning import calibrate, hf_config
 from torchslim.recover.finetune import FinetuneConfig, finetune
 from torchslim.registry import register_method
 from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
-from torchslim.zoo import call_model
-
 
 
 @dataclass(frozen=True)
@@ -182,7 +178,7 @@ def _groups(graph: ChannelGraph, skip: list[str]) -> list[_Group]:
     for members in merged.values():
         modules = [graph.producers[i][0] for i in members]
         roots = set().union(*(roots_of[i] for i in members))
-        excluded = any(fnmatch.fnmatch(m, p) for m in modules for p in skip)
+        excluded = any(matches(m, skip) for m in modules)
         if excluded:
             for m in modules:
                 graph.skipped.setdefault(m, "excluded by the config (skip)")
@@ -247,7 +243,7 @@ def _lowest(group: _Group, scores: dict[int, float], count: int) -> list[int]:
 def _group_ratio(group: _Group, ratios: dict[str, float], default: float) -> float:
     """The ratio of the first pattern in ``ratios`` that matches one of the group's layers, else ``default``."""
     for pattern, value in ratios.items():
-        if any(fnmatch.fnmatch(m, pattern) for m in group.modules):
+        if any(matches(m, [pattern]) for m in group.modules):
             return value
     return default
 
@@ -487,7 +483,7 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
                 latency_goal: float, calibration: Sequence[Any] | None = None) -> tuple[dict, dict, dict, tuple]:
     """One analyse -> select -> remove round; returns (removed channels per layer, skipped layers, new shapes,
     (relative output errors of refitted layers, the layers refitted to the residual stream))."""
-    reference_shape, error, _ = _output_shape(model, example_inputs)
+    reference_shape, error, _ = forward_shapes(model, example_inputs)
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
     single = first_samples(example_inputs, 1)
@@ -505,7 +501,7 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
     original = copy.deepcopy(model) if graph.literal_reshapes else None
     chosen = select_channels(model, graph, config, ratio, scores)
     shapes = remove_channels(model, graph, chosen)
-    shape, error, where = _output_shape(model, example_inputs)
+    shape, error, where = forward_shapes(model, example_inputs)
     suspects = list(graph.literal_reshapes)
     while error is not None and original is not None and suspects:
         # A reshape or split wrote its channel count into the model's code. Keep the channels of the ones in
@@ -517,7 +513,7 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
         _restore(model, original)
         chosen = select_channels(model, graph, config, ratio, scores)
         shapes = remove_channels(model, graph, chosen)
-        shape, error, where = _output_shape(model, example_inputs)
+        shape, error, where = forward_shapes(model, example_inputs)
     if error is not None:
         raise RuntimeError(f"the pruned model fails to run ({error}); please report this model") from None
     if shape != reference_shape:
@@ -573,27 +569,6 @@ def _kept_linear_positions(model: nn.Module, graph: ChannelGraph, chosen: set[in
         if kept[1] is not None:
             found[name] = tuple(kept)
     return found
-
-
-def _output_shape(model: nn.Module, example_inputs: Any) -> tuple[tuple | None, str | None, str | None]:
-    """(the shape of every output tensor, None, None), or (None, the error, the name of the innermost layer it
-    was raised in). Outputs may be tensors or tuples, lists, dicts and dataclasses (a ``ModelOutput``) of them."""
-    try:
-        with torch.no_grad():
-            outputs = output_tensors(call_model(model.eval(), example_inputs))
-        if not outputs:
-            raise InputError("the model's output holds no tensor")
-        return tuple(tuple(t.shape) for t in outputs), None, None
-    except Exception as error:  # the caller decides whether a retry can fix it
-        names = {id(m): name for name, m in model.named_modules()}
-        where = None
-        trace = error.__traceback__
-        while trace is not None:
-            owner = trace.tb_frame.f_locals.get("self")
-            if isinstance(owner, nn.Module) and names.get(id(owner)):
-                where = names[id(owner)]
-            trace = trace.tb_next
-        return None, describe(error, 200), where
 
 
 def _related(layer: str, where: str) -> bool:

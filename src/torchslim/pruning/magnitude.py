@@ -8,7 +8,6 @@ weights, and the masks are kept so that later training steps keep them at zero.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,9 +15,8 @@ import torch
 from torch import nn
 
 from torchslim._deprecated import renamed
-from torchslim.llm.blocks import is_linear_like, tied_modules, weight_matrix
-from torchslim.llm.sparsity import nm_mask, parse_pattern
-from torchslim.pruning._patterns import resolve_sparsity
+from torchslim.core.modules import is_linear_like, matches, tied_modules, weight_matrix
+from torchslim.pruning.sparsity import nm_mask, parse_pattern, resolve_sparsity
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable
 
@@ -55,7 +53,7 @@ def prunable_weights(model: nn.Module, skip: list[str],
     tied = tied_modules(model)
     weights = {}
     for name, module in model.named_modules():
-        if not (isinstance(module, PRUNABLE) or is_linear_like(module)) or any(fnmatch.fnmatch(name, p) for p in skip):
+        if not (isinstance(module, PRUNABLE) or is_linear_like(module)) or matches(name, skip):
             continue
         if name in tied:
             skip_layer(name, f"weight shared with {tied[name]} (tied)")
@@ -96,7 +94,7 @@ def nm_magnitude_masks(model: nn.Module, pattern: str, skip: list[str],
     n, m = parse_pattern(pattern)
     masks, tied = {}, tied_modules(model)
     for name, module in model.named_modules():
-        if any(fnmatch.fnmatch(name, p) for p in skip):
+        if matches(name, skip):
             continue
         if name in tied and is_linear_like(module):
             skip_layer(name, f"weight shared with {tied[name]} (tied)")

@@ -1,6 +1,6 @@
 """One-shot pruning of large models from a little calibration data: ``prune: {method: wanda | sparsegpt}``.
 
-Both walk the model block by block (`torchslim.llm.run_sequential`), so each block is pruned on the inputs the
+Both walk the model block by block (`torchslim.core.calibration.run_sequential`), so each block is pruned on the inputs the
 already-pruned blocks before it produce, and only one block's statistics are in memory at a time.
 
 - ``wanda`` (Sun et al. 2023) drops, per output row, the weights with the smallest ``|W_ij| · ‖X_j‖₂`` (no update).
@@ -18,21 +18,18 @@ Example recipe step::
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim._deprecated import renamed
+from torchslim.core.calibration import LayerStats, run_sequential
+from torchslim.core.modules import linear_layers, matches, set_weight_matrix_, tied_modules, weight_matrix
 from torchslim.data.config import CalibrationConfig
-from torchslim.llm.blocks import (
-    LayerStats, linear_layers, run_sequential, set_weight_matrix_, tied_modules, weight_matrix,
-)
-from torchslim.llm.sparsity import parse_pattern, sparsegpt_prune, wanda_mask
-from torchslim.pruning._patterns import resolve_sparsity
+from torchslim.pruning.sparsity import parse_pattern, resolve_sparsity, sparsegpt_prune, wanda_mask
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable
 
@@ -101,7 +98,7 @@ def _candidates(context, config: OneShotPruning, method: str) -> dict[str, nn.Mo
     tied, nm = tied_modules(model), parse_pattern(config.pattern)
     layers = {}
     for name, module in linear_layers(model).items():
-        pattern = next((p for p in config.skip if fnmatch.fnmatch(name, p)), None)
+        pattern = next((p for p in config.skip if matches(name, [p])), None)
         if pattern is not None:
             context.skip_layer(name, f"matches skip pattern {pattern!r}")
         elif name in tied:
@@ -139,7 +136,7 @@ def prune_one_shot(context, config: OneShotPruning, prune_layer: LayerPruner, wa
         The pruned model; ``details`` holds the achieved sparsity over the pruned layers, the pattern, each
         layer's sparsity and the number of calibration tokens (padding not counted).
     """
-    from torchslim.quant.calibration import calibration_batches, require_calibration_tokens
+    from torchslim.core.calibration import calibration_batches, require_calibration_tokens
 
     layers = _candidates(context, config, method)
     details = {"sparsity": 0.0, "pattern": config.pattern, "layers": {}, "calibration_tokens": 0}

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.quant.fold import _CONV_OPS, _owner, _op_name
+from torchslim.core.modules import replace_module
+from torchslim.quant.fold import _CONV_OPS, _op_name, _owner
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Ops between A and B that commute with a positive per-channel scale (zero padding does; the Lite models pad
@@ -295,7 +296,7 @@ def equalize_(model: nn.Module, example_inputs: Any, *, shifts: dict[str, tuple[
     result = EqualizationResult(refused=refused)
     result.pairs = _usable(pairs, modules, calls, relu6_as_relu, refused)
     for name in sorted({p.activation_module for p in result.pairs if p.activation == "relu6"}):
-        _replace(model, name, nn.ReLU())
+        replace_module(model, name, nn.ReLU())
         result.replaced_relu6.append(name)
     total = {p.first: torch.ones(modules[p.first].weight.shape[0], dtype=torch.float64) for p in result.pairs}
     for sweep in range(max_sweeps):
@@ -312,11 +313,6 @@ def equalize_(model: nn.Module, example_inputs: Any, *, shifts: dict[str, tuple[
                 and _no_padding(modules[pair.second]):
             result.absorbed_channels += _absorb(pair, modules, shifts[pair.first], total[pair.first])
     return result
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 @torch.no_grad()

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.modules import replace_module
+
 _CONV_OPS = ("conv1d", "conv2d", "conv3d", "convolution", "linear")
 _BN_OPS = ("batch_norm",)
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -89,11 +91,6 @@ def fold_pair(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
         layer.bias.copy_(new_bias)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def fold_batchnorms(model: nn.Module, example_inputs: Any, capture_how: str = "auto") -> tuple[list[str],
                                                                                              dict[str, str]]:
     """Fold every foldable BatchNorm of ``model`` (eval mode) into its layer, replacing it by ``nn.Identity``.
@@ -104,6 +101,6 @@ def fold_batchnorms(model: nn.Module, example_inputs: Any, capture_how: str = "a
     folded = []
     for layer_name, bn_name in pairs:
         fold_pair(model.get_submodule(layer_name), model.get_submodule(bn_name))
-        _set_module(model, bn_name, nn.Identity())
+        replace_module(model, bn_name, nn.Identity())
         folded.append(bn_name)
     return folded, refused

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from torchslim._deprecated import renamed
+from torchslim.core.cpu import has_vnni, int8_features
 from torchslim.errors import InputError
 from torchslim.export import export_onnx
-from torchslim.quant.cpu import has_vnni, int8_features
 from torchslim.registry import register_method
 from torchslim.runtime import OnnxRuntimeDeployable
 

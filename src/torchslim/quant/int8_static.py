@@ -16,19 +16,19 @@ from typing import ClassVar, Literal
 
 import torch
 
-from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim._deprecated import renamed
 from torchslim._progress import bar
+from torchslim.core.calibration import check_calibration
+from torchslim.core.modules import call_model
 from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError, describe
 from torchslim.measure.latency import measure_latency
 from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
 from torchslim.measure.stage import first_samples
 from torchslim.quant import onnx_backend, pt2e_backend
-from torchslim.quant.calibration import check_calibration
 from torchslim.registry import register_method
 from torchslim.runtime import Deployable
-from torchslim.zoo import call_model
 
 BACKENDS = {"onnxruntime": onnx_backend, "torchinductor": pt2e_backend}
 
@@ -157,7 +157,7 @@ def _prepare(context, config: Int8StaticConfig) -> dict:
     if config.equalize:
         done["equalization"] = _equalize(context)
     if config.smoothquant:
-        from torchslim.quant.calibration import calibration_batches
+        from torchslim.core.calibration import calibration_batches
         from torchslim.quant.smooth import smooth_
 
         result = smooth_(context.model.eval(), context.example_inputs(1), calibration_batches(context, config))

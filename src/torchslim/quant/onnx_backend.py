@@ -9,14 +9,14 @@ of u8*s8 pair sums in AVX2's ``vpmaddubsw``.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import time
 from pathlib import Path
 
+from torchslim.core.calibration import calibration_batches
+from torchslim.core.cpu import has_vnni, int8_features
+from torchslim.core.modules import matches
 from torchslim.export import export_onnx
-from torchslim.quant.cpu import has_vnni, int8_features
 from torchslim.quant.bias_correction import correct_onnx_biases
-from torchslim.quant.calibration import calibration_batches
 from torchslim.quant.onnx_ranges import observe_activations, quant_overrides
 from torchslim.quant.onnx_sensitivity import deployed_vs_simulated, layer_errors
 from torchslim.quant.qmath import QScheme
@@ -71,8 +71,7 @@ def _nodes_to_exclude(model_path: Path, patterns: list[str]) -> list[str]:
     graph = onnx.load(str(model_path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
     return [node.name for node in graph.node
-            if any(fnmatch.fnmatch(name, p) for p in patterns
-                   for name in [node.name, *_node_module_names(node, initializers)])]
+            if any(matches(name, patterns) for name in [node.name, *_node_module_names(node, initializers)])]
 
 
 ACTIVATIONS = QScheme(signed=False, symmetric=False)  # uint8, asymmetric, per tensor

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import json
 import shutil
 import warnings
@@ -26,8 +25,9 @@ import torch
 from torch import nn
 
 from torchslim._quiet import quiet_torch_compile_logs
-from torchslim.quant.calibration import calibration_batches
-from torchslim.quant.cpu import has_vnni, int8_features
+from torchslim.core.calibration import calibration_batches
+from torchslim.core.cpu import has_vnni, int8_features
+from torchslim.core.modules import matches
 from torchslim.runtime import Deployable
 
 ARTIFACT_FORMAT = "torchslim.pt2e-int8/1"
@@ -72,7 +72,7 @@ def _quantizer(module: nn.Module, config):
     quantizer = x86.X86InductorQuantizer().set_global(
         dataclasses.replace(base, input_activation=activation, output_activation=activation))
     skipped = [name for name, _ in module.named_modules()
-               if name and any(fnmatch.fnmatch(name, p) for p in config.skip)]
+               if name and matches(name, config.skip)]
     for name in skipped:
         quantizer.set_module_name_qconfig(name, None)
     return quantizer, skipped

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -23,22 +22,22 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim._deprecated import renamed
 from torchslim._config import check
+from torchslim._deprecated import renamed
 from torchslim._progress import bar
+from torchslim.core.calibration import calibration_batches, check_calibration
+from torchslim.core.modules import call_model, matches
 from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError
 from torchslim.quant import onnx_backend
-from torchslim.quant.calibration import calibration_batches, check_calibration
+from torchslim.quant.bias_correction import quantized_weight
 from torchslim.quant.fold import fold_batchnorms
 from torchslim.quant.observers import make_observer
-from torchslim.quant.bias_correction import quantized_weight
 from torchslim.quant.qmath import QScheme, fake_quantize
 from torchslim.recover.finetune import FinetuneConfig, finetune
 from torchslim.recover.trainer import OptimizerConfig
 from torchslim.registry import register_method
 from torchslim.runtime import OnnxRuntimeDeployable
-from torchslim.zoo import call_model
 
 QUANTIZED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -115,7 +114,7 @@ class InputFakeQuant:
 
 def _quantized_layers(model: nn.Module, skip: list[str]) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, QUANTIZED) and not any(fnmatch.fnmatch(name, p) for p in skip)}
+            if isinstance(m, QUANTIZED) and not matches(name, skip)}
 
 
 @register_method("quantize", "qat", QatConfig)

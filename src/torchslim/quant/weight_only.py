@@ -44,11 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.llm.blocks import is_linear_like  # noqa: F401  (re-exported: part of this module's helpers)
-from torchslim.llm.blocks import weight_matrix as linear_weight  # (out, in); a transposed view for Conv1D
-from torchslim.quant.cpu import cpu_flags
-from torchslim.quant.groupwise import (QuantizedWeight, check_group_size, pack_int4, quantize_rtn, unpack_int4,
-                                      unpack_int4_as)
+from torchslim.core.cpu import cpu_flags
+from torchslim.core.modules import is_linear_like  # noqa: F401  (re-exported for weight-only callers)
+from torchslim.core.modules import weight_matrix as linear_weight  # (out, in); a transposed view for Conv1D
+from torchslim.quant.groupwise import (
+    QuantizedWeight, check_group_size, pack_int4, quantize_rtn, unpack_int4, unpack_int4_as,
+)
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu takes, longest first
 INT8_OFFSET = 128  # unsigned QuantizedWeight code - 128 = stored int8 code

@@ -10,7 +10,7 @@ How the codes are chosen is the ``algorithm``:
 - ``gptq``: column-by-column quantization with error compensation from calibration Hessians;
 - ``awq``: per-input-channel scales searched on calibration activations to protect salient channels.
 
-``gptq`` and ``awq`` calibrate block by block (`torchslim.llm.blocks.run_sequential`): only one transformer
+``gptq`` and ``awq`` calibrate block by block (`torchslim.core.calibration.run_sequential`): only one transformer
 block's statistics are in memory at a time, and each block sees the already-quantized blocks before it. The
 output head (and the input embedding tied to it) gets ``head_bits`` (int8 per row by default: it is the most
 sensitive layer and one table then serves both). Weights pruned by an earlier step stay exactly zero. Layers a
@@ -19,7 +19,6 @@ group size does not fit, or that match ``skip``, stay in float and are reported.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,11 +29,10 @@ import torch
 from torch import nn
 
 from torchslim._config import check
+from torchslim._deprecated import renamed
+from torchslim.core.modules import matches, output_head, replace_module
 from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError
-from torchslim.llm.blocks import output_head
-from torchslim.quant.fold import _set_module
-from torchslim._deprecated import renamed
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable, load_safetensors
 
@@ -95,7 +93,7 @@ class Int8WeightConfig(WeightOnly):
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(name, p) for p in patterns)
+    return matches(name, patterns)
 
 
 class _Quantizer:
@@ -136,7 +134,7 @@ class _Quantizer:
             qweight = groupwise.quantize_rtn(weight, bits, group, symmetric=config.symmetric)
         if mask is not None and algorithm != "gptq":  # keep pruned weights exactly zero
             qweight.codes = torch.where(mask, qweight.codes, _zero_codes(qweight))
-        _set_module(self.model, name, WeightOnlyLinear.from_quantized(qweight, linear_bias(module), input_scale))
+        replace_module(self.model, name, WeightOnlyLinear.from_quantized(qweight, linear_bias(module), input_scale))
         self.done[name] = f"int{bits} {algorithm} " + (f"g{group}" if group else "per-channel")
         self.seconds += time.perf_counter() - started
 
@@ -148,14 +146,15 @@ def _zero_codes(qweight) -> torch.Tensor:
 
 
 def _calibration_batches(context, config: WeightOnly) -> list:
-    from torchslim.quant.calibration import calibration_batches
+    from torchslim.core.calibration import calibration_batches
 
     return list(calibration_batches(context, config.calibration))
 
 
 def quantize_weights_(context, config: WeightOnly) -> dict:
     """Replace the model's linear layers in place by packed weight-only layers; returns the step's details."""
-    from torchslim.llm.blocks import is_linear_like, run_sequential
+    from torchslim.core.calibration import run_sequential
+    from torchslim.core.modules import is_linear_like
     from torchslim.quant.weight_only import WeightOnlyEmbedding
 
     model = context.model
@@ -170,7 +169,7 @@ def quantize_weights_(context, config: WeightOnly) -> dict:
     tokens = 0
     if config.algorithm in ("gptq", "awq"):
         want = ("hessian",) if config.algorithm == "gptq" else ("samples",)
-        from torchslim.quant.calibration import require_calibration_tokens
+        from torchslim.core.calibration import require_calibration_tokens
 
         batches = _calibration_batches(context, config)
         tokens = require_calibration_tokens(batches, context.where, config.algorithm)
@@ -188,7 +187,7 @@ def quantize_weights_(context, config: WeightOnly) -> dict:
         quantizer.quantize_layer(head, model.get_submodule(head), bits=config.head_bits,
                                  group_size=0 if config.head_bits == 8 else config.group_size, algorithm="rtn")
         if tied_embedding is not None and head in quantizer.done:
-            _set_module(model, tied_embedding, WeightOnlyEmbedding.shared(model.get_submodule(head)))
+            replace_module(model, tied_embedding, WeightOnlyEmbedding.shared(model.get_submodule(head)))
             quantizer.done[tied_embedding] = f"shares {head}'s packed table"
     elif head is not None:
         context.skip_layer(head, "output head kept in float (head_bits: 0 or skip)")

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.core.modules import call_model
 from torchslim.errors import InputError
-from torchslim.zoo import call_model
 
 # Child-name triples of the query/key/value projections in common attention implementations.
 _QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"),

@@ -19,14 +19,15 @@ import torch
 from torch import nn
 
 from torchslim._config import check, to_dict
+from torchslim.core.modules import call_model
 from torchslim.errors import InputError, shorten
-from torchslim.recover.features import (TappedStudent, TappedTeacher, attention_heads, find_attention, find_module,
-                                        projection)
+from torchslim.recover.features import (
+    TappedStudent, TappedTeacher, attention_heads, find_attention, find_module, projection,
+)
 from torchslim.recover.losses import get_loss
 from torchslim.recover.trainer import SplitDataset, TrainConfig, Trainer, batch_collate, to_device
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable
-from torchslim.zoo import call_model
 
 
 @dataclass
@@ -138,7 +139,7 @@ def _student_and_teacher(context, config: FinetuneConfig, teacher_model: nn.Modu
 
 
 def _lm_head(model: nn.Module, where: str) -> str:
-    from torchslim.llm.blocks import output_head
+    from torchslim.core.modules import output_head
 
     head, _ = output_head(model)
     if head is None:

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from torchslim._config import FieldError, check
+from torchslim.core.modules import matches
 
 
 def optimizer_names() -> dict[str, type]:
@@ -117,7 +117,7 @@ def parameter_groups(named: list[tuple[str, nn.Parameter]], config: OptimizerCon
     for name, param in named:
         if not param.requires_grad:
             continue
-        index = next((i for i, g in enumerate(config.groups) if fnmatch.fnmatchcase(name, g.pattern)), -1)
+        index = next((i for i, g in enumerate(config.groups) if matches(name, [g.pattern])), -1)
         buckets.setdefault((index, param.ndim >= 2), []).append(param)
     groups = []
     for (index, decayed), params in sorted(buckets.items(), key=lambda item: item[0]):

@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from torchslim._config import check
 from torchslim._quiet import sparse_invariants_warning_silenced
+from torchslim.core.modules import call_model
 from torchslim.errors import InputError
 from torchslim.recover import checkpoint as ckpt
 from torchslim.recover import distributed
 from torchslim.recover.optim import OptimizerConfig, ScheduleConfig, make_optimizer, make_scheduler
-from torchslim.zoo import call_model
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 

@@ -71,7 +71,7 @@ def environment(threads: int) -> dict:
     import torch
 
     from torchslim import __version__
-    from torchslim.quant.cpu import int8_features
+    from torchslim.core.cpu import int8_features
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,
            "cpu": platform.processor() or platform.machine(), "cpu_int8_features": int8_features(),

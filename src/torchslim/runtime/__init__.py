@@ -8,8 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections import OrderedDict
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchslim.core.modules import call_model
 from torchslim.errors import ArtifactError, describe, shorten
-from torchslim.zoo import call_model
 
 
 class Deployable(ABC):

@@ -18,7 +18,6 @@ allocation` combines these into plans.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 import statistics
 import time
@@ -27,11 +26,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from torchslim.core.modules import call_model, matches
 from torchslim.data.config import CalibrationConfig
 from torchslim.errors import describe
 from torchslim.measure.metrics import kl_divergence
 from torchslim.search.space import PRECISION, PRUNE, RANK, SearchSpace, module_work
-from torchslim.zoo import call_model
 
 
 def _leaves(model: nn.Module) -> dict[str, nn.Module]:
@@ -222,7 +221,7 @@ class SensitivityPass:
         ranked: dict[str, float] = {}
         for node, db in sorted(errors.items(), key=lambda kv: kv[1], reverse=True):
             layer = modules.get(node)
-            if layer and layer not in ranked and not any(fnmatch.fnmatch(layer, p) for p in self.space.skip):
+            if layer and layer not in ranked and not matches(layer, self.space.skip):
                 ranked[layer] = round(db, 3)
         chosen = list(ranked)[:self.float_layers]
         for layer in chosen:

@@ -14,13 +14,13 @@ and what `torchslim compress` reproduces.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
 from torchslim._config import to_dict
+from torchslim.core.modules import matches
 from torchslim.errors import InputError
 
 PRUNE, PRECISION, FLOAT, RANK, EPOCHS = "prune", "precision", "float", "rank", "epochs"
@@ -169,7 +169,7 @@ def module_work(model: nn.Module, inputs: Any) -> dict[str, tuple[float, int]]:
     from forward hooks."""
     import torch
 
-    from torchslim.zoo import call_model
+    from torchslim.core.modules import call_model
 
     work: dict[str, tuple[float, int]] = {}
     handles = []
@@ -202,7 +202,7 @@ def layer_macs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
 
 
 def _skipped(name: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(name, p) for p in patterns)
+    return matches(name, patterns)
 
 
 def _prune_decisions(bundle, config, macs: dict[str, int], notes: list[str]) -> list[Decision]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from torchslim._spec import SpecRegistry
+from torchslim.core.modules import call_model  # noqa: F401  (re-exported: the model-spec helpers' caller)
 
 
 @dataclass
@@ -106,11 +106,6 @@ def _apply_options(bundle: ModelBundle, config) -> None:
         if not isinstance(bundle.preprocess, TextPreprocess):
             raise InputError(f"model: {config.spec}: max_length applies to text models only")
         bundle.preprocess = replace(bundle.preprocess, max_length=config.max_length)
-
-
-def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Run ``model`` on one batch: a tuple is passed positionally, anything else as the single argument."""
-    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
 __all__ = [

@@ -107,7 +107,7 @@ def train_tiny_lm(folder: Path, seed: int = 0, progress: bool = True, train_toke
     def forward(input_ids, attention_mask):
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
-    from torchslim.quant.cpu import cpu_flags
+    from torchslim.core.cpu import cpu_flags
 
     # bf16 autocast where the CPU multiplies bf16 natively (AMX/AVX512-BF16): about 1.8x the fp32 speed here
     precision = "bf16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"

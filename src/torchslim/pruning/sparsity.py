@@ -1,6 +1,6 @@
 """One-shot sparsity for linear layers: masks (unstructured, N:M), Wanda and SparseGPT.
 
-Every function works on a weight as an ``(out, in)`` matrix (see `torchslim.llm.blocks.weight_matrix`) and
+Every function works on a weight as an ``(out, in)`` matrix (see `torchslim.core.modules.weight_matrix`) and
 returns boolean keep-masks of the same shape. Patterns are "unstructured" or "N:M": keep the N largest of every
 M consecutive inputs of each output row ("2:4" is the 50% pattern sparse tensor cores run).
 
@@ -24,6 +24,8 @@ import re
 
 import torch
 from torch import Tensor
+
+from torchslim._config import check
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -186,3 +188,30 @@ def sparsegpt_prune(w: Tensor, hessian: Tensor, sparsity: float, pattern: str = 
         weight[:, end:] -= errors @ upper[start:end, end:]
         mask[:, start:end] = keep
     return weight.to(w.dtype), mask
+
+
+def resolve_sparsity(sparsity: float | None, pattern: str) -> float:
+    """The sparsity a config prunes to: ``sparsity`` checked against ``pattern``, or the default when left out.
+
+    Args:
+        sparsity: the configured value, or None (0.5 for "unstructured", 1 - N/M for an N:M pattern).
+        pattern: "unstructured" or "N:M".
+
+    Returns:
+        The sparsity, in [0, 1).
+
+    Raises:
+        FieldError: a malformed pattern (field ``pattern``), a value outside [0, 1) or one that contradicts
+            the pattern (field ``sparsity``).
+    """
+    try:
+        implied = pattern_sparsity(pattern)
+    except ValueError as error:
+        check(False, "pattern", str(error))
+    if sparsity is None:
+        return 0.5 if implied is None else implied
+    check(0.0 <= sparsity < 1.0, "sparsity", f"must be in [0, 1), got {sparsity}")
+    if implied is not None:
+        check(abs(sparsity - implied) < 1e-9, "sparsity",
+              f"pattern {pattern} implies sparsity {implied:g}; leave sparsity out, got {sparsity}")
+    return sparsity

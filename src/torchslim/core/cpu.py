@@ -1,4 +1,5 @@
-"""CPU integer features that decide which int8 settings are safe and fast."""
+"""What this CPU can do (its /proc/cpuinfo flags): the integer and bfloat16 features that decide which int8 settings
+are safe and which precision paths are fast."""
 
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
-"""Memory-bounded calibration of large models, one repeated block (decoder/encoder layer) at a time.
+"""Calibration, in one place: the calibration samples a method reads (`calibration_batches`, from a
+`CalibrationConfig`: its split, preprocessed for the model, checked to fit it), and the statistics of the inputs
+of a model's layers on them (`collect_stats`: a Hessian, per-channel norms and means, sample rows), for a whole
+model at once or one repeated block at a time (`run_sequential`).
 
-GPTQ, SparseGPT, Wanda and AWQ all need statistics of the inputs of every linear layer (a Hessian, per-channel
-norms, a few sample rows). Collecting them for the whole model at once does not fit in memory for a large model,
+Memory-bounded calibration of large models: GPTQ, SparseGPT, Wanda and AWQ all need statistics of the inputs
+of every linear layer. Collecting them for the whole model at once does not fit in memory for a large model,
 and it would also ignore the changes already made to earlier layers. `run_sequential` therefore captures the
 inputs of the first block once, then, block after block: hooks the block's linear layers, runs the block on the
 captured inputs to accumulate their statistics, hands them to a ``process`` callback (which prunes or quantizes
@@ -17,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -25,109 +28,76 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from torchslim.core.modules import call_model, find_blocks, is_linear_like, linear_layers, matches
 from torchslim.errors import InputError
 
 STATS = ("hessian", "sq_norm", "abs_mean", "samples")
 Process = Callable[[str, nn.Module, "dict[str, LayerStats]"], Any]
 
 
-# ---------------------------------------------------------------------------------------------------- layers --
+# ------------------------------------------------------------------------------------------------ samples --
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 Conv1D (y = x @ W + b, W stored (in, out)); matched by name so transformers stays unloaded
-    return type(module).__name__ == "Conv1D" and getattr(getattr(module, "weight", None), "ndim", 0) == 2
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and transformers' ``Conv1D`` (a linear layer with its weight stored transposed)."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+def _shapes(inputs: Any) -> list[tuple[int, ...]]:
+    items = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    return [tuple(t.shape[1:]) if torch.is_tensor(t) else () for t in items]
 
 
-def weight_matrix(module: nn.Module) -> Tensor:
-    """The weight of a linear-like layer as an ``(out, in)`` matrix (a view: transposed for ``Conv1D``).
+def calibration_batches(context, config) -> Iterator[Any]:
+    """Yield the first ``samples`` samples of the calibration split, as input batches of ``batch_size``.
 
     Args:
-        module: an ``nn.Linear`` or a transformers ``Conv1D``.
+        config: a `CalibrationConfig`, or a method config holding one as ``calibration``.
 
-    Returns:
-        The weight tensor, ``(out_features, in_features)``, sharing storage with the parameter.
+    Raises:
+        InputError: the split is empty, or a batch's sample shape is not the model's (a grayscale folder for an
+            RGB model, say), named before any quantization work is done.
     """
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if _is_conv1d(module):
-        return module.weight.t()
-    raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D layer")
+    calibration = getattr(config, "calibration", config)
+    split = calibration.split
+    if len(context.data.splits.get(split, [])) == 0:
+        raise InputError(f"{context.where}: the data has no calibration samples (its {split!r} split is empty)")
+    expected = _shapes(context.example_inputs(1))
+    for inputs, _ in context.data.batches(split, context.bundle.preprocess, calibration.batch_size,
+                                          limit=calibration.samples):
+        found = _shapes(inputs)
+        # Sequence models take any length: only the number of inputs and their ranks must match.
+        comparable = [len(e) for e in expected] == [len(f) for f in found]
+        if not comparable or (context.bundle.modality == "image" and found != expected):
+            raise InputError(f"{context.where}: calibration samples have shape {found}, the model takes "
+                             f"{expected} (per sample): the data does not fit the model")
+        yield inputs
 
 
-def set_weight_matrix_(module: nn.Module, w: Tensor) -> None:
-    """Copy an ``(out, in)`` matrix into a linear-like layer's weight, in place (transposing for ``Conv1D``).
-
-    Args:
-        module: an ``nn.Linear`` or a transformers ``Conv1D``.
-        w: the new weight, ``(out_features, in_features)``; cast to the parameter's dtype and device.
-    """
-    target = weight_matrix(module)
-    if tuple(w.shape) != tuple(target.shape):
-        raise ValueError(f"weight of shape {tuple(w.shape)} does not fit {type(module).__name__} "
-                         f"{tuple(target.shape)}")
-    with torch.no_grad():
-        target.copy_(w)
+def check_calibration(context, config) -> None:
+    """Fail early (before any export or training) if the calibration data is empty or does not fit the model."""
+    calibration = getattr(config, "calibration", config)
+    next(calibration_batches(context, dataclasses.replace(calibration, samples=1, batch_size=1)))
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """``full module name -> module`` of every linear-like layer of ``model``, in registration order."""
-    return {name: module for name, module in model.named_modules() if is_linear_like(module)}
+MIN_CALIBRATION_TOKENS = 64
 
 
-def tied_modules(model: nn.Module) -> dict[str, str]:
-    """``module name -> name of another module holding the same parameter`` (e.g. GPT-2's lm_head and wte).
-
-    Pruning or quantizing such a layer would change the other module too (an embedding, usually).
-    """
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for parameter in module.parameters(recurse=False):
-            owners.setdefault(id(parameter), []).append(name)
-    return {name: next(n for n in names if n != name) for names in owners.values() if len(names) > 1
-            for name in names}
-
-
-def output_head(model: nn.Module) -> tuple[str | None, str | None]:
-    """Names of the output head and of the input embedding tied to it (None where there is none)."""
-    owners = [m for m in model.modules() if callable(getattr(m, "get_output_embeddings", None))]
-    if not owners:
-        return None, None
-    head, embedding = owners[0].get_output_embeddings(), owners[0].get_input_embeddings()
-    names = {id(m): n for n, m in model.named_modules()}
-    tied = (head is not None and embedding is not None and getattr(head, "weight", None) is not None
-            and head.weight is getattr(embedding, "weight", None))
-    return names.get(id(head)), (names.get(id(embedding)) if tied else None)
+def calibration_tokens(batches: list) -> int:
+    """Samples the calibration batches hold: real tokens (attention-mask ones) for ``(input_ids,
+    attention_mask)`` batches, else rows of the first input."""
+    count = 0
+    for batch in batches:
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        mask = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        text = torch.is_tensor(mask) and mask.shape == first.shape and not mask.is_floating_point()
+        count += int(mask.sum()) if text else int(first.shape[0])
+    return count
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The repeated blocks of a transformer: GPT-2 ``transformer.h``, Llama ``model.layers``, BERT ``encoder.layer``.
-
-    The candidate containers are ``nn.ModuleList`` (and ``nn.Sequential``, e.g. timm's ViT ``blocks``) whose
-    children all share one class and are not themselves linear layers; the one holding the most linear-like
-    layers wins (so a Mixtral block's list of experts loses to the list of decoder layers around it).
-
-    Args:
-        model: any module; the whole tree is searched (a wrapper around a Hugging Face model is fine).
-
-    Returns:
-        ``(dotted name, container)`` or None when the model has no such container (e.g. a plain MLP).
-    """
-    best: tuple[int, str, nn.Module] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
-            continue
-        children = list(module)
-        if len({type(child) for child in children}) != 1 or is_linear_like(children[0]):
-            continue
-        count = sum(is_linear_like(m) for child in children for m in child.modules())
-        if count and (best is None or count > best[0]):
-            best = (count, name, module)
-    return None if best is None else (best[1], best[2])
+def require_calibration_tokens(batches: list, where: str, method: str) -> int:
+    """The calibration token count; InputError when it is below `MIN_CALIBRATION_TOKENS` (statistics from fewer
+    samples than that describe the calibration text, not the layer's inputs)."""
+    count = calibration_tokens(batches)
+    if count < MIN_CALIBRATION_TOKENS:
+        raise InputError(f"{where}.calibration.samples: {method} got {count} calibration samples/tokens, fewer "
+                         f"than the {MIN_CALIBRATION_TOKENS} it needs; use more calibration.samples or a larger "
+                         f"calibration split")
+    return count
 
 
 # ----------------------------------------------------------------------------------------------------- stats --
@@ -393,10 +363,6 @@ class SequentialRun:
     layers: list[str]
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
-
-
 @contextmanager
 def _calibration_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no KV caches (``config.use_cache = False``) for the duration; both restored afterwards."""
@@ -415,10 +381,6 @@ def _calibration_mode(model: nn.Module) -> Iterator[None]:
             module.training = mode
         for key, config in configs.items():
             config.use_cache = cached[key]
-
-
-def _call_model(model: nn.Module, batch: Any) -> Any:
-    return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
 
 
 def run_sequential(model: nn.Module, batches: Sequence[Any], process: Process, *,
@@ -457,7 +419,7 @@ def run_sequential(model: nn.Module, batches: Sequence[Any], process: Process, *
         raise InputError(f"calibration: {type(model).__name__} has no Linear layers to calibrate")
     from torchslim._progress import bar
 
-    call = call or _call_model
+    call = call or call_model
     log = log or (lambda message: None)
     run = SequentialRun(blocks=None, num_blocks=0, tokens=0, layers=[])
     inside: set[str] = set()
@@ -476,7 +438,7 @@ def run_sequential(model: nn.Module, batches: Sequence[Any], process: Process, *
                 names = {f"{block_name}.{n}" if n else block_name: m for n, m in block.named_modules()
                          if is_linear_like(m)}
                 inside.update(names)
-                selected = {n: m for n, m in names.items() if not _matches(n, skip)}
+                selected = {n: m for n, m in names.items() if not matches(n, skip)}
                 if selected:
                     log(f"calibrating {block_name} ({index + 1}/{len(blocks)}): {len(selected)} layers")
                     stats = collect_stats(selected, [lambda i=i: i.run(block) for i in inputs], want, max_samples)
@@ -486,7 +448,7 @@ def run_sequential(model: nn.Module, batches: Sequence[Any], process: Process, *
                 if index + 1 < len(blocks):
                     inputs = [i.advance(block) for i in inputs]
             del inputs
-        outside = {n: m for n, m in layers.items() if n not in inside and not _matches(n, skip)}
+        outside = {n: m for n, m in layers.items() if n not in inside and not matches(n, skip)}
         if outside:
             log(f"calibrating {len(outside)} layers outside the blocks")
             stats = collect_stats(outside, [lambda b=b: call(model, b) for b in batches], want, max_samples,
@@ -495,3 +457,9 @@ def run_sequential(model: nn.Module, batches: Sequence[Any], process: Process, *
             run.layers.extend(stats)
             run.tokens = run.tokens or max((s.tokens for s in stats.values()), default=0)
     return run
+
+
+__all__ = [
+    "LayerStats", "MIN_CALIBRATION_TOKENS", "SequentialRun", "StopForward", "calibration_batches",
+    "calibration_tokens", "check_calibration", "collect_stats", "require_calibration_tokens", "run_sequential",
+]
