@@ -125,7 +125,7 @@ def test_data_aware_importance_reads_convolution_channels_along_dim_1(importance
 
 
 def test_removal_costs_pick_the_column_whose_least_squares_removal_costs_least():
-    from torchslim.pruning.calibrate import removal_costs
+    from torchslim.pruning.channel.importance import removal_costs
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(300, 8, generator=generator, dtype=torch.float64)
@@ -180,7 +180,7 @@ class Residual(nn.Module):
 
 
 def test_the_refit_corrects_the_residual_stream_where_a_layer_adds_into_it(monkeypatch):
-    from torchslim.pruning import calibrate
+    from torchslim.pruning.channel import refit as calibrate
 
     torch.manual_seed(0)
     model = Residual()

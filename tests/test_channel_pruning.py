@@ -388,7 +388,7 @@ def test_iterative_steps_call_recovery_between_steps_and_reach_the_ratio():
 
 
 def test_taylor_importance_uses_gradients_and_a_latency_target_bisects_on_measured_latency(monkeypatch):
-    from torchslim.pruning import channel
+    from torchslim.pruning.channel import run as channel
 
     from torchslim.errors import InputError
 

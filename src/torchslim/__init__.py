@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from torchslim._version import __version__
 
 # name -> module that defines it; resolved on first access to keep `import torchslim` light.
 _PUBLIC = {

@@ -17,7 +17,7 @@ def version_text() -> str:
     +cu130), which its package metadata may leave out."""
     import platform
 
-    from torchslim import __version__
+    from torchslim._version import __version__
 
     try:
         import torch

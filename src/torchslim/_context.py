@@ -62,6 +62,12 @@ class _StepContext:
     def skip_layer(self, name: str, reason: str) -> None:
         self.skipped[name] = reason
 
+    def resolve_model(self, spec: Any) -> nn.Module:
+        """The model a spec names (a distillation teacher, say), frozen in eval mode. Raises InputError."""
+        from torchslim.zoo import resolve_model
+
+        return resolve_model(spec).model.eval().requires_grad_(False)
+
     def checkpoint_dir(self, name: str) -> Path | None:
         """Where the running step keeps its training checkpoints (None when the run keeps none)."""
         return None if self.checkpoints is None else self.checkpoints / f"step{self.step_index}-{name}"

@@ -77,7 +77,7 @@ def write_manifest(folder: str | Path) -> Path:
 
     Call it last: a file written afterwards is not covered, and a loader that reads it refuses it.
     """
-    from torchslim import __version__
+    from torchslim._version import __version__
 
     folder = Path(folder)
     files = {}

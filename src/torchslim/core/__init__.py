@@ -9,12 +9,12 @@ from torchslim.core.calibration import (
 )
 from torchslim.core.cpu import cpu_flags
 from torchslim.core.modules import (
-    call_model, failing_layer, find_blocks, is_linear_like, linear_layers, matches, output_head, output_tensors,
-    replace_module, set_weight_matrix_, tied_modules, weight_matrix,
+    call_model, failing_layer, find_blocks, forward_shapes, is_linear_like, linear_layers, matches, named_tensors,
+    output_head, output_tensors, replace_module, set_weight_matrix_, tied_modules, weight_matrix,
 )
 
 __all__ = [
     "LayerStats", "SequentialRun", "calibration_batches", "call_model", "check_calibration", "collect_stats",
-    "cpu_flags", "failing_layer", "find_blocks", "is_linear_like", "linear_layers", "matches", "output_head",
-    "output_tensors", "replace_module", "run_sequential", "set_weight_matrix_", "tied_modules", "weight_matrix",
+    "cpu_flags", "failing_layer", "find_blocks", "forward_shapes", "is_linear_like", "linear_layers", "matches",
+    "named_tensors", "output_head", "output_tensors", "replace_module", "run_sequential", "set_weight_matrix_", "tied_modules", "weight_matrix",
 ]

@@ -146,6 +146,13 @@ def tied_modules(model: nn.Module) -> dict[str, str]:
             for name in names}
 
 
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``name -> tensor`` for every parameter and buffer under every name it has: tied weights (an LM head
+    sharing the embedding) answer to each alias."""
+    return {**dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False))}
+
+
 def output_head(model: nn.Module) -> tuple[str | None, str | None]:
     """Names of the output head and of the input embedding tied to it (None where there is none)."""
     owners = [m for m in model.modules() if callable(getattr(m, "get_output_embeddings", None))]
@@ -185,6 +192,6 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 
 __all__ = [
-    "call_model", "failing_layer", "find_blocks", "forward_shapes", "is_linear_like", "linear_layers", "matches", "output_head",
+    "call_model", "failing_layer", "find_blocks", "forward_shapes", "is_linear_like", "linear_layers", "matches", "named_tensors", "output_head",
     "output_tensors", "replace_module", "set_weight_matrix_", "tied_modules", "weight_matrix",
 ]

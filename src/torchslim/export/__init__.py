@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torchslim.errors import InputError
 from torchslim.export.config import ExportConfig
-from torchslim.export.onnx import export_onnx
+from torchslim.runtime.onnx import export_onnx
 
 WRITERS = {"huggingface": "torchslim.export.huggingface:save_huggingface",
            "onnx": "torchslim.export.optimum:save_onnx_folder"}

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from torchslim.export.huggingface import ExportSkipped, label_names, save_preprocessing, transformers_model
+from torchslim.runtime.onnx import write_onnx  # noqa: F401  (re-exported: the Optimum folder's writer)
 
 INPUT_NAMES = {"text": ["input_ids", "attention_mask"], "image": ["pixel_values"], "clicks": ["dense", "ids"]}
 OUTPUT_NAMES = {"classification": "logits", "ctr": "logits", "embedding": "sentence_embedding"}
@@ -27,40 +28,6 @@ def metadata(context) -> dict[str, str]:
     if context.data.class_names:
         entries["torchslim.labels"] = json.dumps(context.data.class_names)
     return entries
-
-
-def _rename(graph_names, nodes, old: str, new: str) -> None:
-    for value in graph_names:
-        if value.name == old:
-            value.name = new
-    for node in nodes:
-        for field in (node.input, node.output):
-            for i, name in enumerate(field):
-                if name == old:
-                    field[i] = new
-
-
-def write_onnx(source: Path, target: Path, entries: dict[str, str], inputs: list[str] | None = None,
-               output: str | None = None) -> None:
-    """Copy an ONNX file with ``entries`` set in its metadata and, where given, its inputs/output renamed."""
-    import onnx
-
-    model = onnx.load(str(source))
-    graph = model.graph
-    if inputs and len(inputs) == len(graph.input):
-        for value, name in zip(list(graph.input), inputs):
-            _rename(list(graph.input) + list(graph.value_info), graph.node, value.name, name)
-    if output and len(graph.output) == 1:
-        _rename(list(graph.output) + list(graph.value_info), graph.node, graph.output[0].name, output)
-    kept = [p for p in model.metadata_props if p.key not in entries]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    for key, value in entries.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(model)
-    tmp = target.with_name(target.name + ".tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(target)
 
 
 def _config(context, directory: Path) -> str:
@@ -88,7 +55,7 @@ def save_onnx_folder(final, context, directory: Path) -> dict:
     if final.runtime == "onnxruntime":
         source, exporter = final.path, "the final stage's own ONNX file"
     elif final.runtime == "torch":
-        from torchslim.export.onnx import export_onnx
+        from torchslim.runtime.onnx import export_onnx
 
         source = directory / "exported.onnx"
         exporter = export_onnx(final.module, context.example_inputs(1), source)

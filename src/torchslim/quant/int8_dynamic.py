@@ -15,7 +15,7 @@ from typing import Literal
 from torchslim._deprecated import renamed
 from torchslim.core.cpu import has_vnni, int8_features
 from torchslim.errors import InputError
-from torchslim.export import export_onnx
+from torchslim.runtime.onnx import export_onnx
 from torchslim.registry import register_method
 from torchslim.runtime import OnnxRuntimeDeployable
 

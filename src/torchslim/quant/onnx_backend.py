@@ -15,7 +15,7 @@ from pathlib import Path
 from torchslim.core.calibration import calibration_batches
 from torchslim.core.cpu import has_vnni, int8_features
 from torchslim.core.modules import matches
-from torchslim.export import export_onnx
+from torchslim.runtime.onnx import export_onnx
 from torchslim.quant.bias_correction import correct_onnx_biases
 from torchslim.quant.onnx_ranges import observe_activations, quant_overrides
 from torchslim.quant.onnx_sensitivity import deployed_vs_simulated, layer_errors

@@ -98,10 +98,8 @@ class FinetuneConfig(TrainConfig):
 def _teacher_model(context, distill: DistillConfig | None) -> nn.Module:
     if distill is None or distill.teacher is None:
         return context.teacher
-    from torchslim.zoo import resolve_model
-
     try:
-        return resolve_model(distill.teacher).model.eval().requires_grad_(False)
+        return context.resolve_model(distill.teacher)
     except InputError as error:
         raise InputError(f"{context.where}.distill.teacher: {error}") from None
 

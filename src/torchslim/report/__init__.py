@@ -70,7 +70,7 @@ def git_commit() -> str | None:
 def environment(threads: int) -> dict:
     import torch
 
-    from torchslim import __version__
+    from torchslim._version import __version__
     from torchslim.core.cpu import int8_features
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,

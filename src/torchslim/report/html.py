@@ -62,7 +62,7 @@ def _plotly_js() -> str:
 
 
 def _version() -> str:
-    from torchslim import __version__
+    from torchslim._version import __version__
 
     return __version__
 

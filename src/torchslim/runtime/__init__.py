@@ -172,7 +172,7 @@ class OnnxRuntimeDeployable(Deployable):
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / "model.onnx"
         if self.metadata:
-            from torchslim.export.optimum import write_onnx
+            from torchslim.runtime.onnx import write_onnx
 
             write_onnx(self.path, target, self.metadata)
         else:

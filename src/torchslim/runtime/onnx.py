@@ -1,4 +1,5 @@
-"""Export a PyTorch module to ONNX with a dynamic batch dimension (and sequence, for token inputs).
+"""ONNX files for ONNX Runtime: a PyTorch module exported with a dynamic batch dimension (and sequence, for token
+inputs) (`export_onnx`), and a copy with metadata entries set and inputs/outputs renamed (`write_onnx`).
 
 The torch.export-based exporter (torch.onnx.export(dynamo=True), needs onnxscript) is tried first; models it
 cannot capture fall back to the TorchScript-based exporter. Which one produced the file is returned.
@@ -67,3 +68,37 @@ def _export_with(exporter: str, module: nn.Module, args: tuple, names: list[str]
             axes = {**axes, "output": {0: "batch"}} if dynamic_batch else None
             torch.onnx.export(module, args, str(path), dynamo=False, input_names=names,
                               output_names=["output"], dynamic_axes=axes, opset_version=OPSET)
+
+
+def _rename(graph_names, nodes, old: str, new: str) -> None:
+    for value in graph_names:
+        if value.name == old:
+            value.name = new
+    for node in nodes:
+        for field in (node.input, node.output):
+            for i, name in enumerate(field):
+                if name == old:
+                    field[i] = new
+
+
+def write_onnx(source: Path, target: Path, entries: dict[str, str], inputs: list[str] | None = None,
+               output: str | None = None) -> None:
+    """Copy an ONNX file with ``entries`` set in its metadata and, where given, its inputs/output renamed."""
+    import onnx
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    if inputs and len(inputs) == len(graph.input):
+        for value, name in zip(list(graph.input), inputs):
+            _rename(list(graph.input) + list(graph.value_info), graph.node, value.name, name)
+    if output and len(graph.output) == 1:
+        _rename(list(graph.output) + list(graph.value_info), graph.node, graph.output[0].name, output)
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    tmp = target.with_name(target.name + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(target)

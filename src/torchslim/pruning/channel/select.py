@@ -1,0 +1,95 @@
+"""Selection: which channel classes go, for a ratio, under the config's scope, limits and widths; and the
+bisection that finds the ratio meeting a MACs or latency target."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from torch import nn
+
+from torchslim.core.modules import matches
+from torchslim.graph import ChannelGraph
+from torchslim.pruning.channel.config import ChannelPruningConfig
+from torchslim.pruning.channel.groups import Group, dependency_groups
+from torchslim.pruning.channel.importance import score
+from torchslim.pruning.channel.surgery import remove_channels
+
+
+def _removable(group: Group, fraction: float, round_to: int) -> int:
+    """How many channels a group loses for ``fraction``, keeping a multiple of ``round_to`` (and at least one)."""
+    keep = group.size - round(fraction * group.size)
+    keep = max(round_to, -(-keep // round_to) * round_to) if round_to > 1 else max(1, keep)
+    return max(0, min(len(group.roots), group.size - keep))
+
+
+def _lowest(group: Group, scores: dict[int, float], count: int) -> list[int]:
+    return sorted(group.roots.tolist(), key=lambda r: scores.get(r, 0.0))[:count]
+
+
+def _group_ratio(group: Group, ratios: dict[str, float], default: float) -> float:
+    """The ratio of the first pattern in ``ratios`` that matches one of the group's layers, else ``default``."""
+    for pattern, value in ratios.items():
+        if any(matches(m, [pattern]) for m in group.modules):
+            return value
+    return default
+
+
+def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPruningConfig, ratio: float,
+                    scores: dict[int, float] | None = None) -> set[int]:
+    """The channel classes to remove for ``ratio`` under ``config``'s importance, scope and limits.
+
+    ``scores`` (channel class -> importance) are computed from ``model`` unless given, so that repeated
+    selections on one graph (a bisection, a retry) score once.
+    """
+    scores = scores if scores is not None else score(model, graph, config)
+    groups = dependency_groups(graph, config.skip)
+    chosen: set[int] = set()
+    if config.scope == "local":
+        for group in groups:
+            fraction = min(_group_ratio(group, config.ratios, ratio), config.max_ratio)
+            chosen.update(_lowest(group, scores, _removable(group, fraction, config.round_to)))
+        return _keep_every_layer(graph, chosen, scores)
+    ranked = []
+    for index, group in enumerate(groups):
+        values = np.array([scores.get(r, 0.0) for r in group.roots.tolist()])
+        scale = values.mean() if values.mean() > 0 else 1.0
+        ranked += [(v / scale, index, r) for v, r in zip(values.tolist(), group.roots.tolist())]
+    ranked.sort()
+    budget = int(ratio * sum(g.size for g in groups))
+    taken = [0] * len(groups)
+    limit = [_removable(g, config.max_ratio, 1) for g in groups]
+    for _, index, root in ranked:
+        if budget <= 0:
+            break
+        if taken[index] < limit[index]:
+            taken[index] += 1
+            budget -= 1
+    for index, group in enumerate(groups):
+        chosen.update(_lowest(group, scores, _removable(group, taken[index] / group.size, config.round_to)))
+    return _keep_every_layer(graph, chosen, scores)
+
+
+def _keep_every_layer(graph: ChannelGraph, chosen: set[int], scores: dict[int, float]) -> set[int]:
+    """A class can hold every output channel of a layer (a branch concatenated into a stream that a reshape
+    splits into whole blocks): keep the best-scoring class of any layer that would lose all its channels."""
+    for _, ids in graph.producers:
+        roots = set(graph.uf.roots(ids).tolist())
+        if roots and roots <= chosen:
+            chosen.discard(max(roots, key=lambda r: scores.get(r, 0.0)))
+    return chosen
+
+
+def bisect_ratio(model: nn.Module, graph: ChannelGraph, config: ChannelPruningConfig, scores: dict[int, float],
+                  reached) -> float:
+    """The smallest ratio (to 1/4096) whose pruning, tried on copies, satisfies ``reached(trial_model)``."""
+    low, high = 0.0, config.max_ratio
+    for _ in range(12):
+        middle = (low + high) / 2
+        trial = copy.deepcopy(model)
+        remove_channels(trial, graph, select_channels(trial, graph, config, middle, scores))
+        if reached(trial):
+            high = middle
+        else:
+            low = middle
+    return high
