@@ -134,3 +134,12 @@ def test_core_imports_only_the_base_layer():
     for path in (SOURCE / "core").glob("*.py"):
         for target, line in _imports(path, top_level_only=False):
             assert LAYER[_package(target)] <= LAYER["core"], f"core/{path.name}:{line} imports {target}"
+
+
+def test_tests_mirror_the_package():
+    """A test folder is named for the package it tests (tests/pruning/ for torchslim/pruning/, ...)."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    packages = {p.name for p in SOURCE.iterdir() if (p / "__init__.py").exists()}
+    assert folders - packages == set()
+    assert len(folders) >= 10

@@ -131,7 +131,7 @@ def test_int8_static_runs_integer_kernels_close_to_float(tmp_path):
     error = deployable(x) - reference
     sqnr_db = 10 * math.log10(float(reference.pow(2).mean()) / float(error.pow(2).mean()))
     assert sqnr_db > 20.0
-    # 7-bit weights where the CPU lacks VNNI (see test_quant_onnx), else 8-bit.
+    # 7-bit weights where the CPU lacks VNNI (see tests/quant/test_onnx_backend.py), else 8-bit.
     grid = "int8 [-64, 64]" if deployable.details["reduce_range"] else "int8"
     assert deployable.details["weights"] == grid + " per-channel"
 

@@ -90,7 +90,7 @@ def test_calibrated_pruning_without_calibration_inputs_is_a_clear_error():
 
 def test_recipe_step_prunes_a_gpt2_ffn_with_activation_importance_and_refits_its_conv1d_layers(tmp_path):
     pytest.importorskip("transformers")
-    from test_oneshot_pruning import relative_error, text_context
+    from test_oneshot import relative_error, text_context
 
     from torchslim.registry import get_method
 

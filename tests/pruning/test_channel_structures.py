@@ -1,7 +1,7 @@
 """Structured pruning on grouped and transposed convolutions, GroupNorm, several inputs, outputs that are
 tuples, dicts, dataclasses or Hugging Face ``ModelOutput``s, and Hugging Face models passed directly.
 
-Exactness as in test_channel_pruning.py: silencing the chosen channels (zeroing every parameter slice they own)
+Exactness as in test_channel.py: silencing the chosen channels (zeroing every parameter slice they own)
 and removing them must give the same outputs, on every output tensor.
 """
 
