@@ -91,11 +91,17 @@ class ChannelPruningConfig:
         check(not (self.target_macs and self.target_latency), "target_latency", "give target_macs or target_latency")
         check(1 <= self.steps <= 100, "steps", f"must be in [1, 100], got {self.steps}")
         check(0.0 <= self.damping <= 1.0, "damping", f"must be in [0, 1], got {self.damping}")
+        from torchslim.pruning.channel.importance import CRITERIA
+
+        check(self.importance in CRITERIA, "importance",
+              f"{self.importance!r} is not a registered criterion; known: {', '.join(sorted(CRITERIA))}")
 
     @property
     def calibrated(self) -> bool:
         """Whether pruning reads calibration inputs."""
-        return self.importance in ("activation", "obs") or self.reconstruct
+        from torchslim.pruning.channel.importance import STATISTICS
+
+        return bool(STATISTICS[self.importance]) or self.reconstruct
 
 
 @dataclass

@@ -96,7 +96,7 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
         raise InputError(f"the model does not run on the example inputs: {error}")
     single = first_samples(example_inputs, 1)
     graph = analyse_channels(capture(model, example_inputs, config.capture), config.recurrent)
-    want = {"activation": ("sq_norm",), "obs": ("hessian", "mean")}.get(config.importance)
+    want = importance.STATISTICS[config.importance]
     stats = importance.collect(model, graph.modules, calibration, want) if want else None
     scores = importance.score(model, graph, config, stats)
     unpruned = copy.deepcopy(model) if config.reconstruct else None  # the refit's targets
@@ -104,7 +104,7 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
         ratio = bisect_ratio(model, graph, config, scores, lambda trial: count_macs(trial, single) <= macs_goal)
     elif latency_goal:
         ratio = bisect_ratio(model, graph, config, scores,
-                              lambda trial: _latency(trial, example_inputs) <= latency_goal)
+                             lambda trial: _latency(trial, example_inputs) <= latency_goal)
     before = {name: list(t.shape) for name, t in model.state_dict().items()}
     original = copy.deepcopy(model) if graph.literal_reshapes else None
     chosen = select_channels(model, graph, config, ratio, scores)
