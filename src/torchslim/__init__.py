@@ -79,6 +79,7 @@ _PUBLIC = {
     "Int8StaticConfig": "torchslim.quant.int8_static",
     "Int8DynamicConfig": "torchslim.quant.int8_dynamic",
     "QatConfig": "torchslim.quant.qat",
+    "Bf16Config": "torchslim.quant.bf16",
     "RowwiseInt8Config": "torchslim.compact.embeddings",
     "RowwiseInt4Config": "torchslim.compact.embeddings",
     "HashingConfig": "torchslim.compact.embeddings",

@@ -16,10 +16,16 @@ from torch import nn
 from torchslim.data import DataBundle
 from torchslim.zoo import ModelBundle
 
-# Steps whose changes to the model's structure no shapes record can describe (a replaced embedding table, a
-# packed weight): the saved artifact lists them with their config, and `torchslim.load` repeats them on the
-# template before loading the weights (their structure depends only on the config and the layers' shapes).
-REPLAYED_KINDS = ("compress_embeddings", "materialize")
+# Steps whose changes to the model no shapes record can describe (a replaced embedding table, a packed weight,
+# bfloat16 tensors with casts around the model): the saved artifact lists them with their config, and
+# `torchslim.load` repeats them on the template before loading the weights (what they change depends only on
+# the config and the layers' shapes). (kind, method); a method of None stands for every method of the kind.
+REPLAYED_STEPS = (("compress_embeddings", None), ("materialize", None), ("quantize", "bf16"))
+
+
+def is_replayed(kind: str, method: str) -> bool:
+    """Whether a step of this kind and method is recorded in the artifact and repeated by `torchslim.load`."""
+    return any(kind == k and m in (None, method) for k, m in REPLAYED_STEPS)
 
 
 @dataclass
@@ -31,7 +37,7 @@ class _StepContext:
         where: the recipe location of the running step (e.g. "recipe.yaml: steps[1].finetune"), for messages.
         masks: parameter name -> keep-mask of pruned weights, honoured by every later training step.
         skipped: layer name -> reason, for layers a method left as they were.
-        replayed: (kind, method, config as a dict) of the structural steps applied so far (see `REPLAYED_KINDS`).
+        replayed: (kind, method, config as a dict) of the structural steps applied so far (see `REPLAYED_STEPS`).
     """
 
     model: nn.Module
@@ -93,7 +99,7 @@ def run_step(context: _StepContext, kind: str, method: str, config: Any, *, onnx
     from torchslim.runtime import OnnxRuntimeDeployable, TorchDeployable
 
     deployable = get_method(kind, method).handler(context, config)
-    if kind in REPLAYED_KINDS:
+    if is_replayed(kind, method):
         context.replayed.append({"kind": kind, "method": method, "config": to_dict(config)})
     if isinstance(deployable, OnnxRuntimeDeployable) and onnx_metadata:
         from torchslim.export.optimum import metadata

@@ -159,14 +159,14 @@ def _load_torch(model: nn.Module, shapes_file: Path, verify: bool, example_input
 
 
 def _replay(model: nn.Module, step: Any, where: str) -> None:
-    """Repeat a structural step recorded in the artifact (see `torchslim._context.REPLAYED_KINDS`) on ``model``."""
+    """Repeat a step recorded in the artifact (see `torchslim._context.REPLAYED_STEPS`) on ``model``."""
     from torchslim._config import FieldError, from_dict
-    from torchslim._context import REPLAYED_KINDS
+    from torchslim._context import is_replayed
     from torchslim.registry import get_method
 
-    if not isinstance(step, dict) or step.get("kind") not in REPLAYED_KINDS or not isinstance(step.get("config"),
-                                                                                             dict):
-        raise ArtifactError(f"{where}: expected a recorded step of kind {' or '.join(REPLAYED_KINDS)}")
+    if not isinstance(step, dict) or not is_replayed(str(step.get("kind")), str(step.get("method"))) \
+            or not isinstance(step.get("config"), dict):
+        raise ArtifactError(f"{where}: expected a recorded step (compress_embeddings, materialize, quantize: bf16)")
     try:
         config_cls = get_method(step["kind"], str(step.get("method"))).config_cls
         # A key renamed since the artifact was written only set how the step calibrated (compress_embeddings'
@@ -179,6 +179,10 @@ def _replay(model: nn.Module, step: Any, where: str) -> None:
         from torchslim.compact.materialize import materialize_
 
         materialize_(model, config)
+    elif step["kind"] == "quantize":
+        from torchslim.quant.bf16 import to_bf16_
+
+        to_bf16_(model, config)
     else:
         from torchslim.compact.embeddings import compress_embeddings_
 

@@ -31,6 +31,7 @@ _BUILTIN_MODULES = (
     "torchslim.quant.int8_static",
     "torchslim.quant.int8_dynamic",
     "torchslim.quant.qat",
+    "torchslim.quant.bf16",
     "torchslim.quant.weight_only_step",
     "torchslim.compact.materialize",
     "torchslim.factorize.svd",

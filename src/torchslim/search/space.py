@@ -161,6 +161,8 @@ def _quantize_step(precision: str, float_layers: list[str]) -> dict:
         return step
     if precision == "int8-dynamic":
         return {"method": "int8-dynamic"}
+    if precision == "bf16" and float_layers:
+        return {"method": "bf16", "skip": sorted(float_layers)}
     return {"method": precision}
 
 
@@ -257,6 +259,10 @@ def _available_precisions(config, runtime: str, bundle, data, macs: dict[str, in
             reason = onnx_backend.available()
         if reason is None and name == "int8-static" and not len(data.splits.get("calib", [])):
             reason = "the data has no calibration split"
+        if reason is None and name == "bf16":
+            from torchslim.quant.bf16 import native_bf16
+
+            reason = None if native_bf16() else "this CPU has no native bfloat16 (AMX or AVX-512 BF16)"
         if reason is None and name in LINEAR_PRECISIONS and linear_share < 0.3:
             reason = f"quantizes Linear layers only, {linear_share:.0%} of this model's MACs"
         if reason:

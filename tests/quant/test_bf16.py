@@ -1,0 +1,85 @@
+"""bfloat16 models: outputs stay float32 and close to the float model's, skipped layers stay float32, tied
+weights stay tied, and the saved artifact reloads through torchslim.load to the same outputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import torchslim
+from torchslim.quant.bf16 import Bf16Config, to_bf16_
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.mix = nn.Linear(32, 32)
+        self.norm = nn.LayerNorm(32)
+        self.out = nn.Linear(32, 50, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.out(self.norm(torch.relu(self.mix(self.embed(ids)))))
+
+
+def test_bf16_conv_net_keeps_float32_outputs_and_the_skipped_head():
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        reference = model(x)
+    details = to_bf16_(model, Bf16Config(skip=["head"]))
+    assert model.conv.weight.dtype == torch.bfloat16 and model.bn.running_var.dtype == torch.bfloat16
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.head.weight.dtype == torch.float32 and details["float32_layers"] == ["head"]
+    assert details["bf16_tensors"] == 6  # conv weight+bias, bn weight, bias, running mean, running var
+    with torch.no_grad():
+        output = model(x)
+    assert output.dtype == torch.float32
+    error = (output - reference).norm() / reference.norm()
+    assert 0 < float(error) < 0.02  # bfloat16 keeps about 3 significant digits
+
+
+def test_tied_weights_stay_one_tensor_and_integer_inputs_pass_through():
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        reference = model(ids)
+    details = to_bf16_(model)
+    assert model.out.weight is model.embed.weight and model.out.weight.dtype == torch.bfloat16
+    assert details["bf16_tensors"] == 5  # embedding (= head), mix weight+bias, norm weight+bias
+    with torch.no_grad():
+        output = model(ids)
+    cosine = torch.nn.functional.cosine_similarity(output.flatten(), reference.flatten(), dim=0)
+    assert output.dtype == torch.float32 and float(cosine) > 0.999
+
+
+def test_bf16_artifact_reloads_with_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    x = torch.randn(2, 3, 12, 12)
+    result = torchslim.apply(model, torchslim.Bf16Config(), example_inputs=x)
+    result.save(tmp_path / "bf16")
+    with torch.no_grad():
+        expected = result.model(x)
+    weights = (tmp_path / "bf16" / "model.safetensors").stat().st_size
+    loaded = torchslim.load(tmp_path / "bf16", ConvNet())
+    assert loaded.conv.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    # bfloat16 halves the stored weights (16x3x3x3 + 16 + 4 x 16 + 16x5 + 5 floats, 2 bytes each, plus header)
+    assert weights < 4 * (16 * 27 + 16 + 4 * 16 + 16 * 5 + 5)
