@@ -96,11 +96,19 @@ def test_imports_go_down_the_layers():
     assert len(edges) > 100
 
 
-def test_config_modules_read_only_lower_layers_and_configs():
-    """The exception above stays honest: a config module imports only base modules, core, and other configs."""
+def test_config_modules_read_from_below_import_only_lower_layers_and_configs():
+    """The exception above stays honest: a config module that a lower layer reads imports only base modules,
+    core, other configs and the training configs its sections nest."""
+    read_from_below = set()
+    for path in _files():
+        source = _package(_module_name(path))
+        for target, _ in _imports(path, top_level_only=False):
+            if target.endswith(".config") and LAYER[_package(target)] > LAYER[source]:
+                read_from_below.add(target)
+    assert "torchslim.search.config" in read_from_below
     for path in _files():
         name = _module_name(path)
-        if not name.endswith(".config"):
+        if name not in read_from_below:
             continue
         for target, line in _imports(path, top_level_only=False):
             allowed = LAYER[_package(target)] <= LAYER["core"] or target.endswith(".config") \

@@ -56,7 +56,14 @@ def test_options_this_model_or_runtime_cannot_use_are_left_out_with_a_reason(tin
     notes = " ".join(space.notes)
     assert "precision int8-dynamic: left out (runs on ONNX Runtime" in notes
     assert "precision int4-weight: left out (quantizes Linear layers only" in notes
-    assert "precision" not in space.names()
+    from torchslim.quant.bf16 import native_bf16
+
+    if native_bf16():  # bf16 runs convolutions too, on this CPU's AMX / AVX-512 BF16 units
+        decision = next(d for d in space.decisions if d.name == "precision")
+        assert decision.options == ("float", "bf16")
+    else:
+        assert "precision bf16: left out (this CPU has no native bfloat16" in notes
+        assert "precision" not in space.names()
 
 
 def test_a_space_with_nothing_to_decide_is_an_input_error(tiny):
