@@ -193,10 +193,3 @@ def evaluate_model(model, context, reference=None):
     outputs, labels = collect_outputs(TorchDeployable(model), context.data, context.bundle.preprocess, 64, 0)
     return evaluate(outputs, labels, reference, context.bundle.task), outputs
 
-
-def write_json(path: str | None, payload: dict) -> None:
-    """The writer of the scripts not yet moved to `write_results` (removed once none is left)."""
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {path}")
