@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import apply_threads, evaluate_model, goal, parser, step_context, write_results  # noqa: E402
 
