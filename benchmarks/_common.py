@@ -8,7 +8,8 @@ Layout (`write_results`), the same for every script::
 
     {"benchmark": "demo",                        # the script's name
      "date": "2026-12-07T10:00:00+00:00",        # when the results were written, UTC
-     "environment": {...},                       # torchslim.report.environment: CPU, ISA flags, threads, versions
+     "environment": {...},                       # torchslim.report.environment (CPU, ISA flags, threads, versions)
+                                                 # + CPUs and the load average at start and end
      "args": {...},                              # the parsed flags
      "rows": [{...}, ...],                       # one flat dict per measured row (a "part" key where several)
      "goals": [{"goal", "value", "target", "met"}, ...],
@@ -26,6 +27,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 LAYOUT = ("benchmark", "date", "environment", "args", "rows", "goals")
+
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the OS has none): how busy the machine was."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+# Taken when a script imports this module, i.e. as it starts: with the load at the end, the JSON says whether the
+# figures were measured on a busy machine.
+LOAD_AT_START = load_average()
 GOAL_KEYS = ("goal", "value", "target", "met")
 SCALARS = (str, int, float, bool, type(None))
 
@@ -145,8 +159,12 @@ def results(benchmark: str, args: argparse.Namespace | dict, rows: Iterable[dict
 
     from torchslim.report import environment
 
+    env = environment(torch.get_num_threads() if threads is None else threads)
+    env["cpus"] = os.cpu_count()
+    if LOAD_AT_START is not None:
+        env["load_average"] = {"start": LOAD_AT_START, "end": load_average()}
     payload = {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "environment": environment(torch.get_num_threads() if threads is None else threads),
+               "environment": env,
                "args": dict(args if isinstance(args, dict) else vars(args)),
                "rows": [flat(row) for row in rows], "goals": list(goals)}
     if details:

@@ -62,6 +62,10 @@ def machine(env: dict) -> str:
              f"{env.get('threads', '?')} threads", f"torch {env.get('torch', '?')}"]
     if env.get("torchslim"):
         parts.append(f"torchslim {env['torchslim']}" + (f" ({env['git_commit']})" if env.get("git_commit") else ""))
+    load = env.get("load_average")
+    if load:  # the 1-minute averages: a load above the CPU count means the run shared the machine
+        parts.append(f"load {load['start'][0]:g} → {load['end'][0]:g}"
+                     + (f" on {env['cpus']} CPUs" if env.get("cpus") else "") + " (start → end)")
     return " · ".join(parts)
 
 

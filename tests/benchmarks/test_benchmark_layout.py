@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -25,7 +26,8 @@ def _payload(**changes) -> dict:
     payload = {
         "benchmark": "demo", "date": "2026-12-07T10:00:00+00:00",
         "environment": {"cpu": "Intel Test CPU", "isa_flags": ["amx_int8", "avx2", "avx512_vnni", "avx512f"],
-                        "threads": 2, "torch": "2.14.1", "torchslim": "0.1.0"},
+                        "threads": 2, "torch": "2.14.1", "torchslim": "0.1.0", "cpus": 2,
+                        "load_average": {"start": [0.5, 0.4, 0.3], "end": [3.25, 1.0, 0.5]}},
         "args": {"json": "out.json", "threads": 2, "seed": 0, "quick": True, "parts": ["a", "b"]},
         "rows": [{"part": "stages", "stage": "baseline", "latency_ms": 392.0, "speedup": 1.0},
                  {"part": "stages", "stage": "int8", "latency_ms": 29.5, "speedup": 13.29},
@@ -52,6 +54,9 @@ def test_results_have_the_layout_with_flat_rows():
     env = payload["environment"]
     assert env["threads"] == 2
     assert {"cpu", "isa_flags", "python", "torch", "torchslim", "os"} <= set(env)
+    assert env["cpus"] == os.cpu_count()
+    assert env["load_average"]["start"] == _common.LOAD_AT_START
+    assert len(env["load_average"]["end"]) == 3 and all(value >= 0 for value in env["load_average"]["end"])
     assert payload["args"] == {"json": None, "threads": 2, "seed": 7, "parts": ["digits"]}
     assert payload["rows"] == [{"name": "int8", "ratios.speedup_batch": 13.3, "ratios.size.raw": 11.0,
                                 "spread": [1.0, 2.5]}]
@@ -143,7 +148,7 @@ def test_render_heads_each_table_with_benchmark_date_and_machine():
     assert page.startswith("# Benchmark results\n")
     assert "## demo\n" in page
     assert ("**2026-12-07 10:00 UTC** · Intel Test CPU · AVX2, AVX-512 F/VNNI, AMX INT8 · 2 threads · torch 2.14.1"
-            " · torchslim 0.1.0") in page
+            " · torchslim 0.1.0 · load 0.5 → 3.25 on 2 CPUs (start → end)\n") in page
     assert "`python benchmarks/demo.py --threads 2 --seed 0 --quick --parts a,b` (from `bench-results/demo.json`)" \
         in page
     assert "### demo: stages\n\n| stage | latency_ms | speedup |\n|---|---|---|\n" in page
