@@ -223,3 +223,27 @@ def test_thread_defaults_are_what_each_script_used_before():
     assert defaults == {"auto": 0, "compact": None, "deep_compression": 0, "demo": 0, "embeddings": 1, "fuzz": None,
                         "llm": 2, "profile_models": 0, "pruning_coverage": None, "pruning_vs_torch_pruning": 0,
                         "quantization": 0, "recovery": None, "weight_only_linear": 2}
+
+
+def test_auto_results_become_flat_rows_per_part():
+    import auto  # imports nothing heavy at module level: its parts run in subprocesses
+
+    final = {"speedup_batch": 13.3, "speedup_bs1": 14.0, "score": 0.9926, "score_delta": -0.0037,
+             "runtime": "onnxruntime", "latency_ms_batch": 29.5, "size_reduction": 13.3}
+    results = {
+        "digits": {"demo": final, "auto": {**final, "speedup_batch": 18.0}, "seconds": 900.0,
+                   "repro": {"again": {**final, "speedup_batch": 17.5}}, "goals": []},
+        "lite0": {"error": "Traceback ...\nMemoryError"},
+        "minilm": {"best": None, "seconds": 50.0, "goals": [],
+                   "fastest_feasible": {"trial": 3, "latency_ratio": 0.25, "recipe": "t3.yaml", "figures": {"a": 1}}},
+        "quality": {"runs": {"tpe": [{"seed": 0, "hypervolume": 0.5}], "random": [{"seed": 0, "hypervolume": 0.4}]}},
+    }
+    rows = auto.rows_of(results)
+    assert [(r["part"], r.get("row", r.get("sampler"))) for r in rows] == [
+        ("digits", "demo recipe"), ("digits", "auto best"), ("digits", "auto best, rerun"), ("lite0", None),
+        ("minilm", "fastest feasible point"), ("quality", "tpe"), ("quality", "random")]
+    assert rows[1]["speedup_batch"] == 18.0 and rows[1]["seconds"] == 900.0
+    assert rows[3] == {"part": "lite0", "error": "Traceback ...\nMemoryError"}
+    assert rows[4] == {"part": "minilm", "row": "fastest feasible point", "trial": 3,
+                       "latency_ratio": 0.25, "recipe": "t3.yaml"}
+    assert _common.layout_problems(_payload(rows=rows)) == []
