@@ -22,7 +22,8 @@ from _common import comma_list, goal, parser, write_results  # noqa: E402
 from torchslim.pipeline import Pipeline  # noqa: E402
 from torchslim.recipe import load_recipe  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "digits-mlp-deep-compression.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "examples" / "recipes" / "digits-mlp-deep-compression.yaml"
 
 
 def run(recipe_path: Path, seed: int, threads: int = 0) -> dict:
@@ -58,12 +59,12 @@ def seeds(text: str) -> list[int]:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0], threads=0)
-    p.add_argument("--recipe", default=str(RECIPE), help="the recipe run once per seed (default: the example)")
+    p.add_argument("--recipe", default=None, help=f"the recipe run once per seed (default {RECIPE.relative_to(ROOT)})")
     p.add_argument("--seeds", type=seeds, nargs="+", default=[[0]], metavar="A,B",
                    help="comma-separated seeds, one run each (default 0)")
     args = p.parse_args()
     args.seeds = [seed for group in args.seeds for seed in group]
-    runs = [run(Path(args.recipe), seed, args.threads) for seed in args.seeds]
+    runs = [run(Path(args.recipe or RECIPE), seed, args.threads) for seed in args.seeds]
     worst_ratio = min(r["ratio"] for r in runs)
     worst_drop = max(r["drop_points"] for r in runs)
     print()

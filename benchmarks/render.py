@@ -24,13 +24,13 @@ NOT_REPRODUCED = ("json",)
 
 
 def cell(value) -> str:
-    """A value as a table cell: floats to 4 significant digits, large counts grouped, lists joined."""
+    """A value as a table cell: floats to 4 significant digits, counts grouped by thousands, lists joined."""
     if value is None:
         return "—"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+        return f"{value:,}"
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, list):

@@ -127,6 +127,7 @@ def test_a_deprecated_alias_sets_the_new_flag_and_says_so(capsys):
 # ---------------------------------------------------------------------------------------------------- the renderer
 def test_cells_format_numbers_for_reading():
     assert render.cell(392242) == "392,242"
+    assert render.cell(4297) == "4,297"
     assert render.cell(256) == "256"
     assert render.cell(0.996312) == "0.9963"
     assert render.cell(4105.25) == "4,105.2"
