@@ -36,6 +36,7 @@ docs: $(DOCS_STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/demo.py --json bench-results/demo.json
 	$(BIN)/python benchmarks/profile_models.py --json bench-results/profile.json
+	$(BIN)/python benchmarks/render.py bench-results/demo.json bench-results/profile.json --out bench-results/results.md
 
 clean:
 	rm -rf $(VENV) out bench-results site

@@ -1,4 +1,4 @@
-"""`torchslim auto`'s goals, measured: `python benchmarks/auto.py [--parts ...] [--json PATH]`.
+"""`torchslim auto`'s goals, measured: `python benchmarks/auto.py [--parts ...] [--json PATH] [--threads N] [--seed N]`.
 
 Each part runs in its own process (this script calls itself with ``--part NAME``), baseline and results side
 by side in that process, and prints one table row and its goal lines:
@@ -19,6 +19,7 @@ Latencies on a machine shared with other work are preliminary: quote ratios, rer
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import goal, parser, write_json  # noqa: E402
+from _common import apply_threads, goal, parser, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # model, data, max drop, batch size, recovery epoch options (an epoch of Lite0 or MiniLM costs minutes here)
@@ -42,12 +43,14 @@ def _quiet(message: str) -> None:
     print(f"  {message}", flush=True)
 
 
-def _search(name: str, args, out: Path, seed: int = 0, sampler: str = "tpe") -> tuple[dict, float]:
+def _search(name: str, args, out: Path, seed: int | None = None, sampler: str = "tpe") -> tuple[dict, float]:
     import torchslim
 
     model, data, drop, batch, epochs = MODELS[name]
     epochs = [int(e) for e in args.epochs.split(",")] if args.epochs else epochs
-    recipe = {"model": model, "data": data, "search": {"space": {"epochs": epochs}}}
+    seed = args.seed if seed is None else seed
+    recipe = {"model": model, "data": data, "search": {"space": {"epochs": epochs}},
+              "measure": {"threads": args.threads}}
     started = time.perf_counter()
     report = torchslim.auto(recipe=recipe, out=out, max_drop=drop, target="latency", trials=args.trials,
                             time_budget=args.time_budget, workers=args.workers, seed=seed, sampler=sampler,
@@ -66,7 +69,9 @@ def part_digits(args, scratch: Path) -> dict:
     from torchslim.pipeline import compress
     from torchslim.recipe import load_recipe
 
-    demo = compress(load_recipe(ROOT / "examples/recipes/demo.yaml"), scratch / "demo", progress=False, log=_quiet)
+    demo = compress(load_recipe(ROOT / "examples/recipes/demo.yaml", [f"measure.threads={args.threads}",
+                                                                     f"seed={args.seed}"]),
+                    scratch / "demo", progress=False, log=_quiet)
     report, seconds = _search("digits", args, scratch / "auto")
     search = report["search"]
     row = {"demo": _final(demo), "auto": _final(report) if report["stages"] else None, "seconds": round(seconds, 1),
@@ -156,42 +161,60 @@ PARTS = {"digits": part_digits, "lite0": part_model("lite0", 10.0), "minilm": pa
          "quality": part_quality}
 
 
+def rows_of(results: dict) -> list[dict]:
+    """The JSON's rows: per part, the demo and the search's best (and its rerun), the fastest feasible point, or
+    one row per sampler and seed."""
+    rows = []
+    for part, result in results.items():
+        if "error" in result:
+            rows.append({"part": part, "error": result["error"][-300:]})
+        elif part == "quality":
+            rows += [{"part": part, "sampler": sampler, **run} for sampler, runs in result["runs"].items()
+                     for run in runs]
+        else:
+            if part == "digits":
+                rows.append({"part": part, "row": "demo recipe", **result["demo"]})
+            best = result.get("auto") if part == "digits" else result.get("best")
+            if best:
+                rows.append({"part": part, "row": "auto best", **best, "seconds": result["seconds"]})
+            if result.get("repro"):
+                rows.append({"part": part, "row": "auto best, rerun", **result["repro"]["again"]})
+            point = result.get("fastest_feasible")
+            if point:
+                rows.append({"part": part, "row": "fastest feasible point",
+                             **{k: v for k, v in point.items() if not isinstance(v, (dict, list))}})
+    return rows
+
+
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--parts", default="digits,lite0,minilm,quality", help="comma-separated parts")
-    p.add_argument("--part", default=None, help=argparse_hidden())
+    p = parser(__doc__.splitlines()[0], threads=0, seed=0, parts=tuple(PARTS))
+    p.add_argument("--part", default=None, choices=sorted(PARTS), help=argparse.SUPPRESS)  # one part, in process
     p.add_argument("--trials", type=int, default=40, help="trials per search (default 40)")
     p.add_argument("--time-budget", default="30m", help="each search's time budget (default 30m)")
     p.add_argument("--workers", type=int, default=1, help="local workers per search")
     p.add_argument("--quality-runs", type=int, default=3, help="seeds per sampler in the quality part")
     p.add_argument("--epochs", default="", help="recovery epoch options for every model, e.g. 2,4 (default: per model)")
     args = p.parse_args()
+    threads = apply_threads(args)
     if args.part:  # one part, in this process
         with tempfile.TemporaryDirectory(prefix=f"auto-{args.part}-") as scratch:
             result = PARTS[args.part](args, Path(scratch))
         print("RESULT " + json.dumps(result, default=str))
         return
-    from torchslim.report import environment
-
     results = {}
-    for name in args.parts.split(","):
+    for name in args.parts:
         print(f"== {name}", flush=True)
         command = [sys.executable, __file__, "--part", name, "--trials", str(args.trials), "--time-budget",
                    args.time_budget, "--workers", str(args.workers), "--quality-runs", str(args.quality_runs),
-                   "--epochs", args.epochs]
+                   "--epochs", args.epochs, "--threads", str(args.threads), "--seed", str(args.seed)]
         completed = subprocess.run(command, capture_output=True, text=True)
         print(completed.stdout[-4000:], end="")
         lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
         results[name] = json.loads(lines[-1][7:]) if lines else {"error": completed.stderr[-2000:]}
-    write_json(args.json, {"benchmark": "auto", "environment": environment(0), "trials": args.trials,
-                           "time_budget": args.time_budget, "parts": results,
-                           "note": "latencies preliminary unless the machine was otherwise idle"})
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
+    goals = [g for result in results.values() for g in result.get("goals", [])]
+    details = {name: {k: v for k, v in result.items() if k != "goals"} for name, result in results.items()}
+    details["note"] = "latencies preliminary unless the machine was otherwise idle"
+    write_results(args, rows_of(results), goals, details, threads=threads)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Compact parameter representations, measured: `python benchmarks/compact.py [--json PATH] [--parts ...]`.
+"""Compact parameter representations, measured: `python benchmarks/compact.py [--json PATH] [--parts ...] [--seed N]`.
 
 1. codebook: builtin:digits-mlp (LeNet-300-100-style) pruned + codebook-shared + entropy-coded (Deep
    Compression): artifact bytes vs fp32 and accuracy. Goal: >= 40x smaller at <= 0.5 points accuracy drop.
@@ -21,10 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import evaluate_model, goal, parser, step_context, write_json  # noqa: E402
+from _common import apply_threads, evaluate_model, goal, parser, step_context, write_results  # noqa: E402
 
 from torchslim.data import resolve_data  # noqa: E402
 from torchslim.measure.latency import measure_latency  # noqa: E402
@@ -47,10 +45,10 @@ def _apply(kind: str, method: str, context, settings: dict):
     return entry.handler(context, from_dict(entry.config_cls, settings))
 
 
-def codebook_part(workdir: Path) -> dict:
+def codebook_part(workdir: Path, args) -> dict:
     from deep_compression import RECIPE, run
 
-    result = run(RECIPE, seed=0)
+    result = run(RECIPE, seed=args.seed, threads=args.threads or 0)  # the recipe's threads: 0 for all cores
     rows = [{"row": "digits-mlp fp32 (model.safetensors)", "bytes": result["baseline_bytes"],
              "accuracy": result["baseline_accuracy"]},
             {"row": "pruned + 4-bit shared + entropy-coded (model.tslim)", "bytes": result["artifact_bytes"],
@@ -62,9 +60,9 @@ def codebook_part(workdir: Path) -> dict:
                          f"{result['drop_points']} points)", result["ratio"], ">= 40x at <= 0.5 points", met)}
 
 
-def materialize_part(workdir: Path) -> dict:
+def materialize_part(workdir: Path, args) -> dict:
     bundle, data = resolve_model("builtin:minilm"), resolve_data("builtin:sentences")
-    context = step_context(bundle, data, workdir)
+    context = step_context(bundle, data, workdir, args.seed)
     base_eval, reference = evaluate_model(context.model, context)
     batch32 = data.fill_batch("test", bundle.preprocess, 32)
     single = tuple(t[:1] for t in batch32)
@@ -95,9 +93,10 @@ def materialize_part(workdir: Path) -> dict:
                                        best["resident_ratio"] <= 0.40 and best["cosine"] >= 0.99)}
 
 
-def _svd_rows(spec: str, data_spec: str, svd: dict, finetune: dict, workdir: Path, batch_size: int) -> list[dict]:
+def _svd_rows(spec: str, data_spec: str, svd: dict, finetune: dict, workdir: Path, batch_size: int,
+              seed: int) -> list[dict]:
     bundle, data = resolve_model(spec), resolve_data(data_spec)
-    context = step_context(bundle, data, workdir)
+    context = step_context(bundle, data, workdir, seed)
     example = bundle.example_inputs(1)
     batch = data.fill_batch("test", bundle.preprocess, batch_size)
     base_eval, reference = evaluate_model(context.model, context)
@@ -122,20 +121,21 @@ def _svd_rows(spec: str, data_spec: str, svd: dict, finetune: dict, workdir: Pat
     return rows
 
 
-def svd_part(workdir: Path) -> dict:
+def svd_part(workdir: Path, args) -> dict:
+    seed = args.seed
     digits = _svd_rows("builtin:digits-cnn", "builtin:digits", {"energy": 0.7, "conv": "spatial"},
                        {"epochs": 8, "batch_size": 64, "optimizer": {"name": "sgd", "lr": 0.02},
-                        "distill": {"temperature": 4.0, "alpha": 0.7}}, workdir, 256)
+                        "distill": {"temperature": 4.0, "alpha": 0.7}}, workdir, 256, seed)
     minilm = _svd_rows("builtin:minilm", "builtin:sentences",
                        {"energy": 0.6, "layers": ["*.intermediate.dense", "*.output.dense"],
                         "skip": ["*.attention.*"]},
                        {"epochs": 1, "batch_size": 32, "optimizer": {"name": "adamw", "lr": 1e-4, "weight_decay": 0.01},
                         "schedule": {"name": "cosine", "warmup_fraction": 0.1}, "distill": {"embedding": "cosine"}},
-                       workdir, 32)
+                       workdir, 32, seed)
     return {"digits-cnn": digits, "minilm": minilm}
 
 
-def dlrm_part(workdir: Path) -> dict:
+def dlrm_part(workdir: Path, args) -> dict:
     """The three main candidates of benchmarks/embeddings.py (which has more, e.g. qr and mixed-dim)."""
     import warnings
 
@@ -149,7 +149,7 @@ def dlrm_part(workdir: Path) -> dict:
     names = ["rowwise-int8", "rowwise-int4", "hashing <=100k rows + finetune + int4"]
     models, seconds = {"baseline fp32": teacher}, {"baseline fp32": 0.0}
     for name in names:
-        models[name], seconds[name], _ = bench.build(name, bundle, data, teacher, workdir)
+        models[name], seconds[name], _ = bench.build(name, bundle, data, teacher, workdir, args.seed)
         set_threads(threads)
     batches = {size: data.fill_batch("test", bundle.preprocess, size) for size in (1, 2048)}
     timing = bench.timings(models, batches, 5)
@@ -174,33 +174,35 @@ PARTS = ("codebook", "materialize", "svd", "dlrm")
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts ({', '.join(PARTS)})")
+    p = parser(__doc__.splitlines()[0], threads=None, seed=0, parts=PARTS)
     args = p.parse_args()
-    parts = [x for x in args.parts.split(",") if x]
-    payload = {"threads": torch.get_num_threads(), "torch": torch.__version__}
-    goals = []
+    threads = apply_threads(args)
+    payload, rows, goals = {}, [], []
     with tempfile.TemporaryDirectory(prefix="torchslim-compact-") as tmp:
         tmp = Path(tmp)
-        for part in parts:
-            if part == "materialize":
-                payload[part] = materialize_part(tmp)
-                _print("minilm, weights generated at run time", payload[part]["rows"])
-            elif part == "svd":
-                payload[part] = svd_part(tmp)
+        for part in args.parts:
+            payload[part] = globals()[f"{part}_part"](tmp, args)
+            if part == "svd":
                 _print("svd: digits-cnn", payload[part]["digits-cnn"])
                 _print("svd: minilm FFNs", payload[part]["minilm"])
-            elif part in ("codebook", "dlrm"):
-                payload[part] = globals()[f"{part}_part"](tmp)
-                _print(part, payload[part]["rows"])
+                rows += [{"part": part, "model": model, **{k: v for k, v in r.items() if k != "ranks"}}
+                         for model in ("digits-cnn", "minilm") for r in payload[part][model]]
             else:
-                raise SystemExit(f"--parts: unknown part {part!r} (known: {', '.join(PARTS)})")
+                _print("minilm, weights generated at run time" if part == "materialize" else part,
+                       payload[part]["rows"])
+                rows += [{"part": part, **r} for r in payload[part]["rows"]]
             if "goal" in payload[part]:
                 goals.append(payload[part]["goal"])
     print()
     for g in goals:
         print(("MET  " if g["met"] else "MISS ") + f"{g['goal']}: {g['value']} (goal {g['target']})")
-    write_json(args.json, payload)
+    details = {"svd_ranks": {model: [r["ranks"] for r in payload["svd"][model] if r.get("ranks")]
+                             for model in ("digits-cnn", "minilm")}} if "svd" in payload else {}
+    if "codebook" in payload:
+        details["codebook_recipe"] = payload["codebook"]["recipe"]
+    if "dlrm" in payload:
+        details["dlrm_threads"] = payload["dlrm"]["threads"]
+    write_results(args, rows, goals, details, threads=threads)
 
 
 if __name__ == "__main__":

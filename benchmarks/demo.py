@@ -1,4 +1,4 @@
-"""The demo's targets, measured: `python benchmarks/demo.py [--json PATH]`.
+"""The demo's targets, measured: `python benchmarks/demo.py [--json PATH] [--threads N] [--seed N]`.
 
 Runs `torchslim demo` (builtin:digits-cnn on builtin:digits: half the channels pruned -> distil -> int8, runtime auto,
 batch 256) in this process, timing the whole job, and checks the issue's goals: final vs baseline accuracy drop
@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import goal, parser, write_json  # noqa: E402
+from _common import goal, parser, write_results  # noqa: E402
 
 from torchslim.defaults import DEMO_RECIPE  # noqa: E402
 from torchslim.export import export_onnx  # noqa: E402
@@ -44,9 +44,28 @@ def float_onnx_reference(context, recipe, base: dict, scratch: Path) -> dict:
     return row
 
 
+# A row per stage (and the reference) in the JSON: the figures of the printed table; the report has the rest.
+ROW_KEYS = ("name", "runtime", "params", "macs", "size_bytes", "size_bytes_raw", "latency_ms_bs1", "latency_ms_batch",
+            "batch_size", "peak_memory_bytes", "metric", "score")
+RATIO_KEYS = ("size_reduction", "speedup_bs1", "speedup_batch", "score_delta")
+
+
+def rows_of(report: dict, reference: dict) -> list[dict]:
+    rows = [{**{k: stage.get(k) for k in ROW_KEYS}, **{k: stage["ratios"][k] for k in RATIO_KEYS}}
+            for stage in report["stages"]]
+    base = report["stages"][0]
+    rows.append({**{k: reference.get(k) for k in ROW_KEYS}, "metric": base["metric"], "size_reduction": None,
+                 "speedup_bs1": reference["speedup_bs1"], "speedup_batch": reference["speedup_batch"],
+                 "score_delta": round(reference["score"] - base["score"], 6)})
+    return rows
+
+
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
-    recipe = parse_recipe(yaml.safe_load(DEMO_RECIPE), "demo")
+    args = parser(__doc__.splitlines()[0], threads=0, seed=0).parse_args()
+    raw = yaml.safe_load(DEMO_RECIPE)
+    raw["seed"] = args.seed
+    raw["measure"]["threads"] = args.threads
+    recipe = parse_recipe(raw, "demo")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         stages, final_deployable, context = Pipeline(recipe, progress=False, log=lambda m: None).run(Path(scratch))
@@ -74,8 +93,9 @@ def main() -> None:
              round(reference["latency_ms_batch"] / final["latency_ms_batch"], 3), "reported", True),
         goal("wall time, warm environment (s)", round(seconds, 1), "< 300", seconds < 300),
     ]
-    write_json(args.json, {"benchmark": "demo", "seconds": round(seconds, 1), "goals": goals, "report": report,
-                           "reference_fp32_onnxruntime": reference})
+    write_results(args, rows_of(report, reference), goals,
+                  {"seconds": round(seconds, 1), "report": report, "reference_fp32_onnxruntime": reference},
+                  threads=report["environment"]["threads"])
 
 
 if __name__ == "__main__":

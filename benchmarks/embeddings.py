@@ -1,4 +1,4 @@
-"""Embedding compression on builtin:dlrm: `python benchmarks/embeddings.py [--json PATH] [--quick] [--only NAMES]`.
+"""Embedding compression on builtin:dlrm: `python benchmarks/embeddings.py [--json PATH] [--quick] [--rows NAMES]`.
 
 For the trained DLRM on builtin:clicks, this process builds, one after another, every candidate below from the
 same baseline and measures it by the same code:
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import goal, parser, write_json  # noqa: E402
+from _common import comma_list, deprecated_alias, goal, parser, write_results  # noqa: E402
 
 import torchslim.data.clicks  # noqa: E402,F401  (registers builtin:clicks)
 from torchslim.compact.embeddings import (HashingConfig, MixedDimensionConfig, QuotientRemainderConfig, RowwiseInt4Config,  # noqa: E402
@@ -95,10 +95,10 @@ def timings(models: dict, batches: dict[int, tuple], rounds: int) -> dict[str, d
             for name, timing in samples.items()}
 
 
-def build(name: str, bundle, data, teacher, workdir: Path) -> tuple[torch.nn.Module, float, dict]:
+def build(name: str, bundle, data, teacher, workdir: Path, seed: int = 0) -> tuple[torch.nn.Module, float, dict]:
     """Apply a candidate's steps to a copy of the baseline; returns (model, fine-tune seconds, last details)."""
     model = copy.deepcopy(teacher).requires_grad_(True)  # the teacher is frozen; the student trains all of it
-    context = StepContext(model=model, teacher=teacher, bundle=bundle, data=data, seed=0,
+    context = StepContext(model=model, teacher=teacher, bundle=bundle, data=data, seed=seed,
                           threads=torch.get_num_threads(), workdir=workdir, progress=False, where=name)
     tune_seconds, details = 0.0, {}
     for step in CANDIDATES[name]:
@@ -136,10 +136,11 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], threads=1, seed=0)
     p.add_argument("--quick", action="store_true", help="skip the candidates that fine-tune")
-    p.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads (0: all cores)")
+    p.add_argument("--rows", type=comma_list(list(CANDIDATES), "row"), default=None, metavar="A,B",
+                   help="comma-separated candidate names (default: all)")
+    deprecated_alias(p, "--only", "--rows", type=comma_list(list(CANDIDATES), "row"))
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
@@ -147,12 +148,12 @@ def main() -> None:
     bundle, data = resolve_model("builtin:dlrm"), resolve_data("builtin:clicks")
     teacher = bundle.model.eval().requires_grad_(False)
     names = [n for n in CANDIDATES if (not args.quick or n not in TUNED)]
-    names = [n for n in names if n in args.only.split(",")] if args.only else names
+    names = [n for n in names if n in args.rows] if args.rows else names
     models, seconds, details = {"baseline fp32": teacher}, {"baseline fp32": 0.0}, {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             print(f"building {name} ...", flush=True)
-            models[name], seconds[name], details[name] = build(name, bundle, data, teacher, Path(scratch))
+            models[name], seconds[name], details[name] = build(name, bundle, data, teacher, Path(scratch), args.seed)
             set_threads(threads)  # fine-tuning may change them
     print("timing ...", flush=True)
     batches = {size: data.fill_batch("test", bundle.preprocess, size) for size in (1, 2048)}
@@ -166,7 +167,7 @@ def main() -> None:
     pick = max(best, key=lambda r: r["ratio"]) if best else max(rows[1:], key=lambda r: r["ratio"], default=base)
     goals = [goal(f"embedding bytes >= 7x smaller at ROC-AUC drop <= 0.002 ({pick['name']})",
                   f"{pick.get('ratio', 1.0)}x, drop {pick.get('auc_drop', 0.0)}", ">= 7x, <= 0.002", bool(best))]
-    write_json(args.json, {"threads": threads, "rows": rows, "details": details, "goals": goals})
+    write_results(args, rows, goals, details, threads=threads)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Fuzzing record of every artifact reader: `python benchmarks/fuzz.py [--cases N] [--json PATH] [--seed S]`.
+"""Fuzzing record of every artifact reader: `python benchmarks/fuzz.py [--cases N] [--seed S] [--parts a,b]
+[--json PATH]` (the parts are the readers).
 
 For each reader (`torchslim._fuzz.READERS`: pruned, factorized, weight-only, compact .tslim, ONNX, training
 checkpoint) it builds one small valid artifact, then loads N damaged copies (one file each: a bit flip, a
@@ -13,30 +14,15 @@ Goals (issue 16): with verification, every damaged file is rejected (0 loaded-di
 from __future__ import annotations
 
 import collections
-import platform
 import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import goal, parser, write_json  # noqa: E402
+from _common import apply_threads, goal, parser, write_results  # noqa: E402
 
 from torchslim._fuzz import KINDS, OUTCOMES, READERS, Pristine  # noqa: E402
-
-
-def _environment() -> dict:
-    import safetensors
-    import torch
-
-    import torchslim
-    from torchslim.core.cpu import int8_features
-    from torchslim.report import environment
-
-    env = environment(torch.get_num_threads())
-    env.update(machine=platform.machine(), torchslim=torchslim.__version__, safetensors=safetensors.__version__,
-               isa=int8_features())
-    return env
 
 
 def fuzz_reader(name: str, cases: int, seed: int) -> dict:
@@ -77,20 +63,20 @@ def _table(results: list[dict]) -> None:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], threads=None, seed=0, parts=sorted(READERS))
     p.add_argument("--cases", type=int, default=200, help="damaged copies per reader and mode (default 200)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--readers", nargs="*", default=sorted(READERS), choices=sorted(READERS))
     args = p.parse_args()
-    results = [fuzz_reader(name, args.cases, args.seed) for name in args.readers]
+    apply_threads(args)
+    results = [fuzz_reader(name, args.cases, args.seed) for name in args.parts]
     _table(results)
     verified_bad = sum(r["verified"]["outcomes"]["loaded-different"] + r["verified"]["outcomes"]["crash"]
                        + r["verified"]["outcomes"]["loaded-identical"] for r in results)
     crashes = sum(r["unverified"]["outcomes"]["crash"] for r in results)
     goals = [goal("damaged files not rejected, with the manifest", verified_bad, "0", verified_bad == 0),
              goal("crashes (tracebacks), without the manifest", crashes, "0", crashes == 0)]
-    write_json(args.json, {"benchmark": "fuzz", "cases_per_reader": args.cases, "seed": args.seed,
-                           "environment": _environment(), "results": results, "goals": goals})
+    rows = [{"reader": r["reader"], "mode": mode, "cases": r[mode]["cases"], **r[mode]["outcomes"]}
+            for r in results for mode in ("verified", "unverified")]
+    write_results(args, rows, goals, {"readers": results})
 
 
 if __name__ == "__main__":

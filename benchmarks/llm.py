@@ -1,4 +1,4 @@
-"""Large-model methods on a real causal LM: `python benchmarks/llm.py [--json PATH] [--model SPEC ...]`.
+"""Large-model methods on a real causal LM: `python benchmarks/llm.py [--json PATH] [--models a,b] [--rows a,b]`.
 
 For builtin:tiny-lm (GPT-2-style, trained here on builtin:docs) and any `hf:PATH` causal LM given, one process
 measures, one row after another on the same held-out passages: fp32; weight-only int8 (per channel) and int4 at
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import evaluate_model, goal, parser, step_context, write_json  # noqa: E402
+from _common import (apply_threads, comma_list, deprecated_alias, evaluate_model, goal, parser,  # noqa: E402
+                     step_context, write_results)
 
 from torchslim._config import from_dict  # noqa: E402
 from torchslim.data import resolve_data  # noqa: E402
@@ -75,8 +76,9 @@ def decode_side_by_side(base, candidate, tokenizer, rounds: int = 7, new_tokens:
             round(statistics.median(base_speeds), 2))
 
 
-def measure_row(name: str, steps, bundle, data, workdir: Path, reference) -> tuple[dict, torch.Tensor]:
-    context = step_context(bundle, data, workdir)
+def measure_row(name: str, steps, bundle, data, workdir: Path, reference,
+                seed: int = 0) -> tuple[dict, torch.Tensor]:
+    context = step_context(bundle, data, workdir, seed)
     context.model = copy.deepcopy(bundle.model)
     deployable = TorchDeployable(context.model)
     started = time.perf_counter()
@@ -101,38 +103,39 @@ def measure_row(name: str, steps, bundle, data, workdir: Path, reference) -> tup
     return row, outputs
 
 
-def run_model(spec: str, workdir: Path, rows: list[str], eval_limit: int) -> dict:
+def run_model(spec: str, workdir: Path, rows: list[str], eval_limit: int, seed: int = 0,
+              goal_prefix: str = "") -> dict:
     bundle = resolve_model(spec)
     data = resolve_data("builtin:docs")
     if eval_limit:
         data.splits["test"] = data.splits["test"][:eval_limit]
-    base, reference = measure_row("fp32", [], bundle, data, workdir, None)
+    base, reference = measure_row("fp32", [], bundle, data, workdir, None, seed)
     results = [base]
     for name in rows:
         if name != "fp32":
-            results.append(measure_row(name, ROWS[name], bundle, data, workdir, reference)[0])
+            results.append(measure_row(name, ROWS[name], bundle, data, workdir, reference, seed)[0])
     for row in results:
         row["perplexity_change"] = round(row["perplexity"] / base["perplexity"] - 1, 4)
         row["size_ratio"] = round(base["artifact_bytes"] / row["artifact_bytes"], 2)
-    return {"model": spec, "notes": bundle.notes + data.notes, "rows": results, "goals": _goals(results)}
+    return {"model": spec, "notes": bundle.notes + data.notes, "rows": results, "goals": _goals(results, goal_prefix)}
 
 
-def _goals(rows: list[dict]) -> list[dict]:
+def _goals(rows: list[dict], prefix: str = "") -> list[dict]:
     by_name = {r["row"]: r for r in rows}
     int4 = [r for r in rows if r["row"].startswith("int4-weight")]
     best = min(int4, key=lambda r: r["perplexity"]) if int4 else None
     goals = []
     if best:
-        goals.append(goal(f"int4 g128 best ({best['row']}): perplexity change", f"{best['perplexity_change']:+.2%}",
-                          "<= +3%", best["perplexity_change"] <= 0.03))
-        goals.append(goal(f"int4 g128 best ({best['row']}): artifact smaller", best["size_ratio"], ">= 6x",
+        goals.append(goal(f"{prefix}int4 g128 best ({best['row']}): perplexity change",
+                          f"{best['perplexity_change']:+.2%}", "<= +3%", best["perplexity_change"] <= 0.03))
+        goals.append(goal(f"{prefix}int4 g128 best ({best['row']}): artifact smaller", best["size_ratio"], ">= 6x",
                           best["size_ratio"] >= 6))
-        goals.append(goal("int4 g128 decode tokens/s vs fp32", best["decode_speed_ratio"], ">= 1.0",
+        goals.append(goal(f"{prefix}int4 g128 decode tokens/s vs fp32", best["decode_speed_ratio"], ">= 1.0",
                           best["decode_speed_ratio"] >= 1.0))
     for name in ("wanda 50%", "sparsegpt 50%"):
         if name in by_name:
             change = by_name[name]["perplexity_change"]
-            goals.append(goal(f"{name}: perplexity change", f"{change:+.2%}", "<= +15%", change <= 0.15))
+            goals.append(goal(f"{prefix}{name}: perplexity change", f"{change:+.2%}", "<= +15%", change <= 0.15))
     return goals
 
 
@@ -149,25 +152,29 @@ def _print(result: dict) -> None:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--model", action="append", default=None,
-                   help="model spec (repeatable; default builtin:tiny-lm); any hf:PATH causal LM folder works")
-    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows to run (default: all)")
+    p = parser(__doc__.splitlines()[0], threads=2, seed=0)
+    p.add_argument("--models", type=comma_list(), default=["builtin:tiny-lm"], metavar="A,B",
+                   help="comma-separated model specs (default builtin:tiny-lm); any hf:PATH causal LM folder works")
+
+    def add_model(value, current):  # the first --model replaces the default, the next ones add to it
+        return [value] if current == p.get_default("models") else [*current, value]
+
+    deprecated_alias(p, "--model", "--models", add_model)
+    p.add_argument("--rows", type=comma_list(list(ROWS), "row"), default=list(ROWS), metavar="A,B",
+                   help="comma-separated rows to run (default: all)")
     p.add_argument("--eval-limit", type=int, default=0, help="score at most this many test passages (0: all)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
-    payload = {"threads": args.threads, "models": []}
+    threads = apply_threads(args)
+    results, rows, details = [], [], {}
     with tempfile.TemporaryDirectory(prefix="torchslim-llm-") as tmp:
-        for spec in args.model or ["builtin:tiny-lm"]:
-            result = run_model(spec, Path(tmp), rows, args.eval_limit)
-            payload["models"].append(result)
+        for spec in args.models:
+            prefix = f"{spec}: " if len(args.models) > 1 else ""
+            result = run_model(spec, Path(tmp), args.rows, args.eval_limit, args.seed, prefix)
+            results.append(result)
             _print(result)
-    write_json(args.json, payload)
+            rows += [{"model": spec, **{k: v for k, v in r.items() if k != "details"}} for r in result["rows"]]
+            details[spec] = {"notes": result["notes"], "rows": {r["row"]: r["details"] for r in result["rows"]}}
+    write_results(args, rows, [g for result in results for g in result["goals"]], details, threads=threads)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ also prunes a second copy with ``round_to=8`` (channel counts kept multiples of 
 pruned models are timed one after another in this process (eager fp32, batch 1 and 32, fixed threads, medians).
 Then accuracy on builtin:digits: builtin:digits-cnn, and a torchvision ResNet-18 adapted to 32x32 grey digits
 (trained here first, seeded), each pruned by both tools to the same MACs and fine-tuned with the same
-distillation budget. Prints the tables and writes JSON.
+distillation budget. Prints the tables and writes JSON. Parts: ``latency`` (the ImageNet models), ``digits``
+(the accuracy comparison).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import goal, parser, write_json  # noqa: E402
+from _common import apply_threads, comma_list, goal, parser, write_results  # noqa: E402
 
-from torchslim.measure import count_macs, count_params, measure_latency, set_threads  # noqa: E402
+from torchslim.measure import count_macs, count_params, measure_latency  # noqa: E402
 from torchslim.pruning.channel import ChannelPruningConfig, prune  # noqa: E402
 
 ROUND_TO = 8  # the hardware-friendly width timed beside exact (round_to=1) pruning
@@ -91,7 +92,7 @@ def train_on_digits(model: torch.nn.Module, epochs: int, seed: int = 0) -> dict:
             "val_accuracy": round(accuracy(model, data, PREPROCESS, "val"), 4)}
 
 
-def digits_bundle(name: str, train_epochs: int):
+def digits_bundle(name: str, train_epochs: int, seed: int = 0):
     """The model bundle of one digits model (``digits-cnn`` or ``resnet18``) and how it was trained."""
     from torchslim.zoo import ModelBundle, resolve_model
     from torchslim.zoo.digits_cnn import PREPROCESS
@@ -100,9 +101,9 @@ def digits_bundle(name: str, train_epochs: int):
         return resolve_model("builtin:digits-cnn"), {"trained": "cached builtin model (30 epochs)"}
     if name != "resnet18":
         raise SystemExit(f"--digits-models: unknown model {name!r} (choose from digits-cnn, resnet18)")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = digits_resnet18()
-    training = train_on_digits(model, train_epochs)
+    training = train_on_digits(model, train_epochs, seed)
     bundle = ModelBundle(model=model.eval(), spec="torchvision:resnet18 (1x32x32 stem, no max-pool)",
                          task="classification", modality="image", preprocess=PREPROCESS,
                          example_inputs=PREPROCESS.example)
@@ -117,7 +118,7 @@ def accuracy(model, data, preprocess, split: str = "test") -> float:
     return correct / len(data.splits[split])
 
 
-def digits_accuracy(bundle, target: float, epochs: int) -> list[dict]:
+def digits_accuracy(bundle, target: float, epochs: int, seed: int = 0) -> list[dict]:
     """``bundle``'s model pruned by both tools to ``target`` MACs, then the same distillation fine-tune
     (torchslim's finetune step: SGD 0.01, cosine, KD T=4 alpha=0.7, ``epochs`` epochs); test accuracy."""
     from torchslim.data import resolve_data
@@ -138,9 +139,9 @@ def digits_accuracy(bundle, target: float, epochs: int) -> list[dict]:
         before = accuracy(model, data, bundle.preprocess)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:
-            torch.manual_seed(0)
+            torch.manual_seed(seed)
             context = StepContext(model=model, teacher=copy.deepcopy(bundle.model).requires_grad_(False),
-                                  bundle=bundle, data=data, seed=0, threads=torch.get_num_threads(),
+                                  bundle=bundle, data=data, seed=seed, threads=torch.get_num_threads(),
                                   workdir=Path(scratch), progress=False, where="benchmark")
             finetune(context, FinetuneConfig(epochs=epochs))
         rows.append({"tool": tool, "macs_ratio": round(count_macs(model, example) / base_macs, 4),
@@ -158,11 +159,11 @@ def time_model(model, batch: int, size: int) -> tuple[float, float]:
     return bs1, batched
 
 
-def latency_rows(name: str, target: float, batch_size: int, threads: int) -> list[dict]:
+def latency_rows(name: str, target: float, batch_size: int, threads: int, seed: int = 0) -> list[dict]:
     """One ImageNet model, unpruned and pruned by each tool (and torchslim with ``round_to``), timed in turn."""
     import torchvision
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     base = torchvision.models.get_model(name, weights=None).eval()
     example = torch.randn(1, 3, 224, 224)
     candidates = {"unpruned": base}
@@ -210,22 +211,24 @@ def latency_goals(rows: list[dict], models: list[str], target: float, batch_size
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--models", default="resnet50,mobilenet_v2", help="torchvision models to time ('' = none)")
+    p = parser(__doc__.splitlines()[0], threads=0, seed=0, parts=("latency", "digits"))
+    p.add_argument("--models", type=comma_list(), default=["resnet50", "mobilenet_v2"], metavar="A,B",
+                   help="torchvision models of the latency part (default resnet50,mobilenet_v2)")
     p.add_argument("--target", type=float, default=0.5, help="MACs target as a fraction of the baseline")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--digits-models", default="digits-cnn,resnet18",
-                   help="models of the digits accuracy comparison ('' = none): digits-cnn, resnet18")
+    p.add_argument("--digits-models", type=comma_list(("digits-cnn", "resnet18"), "model"),
+                   default=["digits-cnn", "resnet18"], metavar="A,B",
+                   help="models of the digits part (default digits-cnn,resnet18)")
     p.add_argument("--digits-target", type=float, default=0.3, help="MACs target of the digits accuracy run")
     p.add_argument("--digits-epochs", type=int, default=8, help="distillation epochs after pruning (both tools)")
     p.add_argument("--resnet18-train-epochs", type=int, default=4,
                    help="epochs of training the digits ResNet-18 before pruning (~1 min each on 2 idle cores)")
     args = p.parse_args()
-    models = [m for m in args.models.split(",") if m]
-    digits_models = [m for m in args.digits_models.split(",") if m]
+    models = args.models if "latency" in args.parts else []
+    digits_models = args.digits_models if "digits" in args.parts else []
 
-    threads = set_threads(0)
-    rows = [row for name in models for row in latency_rows(name, args.target, args.batch_size, threads)]
+    threads = apply_threads(args)
+    rows = [row for name in models for row in latency_rows(name, args.target, args.batch_size, threads, args.seed)]
     print(f"{'model':14s} {'tool':21s} {'MACs':>6s} {'params':>9s} {'bs1 ms':>8s} {'x':>6s} "
           f"{'batch ms':>9s} {'x':>6s}")
     for r in rows:
@@ -234,11 +237,12 @@ def main() -> None:
               f"{r['speedup_batch']:6.2f}")
     digits, training = [], {}
     for name in digits_models:
-        bundle, training[name] = digits_bundle(name, args.resnet18_train_epochs)
+        bundle, training[name] = digits_bundle(name, args.resnet18_train_epochs, args.seed)
         if name == "resnet18":
             print(f"resnet18 trained on builtin:digits for {training[name]['epochs']} epochs in "
                   f"{training[name]['train_seconds']:.0f} s, validation accuracy {training[name]['val_accuracy']:.4f}")
-        model_rows = [{"model": name, **row} for row in digits_accuracy(bundle, args.digits_target, args.digits_epochs)]
+        model_rows = [{"model": name, **row}
+                      for row in digits_accuracy(bundle, args.digits_target, args.digits_epochs, args.seed)]
         print(f"{name} on builtin:digits at {args.digits_target:.0%} MACs, then {args.digits_epochs} epochs "
               f"of distillation:")
         for r in model_rows:
@@ -252,8 +256,8 @@ def main() -> None:
             goals.append(goal(f"{name} digits accuracy, torchslim - torch-pruning (points)",
                               round((pair["torchslim"]["accuracy"] - pair["torch-pruning"]["accuracy"]) * 100, 2),
                               ">= 0", pair["torchslim"]["accuracy"] >= pair["torch-pruning"]["accuracy"]))
-    write_json(args.json, {"benchmark": "pruning_vs_torch_pruning", "rows": rows, "digits": digits,
-                           "digits_training": training, "goals": goals})
+    write_results(args, [{"part": "latency", **r} for r in rows] + [{"part": "digits", **r} for r in digits], goals,
+                  {"digits_training": training}, threads=threads)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""int8 side by side: `python benchmarks/quantization.py [--json PATH] [--crops N] [--models lite0,minilm] [--quick]
-[--rows fp32_eager,torchslim_pipeline,torchslim_equalize]`.
+"""int8 side by side: `python benchmarks/quantization.py [--json PATH] [--eval-limit N] [--models lite0,minilm] [--quick]
+[--rows fp32_eager,torchslim_pipeline,torchslim_equalize] [--threads N]`.
 
 For each model (EfficientNet-Lite0 on builtin:images, all-MiniLM-L6-v2 on builtin:sentences) this process builds
 and measures, one after another and by the same code:
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import goal, parser, write_json  # noqa: E402
+from _common import comma_list, deprecated_alias, goal, parser, write_results  # noqa: E402
 
 from torchslim.data import resolve_data  # noqa: E402
 from torchslim.errors import describe  # noqa: E402
@@ -358,10 +358,10 @@ def measure(c: Candidate, w: Workload, reference: torch.Tensor | None, repeats: 
 
 
 def run_workload(w: Workload, scratch: Path, threads: int, repeats: int, log: Callable[[str], None],
-                 only: tuple = ROWS) -> list[dict]:
+                 only: tuple = ROWS, seed: int = 0) -> list[dict]:
     rows, reference = [], None
     for build in (b for b in ROWS if b in only or b is fp32_eager):  # fp32 eager is every row's reference
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         set_threads(threads)
         log(f"{w.key}: {build.__name__} ...")
         try:
@@ -460,25 +460,21 @@ def goals_for(rows: list[dict], min_crops: int = 500) -> list[dict]:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--crops", type=int, default=0, help="Lite0 evaluation crops of the 640 test crops (0: all)")
-    p.add_argument("--models", default="lite0,minilm", help="comma-separated: lite0, minilm")
-    p.add_argument("--quick", action="store_true", help="smoke test: 64 eval samples, few repeats")
-    p.add_argument("--rows", default="", help="comma-separated row functions to run (fp32_eager, the reference, "
-                   "always runs), e.g. torchslim_pipeline,torchslim_equalize; default: all")
-    p.add_argument("--threads", type=int, default=0,
-                   help="intra-op threads of torch and every ONNX Runtime session (0: all cores of this process)")
-    args = p.parse_args()
-    models = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(models) - {"lite0", "minilm"})
-    if unknown:
-        raise SystemExit(f"--models: unknown {', '.join(unknown)} (choose from lite0, minilm)")
     by_name = {build.__name__: build for build in ROWS}
-    wrong = sorted(set(r for r in args.rows.split(",") if r) - set(by_name))
-    if wrong:
-        raise SystemExit(f"--rows: unknown {', '.join(wrong)} (choose from {', '.join(by_name)})")
-    only = tuple(by_name[r] for r in args.rows.split(",") if r) or ROWS
-    crops = 64 if args.quick and not args.crops else args.crops
+    p = parser(__doc__.splitlines()[0], threads=0, seed=0)  # threads: of torch and every ONNX Runtime session
+    p.add_argument("--eval-limit", type=int, default=0, metavar="N",
+                   help="score at most N test samples per model, of Lite0's 640 crops and MiniLM's sentences (0: all)")
+    deprecated_alias(p, "--crops", "--eval-limit", type=int)
+    p.add_argument("--models", type=comma_list(("lite0", "minilm"), "model"), default=["lite0", "minilm"],
+                   metavar="A,B", help="comma-separated: lite0, minilm (default both)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 64 eval samples, few repeats")
+    p.add_argument("--rows", type=comma_list(list(by_name), "row"), default=[], metavar="A,B",
+                   help="comma-separated row functions to run (fp32_eager, the reference, always runs), e.g. "
+                        "torchslim_pipeline,torchslim_equalize; default: all")
+    args = p.parse_args()
+    models = args.models
+    only = tuple(by_name[r] for r in args.rows) or ROWS
+    limit = args.eval_limit or (64 if args.quick else 0)
     repeats = 3 if args.quick else 10
     threads = set_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -486,8 +482,8 @@ def main() -> None:
     started, rows = time.perf_counter(), []
     with tempfile.TemporaryDirectory(prefix="torchslim-quant-bench-") as scratch:
         for key in models:
-            workload = lite0_workload(crops) if key == "lite0" else minilm_workload(64 if args.quick else 0)
-            rows += run_workload(workload, Path(scratch), threads, repeats, log, only)
+            workload = lite0_workload(limit) if key == "lite0" else minilm_workload(limit)
+            rows += run_workload(workload, Path(scratch), threads, repeats, log, only, args.seed)
             del workload
     print(f"\nthreads {threads}; CPU int8 features {', '.join(int8_features()) or 'none'} (VNNI: {has_vnni()}); "
           f"torch {torch.__version__}; {'quick' if args.quick else 'full'} run, {repeats} batched repeats "
@@ -501,14 +497,9 @@ def main() -> None:
         print(f"FAILED {r['model']} {r['row']}: {r['error']}")
     # The goals compare rows with each other (the peer, the fp32 ONNX file): only a run of every row checks them.
     goals = goals_for(rows) if only == ROWS else []
-    import onnxruntime
-    import torchao
-
-    write_json(args.json, {"benchmark": "quantization", "quick": args.quick, "threads": threads,
-                           "cpu_int8_features": int8_features(), "vnni": has_vnni(),
-                           "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                                        "torchao": torchao.__version__},
-                           "rows": rows, "goals": goals})
+    notes = {f"{r['model']} {r['row']}": r["notes"] for r in rows if r.get("notes")}
+    write_results(args, [{k: v for k, v in r.items() if k != "notes"} for r in rows], goals,
+                  {"notes": notes, "vnni": has_vnni()}, threads=threads)
 
 
 if __name__ == "__main__":

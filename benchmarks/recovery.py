@@ -1,4 +1,4 @@
-"""Accuracy recovery after structured pruning, measured: `python benchmarks/recovery.py [--json PATH]`.
+"""Accuracy recovery after structured pruning, measured: `python benchmarks/recovery.py [--json PATH] [--parts ...]`.
 
 1. builtin:digits-cnn pruned to 30% of its MACs, recovered with the same budget (epochs, optimiser, schedule) by
    (a) plain fine-tuning on labels, (b) logit KD, (c) logit + feature KD; test accuracy of each beside the unpruned
@@ -29,11 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import evaluate_model, goal, parser, step_context, write_json  # noqa: E402
+from _common import apply_threads, evaluate_model, goal, parser, step_context, write_results  # noqa: E402
 
 from torchslim.data import resolve_data  # noqa: E402
 from torchslim.measure.macs import count_macs  # noqa: E402
@@ -48,9 +47,9 @@ from torchslim.zoo import resolve_model  # noqa: E402
 DIGITS_FEATURES = [["blocks.5", "blocks.5"], ["blocks.3", "blocks.3"]]
 
 
-def digits_part(workdir: Path, epochs: int) -> dict:
+def digits_part(workdir: Path, epochs: int, seed: int = 0) -> dict:
     bundle, data = resolve_model("builtin:digits-cnn"), resolve_data("builtin:digits")
-    context = step_context(bundle, data, workdir)
+    context = step_context(bundle, data, workdir, seed)
     example = bundle.example_inputs(1)
     base_eval, _ = evaluate_model(context.model, context)
     macs_before, params_before = count_macs(context.model, example), count_params(context.model)
@@ -128,13 +127,13 @@ MINILM_PRUNING = {  # name -> (row label, config)
 
 def minilm_part(workdir: Path, epochs: int, lr: float = 1e-4, passages: int = 0, attention: bool = True,
                 importance: str = "obs+refit", features: bool = False, calibration: int = 1024,
-                sentences: int = 0, dropout: float | None = 0.0) -> dict:
+                sentences: int = 0, dropout: float | None = 0.0, seed: int = 0) -> dict:
     bundle, data = resolve_model("builtin:minilm"), resolve_data("builtin:sentences")
     if passages:
-        data.splits["train"] = list(data.splits["train"]) + distillation_passages(data, passages)
+        data.splits["train"] = list(data.splits["train"]) + distillation_passages(data, passages, seed)
     if sentences:
-        data.splits["train"] = list(data.splits["train"]) + distillation_sentences(data, sentences)
-    context = step_context(bundle, data, workdir)
+        data.splits["train"] = list(data.splits["train"]) + distillation_sentences(data, sentences, seed)
+    context = step_context(bundle, data, workdir, seed)
     example = bundle.preprocess(["A sentence to capture the graph with.", "And another one."])
     base_eval, reference = evaluate_model(context.model, context)
     macs_before = count_macs(context.model, example)
@@ -181,9 +180,10 @@ TORCHRUN_RECIPE = {
 }
 
 
-def torchrun_part(workdir: Path) -> dict:
+def torchrun_part(workdir: Path, seed: int = 0, threads: int = 0) -> dict:
     recipe = workdir / "torchrun.yaml"
-    recipe.write_text(yaml.safe_dump(TORCHRUN_RECIPE))
+    recipe.write_text(yaml.safe_dump({**TORCHRUN_RECIPE, "seed": seed,
+                                      "measure": {**TORCHRUN_RECIPE["measure"], "threads": threads}}))
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     commands = {
         "1 process": [sys.executable, "-m", "torchslim", "compress", str(recipe), "--quiet"],
@@ -218,7 +218,7 @@ def _print(title: str, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], threads=None, seed=0, parts=("digits", "minilm", "torchrun"))
     p.add_argument("--digits-epochs", type=int, default=15, help="recovery budget of part 1 (default 15)")
     p.add_argument("--minilm-epochs", type=int, default=8, help="recovery budget of part 2 (default 8)")
     p.add_argument("--minilm-lr", type=float, default=1e-4, help="AdamW learning rate of part 2 (default 1e-4)")
@@ -236,31 +236,36 @@ def main() -> None:
     p.add_argument("--minilm-dropout", default="0",
                    help="dropout while distilling in part 2: a probability, or 'model' for MiniLM's own 0.1 "
                         "(default 0: off, the student is fitted to the teacher's exact embeddings)")
-    p.add_argument("--parts", default="digits,minilm,torchrun", help="comma-separated parts to run")
     args = p.parse_args()
-    parts = set(args.parts.split(","))
-    payload = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    threads = apply_threads(args)
+    parts = set(args.parts)
+    payload = {}
     with tempfile.TemporaryDirectory(prefix="torchslim-recovery-") as tmp:
         tmp = Path(tmp)
         if "digits" in parts:
-            payload["digits"] = digits_part(tmp, args.digits_epochs)
+            payload["digits"] = digits_part(tmp, args.digits_epochs, args.seed)
             _print(f"digits-cnn pruned to {payload['digits']['macs_ratio']:.2f} of its MACs, "
                    f"{args.digits_epochs} epochs of recovery", payload["digits"]["rows"])
         if "minilm" in parts:
             payload["minilm"] = minilm_part(tmp, args.minilm_epochs, args.minilm_lr, args.minilm_passages,
                                             not args.minilm_no_attention, args.minilm_importance,
                                             args.minilm_features, args.minilm_calibration, args.minilm_sentences,
-                                            None if args.minilm_dropout == "model" else float(args.minilm_dropout))
+                                            None if args.minilm_dropout == "model" else float(args.minilm_dropout),
+                                            args.seed)
             _print(f"minilm with half of its FFN neurons, {args.minilm_epochs} epochs of recovery",
                    payload["minilm"]["rows"])
         if "torchrun" in parts:
-            payload["torchrun"] = torchrun_part(tmp)
+            payload["torchrun"] = torchrun_part(tmp, args.seed, args.threads or 0)
             _print("torchrun 2 processes vs 1 process (same recipe, same global batch)", payload["torchrun"]["rows"])
     print()
     for part in ("digits", "minilm"):
         if part in payload:
             print(("MET  " if payload[part]["goal"]["met"] else "MISS ") + payload[part]["goal"]["goal"])
-    write_json(args.json, payload)
+    rows = [{"part": part, **row} for part in ("digits", "minilm", "torchrun") if part in payload
+            for row in payload[part]["rows"]]
+    goals = [payload[part]["goal"] for part in ("digits", "minilm") if part in payload]
+    details = {part: {k: v for k, v in payload[part].items() if k not in ("rows", "goal")} for part in payload}
+    write_results(args, rows, goals, details, threads=threads)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Weight-only linear layers: `python benchmarks/weight_only_linear.py [--threads N] [--json PATH]`.
+"""Weight-only linear layers: `python benchmarks/weight_only_linear.py [--threads N] [--seed N] [--json PATH]`.
 
 For each shape (in -> out) and batch (rows of the input), this process times, one after another in interleaved
 rounds (every candidate once per round, the median round reported, so a change of machine load hits all alike):
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, write_json  # noqa: E402
+from _common import apply_threads, parser, write_results  # noqa: E402
 
 from torchslim.quant.weight_only import WeightOnlyLinear, fast_bfloat16_cpu  # noqa: E402
 
@@ -38,8 +38,8 @@ def _per_call_us(run, x, calls: int) -> float:
     return (time.perf_counter() - started) / calls * 1e6
 
 
-def candidates(in_features: int, out_features: int) -> dict:
-    torch.manual_seed(0)
+def candidates(in_features: int, out_features: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, bias=False)
     weight = linear.weight.detach()
     runs = {"fp32": lambda x: F.linear(x, weight)}
@@ -53,16 +53,15 @@ def candidates(in_features: int, out_features: int) -> dict:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=15)
+    p = parser(__doc__.splitlines()[0], threads=2, seed=0)
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"threads={args.threads} fast_bf16_cpu={fast_bfloat16_cpu()} torch={torch.__version__}")
+    threads = apply_threads(args)
+    print(f"threads={threads} fast_bf16_cpu={fast_bfloat16_cpu()} torch={torch.__version__}")
     results = []
     with torch.inference_mode():
         for in_features, out_features in SHAPES:
-            runs = candidates(in_features, out_features)
+            runs = candidates(in_features, out_features, args.seed)
             for batch in BATCHES:
                 x = torch.randn(batch, in_features)
                 calls = 20 if batch == 1 else 5
@@ -80,7 +79,7 @@ def main() -> None:
                 ratios = "  ".join(f"{name} {value:7.1f}us ({value / medians['fp32']:.2f}x)"
                                    for name, value in medians.items() if name != "fp32")
                 print(f"{in_features:5d}->{out_features:<5d} bs{batch:<3d} fp32 {medians['fp32']:7.1f}us  {ratios}")
-    write_json(args.json, {"threads": args.threads, "results": results})
+    write_results(args, results, [], {"fast_bfloat16_cpu": fast_bfloat16_cpu()}, threads=threads)
 
 
 if __name__ == "__main__":

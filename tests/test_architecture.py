@@ -145,9 +145,10 @@ def test_core_imports_only_the_base_layer():
 
 
 def test_tests_mirror_the_package():
-    """A test folder is named for the package it tests (tests/pruning/ for torchslim/pruning/, ...)."""
+    """A test folder is named for the package it tests (tests/pruning/ for torchslim/pruning/, ...), or for the
+    repository's benchmarks/ scripts."""
     tests = Path(__file__).resolve().parent
     folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
     packages = {p.name for p in SOURCE.iterdir() if (p / "__init__.py").exists()}
-    assert folders - packages == set()
+    assert folders - packages <= {"benchmarks"}
     assert len(folders) >= 10

@@ -25,3 +25,9 @@ def has_vnni() -> bool:
 
 def int8_features() -> list[str]:
     return sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile"})
+
+
+def isa_flags() -> list[str]:
+    """The vector and matrix extensions that decide which kernels run (AVX2, every AVX-512 subset, AMX, VNNI), as
+    /proc/cpuinfo names them; empty where it has no ``flags`` line (non-x86 CPUs, macOS)."""
+    return sorted(f for f in cpu_flags() if f == "avx2" or f.startswith(("avx512", "amx")) or "vnni" in f)

@@ -67,15 +67,28 @@ def git_commit() -> str | None:
         return None
 
 
+# Packages whose version can move a figure, recorded where installed (read from their metadata, not imported).
+VERSIONED_PACKAGES = ("torchvision", "torchao", "transformers", "onnx", "timm", "optuna", "safetensors", "numpy")
+
+
 def environment(threads: int) -> dict:
+    """The machine and software a figure was measured with: CPU model and ISA flags, threads, OS, and the versions
+    of Python, torch, torchslim and the installed packages of `VERSIONED_PACKAGES` and ONNX Runtime."""
+    from importlib import metadata
+
     import torch
 
     from torchslim._version import __version__
-    from torchslim.core.cpu import int8_features
+    from torchslim.core.cpu import int8_features, isa_flags
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,
            "cpu": platform.processor() or platform.machine(), "cpu_int8_features": int8_features(),
-           "torchslim": __version__}
+           "isa_flags": isa_flags(), "os": platform.platform(), "torchslim": __version__}
+    for package in VERSIONED_PACKAGES:
+        try:
+            env[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
     commit = git_commit()
     if commit:
         env["git_commit"] = commit

@@ -153,8 +153,9 @@ def stage_sections(stages: list[dict]) -> tuple[list[dict], list[dict], list[dic
 def environment_rows(report: dict) -> list[tuple[str, str]]:
     """The machine and software the figures were measured with."""
     env = report.get("environment") or {}
-    names = (("cpu", "CPU"), ("cpu_int8_features", "ISA flags (int8)"), ("threads", "threads"),
-             ("python", "Python"), ("torch", "PyTorch"), ("onnxruntime", "ONNX Runtime"),
+    names = (("cpu", "CPU"), ("isa_flags", "ISA flags"), ("cpu_int8_features", "ISA flags (int8)"),
+             ("threads", "threads"), ("os", "OS"), ("python", "Python"), ("torch", "PyTorch"),
+             ("onnxruntime", "ONNX Runtime"),
              ("torchslim", "torchslim"), ("git_commit", "git commit"))
     rows = [(title, ", ".join(map(str, env[key])) or "none" if isinstance(env[key], list) else fmt.value(env[key]))
             for key, title in names if key in env]
