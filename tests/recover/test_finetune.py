@@ -159,16 +159,17 @@ def test_killed_cli_run_resumes_and_ends_with_the_uninterrupted_metric(tmp_path)
     assert not out.with_name("killed.checkpoints").exists()  # removed once the run completed
 
 
-def test_a_corrupted_checkpoint_stops_the_cli_with_exit_2(tmp_path):
+def test_a_corrupted_checkpoint_stops_the_cli_with_exit_2(tmp_path, capsys):
+    from torchslim.cli import main
     from torchslim.recover.checkpoint import write_checkpoint
 
     recipe = _recipe(tmp_path)
     root = tmp_path / "out.checkpoints" / "step1-finetune"
     write_checkpoint(root, {"model": {"w": torch.zeros(2)}}, {"fingerprint": "from-another-recipe"})
-    result = _run(tmp_path, recipe, tmp_path / "out")
-    assert result.returncode == 2
-    assert "checkpoint was written by a different run" in result.stderr and "--fresh" in result.stderr
-    assert result.stderr.index("run the recipe as it was") < result.stderr.index("--fresh")  # not the first remedy
+    assert main(["compress", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    stderr = capsys.readouterr().err
+    assert "checkpoint was written by a different run" in stderr and "--fresh" in stderr
+    assert stderr.index("run the recipe as it was") < stderr.index("--fresh")  # not the first remedy
     assert not (tmp_path / "out").exists()
 
 
