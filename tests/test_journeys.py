@@ -87,6 +87,9 @@ def _check_onnx_folder(folder, tokenizer, encoded, logits) -> None:
     assert AutoTokenizer.from_pretrained(folder).vocab_size == tokenizer.vocab_size
 
 
+# Slow: ~20 s, most of it deflating the 26-table model's artifact at level 9 for each stage's compressed size;
+# parquet click columns stay in tests/data, the DLRM itself in test_clicks_dlrm.py.
+@pytest.mark.slow
 def test_click_log_in_parquet_with_builtin_dlrm(tmp_path):
     pytest.importorskip("pyarrow")
     parquet = example_data().make_click_log(tmp_path / "clicks.parquet", rows=3000)
@@ -151,6 +154,10 @@ def test_local_llm_on_your_own_text_with_a_context_length(tmp_path):
     run_snippet("compressed-tensors", tmp_path / "run-out")
 
 
+# Slow: ~25 s, most of it deflating resnet18's 45 MB at level 9 for each stage's compressed size; torchvision
+# specs, their weights' transforms and train/val image folders stay in test_preprocessing.py, test_specs.py
+# and tests/data.
+@pytest.mark.slow
 def test_torchvision_model_with_its_own_preprocessing_on_a_train_val_image_folder(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     from safetensors.torch import save_file

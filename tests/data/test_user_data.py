@@ -73,7 +73,8 @@ def test_parquet_image_paths_and_click_columns(tmp_path):
     for i in range(12):
         Image.fromarray(np.full((20, 24, 3), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
     frame = pandas.DataFrame({"file": [f"{i}.png" for i in range(12)], "kind": ["a", "b"] * 6,
-                              "d1": np.arange(12.0), "c1": [f"{i:x}" for i in range(12)], "c2": ["x", "y"] * 6,
+                              "d1": [*range(5), None, *range(6, 12)], "c1": [f"{i:x}" for i in range(12)],
+                              "c2": ["x", "y"] * 6,
                               "click": [0, 1] * 6})
     frame.to_parquet(tmp_path / "t.parquet")
     images = resolve_data(DataConfig(spec=f"parquet:{tmp_path / 't.parquet'}", image="file", label="kind"))
@@ -85,6 +86,9 @@ def test_parquet_image_paths_and_click_columns(tmp_path):
     all_ids = np.concatenate([clicks.splits[s].ids for s in ("train", "val", "test")])
     assert set(all_ids[:, 0]) <= set(range(12))  # hexadecimal strings read as numbers
     assert len(set(all_ids[:, 1])) == 2  # other strings hashed, stably
+    all_dense = np.concatenate([clicks.splits[s].dense for s in ("train", "val", "test")])
+    assert not np.isnan(all_dense).any() and int((all_dense == 0).sum()) == 2  # the null became a 0, reported:
+    assert "t.parquet: 1 null values of dense column 'd1' filled with 0" in clicks.notes
 
 
 def test_hugging_face_datasets_from_save_to_disk_and_from_local_files(tmp_path):

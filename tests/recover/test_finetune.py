@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -90,19 +89,34 @@ def test_attention_distillation_reads_minilms_last_layer():
 
 
 _RUNNER = textwrap.dedent("""
+    import os
+    import signal
     import sys
     sys.path.insert(0, {tests!r})
     import conftest  # registers builtin:tiny-test-cnn
     from torchslim.cli import main
+    from torchslim.recover import checkpoint
+
+    KILL_AT = {kill_at!r}
+    if KILL_AT is not None:  # die by SIGKILL as training reaches this step: an event, not a moment on the clock
+        write = checkpoint.write_checkpoint
+
+        def write_or_die(root, tensors, state):
+            if state["step"] >= KILL_AT:  # the previous checkpoint is the last one on disk
+                os.kill(os.getpid(), signal.SIGKILL)
+            return write(root, tensors, state)
+
+        checkpoint.write_checkpoint = write_or_die
     sys.exit(main(sys.argv[1:]))
 """)
+EPOCHS, STEPS_PER_EPOCH, EVERY, KILL_AT = 4, 68, 10, 150  # 1,078 training digits in batches of 16
 
 
 def _recipe(tmp_path) -> Path:
     recipe = {
         "model": "builtin:tiny-test-cnn", "data": "builtin:digits",
         "steps": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
-                  {"finetune": {"epochs": 25, "batch_size": 16, "checkpoint_every": 10, "device": "cpu",
+                  {"finetune": {"epochs": EPOCHS, "batch_size": 16, "checkpoint_every": EVERY, "device": "cpu",
                                 "optimizer": {"name": "sgd", "lr": 0.02}}}],
         "measure": {"batch_size": 16, "warmup": 1, "repeats": 2, "max_eval_samples": 256, "threads": 1},
     }
@@ -111,38 +125,27 @@ def _recipe(tmp_path) -> Path:
     return path
 
 
-def _run(tmp_path, recipe: Path, out: Path, *extra: str, wait: bool = True):
+def _run(tmp_path, recipe: Path, out: Path, *extra: str, kill_at: int | None = None):
     runner = tmp_path / "runner.py"
-    runner.write_text(_RUNNER.format(tests=str(TESTS)))
+    runner.write_text(_RUNNER.format(tests=str(TESTS), kill_at=kill_at))
     command = [sys.executable, str(runner), "compress", str(recipe), "--out", str(out), "--quiet", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    if wait:
-        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_killed_cli_run_resumes_and_ends_with_the_uninterrupted_metric(tmp_path):
+    from torchslim.cli import main
+
     recipe = _recipe(tmp_path)
-    full = _run(tmp_path, recipe, tmp_path / "full")
-    assert full.returncode == 0, full.stderr
+    assert main(["compress", str(recipe), "--out", str(tmp_path / "full"), "--quiet"]) == 0  # uninterrupted, here
     expected = json.loads((tmp_path / "full" / "report.json").read_text())
 
     out = tmp_path / "killed"
+    killed = _run(tmp_path, recipe, out, kill_at=KILL_AT)  # killed mid-epoch, between two checkpoints
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     state = out.with_name("killed.checkpoints") / "step1-finetune" / "latest" / "state.json"
-    process = _run(tmp_path, recipe, out, wait=False)
-    step = 0
-    while process.poll() is None:  # ends by the kill below, or by the run finishing (then the assert fails)
-        if state.exists():
-            try:
-                step = json.loads(state.read_text())["step"]
-            except (ValueError, OSError):  # caught between the two renames of an atomic write
-                pass
-            if step >= 400:
-                process.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and 400 <= step < 25 * 68, "the run was not killed mid-training"
+    step = json.loads(state.read_text())["step"]
+    assert KILL_AT - EVERY <= step < KILL_AT and step % STEPS_PER_EPOCH, "the run was not killed mid-training"
     assert not out.exists()  # nothing half-written
 
     respelled = f"{tmp_path}/../{tmp_path.name}/./{recipe.name}"  # the same recipe, its path spelled otherwise
@@ -150,23 +153,24 @@ def test_killed_cli_run_resumes_and_ends_with_the_uninterrupted_metric(tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((out / "report.json").read_text())
     stage = report["stages"][-1]
-    assert stage["details"]["resumed_from"]["step"] >= 400
+    assert stage["details"]["resumed_from"]["step"] == step
     assert stage["details"]["optimizer_steps"] == expected["stages"][-1]["details"]["optimizer_steps"]
     assert stage["score"] == pytest.approx(expected["stages"][-1]["score"], abs=1e-9)
     assert stage["details"]["train_loss"] == pytest.approx(expected["stages"][-1]["details"]["train_loss"], rel=1e-4)
     assert not out.with_name("killed.checkpoints").exists()  # removed once the run completed
 
 
-def test_a_corrupted_checkpoint_stops_the_cli_with_exit_2(tmp_path):
+def test_a_corrupted_checkpoint_stops_the_cli_with_exit_2(tmp_path, capsys):
+    from torchslim.cli import main
     from torchslim.recover.checkpoint import write_checkpoint
 
     recipe = _recipe(tmp_path)
     root = tmp_path / "out.checkpoints" / "step1-finetune"
     write_checkpoint(root, {"model": {"w": torch.zeros(2)}}, {"fingerprint": "from-another-recipe"})
-    result = _run(tmp_path, recipe, tmp_path / "out")
-    assert result.returncode == 2
-    assert "checkpoint was written by a different run" in result.stderr and "--fresh" in result.stderr
-    assert result.stderr.index("run the recipe as it was") < result.stderr.index("--fresh")  # not the first remedy
+    assert main(["compress", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    stderr = capsys.readouterr().err
+    assert "checkpoint was written by a different run" in stderr and "--fresh" in stderr
+    assert stderr.index("run the recipe as it was") < stderr.index("--fresh")  # not the first remedy
     assert not (tmp_path / "out").exists()
 
 

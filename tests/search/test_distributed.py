@@ -3,6 +3,10 @@
 Both run the real command in subprocesses on a tiny model and space, and wait on events, never on the clock:
 the local workers start together through a pipe (`start_local_workers`), and the kill follows the line a trial
 prints when it starts.
+
+Both are marked slow (`make test-all`): each starts two or three interpreters that import torch, optuna and
+the data (about 15 CPU-seconds a test, most of it start-up); `torchslim auto` itself, with its journal, front
+and best/, runs in the default suite in test_auto.py.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import yaml
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -40,6 +45,7 @@ def _command(recipe: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "torchslim", "auto", str(recipe), "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_two_workers_on_one_journal_run_each_trial_once_and_share_one_front(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(_command(_recipe(tmp_path / "search.yaml", 6, 2), out), capture_output=True,
@@ -56,6 +62,7 @@ def test_two_workers_on_one_journal_run_each_trial_once_and_share_one_front(tmp_
     assert json.loads((out / "report.json").read_text())["search"]["trials"]["complete"] == len(trials)
 
 
+@pytest.mark.slow
 def test_a_search_killed_mid_trial_resumes_and_loses_at_most_that_trial(tmp_path):
     recipe, out = _recipe(tmp_path / "search.yaml", 4, 1), tmp_path / "out"
     process = subprocess.Popen(_command(recipe, out), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,

@@ -39,6 +39,16 @@ def test_timm_models_get_timm_s_own_eval_transform_and_overrides():
     assert custom.example_inputs(2).shape == (2, 3, 128, 128)
 
 
+def test_torchvision_models_get_their_weights_own_transform():
+    torchvision = pytest.importorskip("torchvision")
+    from PIL import Image
+
+    bundle = resolve_model("torchvision:resnet18")
+    reference = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    images = photos()
+    assert torch.equal(bundle.preprocess(images), torch.stack([reference(Image.fromarray(i)) for i in images]))
+
+
 def test_torchvision_overrides_rebuild_its_transform():
     pytest.importorskip("torchvision")
     bundle = resolve_model(ModelConfig(spec="torchvision:resnet18", input_size=160, interpolation="bicubic"))
