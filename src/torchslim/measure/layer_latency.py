@@ -99,12 +99,25 @@ class LayerShape:
         return module.eval(), torch.randn(self.input_shape)
 
 
-def time_layer(shape: LayerShape) -> float:
-    """The fastest of a few timed runs of ``shape``'s standalone layer, in milliseconds (the least disturbed by
-    other work on the machine)."""
-    module, x = shape.build()
-    with torch.inference_mode():
-        return measure_latency(module, x, warmup=2, repeats=5, min_seconds=0.01).min_ms
+class LayerTimer:
+    """The default timer: the fastest of a few runs of ``shape``'s standalone layer, in milliseconds (the least
+    disturbed by other work on the machine). Layers are built once and kept until `clear`, so the rounds of
+    `LatencyTable.latencies` time them again without rebuilding."""
+
+    def __init__(self, warmup: int = 1, repeats: int = 3):
+        self.warmup, self.repeats = warmup, repeats
+        self.built: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+
+    def __call__(self, shape: LayerShape) -> float:
+        key = shape.key()
+        if key not in self.built:
+            self.built[key] = shape.build()
+        module, x = self.built[key]
+        with torch.inference_mode():
+            return measure_latency(module, x, warmup=self.warmup, repeats=self.repeats).min_ms
+
+    def clear(self) -> None:
+        self.built.clear()
 
 
 def machine() -> dict:
@@ -118,22 +131,23 @@ class LatencyTable:
 
     Args:
         path: the cache file; default one per `machine` under ``$TORCHSLIM_CACHE/latency/``.
-        timer: ``timer(shape) -> milliseconds`` (default `time_layer`); tests inject a deterministic one.
+        timer: ``timer(shape) -> milliseconds`` (default `LayerTimer`); tests inject a deterministic one.
         rounds: how many times each new shape is timed, shapes interleaved round by round so that a burst of
-            other work on the machine does not favour one of them; the table keeps the least.
+            other work on the machine (on a shared core, a busy sibling thread) weighs on all of them alike;
+            the table keeps the least.
 
     Attributes:
         measured: how many shapes this table has timed (0 when everything came from the cache).
     """
 
     def __init__(self, path: Path | None = None, timer: Callable[[LayerShape], float] | None = None,
-                 rounds: int = 2):
+                 rounds: int = 5):
         self.machine = machine()
         if path is None:
             digest = hashlib.sha256(json.dumps(self.machine, sort_keys=True).encode()).hexdigest()[:16]
             path = cache_dir("latency") / f"{digest}.json"
         self.path = Path(path)
-        self.timer = timer or time_layer
+        self.timer = timer or LayerTimer()
         self.rounds = max(1, rounds)
         self.measured = 0
         self.entries: dict[str, float] = self._read()
@@ -155,6 +169,8 @@ class LatencyTable:
                 for key, shape in missing.items():
                     best[key] = min(best.get(key, float("inf")), float(self.timer(shape)))
             self.measured += len(missing)
+            if hasattr(self.timer, "clear"):
+                self.timer.clear()
             self.entries.update(best)
             self._write()
         return [self.entries[shape.key()] for shape in shapes]

@@ -6,9 +6,16 @@ For a group whose ratio asks to keep ``w`` of its ``n`` channels, the candidates
 multiple of 8 within ``BAND`` (12%) of it, never above ``n`` nor below what ``max_ratio`` allows. A candidate
 costs the summed table latency of every convolution and linear layer whose shape the group's width sets
 (the layers creating its channels and the layers reading them, each at its real input size from one forward of
-the example inputs; the layer's other channel count stays as it is). The group keeps the **widest candidate
-whose cost is within ``TOLERANCE`` (2%) of the cheapest candidate at or below ``w``**: a wider width that costs
-no more keeps channels for free, a narrower one is taken only when it is measurably faster than anything wider.
+the example inputs; the layer's other channel count stays as it is). The group keeps the candidate with the
+**least latency per kept channel** (cost / width): ``w`` itself unless another candidate beats it by more than
+``TOLERANCE`` (2%), else the widest candidate within ``TOLERANCE`` of the best. A width the kernels process in
+whole blocks (61 channels costing what 64 do) gives way to the block's full width, or to the width below whose
+cost drops by more than its channels; where latency follows the channel count, ``w`` stays.
+
+Why per channel, not the cheapest: nearly every layer gets faster as it narrows, so "the cheapest candidate"
+would be the narrowest one of every group, pruning deeper everywhere rather than where the kernels reward it;
+a layer whose time is mostly fixed overhead (a small layer at batch 1) costs little more with more channels and
+keeps them, and a MACs or latency target then takes the difference where channels cost time.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from torchslim.measure.layer_latency import LatencyTable, LayerShape
 from torchslim.pruning.channel.groups import Group
 
 BAND = 0.12  # candidates lie within this fraction of the width the ratio asks for
-TOLERANCE = 0.02  # a wider candidate is as fast as a narrower one within this fraction
+TOLERANCE = 0.02  # latency per channel this close to the best counts as equal
 GRID = 8  # candidates are multiples of this (which include the multiples of 16, 32 and 64)
 
 
@@ -128,11 +135,11 @@ class LatencyWidths:
         high = min(size, math.floor(width * (1 + self.band)))
         candidates = sorted({width} | set(range(-(-low // GRID) * GRID, high + 1, GRID)) - {0})
         costs = self._cost(group, candidates)
-        cheapest = min(costs[w] for w in candidates if w <= width)
-        if not math.isfinite(cheapest):
-            chosen = width
-        else:
-            chosen = max(w for w in candidates if costs[w] <= cheapest * (1 + self.tolerance))
+        per_channel = {w: costs[w] / w for w in candidates}
+        best = min(per_channel.values())
+        chosen = width
+        if math.isfinite(best) and per_channel[width] > best * (1 + self.tolerance):
+            chosen = max(w for w in candidates if per_channel[w] <= best * (1 + self.tolerance))
         self.choices[name] = WidthChoice(size, width, chosen, costs[width], costs[chosen])
         return size - chosen
 
