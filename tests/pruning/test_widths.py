@@ -15,7 +15,7 @@ from torchslim.graph import analyse_channels, capture
 from torchslim.measure.layer_latency import LatencyTable, LayerShape
 from torchslim.pruning.channel import ChannelPruningConfig, prune, select_channels
 from torchslim.pruning.channel import run as channel_run
-from torchslim.pruning.channel.widths import BAND
+from torchslim.pruning.channel.widths import BAND, candidate_widths
 
 
 class Net(nn.Module):
@@ -150,8 +150,15 @@ def test_equal_costs_keep_the_widest_candidate(tmp_path):
                    latency_table=LatencyTable(tmp_path / "table.json", lambda shape: 1.0))
     for choice in result.widths.values():
         widest = min(choice["channels"], math.floor(choice["exact"] * (1 + BAND)))
-        assert choice["chosen"] == max(w for w in range(choice["exact"], widest + 1)
-                                       if w == choice["exact"] or w % 8 == 0)
+        assert choice["chosen"] == max(candidate_widths(choice["exact"], 1, widest))
+    assert [c["chosen"] for c in result.widths.values()] == [48, 72, 96]  # exact 45, 67, 90
+
+
+def test_candidates_are_the_exact_width_and_the_nearest_multiples_of_8_to_64_within_the_band():
+    assert candidate_widths(61, 54, 68) == [56, 61, 64]
+    assert candidate_widths(1434, 1262, 1606) == [1408, 1424, 1432, 1434, 1440, 1472]
+    assert candidate_widths(5, 4, 5) == [5]
+    assert candidate_widths(64, 57, 71) == [64]
 
 
 def test_bad_round_to_values_are_clear_field_errors():
@@ -162,6 +169,22 @@ def test_bad_round_to_values_are_clear_field_errors():
     with pytest.raises(FieldError, match="round_to"):
         from_dict(ChannelPruningConfig, {"round_to": True})
     assert from_dict(ChannelPruningConfig, {"round_to": "auto"}).rounding == "auto"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("autoo", "steps[0].prune.round_to: expected int | 'auto' | null, got 'autoo', did you mean 'auto'?"),
+    ("0", "steps[0].prune.round_to: must be an integer >= 1 or 'auto', got 0"),
+])
+def test_a_recipe_with_a_bad_round_to_names_file_step_and_field(tmp_path, value, message):
+    from torchslim.errors import InputError
+    from torchslim.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n"
+                    f"  - prune: {{method: channel, target_latency: 0.5, round_to: {value}}}\n")
+    with pytest.raises(InputError) as error:
+        load_recipe(path)
+    assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_select_channels_with_auto_needs_a_table():

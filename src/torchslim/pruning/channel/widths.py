@@ -2,8 +2,9 @@
 for, that the CPU's kernels run fastest, looked up in a table of measured single-layer latencies
 (`torchslim.measure.layer_latency`, NetAdapt-style), so that MACs removed turn into time removed.
 
-For a group whose ratio asks to keep ``w`` of its ``n`` channels, the candidates are ``w`` itself and every
-multiple of 8 within ``BAND`` (12%) of it, never above ``n`` nor below what ``max_ratio`` allows. A candidate
+For a group whose ratio asks to keep ``w`` of its ``n`` channels, the candidates are ``w`` itself and the
+multiples of 8, 16, 32 and 64 nearest it (below and above), those within ``BAND`` (12%) of it, never above ``n``
+nor below what ``max_ratio`` allows. A candidate
 costs the summed table latency of every convolution and linear layer whose shape the group's width sets
 (the layers creating its channels and the layers reading them, each at its real input size from one forward of
 the example inputs; the layer's other channel count stays as it is). The group keeps the candidate with the
@@ -35,7 +36,16 @@ from torchslim.pruning.channel.groups import Group
 
 BAND = 0.12  # candidates lie within this fraction of the width the ratio asks for
 TOLERANCE = 0.02  # latency per channel this close to the best counts as equal
-GRID = 8  # candidates are multiples of this (which include the multiples of 16, 32 and 64)
+STEPS = (8, 16, 32, 64)  # candidates: the multiples of each nearest the exact width
+
+
+def candidate_widths(exact: int, lowest: int, highest: int) -> list[int]:
+    """The widths tried for a group whose ratio asks for ``exact``: itself and, for each of `STEPS`, the
+    multiples of it just below and just above ``exact``, those within ``[lowest, highest]``."""
+    found = {exact}
+    for step in STEPS:
+        found.update({exact // step * step, -(-exact // step) * step})
+    return sorted(w for w in found if lowest <= w <= highest and w > 0)
 
 
 def layer_inputs(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, ...]]:
@@ -133,7 +143,7 @@ class LatencyWidths:
             return max(exact, 0)
         low = max(size - most, math.ceil(width * (1 - self.band)), 1)
         high = min(size, math.floor(width * (1 + self.band)))
-        candidates = sorted({width} | set(range(-(-low // GRID) * GRID, high + 1, GRID)) - {0})
+        candidates = candidate_widths(width, low, high)
         costs = self._cost(group, candidates)
         per_channel = {w: costs[w] / w for w in candidates}
         best = min(per_channel.values())
