@@ -101,20 +101,26 @@ class LayerShape:
 
 class LayerTimer:
     """The default timer: the fastest of a few runs of ``shape``'s standalone layer, in milliseconds (the least
-    disturbed by other work on the machine). Layers are built once and kept until `clear`, so the rounds of
-    `LatencyTable.latencies` time them again without rebuilding."""
+    disturbed by other work on the machine). Layers are built (and warmed up) once and kept until `clear`, so
+    the rounds of `LatencyTable.latencies` time them again without rebuilding; a layer slower than
+    ``slow_ms`` is run once per call (its rounds give the repeats)."""
 
-    def __init__(self, warmup: int = 1, repeats: int = 3):
-        self.warmup, self.repeats = warmup, repeats
-        self.built: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    def __init__(self, warmup: int = 1, repeats: int = 3, slow_ms: float = 10.0):
+        self.warmup, self.repeats, self.slow_ms = warmup, repeats, slow_ms
+        self.built: dict[str, tuple[nn.Module, torch.Tensor, float]] = {}
 
     def __call__(self, shape: LayerShape) -> float:
         key = shape.key()
-        if key not in self.built:
-            self.built[key] = shape.build()
-        module, x = self.built[key]
+        first = key not in self.built
+        if first:
+            module, x = shape.build()
+            self.built[key] = module, x, 0.0
+        module, x, last = self.built[key]
+        repeats = 1 if last > self.slow_ms else self.repeats
         with torch.inference_mode():
-            return measure_latency(module, x, warmup=self.warmup, repeats=self.repeats).min_ms
+            ms = measure_latency(module, x, warmup=self.warmup if first else 0, repeats=repeats).min_ms
+        self.built[key] = module, x, ms
+        return ms
 
     def clear(self) -> None:
         self.built.clear()
