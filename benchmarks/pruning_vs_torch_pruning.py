@@ -1,10 +1,14 @@
 """torchslim vs Torch-Pruning at equal MACs: `python benchmarks/pruning_vs_torch_pruning.py [--json PATH]`.
 
-Needs the benchmark-only dependency `pip install torch-pruning`. For each model (random weights; speed does
-not depend on their values) both tools prune with L1 magnitude, per-layer (local) ranking and the classifier
-kept, each to <= the MACs target (the ratio is bisected for both, MACs counted by the same counter); torchslim
-also prunes a second copy with ``round_to=8`` (channel counts kept multiples of 8). Then the unpruned and all
-pruned models are timed one after another in this process (eager fp32, batch 1 and 32, fixed threads, medians).
+Needs the benchmark-only dependency `pip install torch-pruning` (without it, torchslim's rows only). For each
+model (random weights; speed does not depend on their values) both tools prune with L1 magnitude, per-layer
+(local) ranking and the classifier kept, each to <= the MACs target (the ratio is bisected for both, MACs
+counted by the same counter); torchslim prunes one copy per ``--round-to`` value: 1 (exact widths), 8 (channel
+counts kept multiples of 8) and ``auto`` (each group's width from a latency table of its layers on this machine,
+built at batch 1, and with ``--auto-batch``, another copy whose table is built at the batch size). Then the
+unpruned and all pruned models are timed alternately in this process, round by round in rotating order (eager
+fp32, batch 1 and ``--batch-size``, fixed threads; the median of each round's median), so that load from other
+work on the machine weighs on all of them alike; the machine's load average is recorded before and after.
 Then accuracy on builtin:digits: builtin:digits-cnn, and a torchvision ResNet-18 adapted to 32x32 grey digits
 (trained here first, seeded), each pruned by both tools to the same MACs and fine-tuned with the same
 distillation budget. Prints the tables and writes JSON. Parts: ``latency`` (the ImageNet models), ``digits``
@@ -14,6 +18,7 @@ distillation budget. Prints the tables and writes JSON. Parts: ``latency`` (the 
 from __future__ import annotations
 
 import copy
+import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +33,13 @@ from torchslim.measure import count_macs, count_params, measure_latency  # noqa:
 from torchslim.pruning.channel import ChannelPruningConfig, prune  # noqa: E402
 
 ROUND_TO = 8  # the hardware-friendly width timed beside exact (round_to=1) pruning
+
+
+def tool_name(round_to: str, table_batch: int = 1) -> str:
+    """The row name of torchslim pruned with ``round_to`` ("torchslim" for exact widths)."""
+    if round_to == "1":
+        return "torchslim"
+    return f"torchslim round_to={round_to}" + (f" (table at batch {table_batch})" if table_batch != 1 else "")
 
 
 def torch_pruning_to_macs(model, example, target: float):
@@ -151,26 +163,43 @@ def digits_accuracy(bundle, target: float, epochs: int, seed: int = 0) -> list[d
     return rows
 
 
-def time_model(model, batch: int, size: int) -> tuple[float, float]:
-    x1, xb = torch.randn(1, 3, size, size), torch.randn(batch, 3, size, size)
+def time_alternating(models: dict, x: torch.Tensor, rounds: int, repeats: int) -> dict[str, float]:
+    """Milliseconds per call of each model on ``x``: ``rounds`` rounds, each timing every model (``repeats``
+    calls, median) in an order rotated by one each round; the median over rounds."""
+    names = list(models)
+    samples: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
-        bs1 = measure_latency(model, x1, warmup=3, repeats=15).median_ms
-        batched = measure_latency(model, xb, warmup=2, repeats=7).median_ms
-    return bs1, batched
+        for name in names:
+            models[name](x)  # first-call set-up out of the timings
+        for index in range(rounds):
+            for name in names[index % len(names):] + names[:index % len(names)]:
+                samples[name].append(measure_latency(models[name], x, warmup=1, repeats=repeats).median_ms)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def latency_rows(name: str, target: float, batch_size: int, threads: int, seed: int = 0) -> list[dict]:
-    """One ImageNet model, unpruned and pruned by each tool (and torchslim with ``round_to``), timed in turn."""
+def latency_rows(name: str, target: float, batch_size: int, threads: int, round_tos: list[str],
+                 auto_batch: bool, rounds: int, seed: int = 0) -> list[dict]:
+    """One ImageNet model, unpruned and pruned by each tool (torchslim once per ``round_to``), timed alternately."""
     import torchvision
 
     torch.manual_seed(seed)
     base = torchvision.models.get_model(name, weights=None).eval()
     example = torch.randn(1, 3, 224, 224)
     candidates = {"unpruned": base}
-    for round_to in (1, ROUND_TO):
-        ours = copy.deepcopy(base)
-        prune(ours, ChannelPruningConfig(target_macs=target, round_to=round_to), example)
-        candidates["torchslim" if round_to == 1 else f"torchslim round_to={round_to}"] = ours
+    predicted: dict[str, dict] = {}
+    for round_to in round_tos:
+        for table_batch in ([1, batch_size] if round_to == "auto" and auto_batch else [1]):
+            ours = copy.deepcopy(base)
+            started = time.perf_counter()
+            config = ChannelPruningConfig(target_macs=target, round_to="auto" if round_to == "auto" else int(round_to))
+            result = prune(ours, config, torch.randn(table_batch, 3, 224, 224))
+            tool = tool_name(round_to, table_batch)
+            candidates[tool] = ours
+            if result.latency:
+                predicted[tool] = {**result.latency, "prune_seconds": round(time.perf_counter() - started, 1),
+                                   "groups_moved": sum(c["chosen"] != c["exact"] for c in result.widths.values()),
+                                   "groups": len(result.widths)}
+                print(f"  {name} {tool}: {predicted[tool]}")
     try:
         theirs = torch_pruning_to_macs(copy.deepcopy(base), example, target)
         if theirs is not None:
@@ -178,12 +207,14 @@ def latency_rows(name: str, target: float, batch_size: int, threads: int, seed: 
     except ImportError:
         print("torch-pruning is not installed: pip install torch-pruning (benchmark-only)")
     base_macs = count_macs(base, example)
+    bs1 = time_alternating(candidates, torch.randn(1, 3, 224, 224), rounds, 5)
+    batched = time_alternating(candidates, torch.randn(batch_size, 3, 224, 224), rounds, 2)
     rows = []
     for tool, model in candidates.items():
-        bs1, batched = time_model(model, batch_size, 224)
         rows.append({"model": name, "tool": tool, "macs_ratio": round(count_macs(model, example) / base_macs, 4),
-                     "params": count_params(model), "latency_ms_bs1": round(bs1, 2),
-                     "latency_ms_batch": round(batched, 2), "batch_size": batch_size, "threads": threads})
+                     "params": count_params(model), "latency_ms_bs1": round(bs1[tool], 2),
+                     "latency_ms_batch": round(batched[tool], 2), "batch_size": batch_size, "threads": threads,
+                     **({"round_to_auto": predicted[tool]} if tool in predicted else {})})
     for row in rows:
         row["speedup_bs1"] = round(rows[0]["latency_ms_bs1"] / row["latency_ms_bs1"], 3)
         row["speedup_batch"] = round(rows[0]["latency_ms_batch"] / row["latency_ms_batch"], 3)
@@ -198,15 +229,20 @@ def latency_goals(rows: list[dict], models: list[str], target: float, batch_size
                           ours["speedup_batch"], ">= 1.7", ours["speedup_batch"] >= 1.7))
     for name in models:
         pair = {r["tool"]: r for r in rows if r["model"] == name}
-        if "torch-pruning" in pair:
+        if "torch-pruning" in pair and "torchslim" in pair:
             goals.append(goal(f"{name}: torchslim / torch-pruning batch latency", round(
                 pair["torchslim"]["latency_ms_batch"] / pair["torch-pruning"]["latency_ms_batch"], 3), "<= 1.0",
                 pair["torchslim"]["latency_ms_batch"] <= pair["torch-pruning"]["latency_ms_batch"]))
-        rounded = pair.get(f"torchslim round_to={ROUND_TO}")
-        if rounded:  # informational, no goal: does rounding widths to multiples of 8 pay off on this CPU?
-            print(f"      {name}: torchslim round_to={ROUND_TO} / round_to=1 latency: bs1 "
-                  f"{rounded['latency_ms_bs1'] / pair['torchslim']['latency_ms_bs1']:.3f}, batch "
-                  f"{rounded['latency_ms_batch'] / pair['torchslim']['latency_ms_batch']:.3f}")
+        for tool, row in pair.items():
+            if tool.startswith("torchslim round_to=") and "torchslim" in pair:
+                # informational: does this rounding of widths pay off on this CPU, against exact widths?
+                print(f"      {name}: {tool} / round_to=1 latency: bs1 "
+                      f"{row['latency_ms_bs1'] / pair['torchslim']['latency_ms_bs1']:.3f}, batch "
+                      f"{row['latency_ms_batch'] / pair['torchslim']['latency_ms_batch']:.3f}")
+        for tool, row in pair.items():
+            if tool.startswith("torchslim"):
+                goals.append(goal(f"{name} {tool}: batch-1 speed-up over unpruned (x)", row["speedup_bs1"],
+                                  ">= 1.0", row["speedup_bs1"] >= 1.0))
     return goals
 
 
@@ -219,6 +255,11 @@ def main() -> None:
     p.add_argument("--digits-models", type=comma_list(("digits-cnn", "resnet18"), "model"),
                    default=["digits-cnn", "resnet18"], metavar="A,B",
                    help="models of the digits part (default digits-cnn,resnet18)")
+    p.add_argument("--round-to", type=comma_list(), default=["1", str(ROUND_TO), "auto"], metavar="A,B",
+                   help="torchslim's round_to values, one pruned copy each (1 = exact widths, auto = latency table)")
+    p.add_argument("--auto-batch", action="store_true",
+                   help="also prune a round_to=auto copy whose latency table is built at --batch-size")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds per batch size")
     p.add_argument("--digits-target", type=float, default=0.3, help="MACs target of the digits accuracy run")
     p.add_argument("--digits-epochs", type=int, default=8, help="distillation epochs after pruning (both tools)")
     p.add_argument("--resnet18-train-epochs", type=int, default=4,
@@ -227,12 +268,18 @@ def main() -> None:
     models = args.models if "latency" in args.parts else []
     digits_models = args.digits_models if "digits" in args.parts else []
 
+    round_tos = args.round_to
+    for value in round_tos:
+        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+            p.error(f"--round-to: {value!r} is neither an integer >= 1 nor auto")
     threads = apply_threads(args)
-    rows = [row for name in models for row in latency_rows(name, args.target, args.batch_size, threads, args.seed)]
-    print(f"{'model':14s} {'tool':21s} {'MACs':>6s} {'params':>9s} {'bs1 ms':>8s} {'x':>6s} "
+    rows = [row for name in models for row in latency_rows(name, args.target, args.batch_size, threads, round_tos,
+                                                           args.auto_batch, args.rounds, args.seed)]
+    width = max([len(r["tool"]) for r in rows] + [21])
+    print(f"{'model':14s} {'tool':{width}s} {'MACs':>6s} {'params':>9s} {'bs1 ms':>8s} {'x':>6s} "
           f"{'batch ms':>9s} {'x':>6s}")
     for r in rows:
-        print(f"{r['model']:14s} {r['tool']:21s} {r['macs_ratio']:6.3f} {r['params'] / 1e6:8.2f}M "
+        print(f"{r['model']:14s} {r['tool']:{width}s} {r['macs_ratio']:6.3f} {r['params'] / 1e6:8.2f}M "
               f"{r['latency_ms_bs1']:8.2f} {r['speedup_bs1']:6.2f} {r['latency_ms_batch']:9.2f} "
               f"{r['speedup_batch']:6.2f}")
     digits, training = [], {}

@@ -114,6 +114,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
     if origin is list:
         (item,) = typing.get_args(tp)
         return f"list of {_type_name(item)}"
@@ -140,7 +142,8 @@ def _convert(value: Any, tp: Any, field: str) -> Any:
                 return _convert(value, arg, field)
             except FieldError:
                 continue
-        raise FieldError(field, f"expected {_type_name(tp)}, got {shorten(value)}")
+        choices = [c for arm in arms if typing.get_origin(arm) is Literal for c in typing.get_args(arm)]
+        raise FieldError(field, f"expected {_type_name(tp)}, got {shorten(value)}{did_you_mean(value, choices)}")
     if origin is Literal:
         if _hashable(value) and value in typing.get_args(tp):
             return value

@@ -79,10 +79,10 @@ def environment(threads: int) -> dict:
     import torch
 
     from torchslim._version import __version__
-    from torchslim.core.cpu import int8_features, isa_flags
+    from torchslim.core.cpu import cpu_model, int8_features, isa_flags
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,
-           "cpu": platform.processor() or platform.machine(), "cpu_int8_features": int8_features(),
+           "cpu": cpu_model(), "cpu_int8_features": int8_features(),
            "isa_flags": isa_flags(), "os": platform.platform(), "torchslim": __version__}
     for package in VERSIONED_PACKAGES:
         try:
@@ -92,13 +92,6 @@ def environment(threads: int) -> dict:
     commit = git_commit()
     if commit:
         env["git_commit"] = commit
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                env["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         import onnxruntime
 

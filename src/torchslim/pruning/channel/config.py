@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from torchslim._config import check
 from torchslim.data.config import CalibrationConfig
+from torchslim.errors import shorten
 from torchslim.recover.finetune import FinetuneConfig
 
 
@@ -34,7 +35,10 @@ class ChannelPruningConfig:
             "random" (a control).
         scope: "local" (each group loses ``ratio``) or "global" (one ranking over groups, scores normalised
             per group; a group loses at most ``max_ratio``).
-        round_to: keep channel counts multiples of this (hardware-friendly widths); 1 = exact.
+        round_to: the kept channel counts: a number (multiples of it, hardware-friendly widths; 1 = exact), or
+            "auto" (each group keeps the width near the exact one that runs fastest, from a latency table of
+            its layers measured on this machine at the example batch size and threads, cached; see
+            `torchslim.pruning.channel.widths`). Default (null): "auto" with ``target_latency``, else 1.
         max_ratio: the most any group may lose.
         skip: module-name patterns (fnmatch) whose channels stay.
         steps: prune in this many steps (re-analysing and re-scoring each time), running ``finetune`` between
@@ -62,7 +66,7 @@ class ChannelPruningConfig:
     target_latency: float = 0.0
     importance: Literal["l1", "l2", "bn", "taylor", "activation", "obs", "random"] = "l1"
     scope: Literal["local", "global"] = "local"
-    round_to: int = 1
+    round_to: int | Literal["auto"] | None = None
     max_ratio: float = 0.9
     skip: list[str] = field(default_factory=list)
     steps: int = 1
@@ -84,7 +88,9 @@ class ChannelPruningConfig:
         check(not self.ratios or (self.scope == "local" and self.steps == 1), "ratios",
               "per-group ratios need scope: local and steps: 1")
         check(0.0 <= self.target_macs < 1.0, "target_macs", f"must be in (0, 1) or 0 (unused), got {self.target_macs}")
-        check(self.round_to >= 1, "round_to", f"must be >= 1, got {self.round_to}")
+        check(self.round_to is None or self.round_to == "auto"
+              or (isinstance(self.round_to, int) and not isinstance(self.round_to, bool) and self.round_to >= 1),
+              "round_to", f"must be an integer >= 1 or 'auto', got {shorten(self.round_to)}")
         check(0.0 < self.max_ratio < 1.0, "max_ratio", f"must be in (0, 1), got {self.max_ratio}")
         check(0.0 <= self.target_latency < 1.0, "target_latency",
               f"must be in (0, 1) or 0 (unused), got {self.target_latency}")
@@ -95,6 +101,13 @@ class ChannelPruningConfig:
 
         check(self.importance in CRITERIA, "importance",
               f"{self.importance!r} is not a registered criterion; known: {', '.join(sorted(CRITERIA))}")
+
+    @property
+    def rounding(self) -> int | str:
+        """``round_to`` in force: as given, else "auto" under a latency target and 1 otherwise."""
+        if self.round_to is not None:
+            return self.round_to
+        return "auto" if self.target_latency else 1
 
     @property
     def calibrated(self) -> bool:
@@ -108,7 +121,10 @@ class ChannelPruningConfig:
 class PruneResult:
     """What `prune` did: sizes before and after, what it left alone (layer name -> reason) and, with
     ``reconstruct``, each refitted layer's relative output error on the calibration inputs and the layers fitted
-    to the residual stream they add to (last step)."""
+    to the residual stream they add to (last step); with ``round_to: auto``, each group's width (channels, the
+    exact and the chosen kept count, the table latency of its layers at each; last step) and the model's
+    latency before and after: predicted (the table's sum over convolution and linear layers) and measured
+    (eager, at the example batch size), in milliseconds."""
 
     macs_before: int
     macs_after: int
@@ -119,3 +135,5 @@ class PruneResult:
     shapes: dict[str, list[int]]
     refit_errors: dict[str, float] = field(default_factory=dict)
     refit_residual: list[str] = field(default_factory=list)
+    widths: dict[str, dict] = field(default_factory=dict)
+    latency: dict[str, float] = field(default_factory=dict)

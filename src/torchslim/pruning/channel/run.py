@@ -6,6 +6,7 @@ target (`prune`, on a plain ``nn.Module``), and the recipe step around it (``pru
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from torchslim.core.modules import call_model, forward_shapes
 from torchslim.errors import InputError
 from torchslim.graph import analyse_channels, capture
 from torchslim.measure.latency import measure_latency
+from torchslim.measure.layer_latency import LatencyTable
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.measure.stage import first_samples
@@ -24,6 +26,7 @@ from torchslim.pruning.channel.config import ChannelPruningConfig, PruneResult
 from torchslim.pruning.channel.refit import kept_linear_positions, refit_sequential
 from torchslim.pruning.channel.select import bisect_ratio, select_channels
 from torchslim.pruning.channel.surgery import _related, _restore, remove_channels
+from torchslim.pruning.channel.widths import LatencyWidths, layer_inputs, predicted_latency
 from torchslim.recover.finetune import finetune
 from torchslim.registry import register_method
 from torchslim.runtime import TorchDeployable
@@ -31,7 +34,7 @@ from torchslim.runtime import TorchDeployable
 
 def prune(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any,
           recover: Callable[[nn.Module, int], None] | None = None,
-          calibration: Sequence[Any] | None = None) -> PruneResult:
+          calibration: Sequence[Any] | None = None, latency_table: LatencyTable | None = None) -> PruneResult:
     """Remove channels from ``model`` in place (see the module docstring); returns what changed.
 
     Args:
@@ -40,6 +43,8 @@ def prune(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any,
             short fine-tune); Taylor importance reads the gradients present on the parameters.
         calibration: input batches (like ``example_inputs``) for ``importance: activation`` and
             ``reconstruct``; read again at every step.
+        latency_table: the layer latencies ``round_to: auto`` looks up (default: this machine's cached
+            `LatencyTable`, timing layers at the batch size of ``example_inputs`` and torch's threads).
 
     Raises:
         InputError: the model cannot be captured, Taylor importance finds no gradients, or activation
@@ -55,6 +60,13 @@ def prune(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any,
     macs_before, params_before = count_macs(model, single), count_params(model)
     linear_widths = hf_config.widths_before(model)
     latency_before = _latency(model, example_inputs) if config.target_latency else 0.0
+    table = None
+    if config.rounding == "auto":
+        table = latency_table if latency_table is not None else LatencyTable()
+        inputs = layer_inputs(model, example_inputs)
+        latency = {"predicted_ms_before": predicted_latency(model, inputs, table),
+                   "measured_ms_before": latency_before or _latency(model, example_inputs)}
+    widths: dict[str, dict] = {}
     removed: dict[str, int] = {}
     skipped: dict[str, str] = {}
     shapes: dict[str, list[int]] = {}
@@ -66,8 +78,9 @@ def prune(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any,
         latency_goal = config.target_latency ** share * latency_before if config.target_latency else 0.0
         kept_before = 1 - config.ratio * (step - 1) / config.steps
         ratio = 1 - (1 - config.ratio * share) / kept_before
-        step_removed, step_skipped, step_shapes, (step_errors, step_residual) = _prune_once(
-            model, config, example_inputs, ratio, macs_goal, latency_goal, calibration)
+        step_removed, step_skipped, step_shapes, (step_errors, step_residual), step_widths = _prune_once(
+            model, config, example_inputs, ratio, macs_goal, latency_goal, calibration, table)
+        widths = step_widths or widths
         for module, count in step_removed.items():
             removed[module] = removed.get(module, 0) + count
         skipped.update(step_skipped)
@@ -77,9 +90,21 @@ def prune(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any,
         if recover is not None and step < config.steps:
             recover(model, step)
     skipped.update(hf_config.update_configs(model, linear_widths))
+    if table is not None:
+        latency.update(predicted_ms_after=predicted_latency(model, inputs, table),
+                       measured_ms_after=_latency(model, example_inputs))
+        latency = {key: round(value, 3) for key, value in latency.items()}
+        latency.update(batch_size=_batch_size(example_inputs), threads=torch.get_num_threads(),
+                       layers_timed=table.measured)
     return PruneResult(macs_before=macs_before, macs_after=count_macs(model, single), params_before=params_before,
                        params_after=count_params(model), removed_channels=removed, skipped=skipped, shapes=shapes,
-                       refit_errors=refit_errors, refit_residual=refit_residual)
+                       refit_errors=refit_errors, refit_residual=refit_residual, widths=widths,
+                       latency=latency if table is not None else {})
+
+
+def _batch_size(inputs: Any) -> int:
+    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
 
 
 def _latency(model: nn.Module, inputs: Any) -> float:
@@ -88,9 +113,11 @@ def _latency(model: nn.Module, inputs: Any) -> float:
 
 
 def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any, ratio: float, macs_goal: float,
-                latency_goal: float, calibration: Sequence[Any] | None = None) -> tuple[dict, dict, dict, tuple]:
+                latency_goal: float, calibration: Sequence[Any] | None = None,
+                table: LatencyTable | None = None) -> tuple[dict, dict, dict, tuple, dict]:
     """One analyse -> select -> remove round; returns (removed channels per layer, skipped layers, new shapes,
-    (relative output errors of refitted layers, the layers refitted to the residual stream))."""
+    (relative output errors of refitted layers, the layers refitted to the residual stream), each group's
+    width choice with ``round_to: auto``)."""
     reference_shape, error, _ = forward_shapes(model, example_inputs)
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
@@ -100,14 +127,23 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
     stats = importance.collect(model, graph.modules, calibration, want) if want else None
     scores = importance.score(model, graph, config, stats)
     unpruned = copy.deepcopy(model) if config.reconstruct else None  # the refit's targets
+    widths = None
+    if table is not None:
+        widths = LatencyWidths(model, graph, scores, layer_inputs(model, example_inputs), table)
     if macs_goal:
-        ratio = bisect_ratio(model, graph, config, scores, lambda trial: count_macs(trial, single) <= macs_goal)
+        def reached(trial: nn.Module) -> bool:
+            return count_macs(trial, single) <= macs_goal
+
+        around = None
+        if widths is not None:  # exact widths cost nothing to try: they narrow the search the table times
+            around = bisect_ratio(model, graph, dataclasses.replace(config, round_to=1), scores, reached)
+        ratio = bisect_ratio(model, graph, config, scores, reached, widths, around)
     elif latency_goal:
         ratio = bisect_ratio(model, graph, config, scores,
-                             lambda trial: _latency(trial, example_inputs) <= latency_goal)
+                             lambda trial: _latency(trial, example_inputs) <= latency_goal, widths)
     before = {name: list(t.shape) for name, t in model.state_dict().items()}
     original = copy.deepcopy(model) if graph.literal_reshapes else None
-    chosen = select_channels(model, graph, config, ratio, scores)
+    chosen = select_channels(model, graph, config, ratio, scores, widths)
     shapes = remove_channels(model, graph, chosen)
     shape, error, where = forward_shapes(model, example_inputs)
     suspects = list(graph.literal_reshapes)
@@ -119,7 +155,7 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
             graph.block(ids, "reshape to a size written in the model's code", layer)
         suspects = [s for s in suspects if local and not any(s is t for t in local)]
         _restore(model, original)
-        chosen = select_channels(model, graph, config, ratio, scores)
+        chosen = select_channels(model, graph, config, ratio, scores, widths)
         shapes = remove_channels(model, graph, chosen)
         shape, error, where = forward_shapes(model, example_inputs)
     if error is not None:
@@ -136,7 +172,8 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
         count = int(sum(root in chosen for root in set(graph.uf.roots(ids).tolist())))
         if count:
             removed[module] = count
-    return removed, skipped, {k: v for k, v in shapes.items() if v != before.get(k)}, errors
+    choices = {name: choice.as_dict() for name, choice in widths.choices.items()} if widths is not None else {}
+    return removed, skipped, {k: v for k, v in shapes.items() if v != before.get(k)}, errors, choices
 
 
 def _taylor_gradients(context, batches: int = 4, batch_size: int = 32) -> None:
@@ -170,8 +207,10 @@ def prune_channels(context, config: ChannelPruningConfig) -> TorchDeployable:
     """The recipe step: prune ``context.model`` in place; the report gets removed channels and MACs."""
     if config.importance == "taylor":
         _taylor_gradients(context)
-    # A latency target is measured at the recipe's batch size; otherwise a small batch suffices to capture.
-    example = context.example_inputs(context.batch_size if config.target_latency else 2)
+    # Latency (a target, or the table of round_to: auto) is measured at the recipe's batch size; otherwise a
+    # small batch suffices to capture.
+    timed = config.target_latency or config.rounding == "auto"
+    example = context.example_inputs(context.batch_size if timed else 2)
     losses: list[list[float]] = []
 
     def finetune_between(model: nn.Module, step: int) -> None:
@@ -202,6 +241,10 @@ def prune_channels(context, config: ChannelPruningConfig) -> TorchDeployable:
                "removed_channels": result.removed_channels}
     if losses:
         details["finetune_train_loss"] = losses
+    if result.widths:
+        details["widths"] = result.widths
+    # flat facts: a mapping of six or more numbers would read as a per-layer chart in report.html
+    details.update({f"latency_{key}": value for key, value in result.latency.items()})
     if result.refit_errors:
         details["refit_relative_error"] = {"layers": len(result.refit_errors),
                                            "mean": round(float(np.mean(list(result.refit_errors.values()))), 4),

@@ -14,6 +14,20 @@ from torchslim.pruning.channel.config import ChannelPruningConfig
 from torchslim.pruning.channel.groups import Group, dependency_groups
 from torchslim.pruning.channel.importance import score
 from torchslim.pruning.channel.surgery import remove_channels
+from torchslim.pruning.channel.widths import LatencyWidths
+
+AROUND = 0.08  # how far from the exact-width ratio `bisect_ratio` looks with latency-aware widths
+
+
+def _removal(group: Group, fraction: float, config: ChannelPruningConfig, widths: LatencyWidths | None) -> int:
+    """How many channels a group loses for ``fraction`` under the config's ``round_to`` (the latency table's
+    choice with "auto")."""
+    if config.rounding != "auto":
+        return _removable(group, fraction, config.rounding)
+    if widths is None:
+        raise ValueError("round_to: auto chooses widths from a latency table: pass widths=LatencyWidths(...) "
+                         "(torchslim.prune builds one)")
+    return widths.removal(group, _removable(group, fraction, 1), _removable(group, config.max_ratio, 1))
 
 
 def _removable(group: Group, fraction: float, round_to: int) -> int:
@@ -36,11 +50,12 @@ def _group_ratio(group: Group, ratios: dict[str, float], default: float) -> floa
 
 
 def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPruningConfig, ratio: float,
-                    scores: dict[int, float] | None = None) -> set[int]:
-    """The channel classes to remove for ``ratio`` under ``config``'s importance, scope and limits.
+                    scores: dict[int, float] | None = None, widths: LatencyWidths | None = None) -> set[int]:
+    """The channel classes to remove for ``ratio`` under ``config``'s importance, scope, limits and widths.
 
     ``scores`` (channel class -> importance) are computed from ``model`` unless given, so that repeated
-    selections on one graph (a bisection, a retry) score once.
+    selections on one graph (a bisection, a retry) score once. ``widths`` chooses the kept widths when
+    ``round_to`` is "auto" (required then; its ``choices`` record them).
     """
     scores = scores if scores is not None else score(model, graph, config)
     groups = dependency_groups(graph, config.skip)
@@ -48,7 +63,7 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
     if config.scope == "local":
         for group in groups:
             fraction = min(_group_ratio(group, config.ratios, ratio), config.max_ratio)
-            chosen.update(_lowest(group, scores, _removable(group, fraction, config.round_to)))
+            chosen.update(_lowest(group, scores, _removal(group, fraction, config, widths)))
         return _keep_every_layer(graph, chosen, scores)
     ranked = []
     for index, group in enumerate(groups):
@@ -66,7 +81,7 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
             taken[index] += 1
             budget -= 1
     for index, group in enumerate(groups):
-        chosen.update(_lowest(group, scores, _removable(group, taken[index] / group.size, config.round_to)))
+        chosen.update(_lowest(group, scores, _removal(group, taken[index] / group.size, config, widths)))
     return _keep_every_layer(graph, chosen, scores)
 
 
@@ -81,14 +96,27 @@ def _keep_every_layer(graph: ChannelGraph, chosen: set[int], scores: dict[int, f
 
 
 def bisect_ratio(model: nn.Module, graph: ChannelGraph, config: ChannelPruningConfig, scores: dict[int, float],
-                  reached) -> float:
-    """The smallest ratio (to 1/4096) whose pruning, tried on copies, satisfies ``reached(trial_model)``."""
-    low, high = 0.0, config.max_ratio
-    for _ in range(12):
-        middle = (low + high) / 2
+                 reached, widths: LatencyWidths | None = None, around: float | None = None) -> float:
+    """The smallest ratio (to max_ratio / 4096) whose pruning, tried on copies, satisfies ``reached(trial)``.
+
+    ``around``: a ratio known to be close (found with exact widths, which cost nothing to try): only
+    ``AROUND`` either side of it is searched, in fewer steps, so that ``round_to: auto`` times the layer widths
+    of a few ratios rather than of twelve.
+    """
+
+    def meets(ratio: float) -> bool:
         trial = copy.deepcopy(model)
-        remove_channels(trial, graph, select_channels(trial, graph, config, middle, scores))
-        if reached(trial):
+        remove_channels(trial, graph, select_channels(trial, graph, config, ratio, scores, widths))
+        return reached(trial)
+
+    low, high, steps = 0.0, config.max_ratio, 12
+    if around is not None:
+        low, high, steps = max(0.0, around - AROUND), min(config.max_ratio, around + AROUND), 7
+        if high < config.max_ratio and not meets(high):
+            low, high = high, config.max_ratio
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if meets(middle):
             high = middle
         else:
             low = middle

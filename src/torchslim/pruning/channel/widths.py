@@ -1,0 +1,206 @@
+"""Latency-aware widths (``round_to: auto``): each group keeps the channel count, near the one its ratio asks
+for, that the CPU's kernels run fastest, looked up in a table of measured single-layer latencies
+(`torchslim.measure.layer_latency`, NetAdapt-style), so that MACs removed turn into time removed.
+
+For a group whose ratio asks to keep ``w`` of its ``n`` channels, the candidates are ``w`` itself and the
+multiples of 8, 16, 32 and 64 nearest it (below and above), those within ``BAND`` (12%) of it, never above ``n``
+nor below what ``max_ratio`` allows. A candidate
+costs the summed table latency of every convolution and linear layer whose shape the group's width sets
+(the layers creating its channels and the layers reading them, each at its real input size from one forward of
+the example inputs; the layer's other channel count stays as it is). The group keeps the candidate with the
+**least latency per kept channel** (cost / width): ``w`` itself unless another candidate beats it by more than
+``TOLERANCE`` (5%), else the widest candidate within ``TOLERANCE`` of the best. A width the kernels process in
+whole blocks (61 channels costing what 64 do) gives way to the block's full width, or to the width below whose
+cost drops by more than its channels; where latency follows the channel count, ``w`` stays.
+
+Why per channel, not the cheapest: nearly every layer gets faster as it narrows, so "the cheapest candidate"
+would be the narrowest one of every group, pruning deeper everywhere rather than where the kernels reward it;
+a layer whose time is mostly fixed overhead (a small layer at batch 1) costs little more with more channels and
+keeps them, and a MACs or latency target then takes the difference where channels cost time. Why 5%: on a
+shared 2-core machine two tables of the same shapes, built minutes apart, differed by up to 10% in a group's
+cost per channel, while the kernel effects worth acting on are larger (a 3x3 depthwise convolution at 56x56,
+batch 1, one thread: 0.3 ms with 96 channels, 1.1 ms with 98).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchslim.core.modules import call_model
+from torchslim.graph import ChannelGraph
+from torchslim.measure.layer_latency import LatencyTable, LayerShape
+from torchslim.pruning.channel.groups import Group
+
+BAND = 0.12  # candidates lie within this fraction of the width the ratio asks for
+TOLERANCE = 0.05  # latency per channel this close to the best counts as equal (above the table's noise)
+STEPS = (8, 16, 32, 64)  # candidates: the multiples of each nearest the exact width
+
+
+def candidate_widths(exact: int, lowest: int, highest: int) -> list[int]:
+    """The widths tried for a group whose ratio asks for ``exact``: itself and, for each of `STEPS`, the
+    multiples of it just below and just above ``exact``, those within ``[lowest, highest]``."""
+    found = {exact}
+    for step in STEPS:
+        found.update({exact // step * step, -(-exact // step) * step})
+    return sorted(w for w in found if lowest <= w <= highest and w > 0)
+
+
+def layer_inputs(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, ...]]:
+    """The input shape of every convolution and linear layer the table can time, from one forward of
+    ``example_inputs`` (a layer called several times: its first call)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if LayerShape.handles(module):
+            def record(_, args, name=name):
+                if args and isinstance(args[0], torch.Tensor):
+                    shapes.setdefault(name, tuple(args[0].shape))
+            handles.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            call_model(model.eval(), example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def predicted_latency(model: nn.Module, inputs: dict[str, tuple[int, ...]], table: LatencyTable) -> float:
+    """The sum of the table's latencies of ``model``'s convolution and linear layers at their current shapes
+    (milliseconds; what the other operations cost is not in it)."""
+    shapes = [LayerShape.of(model.get_submodule(name), shape) for name, shape in inputs.items()]
+    return float(sum(table.latencies([s for s in shapes if s is not None])))
+
+
+@dataclass
+class WidthChoice:
+    """One group's width: its channels, the count its ratio asks to keep, the count kept, and the summed
+    table latency (ms) of the layers it shapes at each."""
+
+    channels: int
+    exact: int
+    chosen: int
+    exact_ms: float
+    chosen_ms: float
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class _Side:
+    """One channel dimension of a layer: the channel class of each position along its weight dimension, and
+    the channels each position stands for (a grouped convolution's weight holds one group's inputs)."""
+
+    roots: np.ndarray
+    multiplier: int
+
+
+class LatencyWidths:
+    """Chooses each group's kept width from a `LatencyTable` (see the module docstring).
+
+    Args:
+        model: the model being pruned (unchanged by this object).
+        graph: its channel analysis.
+        scores: channel class -> importance; a group's candidates remove its lowest-scoring classes first.
+        inputs: `layer_inputs` of the model.
+        table: the latency table.
+
+    Attributes:
+        choices: group (its first layer's name) -> `WidthChoice`, from the latest selection.
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, scores: dict[int, float],
+                 inputs: dict[str, tuple[int, ...]], table: LatencyTable, tolerance: float = TOLERANCE,
+                 band: float = BAND):
+        self.table, self.scores, self.tolerance, self.band = table, scores, tolerance, band
+        self.inputs = inputs
+        self.layers: list[tuple[str, nn.Module, dict[str, _Side]]] = []
+        for name, kind in graph.modules.items():
+            if kind not in ("conv", "linear") or name not in inputs:
+                continue
+            module = model.get_submodule(name)
+            sides = {}
+            for side, (dim, multiplier) in _weight_sides(module).items():
+                ids = graph.param_ids.get((f"{name}.weight", dim))
+                if ids is not None:
+                    sides[side] = _Side(graph.uf.roots(ids), multiplier)
+            if sides:
+                self.layers.append((name, module, sides))
+        self.choices: dict[str, WidthChoice] = {}
+        self._costs: dict[tuple[str, int], float] = {}
+        self._affected: dict[str, list[int]] = {}
+
+    def removal(self, group: Group, exact: int, most: int) -> int:
+        """How many channels ``group`` loses: ``exact`` is what its ratio asks, ``most`` the most it may."""
+        name, size = group.modules[0], group.size
+        width = size - exact
+        if exact <= 0 or not self._layers_of(group):
+            self.choices[name] = WidthChoice(size, width, width, 0.0, 0.0)
+            return max(exact, 0)
+        low = max(size - most, math.ceil(width * (1 - self.band)), 1)
+        high = min(size, math.floor(width * (1 + self.band)))
+        candidates = candidate_widths(width, low, high)
+        costs = self._cost(group, candidates)
+        per_channel = {w: costs[w] / w for w in candidates}
+        best = min(per_channel.values())
+        chosen = width
+        if math.isfinite(best) and per_channel[width] > best * (1 + self.tolerance):
+            chosen = max(w for w in candidates if per_channel[w] <= best * (1 + self.tolerance))
+        self.choices[name] = WidthChoice(size, width, chosen, costs[width], costs[chosen])
+        return size - chosen
+
+    def _layers_of(self, group: Group) -> list[int]:
+        """The layers (indices into ``self.layers``) with a channel dimension the group's width sets."""
+        name = group.modules[0]
+        if name not in self._affected:
+            mine = group.roots
+            self._affected[name] = [i for i, (_, _, sides) in enumerate(self.layers)
+                                    if any(np.isin(s.roots, mine).any() for s in sides.values())]
+        return self._affected[name]
+
+    def _cost(self, group: Group, widths: list[int]) -> dict[int, float]:
+        """The summed table latency of the group's layers at each kept width (inf where a layer cannot take
+        it); new shapes are timed together, interleaved."""
+        name = group.modules[0]
+        order = np.array(sorted(group.roots.tolist(), key=lambda r: self.scores.get(r, 0.0)), dtype=np.int64)
+        wanted = [w for w in widths if (name, w) not in self._costs]
+        shapes: dict[int, list[LayerShape] | None] = {}
+        for width in wanted:
+            removed = order[: group.size - width]
+            layer_shapes = []
+            for index in self._layers_of(group):
+                layer, module, sides = self.layers[index]
+                kept = {side: int((~np.isin(s.roots, removed)).sum()) * s.multiplier for side, s in sides.items()}
+                shape = LayerShape.of(module, self.inputs[layer], kept.get("in"), kept.get("out"))
+                if shape is None:
+                    layer_shapes = None
+                    break
+                layer_shapes.append(shape)
+            shapes[width] = layer_shapes
+        flat = [s for layer_shapes in shapes.values() if layer_shapes for s in layer_shapes]
+        times = dict(zip([s.key() for s in flat], self.table.latencies(flat)))
+        for width, layer_shapes in shapes.items():
+            self._costs[name, width] = math.inf if layer_shapes is None else sum(times[s.key()] for s in layer_shapes)
+        return {w: self._costs[name, w] for w in widths}
+
+
+def _weight_sides(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """Which weight dimension holds a layer's input and output channels, and how many channels one position
+    along it stands for: {"in": (dim, multiplier), "out": (dim, multiplier)}. A depthwise convolution's input
+    follows its output (`LayerShape.of` keeps it depthwise)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            return {"out": (0, 1)} if not module.transposed else {"in": (0, 1)}
+        if module.transposed:  # weight (in, out / groups, ...)
+            return {"in": (0, 1), "out": (1, module.groups)}
+        return {"out": (0, 1), "in": (1, module.groups)}  # weight (out, in / groups, ...)
+    if isinstance(module, nn.Linear):
+        return {"out": (0, 1), "in": (1, 1)}
+    return {"in": (0, 1), "out": (1, 1)}  # transformers' Conv1D: weight (in, out)

@@ -1,0 +1,208 @@
+"""Latency-aware widths (``round_to: auto``): each group keeps the width its latency table says is fastest near the
+exact one. A fake timer stands in for the clock (no timed assertions): layers whose channel counts are multiples
+of 16 cost half, as a CPU's blocked kernels may make them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from torchslim._config import FieldError, from_dict
+from torchslim.graph import analyse_channels, capture
+from torchslim.measure.layer_latency import LatencyTable, LayerShape
+from torchslim.pruning.channel import ChannelPruningConfig, prune, select_channels
+from torchslim.pruning.channel import run as channel_run
+from torchslim.pruning.channel.widths import BAND, candidate_widths
+
+
+class Net(nn.Module):
+    """A stem, an inverted-residual block (expand, depthwise, project, added to the stream), a plain conv and a
+    classifier: widths 64, 96 (expanded), 128."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(64, 96, 1), nn.BatchNorm2d(96), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(96, 96, 3, padding=1, groups=96), nn.BatchNorm2d(96), nn.ReLU())
+        self.project = nn.Sequential(nn.Conv2d(96, 64, 1), nn.BatchNorm2d(64))
+        self.conv = nn.Sequential(nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.project(self.depthwise(self.expand(y)))
+        return self.head(self.conv(y).mean((2, 3)))
+
+
+class SixteenIsCheap:
+    """A deterministic clock: MACs of the layer's shape, halved-ish for channel counts that are multiples of 16;
+    counts its calls."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __call__(self, shape: LayerShape) -> float:
+        self.calls.append(shape.key())
+        options = dict(shape.options)
+        groups = options.get("groups", 1)
+        spatial = math.prod(shape.input_shape[2:]) if shape.kind == "conv" else 1
+        macs = shape.input_shape[0] * shape.in_channels * shape.out_channels // groups * spatial
+        blocked = (0.7 if shape.in_channels % 16 == 0 else 1.0) * (0.7 if shape.out_channels % 16 == 0 else 1.0)
+        return macs * blocked * 1e-6
+
+
+def model_and_input():
+    torch.manual_seed(0)
+    return Net().eval(), torch.randn(1, 3, 16, 16)
+
+
+@pytest.fixture(autouse=True)
+def _fake_whole_model_clock(monkeypatch):
+    """The report's measured latency (whole model) runs the real clock: a MACs count stands in, so tests are
+    fast and deterministic."""
+    monkeypatch.setattr(channel_run, "_latency",
+                        lambda m, inputs: float(channel_run.count_macs(m, inputs)) * 1e-6)
+
+
+def test_chosen_widths_are_the_cheap_multiples_of_16_within_the_band(tmp_path):
+    model, x = model_and_input()
+    timer = SixteenIsCheap()
+    result = prune(model, ChannelPruningConfig(ratio=0.3, round_to="auto"), x,
+                   latency_table=LatencyTable(tmp_path / "table.json", timer))
+    assert set(result.widths) == {"stem.0", "expand.0", "conv.0"}  # the stream, the block's hidden width, conv
+    for group, choice in result.widths.items():
+        assert choice["exact"] == choice["channels"] - round(0.3 * choice["channels"])
+        assert choice["chosen"] % 16 == 0, (group, choice)
+        assert abs(choice["chosen"] - choice["exact"]) <= BAND * choice["exact"]
+        assert choice["chosen_ms"] < choice["exact_ms"]
+    # 64 -> exact 45: 48 (above the exact width) costs less per channel (and in all) than 40 or 45
+    assert result.widths["stem.0"]["chosen"] == 48
+    assert model.stem[0].out_channels == model.project[0].out_channels == model.conv[0].in_channels == 48
+    # the depthwise convolution follows its group's width and stays depthwise
+    hidden = result.widths["expand.0"]["chosen"]
+    assert model.depthwise[0].in_channels == model.depthwise[0].out_channels == model.depthwise[0].groups == hidden
+    assert model.head.in_features == result.widths["conv.0"]["chosen"]
+    assert model(x).shape == (1, 10)
+    latency = result.latency
+    assert latency["predicted_ms_after"] < latency["predicted_ms_before"]
+    assert latency["measured_ms_after"] < latency["measured_ms_before"]
+    assert latency["batch_size"] == 1 and latency["layers_timed"] == len(set(timer.calls))
+
+
+def test_a_second_run_reads_every_latency_from_the_cache(tmp_path):
+    first = SixteenIsCheap()
+    model, x = model_and_input()
+    one = prune(model, ChannelPruningConfig(ratio=0.3, round_to="auto"), x,
+                latency_table=LatencyTable(tmp_path / "table.json", first))
+    assert first.calls and len(first.calls) == 5 * len(set(first.calls))  # five interleaved rounds per new shape
+    again = SixteenIsCheap()
+    model, x = model_and_input()
+    table = LatencyTable(tmp_path / "table.json", again)
+    two = prune(model, ChannelPruningConfig(ratio=0.3, round_to="auto"), x, latency_table=table)
+    assert again.calls == [] and table.measured == 0
+    assert two.widths == one.widths
+
+
+def test_a_latency_target_defaults_to_auto_and_an_explicit_number_wins(tmp_path, monkeypatch):
+    assert ChannelPruningConfig(target_latency=0.5).rounding == "auto"
+    assert ChannelPruningConfig(target_latency=0.5, round_to=1).rounding == 1
+    assert ChannelPruningConfig(ratio=0.3).rounding == 1
+    assert ChannelPruningConfig(round_to=8, target_macs=0.5).rounding == 8
+    timer = SixteenIsCheap()
+    model, x = model_and_input()
+    result = prune(model, ChannelPruningConfig(target_latency=0.6), x,
+                   latency_table=LatencyTable(tmp_path / "table.json", timer))
+    assert timer.calls and result.widths and result.latency["measured_ms_after"] <= 0.6 * \
+        result.latency["measured_ms_before"]
+
+    def refuse(shape):
+        raise AssertionError("an explicit round_to times nothing")
+
+    model, x = model_and_input()
+    result = prune(model, ChannelPruningConfig(target_latency=0.6, round_to=8), x,
+                   latency_table=LatencyTable(tmp_path / "other.json", refuse))
+    assert result.widths == {} and result.latency == {}
+    assert model.stem[0].out_channels % 8 == 0 and model.expand[0].out_channels % 8 == 0
+
+
+def test_a_macs_target_with_auto_widths_still_meets_the_target(tmp_path):
+    model, x = model_and_input()
+    result = prune(model, ChannelPruningConfig(target_macs=0.5, round_to="auto"), x,
+                   latency_table=LatencyTable(tmp_path / "table.json", SixteenIsCheap()))
+    assert 0.4 <= result.macs_after / result.macs_before <= 0.5
+    for choice in result.widths.values():
+        band = range(math.ceil(choice["exact"] * (1 - BAND)), min(choice["channels"],
+                                                                   math.floor(choice["exact"] * (1 + BAND))) + 1)
+        assert choice["chosen"] in band
+        # a multiple of 16 in the band is cheaper per channel; without one, cost follows width: exact it stays
+        assert choice["chosen"] % 16 == 0 if any(w % 16 == 0 for w in band) else choice["chosen"] == choice["exact"]
+
+
+def test_equal_costs_keep_the_widest_candidate(tmp_path):
+    """A clock that sees no difference between widths (every layer costs the same, all overhead): the widest
+    candidate costs least per channel, so each group keeps it (a multiple of 8 within the band, or the exact
+    width)."""
+    model, x = model_and_input()
+    result = prune(model, ChannelPruningConfig(ratio=0.3, round_to="auto"), x,
+                   latency_table=LatencyTable(tmp_path / "table.json", lambda shape: 1.0))
+    for choice in result.widths.values():
+        widest = min(choice["channels"], math.floor(choice["exact"] * (1 + BAND)))
+        assert choice["chosen"] == max(candidate_widths(choice["exact"], 1, widest))
+    assert [c["chosen"] for c in result.widths.values()] == [48, 72, 96]  # exact 45, 67, 90
+
+
+def test_candidates_are_the_exact_width_and_the_nearest_multiples_of_8_to_64_within_the_band():
+    assert candidate_widths(61, 54, 68) == [56, 61, 64]
+    assert candidate_widths(1434, 1262, 1606) == [1408, 1424, 1432, 1434, 1440, 1472]
+    assert candidate_widths(5, 4, 5) == [5]
+    assert candidate_widths(64, 57, 71) == [64]
+
+
+def test_bad_round_to_values_are_clear_field_errors():
+    with pytest.raises(FieldError, match=r"round_to: expected int \| 'auto' \| null, got 'autoo', did you mean 'auto'"):
+        from_dict(ChannelPruningConfig, {"round_to": "autoo"})
+    with pytest.raises(FieldError, match="round_to: must be an integer >= 1 or 'auto', got 0"):
+        from_dict(ChannelPruningConfig, {"round_to": 0})
+    with pytest.raises(FieldError, match="round_to"):
+        from_dict(ChannelPruningConfig, {"round_to": True})
+    assert from_dict(ChannelPruningConfig, {"round_to": "auto"}).rounding == "auto"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("autoo", "steps[0].prune.round_to: expected int | 'auto' | null, got 'autoo', did you mean 'auto'?"),
+    ("0", "steps[0].prune.round_to: must be an integer >= 1 or 'auto', got 0"),
+])
+def test_a_recipe_with_a_bad_round_to_names_file_step_and_field(tmp_path, value, message):
+    from torchslim.errors import InputError
+    from torchslim.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"model: builtin:digits-cnn\ndata: builtin:digits\nsteps:\n"
+                    f"  - prune: {{method: channel, target_latency: 0.5, round_to: {value}}}\n")
+    with pytest.raises(InputError) as error:
+        load_recipe(path)
+    assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_select_channels_with_auto_needs_a_table():
+    model, x = model_and_input()
+    graph = analyse_channels(capture(model, x))
+    with pytest.raises(ValueError, match="round_to: auto chooses widths from a latency table"):
+        select_channels(model, graph, ChannelPruningConfig(ratio=0.3, round_to="auto"), 0.3)
+
+
+def test_layer_shapes_follow_new_channel_counts():
+    depthwise = LayerShape.of(nn.Conv2d(96, 96, 3, groups=96), (2, 96, 8, 8), out_channels=80)
+    assert (depthwise.in_channels, depthwise.out_channels, dict(depthwise.options)["groups"]) == (80, 80, 80)
+    assert depthwise.input_shape == (2, 80, 8, 8)
+    grouped = nn.Conv2d(64, 64, 3, groups=4)
+    assert LayerShape.of(grouped, (1, 64, 8, 8), in_channels=48).in_channels == 48
+    assert LayerShape.of(grouped, (1, 64, 8, 8), in_channels=50) is None  # 4 groups cannot split 50 channels
+    linear = LayerShape.of(nn.Linear(128, 10), (4, 7, 128), in_channels=96)
+    assert linear.input_shape == (4, 7, 96) and linear.key() != LayerShape.of(nn.Linear(128, 10), (4, 7, 128)).key()
+    module, inputs = LayerShape.of(nn.ConvTranspose2d(16, 8, 2, stride=2), (1, 16, 4, 4), out_channels=4).build()
+    assert module(inputs).shape == (1, 4, 8, 8)
+    assert LayerShape.of(nn.BatchNorm2d(4), (1, 4, 2, 2)) is None
