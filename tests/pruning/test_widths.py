@@ -192,17 +192,3 @@ def test_select_channels_with_auto_needs_a_table():
     graph = analyse_channels(capture(model, x))
     with pytest.raises(ValueError, match="round_to: auto chooses widths from a latency table"):
         select_channels(model, graph, ChannelPruningConfig(ratio=0.3, round_to="auto"), 0.3)
-
-
-def test_layer_shapes_follow_new_channel_counts():
-    depthwise = LayerShape.of(nn.Conv2d(96, 96, 3, groups=96), (2, 96, 8, 8), out_channels=80)
-    assert (depthwise.in_channels, depthwise.out_channels, dict(depthwise.options)["groups"]) == (80, 80, 80)
-    assert depthwise.input_shape == (2, 80, 8, 8)
-    grouped = nn.Conv2d(64, 64, 3, groups=4)
-    assert LayerShape.of(grouped, (1, 64, 8, 8), in_channels=48).in_channels == 48
-    assert LayerShape.of(grouped, (1, 64, 8, 8), in_channels=50) is None  # 4 groups cannot split 50 channels
-    linear = LayerShape.of(nn.Linear(128, 10), (4, 7, 128), in_channels=96)
-    assert linear.input_shape == (4, 7, 96) and linear.key() != LayerShape.of(nn.Linear(128, 10), (4, 7, 128)).key()
-    module, inputs = LayerShape.of(nn.ConvTranspose2d(16, 8, 2, stride=2), (1, 16, 4, 4), out_channels=4).build()
-    assert module(inputs).shape == (1, 4, 8, 8)
-    assert LayerShape.of(nn.BatchNorm2d(4), (1, 4, 2, 2)) is None

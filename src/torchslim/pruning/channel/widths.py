@@ -90,7 +90,9 @@ class WidthChoice:
     chosen_ms: float
 
     def as_dict(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        """Plain JSON values: milliseconds rounded, None where a layer could not take the width."""
+        return {k: (round(v, 4) if math.isfinite(v) else None) if isinstance(v, float) else v
+                for k, v in asdict(self).items()}
 
 
 @dataclass
