@@ -188,7 +188,7 @@ def _step(tmp_path, runtime: str, monkeypatch):
                          modality="image", preprocess=TINY_PREPROCESS, example_inputs=TINY_PREPROCESS.example)
     context = make_context(tmp_path, bundle)
     config = Int8StaticConfig(runtime=runtime, calibration=CalibrationConfig(samples=64, batch_size=32),
-                              adaround=AdaRoundConfig(enabled=True, iterations=50, time_budget=1e6))
+                              adaround=AdaRoundConfig(enabled=True, iterations=200, time_budget=1e6))
     deployable = quantize_int8_static(context, config)
     (result,) = results
     return deployable, result, context
@@ -200,11 +200,11 @@ def test_the_onnx_qdq_file_holds_exactly_the_learned_integers(tmp_path, monkeypa
     from onnx import numpy_helper
 
     deployable, result, context = _step(tmp_path, "onnxruntime", monkeypatch)
-    assert list(result.layers) == LAYERS and sum(r.changed > 0 for r in result.layers.values()) >= 6
+    assert list(result.layers) == LAYERS and sum(r.changed > 0 for r in result.layers.values()) >= 4
     details = deployable.details["adaround"]
     assert details["grid"].startswith("[-127, 127] per-channel") or details["grid"].startswith("[-64, 64]")
     assert deployable.details["folded_batchnorms"] == 7
-    assert set(details["layers"]) == set(LAYERS) and details["iterations"] == 50 * len(LAYERS)
+    assert set(details["layers"]) == set(LAYERS) and details["iterations"] == 200 * len(LAYERS)
     initializers = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(deployable.path)).graph.initializer}
     for name, layer in result.layers.items():
         stored = torch.from_numpy(initializers[f"{name}.weight_quantized"].copy())
@@ -231,3 +231,40 @@ def test_the_pt2e_graph_holds_exactly_the_learned_integers(tmp_path, monkeypatch
     assert set(weights) == set(LAYERS) == set(result.layers)
     for name, layer in result.layers.items():
         assert weights[name].dtype == torch.int8 and torch.equal(weights[name], layer.integers), name
+
+
+def _with_quantized_inputs(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    """``model`` with every Conv/Linear input fake-quantized to uint8 on its min-max range over ``calibration``,
+    as the runtimes quantize activations (weights as they are)."""
+    from torchslim.quant.qmath import QScheme, fake_quantize, qparams
+
+    simulated, scheme = copy.deepcopy(model), QScheme(signed=False, symmetric=False)
+    layers = [m for m in simulated.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    ranges = {}
+    handles = [m.register_forward_pre_hook(lambda m, a: ranges.setdefault(m, []).append(a[0])) for m in layers]
+    with torch.no_grad():
+        simulated(calibration)
+    for handle in handles:
+        handle.remove()
+    for layer in layers:
+        scale, zero = qparams(min(float(x.min()) for x in ranges[layer]), max(float(x.max()) for x in ranges[layer]),
+                              scheme)
+        layer.register_forward_pre_hook(lambda m, a, s=scale, z=zero: (fake_quantize(a[0], s, z, scheme),))
+    return simulated
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rounding_fitted_on_quantized_inputs_beats_rounding_fitted_on_float_inputs(seed):
+    from torchslim.quant.qmath import QScheme
+
+    torch.manual_seed(seed)
+    model = _folded(seed)
+    calibration, held_out = torch.randn(64, 3, 16, 16), torch.randn(128, 3, 16, 16)
+    errors = {}
+    for label, activations in (("float inputs", None), ("quantized inputs", QScheme(signed=False, symmetric=False))):
+        learned = copy.deepcopy(model)
+        adaround_(learned, calibration, WeightGrid(), iterations=100, time_budget=1e6, activations=activations)
+        errors[label] = _error(_with_quantized_inputs(learned, calibration), model, held_out)
+    errors["nearest"] = _error(_with_quantized_inputs(_nearest(model, WeightGrid()), calibration), model, held_out)
+    # measured: quantized-input fit 0.13x / 0.27x the float-input fit's error, which is 0.57x / 0.78x nearest's
+    assert errors["quantized inputs"] < 0.5 * errors["float inputs"] < errors["nearest"], errors

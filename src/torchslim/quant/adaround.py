@@ -38,11 +38,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from torchslim._config import check
+from torchslim.quant.observers import make_observer
+from torchslim.quant.qmath import QScheme, fake_quantize
 
 ZETA, GAMMA = 1.1, -0.1  # the stretch of h(V) beyond [0, 1], so that h reaches 0 and 1 with a finite V
 BETA_START, BETA_END = 20.0, 2.0
 WARMUP = 0.2  # the first fifth of a layer's iterations fit without the regulariser
-LEARNING_RATE = 1e-2
+LEARNING_RATE = 5e-2  # converges in ~100 iterations (measured on small nets); a time budget rarely allows thousands
 PROBE_ITERATIONS = 5  # timed before a layer's iteration count is fixed from its share of the time budget
 MAX_ROWS = 4096  # input rows (positions) sampled per layer
 MAX_ROW_ELEMENTS = 1 << 22  # ... and at most this many stored floats per layer (16 MB)
@@ -68,7 +70,7 @@ class AdaRoundConfig:
     """
 
     enabled: bool = False
-    iterations: int = 500
+    iterations: int = 300
     time_budget: float = 120.0
     regularization: float = 0.01
     samples: int = 64
@@ -350,8 +352,13 @@ def _learn(layer: _Layer, stats: _Statistics, *, cap: int, seconds: float, regul
            clock: Callable[[], float]) -> tuple[torch.Tensor, int]:
     """Learned integers ``[groups, out, in]`` (nearest rounding where learning made the loss worse) and the
     number of Adam iterations run: at most ``cap``, and as many as ``seconds`` allow."""
-    nearest_loss = float(stats.loss(layer.delta(layer.nearest)))
-    planned = 0 if seconds <= 0 or nearest_loss <= 0 else min(cap, PROBE_ITERATIONS)
+    nearest = layer.delta(layer.nearest)
+    nearest_loss = float(stats.loss(nearest))
+    # The unit of the reconstruction term: the error nearest rounding's weights alone add (the part of the loss
+    # that the rounding moves; the rest, from the inputs' own error, is a constant the regulariser must not
+    # drown in).
+    unit = float((torch.bmm(nearest, stats.hessian) * nearest).sum())
+    planned = 0 if seconds <= 0 or unit <= 0 else min(cap, PROBE_ITERATIONS)
     if planned == 0:
         return layer.nearest, 0
     fraction = ((layer.remainder - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
@@ -365,7 +372,7 @@ def _learn(layer: _Layer, stats: _Statistics, *, cap: int, seconds: float, regul
             warm = max(min(PROBE_ITERATIONS, planned), math.ceil(WARMUP * planned))
             h = _rectified_sigmoid(v)
             soft = torch.clamp(layer.floor + h, layer.low, layer.high)
-            loss = stats.loss(layer.delta(soft)) / nearest_loss
+            loss = stats.loss(layer.delta(soft)) / unit
             if iteration >= warm:
                 progress = (iteration - warm) / max(planned - warm, 1)
                 beta = BETA_END + (BETA_START - BETA_END) * (1 - progress)
@@ -394,24 +401,45 @@ def _weight_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def _refusal(name: str, module: nn.Module | None, weight: torch.Tensor, call: _Call | str, grid: WeightGrid,
-             skip: tuple) -> str | None:
+def _left_float(name: str, module: nn.Module | None, grid: WeightGrid, skip: tuple) -> str | None:
+    """Why the runtime keeps this layer float (its weights and input are not quantized), or None."""
     if any(fnmatch.fnmatch(name, pattern) for pattern in skip):
         return "kept in float (matched skip)"
-    if isinstance(call, str):
-        return f"a convolution with {call}"
-    if weight.dtype != torch.float32:
-        return f"its weight is {weight.dtype}, not float32"
     if grid.exact_types and type(module) not in grid.exact_types:
         return f"{type(module).__name__}: the runtime quantizes only exact " + \
             ", ".join(t.__name__ for t in grid.exact_types) + " (left float there)"
     return None
 
 
-def _with_bias(func, args: tuple, kwargs: dict, bias: torch.Tensor) -> tuple[tuple, dict]:
-    if len(args) > 2:
-        return args[:2] + (bias,) + args[3:], kwargs
-    return args, {**kwargs, "bias": bias}
+def _refusal(weight: torch.Tensor, call: _Call | str) -> str | None:
+    if isinstance(call, str):
+        return f"a convolution with {call}"
+    if weight.dtype != torch.float32:
+        return f"its weight is {weight.dtype}, not float32"
+    return None
+
+
+def _with_argument(args: tuple, kwargs: dict, index: int, name: str, value: Any) -> tuple[tuple, dict]:
+    if len(args) > index:
+        return args[:index] + (value,) + args[index + 1:], kwargs
+    return args, {**kwargs, name: value}
+
+
+def _on_grid(weight: torch.Tensor, layer: _Layer, integers: torch.Tensor, grid: WeightGrid) -> torch.Tensor:
+    """``scale * integers``, the fixed weights (each channel's largest |w|) as they were, and nothing beyond
+    that largest |w| (``127 * scale`` may round one ulp above it), so the runtime's scale cannot move."""
+    rounded = torch.where(layer.learnable, layer.scale * integers, weight.reshape(layer.floor.shape))
+    flat = weight.abs().reshape(weight.shape[0], -1)
+    bound = (flat.amax(1) if grid.per_channel else flat.max().expand(weight.shape[0]))
+    bound = bound.reshape(-1, *[1] * (weight.dim() - 1))
+    return torch.maximum(torch.minimum(rounded.reshape(weight.shape), bound), -bound)
+
+
+def _mean_error(weight: torch.Tensor, rounded: torch.Tensor, stats: _Statistics, groups: int) -> torch.Tensor:
+    """Per output channel, the mean of ``W x - W~ x_q`` over the calibration rows: what the bias must add."""
+    shape = (groups, weight.shape[0] // groups, -1)
+    return (torch.bmm(weight.double().reshape(shape), stats.mean_float.unsqueeze(-1))
+            - torch.bmm(rounded.double().reshape(shape), stats.mean_quantized.unsqueeze(-1))).reshape(-1)
 
 
 class _Budget:
@@ -444,8 +472,9 @@ class _Budget:
 
 
 @torch.no_grad()
-def adaround_(model: nn.Module, inputs: Any, grid: WeightGrid, *, iterations: int = 500, time_budget: float = 120.0,
-              regularization: float = 0.01, correct_bias: bool = True, skip: tuple | list = (), seed: int = 0,
+def adaround_(model: nn.Module, inputs: Any, grid: WeightGrid, *, iterations: int = 300, time_budget: float = 120.0,
+              regularization: float = 0.01, correct_bias: bool = True, skip: tuple | list = (),
+              activations: QScheme | None = None, observer: str = "minmax", seed: int = 0,
               clock: Callable[[], float] = time.perf_counter) -> AdaRoundResult:
     """Learn the rounding of every Conv2d/Linear weight of ``model`` (eval mode, BatchNorms folded) on ``grid``,
     in place: each weight becomes ``scale * integer`` with the runtime's scale unchanged.
@@ -462,6 +491,10 @@ def adaround_(model: nn.Module, inputs: Any, grid: WeightGrid, *, iterations: in
             added to the reconstruction error relative to nearest rounding's).
         correct_bias: fit the rounding to the centred output error and let the bias take its mean.
         skip: layer-name patterns (fnmatch) left alone.
+        activations: the scheme the runtime quantizes each quantized layer's input on (per tensor), or None for
+            float inputs. The ranges come from ``observer`` (`torchslim.quant.observers`) on the float pass, and
+            the rounding pass fake-quantizes every such input: each layer then also fits the activation error
+            of its own input and of the layers before it, as the deployed model makes it.
         clock: the time source (tests pass a fake one).
 
     Returns:
@@ -478,12 +511,16 @@ def adaround_(model: nn.Module, inputs: Any, grid: WeightGrid, *, iterations: in
     weights = _weight_names(model)
     calls: dict[str, int] = {}
     captured: dict[str, tuple] = {}
+    observers: dict[str, Any] = {}  # the inputs the runtime quantizes: their ranges
 
     def capture(name, func, args, kwargs):
         calls[name] = calls.get(name, 0) + 1
+        x, weight, _, call = _parse(func, args, kwargs)
+        why = _left_float(name, modules.get(name), grid, tuple(skip))
+        if activations is not None and why is None:
+            observers.setdefault(name, make_observer(observer, activations)).observe(x)
         if calls[name] == 1:
-            x, weight, _, call = _parse(func, args, kwargs)
-            why = _refusal(name, modules.get(name), weight, call, grid, tuple(skip))
+            why = why or _refusal(weight, call)
             if why:
                 result.refused[name] = why
             else:
@@ -498,41 +535,36 @@ def adaround_(model: nn.Module, inputs: Any, grid: WeightGrid, *, iterations: in
             captured.pop(name, None)
             result.refused[name] = f"called {count} times in one forward pass"
     budget = _Budget(deadline, clock, first_pass=clock() - started, layers=len(captured))
+    ranges = {name: o.qparams() for name, o in observers.items()}
 
     def round_layer(name, func, args, kwargs):
+        x, weight, bias, _ = _parse(func, args, kwargs)
+        if name in ranges:  # the input as the runtime quantizes it
+            x = fake_quantize(x, *ranges[name], activations)
+            args, kwargs = _with_argument(args, kwargs, 0, "input", x)
         if name not in captured:
             return args, kwargs
         call, positions, float_rows = captured.pop(name)
-        x, weight, bias, _ = _parse(func, args, kwargs)
         stats = _statistics(weight, float_rows, _rows(x, weight, call, positions), call.groups, correct_bias)
         del float_rows
         scale = grid.scale(weight)
         layer = _Layer.of(weight, grid, scale, call.groups)
         integers, done = budget.learn(layer, stats, len(captured) + 1, cap=iterations, regularization=regularization)
-        new_weight = torch.where(layer.learnable, layer.scale * integers,
-                                 weight.detach().reshape(layer.floor.shape)).reshape(weight.shape)
-        bound = weight.detach().abs().reshape(weight.shape[0], -1)
-        bound = (bound.amax(1) if grid.per_channel else bound.max().expand(weight.shape[0]))
-        new_weight = torch.maximum(torch.minimum(new_weight, bound.reshape(-1, *[1] * (weight.dim() - 1))),
-                                   -bound.reshape(-1, *[1] * (weight.dim() - 1)))
+        new_weight = _on_grid(weight.detach(), layer, integers, grid)
         deployed = grid.codes(new_weight, grid.scale(new_weight))
         if not (torch.equal(grid.scale(new_weight), scale) and torch.equal(deployed, integers.reshape(weight.shape))):
             result.refused[name] = "the runtime's rounding of the learned weight would not give the learned integers"
             return args, kwargs
         mse = [float(stats.loss(layer.delta(q))) / weight.shape[0] for q in (layer.nearest, integers)]
         changed = float((integers != layer.nearest).float().mean())
-        grouped = (call.groups, weight.shape[0] // call.groups, -1)
-        w_old, w_new = weight.detach().double().reshape(grouped), new_weight.double().reshape(grouped)
+        shift = _mean_error(weight.detach(), new_weight, stats, call.groups)
         weight.copy_(new_weight)
-        if correct_bias:
-            shift = (torch.bmm(w_old, stats.mean_float.unsqueeze(-1))
-                     - torch.bmm(w_new, stats.mean_quantized.unsqueeze(-1))).reshape(-1)
-            module = modules.get(name)
-            if bias is not None:
-                bias.add_(shift.to(bias.dtype))
-            elif module is not None and getattr(module, "bias", False) is None:
-                module.bias = nn.Parameter(shift.float())
-                args, kwargs = _with_bias(func, args, kwargs, module.bias)
+        module = modules.get(name)
+        if correct_bias and module is not None and bias is not None and bias is getattr(module, "bias", None):
+            bias.add_(shift.to(bias.dtype))
+        elif correct_bias and module is not None and bias is None and getattr(module, "bias", False) is None:
+            module.bias = nn.Parameter(shift.float())
+            args, kwargs = _with_argument(args, kwargs, 2, "bias", module.bias)
         result.layers[name] = LayerRounding(done, int(positions[0].numel()), mse[0], mse[1], changed,
                                             deployed.to(torch.int8 if -128 <= grid.qmin else torch.int16))
         return args, kwargs

@@ -172,7 +172,7 @@ def _build(name: str, context, config: Int8StaticConfig) -> Deployable:
     original = context.model
     context.model = copy.deepcopy(original)
     try:
-        rounding = _adaround(context, config, BACKENDS[name].weight_grid(config))
+        rounding = _adaround(context, config, BACKENDS[name])
         deployable = BACKENDS[name].build(context, config)
     finally:
         context.model = original
@@ -180,8 +180,9 @@ def _build(name: str, context, config: Int8StaticConfig) -> Deployable:
     return deployable
 
 
-def _adaround(context, config: Int8StaticConfig, grid) -> dict:
-    """Learn the rounding of ``context.model``'s weights on ``grid`` in place; what was done, for the details."""
+def _adaround(context, config: Int8StaticConfig, backend) -> dict:
+    """Learn the rounding of ``context.model``'s weights in place on ``backend``'s weight grid, its inputs
+    quantized as the backend quantizes them; what was done, for the details."""
     import dataclasses
 
     from torchslim.quant.adaround import adaround_
@@ -191,12 +192,16 @@ def _adaround(context, config: Int8StaticConfig, grid) -> dict:
     samples = min(options.samples, config.calibration.samples or options.samples)
     one_batch = dataclasses.replace(config.calibration, samples=samples, batch_size=samples)
     inputs = next(iter(calibration_batches(context, one_batch)))
+    grid = backend.weight_grid(config)
+    activations, observer = backend.activation_simulation(config)
     result = adaround_(context.model.eval(), inputs, grid, iterations=options.iterations,
                        time_budget=options.time_budget, regularization=options.regularization,
-                       correct_bias=config.bias_correction, skip=config.skip, seed=context.seed)
+                       correct_bias=config.bias_correction, skip=config.skip, activations=activations,
+                       observer=observer, seed=context.seed)
     first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
     return {"grid": f"[{grid.qmin}, {grid.qmax}] " + ("per-channel" if grid.per_channel else "per-tensor")
                     + f", {grid.arithmetic} arithmetic", "samples": int(first.shape[0]),
+            "activations": f"{observer} ranges on the {int(first.shape[0])} samples",
             "bias_updated": config.bias_correction, **result.summary()}
 
 

@@ -95,6 +95,11 @@ def weight_grid(config):
                       arithmetic="onnxruntime")
 
 
+def activation_simulation(config) -> tuple[QScheme, str]:
+    """How this backend quantizes a layer's input: `ACTIVATIONS` with the range from ``config.observer``."""
+    return ACTIVATIONS, config.observer
+
+
 def _corrected(prepared: Path, means: dict, exclude: list[str], per_channel: bool) -> tuple[Path, dict]:
     """A copy of the prepared model whose quantized layers' biases cancel their weights' rounding offset."""
     import onnx

@@ -91,6 +91,16 @@ def weight_grid(config):
                       exact_types=(nn.Conv2d, nn.Linear))
 
 
+def activation_simulation(config):
+    """How torchao's x86 quantizer quantizes a layer's input, in `torchslim.quant.qmath` terms: uint8 per tensor,
+    asymmetric ([0, 127] without VNNI), with torchslim's nearest observer to the one `_quantizer` picks (min-max,
+    or "mse" for torchao's L2-optimal histogram)."""
+    from torchslim.quant.qmath import QScheme
+
+    observer = config.observer if config.observer in OBSERVERS else "mse"
+    return QScheme(signed=False, symmetric=False, reduce_range=not has_vnni()), observer
+
+
 def graph_tensors(graph_module: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor the converted graph reads through get_attr (int8 weights, scales, zero points, biases)."""
     tensors = {}
