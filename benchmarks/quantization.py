@@ -1,5 +1,5 @@
 """int8 side by side: `python benchmarks/quantization.py [--json PATH] [--eval-limit N] [--models lite0,minilm] [--quick]
-[--rows fp32_eager,torchslim_pipeline,torchslim_equalize] [--threads N]`.
+[--rows fp32_eager,torchslim_pipeline,torchslim_equalize,torchslim_adaround] [--threads N]`.
 
 For each model (EfficientNet-Lite0 on builtin:images, all-MiniLM-L6-v2 on builtin:sentences) this process builds
 and measures, one after another and by the same code:
@@ -15,7 +15,8 @@ and measures, one after another and by the same code:
      histogram observers, calibrated on the same crops), MiniLM through ``quantize_`` with
      ``Int8DynamicActivationInt8WeightConfig``; compile time (the first call at each timed shape) is separate;
   6. torchslim: the example recipe run by ``torchslim.pipeline.Pipeline`` (Lite0 with ``--set``
-     ``steps.0.quantize.runtime=onnxruntime``); its int8 ONNX file is loaded into a fresh session here.
+     ``steps.0.quantize.runtime=onnxruntime``); its int8 ONNX file is loaded into a fresh session here. Lite0
+     also with ``fallback_layers=4``, ``equalize=true`` and ``adaround.enabled=true`` (learned weight rounding).
 
 Every ONNX file runs in a `torchslim.runtime.OnnxRuntimeDeployable` (CPU provider, intra-op threads = torch's).
 Latency: medians of repeated timings (``measure_latency``) at batch 1 and the batched size (Lite0 16, MiniLM 32
@@ -299,6 +300,8 @@ def torchslim_pipeline(w: Workload, scratch: Path, threads: int, extra: tuple[st
                                                 "observer", "calibration_samples", "format",
                                                 "sensitive_float_nodes_db", "export_seconds",
                                                 "ptq_seconds", "equalization")}}
+    if "adaround" in stage["details"]:  # its per-layer table stays in the pipeline's report
+        notes["adaround"] = {k: v for k, v in stage["details"]["adaround"].items() if k != "layers"}
     return Candidate(f"torchslim {stage['step'].split(':')[1]}{label}", "onnxruntime",
                      onnx_session(path, w.bundle.model, threads), path.stat().st_size, stage["step_seconds"],
                      notes, path=path)
@@ -318,8 +321,15 @@ def torchslim_equalize(w: Workload, scratch: Path, threads: int) -> Candidate | 
     return torchslim_pipeline(w, scratch, threads, ("steps.0.quantize.equalize=true",), " equalize")
 
 
+def torchslim_adaround(w: Workload, scratch: Path, threads: int) -> Candidate | None:
+    """Lite0 only: the same recipe with learned weight rounding (``adaround: {enabled: true}``, its defaults)."""
+    if w.key != "lite0":
+        return None
+    return torchslim_pipeline(w, scratch, threads, ("steps.0.quantize.adaround.enabled=true",), " adaround")
+
+
 ROWS = (fp32_eager, fp32_onnx, ort_peer, torch_ao_dynamic, torchao_compiled, torchslim_pipeline, torchslim_fallback,
-        torchslim_equalize)
+        torchslim_equalize, torchslim_adaround)
 
 
 # ---------------------------------------------------------------------------------------------------- measuring

@@ -27,6 +27,7 @@ from torchslim.measure.latency import measure_latency
 from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
 from torchslim.measure.stage import first_samples
 from torchslim.quant import onnx_backend, pt2e_backend
+from torchslim.quant.adaround import AdaRoundConfig
 from torchslim.registry import register_method
 from torchslim.runtime import Deployable
 
@@ -57,6 +58,10 @@ class Int8StaticConfig:
         smoothquant: before calibration, smooth the Linear layers fed only by a LayerNorm
             (`torchslim.quant.smooth`, alpha searched per LayerNorm on the calibration data); the float function
             is unchanged. LayerNorms whose output also feeds a residual (post-LN encoders) are left alone.
+        adaround: learned weight rounding (`AdaRoundConfig`, `torchslim.quant.adaround`), after equalize and
+            smoothquant, on each runtime's own weight grid (BatchNorms folded first); the runtime then stores
+            exactly the learned integers. With ``bias_correction`` each rounded layer's bias also takes its
+            output's mean error, measured on the calibration batch.
         prefer: what "fastest" means for ``runtime: auto``: "balanced" (geometric mean of the batch-1 and
             batched latencies), "batch" (batched latency) or "bs1" (batch-1 latency).
     """
@@ -71,6 +76,7 @@ class Int8StaticConfig:
     bias_correction: bool = True
     equalize: bool = False
     smoothquant: bool = False
+    adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
     version: int = 1
     renamed_fields: ClassVar[dict[str, str]] = {
         "calibration_batches": "calibration.samples (samples, not batches: calibration_batches x "
@@ -123,9 +129,11 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
     names = _candidates(context, config)
     prepared = _prepare(context, config)
     if len(names) == 1:
-        deployable = BACKENDS[names[0]].build(context, config)
+        deployable = _build(names[0], context, config)
         deployable.details["runtime_choice"] = names[0] + (" (the only candidate)" if config.runtime == "auto" else "")
         deployable.details.update(prepared)
+        if config.adaround.enabled:
+            context.model = deployable.module  # the copy whose weights sit on this runtime's grid
         return deployable
     batch = context.data.fill_batch("val", context.bundle.preprocess, context.batch_size)
     with torch.inference_mode():
@@ -133,7 +141,7 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
     built, figures = {}, {}
     for name in bar(names, desc="building and timing each int8 runtime", unit="runtime", show=context.progress):
         try:
-            built[name] = BACKENDS[name].build(context, config)
+            built[name] = _build(name, context, config)
             figures[name] = _time_candidate(built[name], batch, reference, config.prefer,
                                             context.bundle.task)
         except Exception as error:  # a backend that fails on this model is reported, and the others compete
@@ -148,7 +156,53 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
     chosen.details["runtime_choice"] = f"{best}: fastest by {criterion}"
     chosen.details["candidates"] = figures
     chosen.details.update(prepared)
+    if config.adaround.enabled:
+        context.model = chosen.module
     return chosen
+
+
+def _build(name: str, context, config: Int8StaticConfig) -> Deployable:
+    """Build one backend. With ``adaround``, on a copy of the model whose weights learned their rounding on that
+    backend's grid (the grids differ: ONNX Runtime's scale is max|w| / 127, torchao's max|w| / 127.5), so each
+    runtime stores exactly its own learned integers."""
+    if not config.adaround.enabled:
+        return BACKENDS[name].build(context, config)
+    import copy
+
+    original = context.model
+    context.model = copy.deepcopy(original)
+    try:
+        rounding = _adaround(context, config, BACKENDS[name])
+        deployable = BACKENDS[name].build(context, config)
+    finally:
+        context.model = original
+    deployable.details["adaround"] = rounding
+    return deployable
+
+
+def _adaround(context, config: Int8StaticConfig, backend) -> dict:
+    """Learn the rounding of ``context.model``'s weights in place on ``backend``'s weight grid, its inputs
+    quantized as the backend quantizes them; what was done, for the details."""
+    import dataclasses
+
+    from torchslim.quant.adaround import adaround_
+    from torchslim.core.calibration import calibration_batches
+
+    options = config.adaround
+    samples = min(options.samples, config.calibration.samples or options.samples)
+    one_batch = dataclasses.replace(config.calibration, samples=samples, batch_size=samples)
+    inputs = next(iter(calibration_batches(context, one_batch)))
+    grid = backend.weight_grid(config)
+    activations, observer = backend.activation_simulation(config)
+    result = adaround_(context.model.eval(), inputs, grid, iterations=options.iterations,
+                       time_budget=options.time_budget, regularization=options.regularization,
+                       correct_bias=config.bias_correction, skip=config.skip, activations=activations,
+                       observer=observer, seed=context.seed)
+    first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+    return {"grid": f"[{grid.qmin}, {grid.qmax}] " + ("per-channel" if grid.per_channel else "per-tensor")
+                    + f", {grid.arithmetic} arithmetic", "samples": int(first.shape[0]),
+            "activations": f"{observer} ranges on the {int(first.shape[0])} samples",
+            "bias_updated": config.bias_correction, **result.summary()}
 
 
 def _prepare(context, config: Int8StaticConfig) -> dict:
@@ -156,6 +210,8 @@ def _prepare(context, config: Int8StaticConfig) -> dict:
     done = {}
     if config.equalize:
         done["equalization"] = _equalize(context)
+    elif config.adaround.enabled:
+        done["folded_batchnorms"] = _fold(context)
     if config.smoothquant:
         from torchslim.core.calibration import calibration_batches
         from torchslim.quant.smooth import smooth_
@@ -174,6 +230,17 @@ def _equalize(context) -> dict:
     for name, why in not_folded.items():
         context.skip_layer(name, f"BatchNorm not folded before equalization: {why}")
     return {"folded_batchnorms": len(folded), **result.summary()}
+
+
+def _fold(context) -> int:
+    """Fold BatchNorms into their layers in place, as the runtimes would: learned rounding must see the weights
+    the runtime quantizes."""
+    from torchslim.quant.fold import fold_batchnorms
+
+    folded, not_folded = fold_batchnorms(context.model.eval(), context.example_inputs(1))
+    for name, why in not_folded.items():
+        context.skip_layer(name, f"BatchNorm not folded before learned rounding: {why}")
+    return len(folded)
 
 
 # Old names, kept for one release (see torchslim._deprecated).

@@ -83,6 +83,22 @@ def weight_scheme(per_channel: bool) -> QScheme:
     return QScheme(signed=True, symmetric=True, axis=0 if per_channel else None, reduce_range=not has_vnni())
 
 
+def weight_grid(config):
+    """`weight_scheme`'s grid with ONNX Runtime's arithmetic (`torchslim.quant.adaround.WeightGrid`): its QDQ
+    writer derives a symmetric scale from each channel's max |w| (``2 max|w| / (qmax - qmin)`` in float64, stored
+    as float32) and stores ``round(w / scale)`` on [-127, 127] ([-64, 64] without VNNI)."""
+    from torchslim.quant.adaround import WeightGrid
+
+    scheme = weight_scheme(config.per_channel)
+    return WeightGrid(qmin=-scheme.half_range, qmax=scheme.half_range, per_channel=config.per_channel,
+                      arithmetic="onnxruntime")
+
+
+def activation_simulation(config) -> tuple[QScheme, str]:
+    """How this backend quantizes a layer's input: `ACTIVATIONS` with the range from ``config.observer``."""
+    return ACTIVATIONS, config.observer
+
+
 def _corrected(prepared: Path, means: dict, exclude: list[str], per_channel: bool) -> tuple[Path, dict]:
     """A copy of the prepared model whose quantized layers' biases cancel their weights' rounding offset."""
     import onnx

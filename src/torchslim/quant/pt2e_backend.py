@@ -78,6 +78,29 @@ def _quantizer(module: nn.Module, config):
     return quantizer, skipped
 
 
+def weight_grid(config):
+    """The grid torchao's x86 quantizer puts weights on (`torchslim.quant.adaround.WeightGrid`): its
+    per-channel min-max observer gives the symmetric scale ``max(max|w| / 127.5, 2^-12)`` (codes [-128, 127]
+    whatever ``reduce_range``, which narrows activations only; the floor is the ``eps`` its default config gives
+    every observer, so a channel with max |w| below 0.031 gets fewer codes), and ``convert_pt2e`` stores
+    ``round(w * (1 / scale))``. It matches exact ``nn.Conv2d``/``nn.Linear`` modules only, so only those are
+    rounded for it."""
+    from torchslim.quant.adaround import WeightGrid
+
+    return WeightGrid(qmin=-128, qmax=127, per_channel=True, arithmetic="torchao", min_scale=2.0 ** -12,
+                      exact_types=(nn.Conv2d, nn.Linear))
+
+
+def activation_simulation(config):
+    """How torchao's x86 quantizer quantizes a layer's input, in `torchslim.quant.qmath` terms: uint8 per tensor,
+    asymmetric ([0, 127] without VNNI), with torchslim's nearest observer to the one `_quantizer` picks (min-max,
+    or "mse" for torchao's L2-optimal histogram)."""
+    from torchslim.quant.qmath import QScheme
+
+    observer = config.observer if config.observer in OBSERVERS else "mse"
+    return QScheme(signed=False, symmetric=False, reduce_range=not has_vnni()), observer
+
+
 def graph_tensors(graph_module: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor the converted graph reads through get_attr (int8 weights, scales, zero points, biases)."""
     tensors = {}
@@ -157,6 +180,7 @@ class InductorInt8Deployable(Deployable):
         settings = {"observer": self.config.observer, "per_channel": self.config.per_channel,
                     "skip": list(self.config.skip), "equalize": getattr(self.config, "equalize", False),
                     "smoothquant": getattr(self.config, "smoothquant", False),
+                    "adaround": bool(getattr(getattr(self.config, "adaround", None), "enabled", False)),
                     # what the graph was captured on, so that `load_saved` can capture it again without inputs
                     "example": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                                 for t in _args(self.example)]}
