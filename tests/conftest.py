@@ -40,6 +40,13 @@ def tiny_bundle() -> ModelBundle:
 register_builtin_model("tiny-test-cnn")(tiny_bundle)
 
 
+# Every test starts with torch on one intra-op thread. The models here are tiny, so a second thread gains little on
+# an idle machine, while on a shared one two OpenMP threads spin against the other load: on two cores under load
+# 3-6, a tiny GPT-2 decoded 40x slower on two threads than on one, and the default suite took 16:45 instead of
+# about 5:15. A recipe's measure.threads still sets its own count for its run; the fixture below restores this one.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_threads():
     threads = torch.get_num_threads()
