@@ -40,11 +40,19 @@ def tiny_bundle() -> ModelBundle:
 register_builtin_model("tiny-test-cnn")(tiny_bundle)
 
 
+# Every test starts with torch on one intra-op thread. The models here are tiny, so a second thread gains little on
+# an idle machine, while on a shared one two OpenMP threads spin against the other load: on two cores under load
+# 3-6, a tiny GPT-2 decoded 40x slower on two threads than on one, and the default suite took 16:45 instead of
+# about 5:15. A recipe run sets its own count (measure.threads, 0: every core; the shared test recipes say 1) and
+# leaves it set, so the count is reset before each test, not merely restored after it.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_threads():
-    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
 
 
 TINY_RECIPE = {
@@ -55,5 +63,5 @@ TINY_RECIPE = {
         {"finetune": {"epochs": 1, "batch_size": 128, "optimizer": {"name": "adamw", "lr": 0.003}}},
         {"quantize": {"method": "int8-static", "calibration": {"samples": 64}}},
     ],
-    "measure": {"batch_size": 32, "warmup": 1, "repeats": 3, "max_eval_samples": 128},
+    "measure": {"batch_size": 32, "warmup": 1, "repeats": 3, "max_eval_samples": 128, "threads": 1},
 }

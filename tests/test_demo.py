@@ -40,7 +40,7 @@ def test_the_demos_prune_step_cuts_the_built_in_model_to_a_third(tmp_path):
 
     raw = yaml.safe_load(DEMO_RECIPE)
     raw["steps"] = raw["steps"][:1]
-    raw["measure"] = {"batch_size": 64, "warmup": 0, "repeats": 1, "max_eval_samples": 128}
+    raw["measure"] = {"batch_size": 64, "warmup": 0, "repeats": 1, "max_eval_samples": 128, "threads": 1}
     report = compress(parse_recipe(raw, "demo"), tmp_path / "demo", progress=False, log=lambda m: None)
     base, pruned = report["stages"]
     assert base["score"] >= 0.98  # the built-in model is well trained

@@ -19,7 +19,7 @@ from torchslim.data.config import DataConfig
 
 from tiny_hf import bert_classifier, example_data, llama, run_snippet
 
-FAST = {"batch_size": 8, "repeats": 1, "warmup": 0}
+FAST = {"batch_size": 8, "repeats": 1, "warmup": 0, "threads": 1}
 
 
 def run(tmp_path, recipe: dict, name: str = "run") -> tuple[int, dict]:

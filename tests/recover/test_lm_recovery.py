@@ -217,7 +217,7 @@ def test_a_causal_lm_recipe_runs_end_to_end_with_perplexity_and_decode_speed(tra
     register_builtin_data("tiny-test-cycle")(lambda seed=0: data)
     recipe = parse_recipe({"model": "builtin:tiny-test-lm", "data": "builtin:tiny-test-cycle", "steps": [
         {"prune": {"method": "wanda", "pattern": "4:8", "calibration": {"samples": 32, "batch_size": 16}}},
-        {"quantize": {"method": "int8-weight"}}], "measure": {"batch_size": 8, "warmup": 1, "repeats": 3}})
+        {"quantize": {"method": "int8-weight"}}], "measure": {"batch_size": 8, "warmup": 1, "repeats": 3, "threads": 1}})
     report = compress(recipe, tmp_path / "out", progress=False, log=lambda *a: None)
     base, pruned, final = report["stages"]
     assert [s["metric"] for s in report["stages"]] == ["perplexity"] * 3

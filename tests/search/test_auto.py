@@ -16,7 +16,7 @@ from torchslim.search import auto
 
 TINY_SEARCH = {
     "model": "builtin:tiny-test-cnn", "data": "builtin:digits", "seed": 0,
-    "measure": {"batch_size": 16, "warmup": 1, "repeats": 2, "max_eval_samples": 64},
+    "measure": {"batch_size": 16, "warmup": 1, "repeats": 2, "max_eval_samples": 64, "threads": 1},
     "search": {"space": {"ratios": [0.0, 0.5], "precision": ["float"], "epochs": [1], "round_to": 1},
                "finetune": {"epochs": 1, "batch_size": 128, "optimizer": {"name": "adamw", "lr": 0.003}},
                "constraints": {"max_drop": 0.5}, "trials": 3, "repeats": 2,
