@@ -77,6 +77,7 @@ _PUBLIC = {
     "register_loss": "torchslim.recover.losses",
     "list_losses": "torchslim.recover.losses",
     "Int8StaticConfig": "torchslim.quant.int8_static",
+    "AdaRoundConfig": "torchslim.quant.adaround",
     "Int8DynamicConfig": "torchslim.quant.int8_dynamic",
     "QatConfig": "torchslim.quant.qat",
     "Bf16Config": "torchslim.quant.bf16",
