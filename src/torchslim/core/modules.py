@@ -92,6 +92,12 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and getattr(getattr(module, "weight", None), "ndim", 0) == 2
 
 
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution: one group per channel, as many outputs as inputs (its groups follow its width)."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
 def is_linear_like(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and transformers' ``Conv1D`` (a linear layer with its weight stored transposed)."""
     return isinstance(module, nn.Linear) or _is_conv1d(module)
@@ -192,6 +198,6 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 
 __all__ = [
-    "call_model", "failing_layer", "find_blocks", "forward_shapes", "is_linear_like", "linear_layers", "matches", "named_tensors", "output_head",
+    "call_model", "failing_layer", "find_blocks", "forward_shapes", "is_depthwise", "is_linear_like", "linear_layers", "matches", "named_tensors", "output_head",
     "output_tensors", "replace_module", "set_weight_matrix_", "tied_modules", "weight_matrix",
 ]

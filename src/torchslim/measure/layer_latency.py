@@ -26,6 +26,7 @@ from torch import nn
 
 from torchslim._cache import atomic_write_bytes, cache_dir
 from torchslim.core.cpu import cpu_model, isa_flags
+from torchslim.core.modules import is_depthwise, is_linear_like, weight_matrix
 from torchslim.measure.latency import measure_latency
 
 _CONVS = {(False, 1): nn.Conv1d, (False, 2): nn.Conv2d, (False, 3): nn.Conv3d,
@@ -51,7 +52,7 @@ class LayerShape:
         (not a convolution or linear layer, or a grouped convolution the new counts do not divide)."""
         if isinstance(module, nn.modules.conv._ConvNd):
             dims = len(module.kernel_size)
-            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            depthwise = is_depthwise(module)
             new_in = module.in_channels if in_channels is None else in_channels
             new_out = module.out_channels if out_channels is None else out_channels
             if depthwise:  # one count sets both
@@ -69,8 +70,7 @@ class LayerShape:
             return LayerShape("conv", new_in, new_out, tuple(sorted(options.items())), tuple(shape))
         if LayerShape.handles(module):
             # transformers' Conv1D computes x @ W + b with W (in, out): the same work as a Linear
-            old_in, old_out = (module.in_features, module.out_features) if isinstance(module, nn.Linear) \
-                else module.weight.shape
+            old_out, old_in = weight_matrix(module).shape
             new_in = old_in if in_channels is None else in_channels
             new_out = old_out if out_channels is None else out_channels
             bias = getattr(module, "bias", None) is not None
@@ -80,8 +80,7 @@ class LayerShape:
     @staticmethod
     def handles(module: nn.Module) -> bool:
         """Whether the table can time ``module``: a convolution, a linear layer or transformers' Conv1D."""
-        return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or (
-            type(module).__name__ == "Conv1D" and getattr(getattr(module, "weight", None), "ndim", 0) == 2)
+        return isinstance(module, nn.modules.conv._ConvNd) or is_linear_like(module)
 
     def key(self) -> str:
         options = ",".join(f"{k}={v}" for k, v in self.options)

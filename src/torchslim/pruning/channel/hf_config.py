@@ -8,6 +8,8 @@ import copy
 
 from torch import nn
 
+from torchslim.core.modules import linear_layers, weight_matrix
+
 
 def _configs(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The outermost module holding each transformers config (inner layers often keep a reference too)."""
@@ -20,21 +22,15 @@ def _configs(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Linear layers, and transformers' Conv1D (a Linear stored transposed), by name."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))}
-
-
 def _width(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return module.weight.shape[0], module.nf
+    """(inputs, outputs) of a linear-like layer."""
+    out_features, in_features = weight_matrix(module).shape
+    return in_features, out_features
 
 
 def widths_before(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Every Linear's (in, out) features, recorded before pruning."""
-    return {name: _width(m) for name, m in _linears(model).items()}
+    return {name: _width(m) for name, m in linear_layers(model).items()}
 
 
 # Config fields holding a transformer's FFN width, by family (BERT/ViT/Llama, GPT-2, DistilBERT, OPT, BART, T5);
@@ -133,7 +129,7 @@ def update_configs(model: nn.Module, before: dict[str, tuple[int, int]]) -> dict
     every pruned shape (so ``save_pretrained`` -> ``from_pretrained`` gives the same model). Returns notes
     (config owner -> what could not be expressed and how to reload instead)."""
     notes = {}
-    linears = {name: _width(m) for name, m in _linears(model).items()}
+    linears = {name: _width(m) for name, m in linear_layers(model).items()}
     for owner, module in _configs(model):
         prefix = f"{owner}." if owner else ""
         key = owner or "model"

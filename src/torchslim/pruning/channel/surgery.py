@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.core.modules import named_tensors
+from torchslim.core.modules import is_depthwise, named_tensors
 from torchslim.errors import InputError
 from torchslim.graph import ChannelGraph
 from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
@@ -60,8 +60,7 @@ def _update_conv(module: nn.modules.conv._ConvNd) -> None:
     """Channel counts from the weight: (out, in / groups, ...), or (in, out / groups, ...) when transposed.
     A depthwise convolution stays depthwise (its groups follow its channels); other groups stay."""
     first, per_group = module.weight.shape[:2]
-    depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-    if depthwise:
+    if is_depthwise(module):
         module.groups = first
     if module.transposed:
         module.in_channels, module.out_channels = first, per_group * module.groups

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchslim.core.modules import call_model
+from torchslim.core.modules import call_model, is_depthwise
 from torchslim.graph import ChannelGraph
 from torchslim.measure.layer_latency import LatencyTable, LayerShape
 from torchslim.pruning.channel.groups import Group
@@ -198,7 +198,7 @@ def _weight_sides(module: nn.Module) -> dict[str, tuple[int, int]]:
     along it stands for: {"in": (dim, multiplier), "out": (dim, multiplier)}. A depthwise convolution's input
     follows its output (`LayerShape.of` keeps it depthwise)."""
     if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+        if is_depthwise(module):
             return {"out": (0, 1)} if not module.transposed else {"in": (0, 1)}
         if module.transposed:  # weight (in, out / groups, ...)
             return {"in": (0, 1), "out": (1, module.groups)}
