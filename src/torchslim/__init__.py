@@ -81,6 +81,7 @@ _PUBLIC = {
     "Int8DynamicConfig": "torchslim.quant.int8_dynamic",
     "QatConfig": "torchslim.quant.qat",
     "Bf16Config": "torchslim.quant.bf16",
+    "AutoPrecisionConfig": "torchslim.quant.choose",
     "RowwiseInt8Config": "torchslim.compact.embeddings",
     "RowwiseInt4Config": "torchslim.compact.embeddings",
     "HashingConfig": "torchslim.compact.embeddings",

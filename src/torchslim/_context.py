@@ -99,8 +99,12 @@ def run_step(context: _StepContext, kind: str, method: str, config: Any, *, onnx
     from torchslim.runtime import OnnxRuntimeDeployable, TorchDeployable
 
     deployable = get_method(kind, method).handler(context, config)
-    if is_replayed(kind, method):
-        context.replayed.append({"kind": kind, "method": method, "config": to_dict(config)})
+    # A method that applies another one (quantize: auto) names it and its config under details["chosen"].
+    chosen = deployable.details.get("chosen")
+    applied, settings = (chosen["method"], chosen["config"]) if isinstance(chosen, dict) else (method, None)
+    if is_replayed(kind, applied):
+        context.replayed.append({"kind": kind, "method": applied,
+                                 "config": settings if settings is not None else to_dict(config)})
     if isinstance(deployable, OnnxRuntimeDeployable) and onnx_metadata:
         from torchslim.export.optimum import metadata
 

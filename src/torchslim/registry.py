@@ -32,6 +32,7 @@ _BUILTIN_MODULES = (
     "torchslim.quant.int8_dynamic",
     "torchslim.quant.qat",
     "torchslim.quant.bf16",
+    "torchslim.quant.choose",
     "torchslim.quant.weight_only_step",
     "torchslim.compact.materialize",
     "torchslim.factorize.svd",

@@ -63,6 +63,15 @@ def test_the_best_recipe_reproduces_best_with_compress(searched, tmp_path):
     assert kinds == [next(iter(step)) for step in best["recipe"]["steps"]]  # best/ ran exactly that recipe
 
 
+def test_a_time_budget_spent_by_the_sensitivity_pass_says_so(tmp_path):
+    recipe = {**TINY_SEARCH, "search": {**TINY_SEARCH["search"], "time_budget": 0.001}}
+    report = auto(recipe=recipe, out=tmp_path / "out", log=lambda message: None)
+    section = report["search"]
+    assert section["trials"]["complete"] == 0 and section["trials"]["seconds"] == 0.0
+    assert section["message"].startswith("no trial ran: the sensitivity pass took")
+    assert "raise search.time_budget" in section["message"] and not section["feasible"]
+
+
 def test_an_unreachable_budget_stops_before_any_trial_and_leaves_nothing(tmp_path):
     raw = {**TINY_SEARCH, "search": {**TINY_SEARCH["search"],
                                      "constraints": {"target": "macs", "budget": 0.01}}}

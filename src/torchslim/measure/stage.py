@@ -18,6 +18,17 @@ from torchslim.measure.params import count_nonzero_params, count_params
 from torchslim.measure.size import artifact_bytes, resident_parameter_bytes
 
 
+# Metrics where lower is better: their change is relative (perplexity +3.1%), every other metric's a difference.
+LOWER_IS_BETTER = ("perplexity",)
+
+
+def score_drop(metric: str, baseline: float, score: float) -> float:
+    """How much worse ``score`` is than ``baseline``: a difference, or relative for perplexity."""
+    if metric in LOWER_IS_BETTER:
+        return score / baseline - 1.0
+    return baseline - score
+
+
 @dataclass
 class Evaluation:
     """The task metric of one stage: ``metric`` names ``score``; ``metrics`` holds every measured value."""

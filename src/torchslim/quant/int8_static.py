@@ -10,7 +10,6 @@ candidate's figures (and any failure) are kept in the report.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -23,11 +22,10 @@ from torchslim.core.calibration import check_calibration
 from torchslim.core.modules import call_model
 from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError, describe
-from torchslim.measure.latency import measure_latency
 from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
-from torchslim.measure.stage import first_samples
 from torchslim.quant import onnx_backend, pt2e_backend
 from torchslim.quant.adaround import AdaRoundConfig
+from torchslim.quant.choose import time_candidate
 from torchslim.registry import register_method
 from torchslim.runtime import Deployable
 
@@ -109,16 +107,12 @@ def _candidates(context, config: Int8StaticConfig) -> list[str]:
 
 
 def _time_candidate(deployable: Deployable, batch, reference, prefer: str, task: str) -> dict:
-    outputs = deployable(batch)  # the first call also compiles, where the runtime compiles
-    bs1 = measure_latency(deployable, first_samples(batch, 1), warmup=2, repeats=10)
-    batched = measure_latency(deployable, batch, warmup=1, repeats=5)
-    figures = {"latency_ms_bs1": round(bs1.median_ms, 4), "latency_ms_batch": round(batched.median_ms, 4),
-               "score": round({"balanced": math.sqrt(bs1.median_ms * batched.median_ms), "batch": batched.median_ms,
-                               "bs1": bs1.median_ms}[prefer], 4)}
+    figures = time_candidate(deployable, batch, prefer)
+    outputs = deployable(batch).float()
     if task == "embedding":
-        figures["val_cosine"] = round(cosine_similarity_stats(outputs.float(), reference)[0], 4)
+        figures["val_cosine"] = round(cosine_similarity_stats(outputs, reference)[0], 4)
     else:
-        figures["val_agreement"] = round(top1_agreement(outputs.float(), reference), 4)
+        figures["val_agreement"] = round(top1_agreement(outputs, reference), 4)
     return figures
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from torchslim.measure.stage import LOWER_IS_BETTER
+
 SCHEMA = "torchslim.report/1"
 
 
@@ -35,8 +37,6 @@ def _ratios(stage: dict, base: dict) -> dict:
     }
 
 
-# Metrics where lower is better; their change is shown relative (perplexity +3.1%), the others as differences.
-LOWER_IS_BETTER = ("perplexity",)
 
 
 def _score_change(stage: dict) -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import math
 
-# Metrics where lower is better; their change is shown relative (perplexity +3.1%), the others as differences.
-LOWER_IS_BETTER = ("perplexity",)
+from torchslim.measure.stage import LOWER_IS_BETTER
 # Metrics in [0, 1] shown as percentages, their changes in percentage points.
 FRACTIONS = ("accuracy", "agreement")
 

@@ -51,7 +51,8 @@ class SpaceConfig:
         round_to: pruned channel counts stay multiples of this.
         importance: how channels are ranked inside a group (`ChannelPruningConfig.importance`).
         precision: quantization options of the whole model ("float" = none); those this model or machine
-            cannot run are left out and reported.
+            cannot run are left out and reported (by default int8-dynamic is left out of models whose MACs
+            are mostly convolutions, and bf16 on CPUs without AMX or AVX-512 BF16).
         float_layers: with int8-static, this many of the layers whose quantization costs the most (measured
             by the sensitivity pass) get their own int8/float decision.
         ranks: low-rank options per layer (fraction of its rank kept by SVD; [] leaves factorization out).
@@ -64,7 +65,7 @@ class SpaceConfig:
     max_groups: int = 12
     round_to: int = 8
     importance: Literal["l1", "l2", "bn", "activation", "obs"] = "l1"
-    precision: list[str] = field(default_factory=lambda: ["int8-static", "float"])
+    precision: list[str] = field(default_factory=lambda: ["int8-static", "int8-dynamic", "bf16", "float"])
     float_layers: int = 4
     ranks: list[float] = field(default_factory=list)
     max_rank_layers: int = 6

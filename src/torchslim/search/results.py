@@ -94,12 +94,21 @@ def _section(recipe, payload: dict, points: list[dict], front: list[dict], chose
         "chosen": None if chosen is None else _public(chosen) | {"reason": reason, "best": "best" if chosen["feasible"]
                                                                  else None},
         "feasible": bool(feasible),
-        "message": (f"{len(feasible)} of {len(points)} measured points meet the constraints" if feasible else
-                    f"no point meets the constraints ({len(points)} measured); the front and the closest point "
-                    f"are written, best/ is not"),
+        "message": _message(points, feasible, payload, config),
         "hypervolume": {"value": round(volume, 6), "reference": reference},
         "latency_note": LATENCY_NOTE, "split": runner.split,
     }
+
+
+def _message(points: list[dict], feasible: list[dict], payload: dict, config) -> str:
+    if feasible:
+        return f"{len(feasible)} of {len(points)} measured points meet the constraints"
+    if not points and config.seconds and payload["sensitivity"]["seconds"] >= config.seconds:
+        return (f"no trial ran: the sensitivity pass took {payload['sensitivity']['seconds']:.0f} s of the "
+                f"{config.seconds:.0f} s time budget (raise search.time_budget / --time-budget, or lower "
+                f"search.sensitivity.calibration.samples)")
+    return (f"no point meets the constraints ({len(points)} measured); the front and the closest point are "
+            f"written, best/ is not")
 
 
 def _median(values: list[float]) -> float | None:
@@ -123,8 +132,8 @@ def _counts(study) -> dict:
             "complete": sum(t.state == TrialState.COMPLETE for t in trials),
             "failed": sum(t.state == TrialState.FAIL and t.number not in lost for t in trials),
             "interrupted": len(lost), "interrupted_trials": sorted(lost),
-            "seconds": round(max((t.datetime_complete.timestamp() for t in trials if t.datetime_complete),
-                                 default=0) - study.user_attrs["torchslim"]["started"], 1)}
+            "seconds": round(max((t.datetime_complete.timestamp() - study.user_attrs["torchslim"]["started"]
+                                  for t in trials if t.datetime_complete), default=0.0), 1)}
 
 
 def _write_yaml(path: Path, raw: dict, comment: str = "") -> None:

@@ -26,10 +26,9 @@ from torchslim.measure.latency import set_threads
 from torchslim.measure.macs import count_macs
 from torchslim.measure.params import count_params
 from torchslim.measure.size import artifact_bytes
-from torchslim.measure.stage import collect_outputs, evaluate, first_samples
+from torchslim.measure.stage import collect_outputs, evaluate, first_samples, score_drop
 from torchslim.runtime import Deployable, TorchDeployable
 
-LOWER_IS_BETTER = ("perplexity",)
 
 
 def default_lock_path() -> Path:
@@ -39,13 +38,6 @@ def default_lock_path() -> Path:
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def score_drop(metric: str, baseline: float, score: float) -> float:
-    """How much worse ``score`` is than ``baseline``: a difference, or relative for perplexity."""
-    if metric in LOWER_IS_BETTER:
-        return score / baseline - 1.0
-    return baseline - score
 
 
 def _median_call(run: Callable[[Any], Any], inputs: Any, calls: int) -> float:
