@@ -16,7 +16,9 @@ and measures, one after another and by the same code:
      ``Int8DynamicActivationInt8WeightConfig``; compile time (the first call at each timed shape) is separate;
   6. torchslim: the example recipe run by ``torchslim.pipeline.Pipeline`` (Lite0 with ``--set``
      ``steps.0.quantize.runtime=onnxruntime``); its int8 ONNX file is loaded into a fresh session here. Lite0
-     also with ``fallback_layers=4``, ``equalize=true`` and ``adaround.enabled=true`` (learned weight rounding).
+     also with ``fallback_layers=4``, ``equalize=true`` and ``adaround.enabled=true`` (learned weight rounding);
+     MiniLM also with ``quantize: {method: auto, max_drop: 0.01}`` (int8-static with SmoothQuant, int8-dynamic
+     and bf16 built, scored and timed by the step, the fastest within the drop kept; the row is its choice).
 
 Every ONNX file runs in a `torchslim.runtime.OnnxRuntimeDeployable` (CPU provider, intra-op threads = torch's).
 Latency: medians of repeated timings (``measure_latency``) at batch 1 and the batched size (Lite0 16, MiniLM 32
@@ -328,8 +330,38 @@ def torchslim_adaround(w: Workload, scratch: Path, threads: int) -> Candidate | 
     return torchslim_pipeline(w, scratch, threads, ("steps.0.quantize.adaround.enabled=true",), " adaround")
 
 
+def torchslim_auto(w: Workload, scratch: Path, threads: int) -> Candidate | None:
+    """MiniLM only: ``quantize: {method: auto, max_drop: 0.01}`` — the step builds int8-static (SmoothQuant),
+    int8-dynamic and bf16, scores each on the validation split, times each on its runtime and keeps the fastest
+    within the drop (cosine >= 0.99); the row is what it kept."""
+    if w.key != "minilm":
+        return None
+    from torchslim.pipeline import Pipeline
+    from torchslim.recipe import parse_recipe
+
+    step = {"method": "auto", "candidates": ["int8-static", "int8-dynamic", "bf16"], "max_drop": 0.01,
+            "settings": {"int8-static": {"smoothquant": True}}}
+    recipe = parse_recipe({"model": w.bundle.spec, "data": "builtin:sentences", "steps": [{"quantize": step}],
+                           "measure": {"batch_size": w.batch_size, "max_eval_samples": 64, "repeats": 3,
+                                       "threads": threads}}, source="benchmarks/quantization.py")
+    with tempfile.TemporaryDirectory(dir=scratch) as workdir, contextlib.chdir(workdir):
+        stages, final, _ = Pipeline(recipe, progress=False, log=lambda message: None).run(Path(workdir))
+        path = final.save(scratch / f"{w.key}-torchslim-auto")  # before the work folder goes
+    set_threads(threads)
+    details = stages[-1]["details"]
+    chosen = (details.get("chosen") or {}).get("method", "float")
+    notes = {"recipe": f"quantize: {step}", "choice": details.get("choice"),
+             "candidates": details.get("candidates")}
+    if final.runtime == "onnxruntime":
+        run = onnx_session(path, w.bundle.model, threads)
+    else:
+        run = final  # the chosen model in this process (bf16 casts inside)
+    return Candidate(f"torchslim auto ({chosen})", final.runtime, run, path.stat().st_size,
+                     stages[-1]["step_seconds"], notes, path=path if final.runtime == "onnxruntime" else None)
+
+
 ROWS = (fp32_eager, fp32_onnx, ort_peer, torch_ao_dynamic, torchao_compiled, torchslim_pipeline, torchslim_fallback,
-        torchslim_equalize, torchslim_adaround)
+        torchslim_equalize, torchslim_adaround, torchslim_auto)
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
@@ -466,6 +498,20 @@ def goals_for(rows: list[dict], min_crops: int = 500) -> list[dict]:
         goals.append(goal("minilm torchslim mean cosine", ours["cosine_mean"], ">= 0.99", ours["cosine_mean"] >= 0.99))
         goals.append(goal("minilm torchslim artifact vs fp32 ONNX (x smaller)", ours["size_reduction"], ">= 3.8",
                           ours["size_reduction"] >= 3.8))
+    auto = next((r for r in rows if r["model"] == "minilm" and r["row"].startswith("torchslim auto")
+                 and "error" not in r), None)
+    if auto:
+        goals.append(goal(f"minilm {auto['row']} speed-up vs fp32 eager at batch 32, seq 64 (x; cosine "
+                          f"{auto['cosine_mean']})", auto["speedup_batch"], ">= 2.5 at cosine >= 0.99",
+                          auto["speedup_batch"] >= 2.5 and auto["cosine_mean"] >= 0.99))
+        goals.append(goal(f"minilm {auto['row']} speed-up vs fp32 eager at batch 1 (x)", auto["speedup_bs1"],
+                          ">= 2", auto["speedup_bs1"] >= 2))
+        for peer_name in ("torchao int8-dyn+compile", "torch.ao quantize_dynamic"):
+            peer = find.get(("minilm", peer_name))
+            if peer:
+                ratio = round(peer["latency_ms_batch"] / auto["latency_ms_batch"], 3)
+                goals.append(goal(f"minilm {auto['row']} vs {peer_name}, batch 32 (x faster)", ratio, "> 1.0",
+                                  ratio > 1.0))
     return goals
 
 
@@ -505,8 +551,8 @@ def main() -> None:
     failed = [r for r in rows if "error" in r]
     for r in failed:
         print(f"FAILED {r['model']} {r['row']}: {r['error']}")
-    # The goals compare rows with each other (the peer, the fp32 ONNX file): only a run of every row checks them.
-    goals = goals_for(rows) if only == ROWS else []
+    # Goals that compare rows with each other (the peer, the fp32 ONNX file) appear when both rows ran.
+    goals = goals_for(rows)
     notes = {f"{r['model']} {r['row']}": r["notes"] for r in rows if r.get("notes")}
     write_results(args, [{k: v for k, v in r.items() if k != "notes"} for r in rows], goals,
                   {"notes": notes, "vnni": has_vnni()}, threads=threads)
