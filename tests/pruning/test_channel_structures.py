@@ -101,23 +101,6 @@ def test_grouped_convolution_on_a_fixed_input_still_loses_output_positions_per_g
     assert model.grouped.weight.shape == (8, 1, 3, 3) and model.out.in_channels == 8
 
 
-def test_round_to_counts_the_channels_of_a_grouped_convolution_not_its_positions_per_group():
-    def build():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.ReLU(),
-                             nn.Conv2d(16, 4, 1))
-
-    x = torch.randn(2, 3, 8, 8)
-    widths = {}
-    for round_to in (1, 4, 8):
-        model = build()
-        prune(model, ChannelPruningConfig(ratio=0.3, round_to=round_to), x)
-        widths[round_to] = (model[0].out_channels, model[2].out_channels, model[2].groups)
-    # 8 positions per group, 2 groups: 0.3 removes 2 positions (12 channels); a multiple of 4 channels needs an
-    # even count of positions (12), of 8 channels a multiple of 4 positions (16: nothing removed)
-    assert widths == {1: (12, 12, 2), 4: (12, 12, 2), 8: (16, 16, 2)}
-
-
 @both
 def test_unet_transposed_convolutions_lose_input_and_output_channels(how, tmp_path):
     torch.manual_seed(0)

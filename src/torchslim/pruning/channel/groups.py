@@ -18,8 +18,6 @@ class Group:
     roots: np.ndarray  # prunable channel classes of this group
     size: int  # every channel class of the group, prunable or not
     modules: list[str]
-    # channels a class holds in each layer creating it (the fewest): one per group of a grouped convolution
-    channels_per_class: int = 1
 
 
 def dependency_groups(graph: ChannelGraph, skip: list[str]) -> list[Group]:
@@ -57,8 +55,7 @@ def dependency_groups(graph: ChannelGraph, skip: list[str]) -> list[Group]:
             continue
         prunable = np.array(sorted(r for r in roots if r not in blocked), dtype=np.int64)
         if len(prunable):
-            per_class = min(len(graph.producers[i][1]) // max(1, len(roots_of[i])) for i in members)
-            groups.append(Group(prunable, len(roots), modules, per_class))
+            groups.append(Group(prunable, len(roots), modules))
     return groups
 
 

@@ -4,7 +4,6 @@ bisection that finds the ratio meeting a MACs or latency target."""
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 from torch import nn
@@ -32,10 +31,7 @@ def _removal(group: Group, fraction: float, config: ChannelPruningConfig, widths
 
 
 def _removable(group: Group, fraction: float, round_to: int) -> int:
-    """How many channel classes a group loses for ``fraction``, keeping a multiple of ``round_to`` channels (and
-    at least one class). A class of a grouped convolution holds one channel per group, so 2 groups of 16
-    channels keep a multiple of 4 classes for ``round_to: 8``."""
-    round_to //= math.gcd(round_to, group.channels_per_class)
+    """How many channels a group loses for ``fraction``, keeping a multiple of ``round_to`` (and at least one)."""
     keep = group.size - round(fraction * group.size)
     keep = max(round_to, -(-keep // round_to) * round_to) if round_to > 1 else max(1, keep)
     return max(0, min(len(group.roots), group.size - keep))
