@@ -440,3 +440,19 @@ def test_a_saved_attribute_the_fresh_model_lacks_is_one_clear_error(tmp_path):
         set_size_attributes(ConvLSTM(), {"stem.hidden": 6}, "m.json")
     with pytest.raises(ArtifactError, match=r"'hidden' must be an integer >= 1, got 0"):
         set_size_attributes(ConvLSTM(), {"hidden": 0}, "m.json")
+
+
+def test_regnet_grouped_convolutions_are_pruned_to_a_macs_target_keeping_their_groups():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model, x = torchvision.models.regnet_x_400mf().eval(), torch.randn(1, 3, 64, 64)
+    groups = {name: m.groups for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    result = prune(model, ChannelPruningConfig(target_macs=0.5), x)
+    assert 0.48 <= result.macs_after / result.macs_before <= 0.5
+    convs = dict(model.named_modules())
+    assert len(groups) == 22 and {name: convs[name].groups for name in groups} == groups
+    for name in groups:  # 16 channels per group before; equal widths per group after
+        conv = convs[name]
+        assert conv.in_channels == conv.out_channels and conv.weight.shape[0] == conv.out_channels
+        assert conv.out_channels % conv.groups == 0 and conv.out_channels // conv.groups < 16
+    assert model(x).shape == (1, 1000)
