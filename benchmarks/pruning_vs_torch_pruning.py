@@ -1,7 +1,7 @@
 """torchslim vs Torch-Pruning at equal MACs: `python benchmarks/pruning_vs_torch_pruning.py [--json PATH]`.
 
-Needs the benchmark-only dependency `pip install torch-pruning` (without it, torchslim's rows only). For each
-model (random weights; speed does not depend on their values) both tools prune with L1 magnitude, per-layer
+Needs the benchmark-only dependency `pip install 'torchslim[bench]'` (Torch-Pruning 1.6; without it, torchslim's
+rows only). For each model (ResNet-50, MobileNetV2 and RegNetX-400MF by default; random weights; speed does not depend on their values) both tools prune with L1 magnitude, per-layer
 (local) ranking and the classifier kept, each to <= the MACs target (the ratio is bisected for both, MACs
 counted by the same counter); torchslim prunes one copy per ``--round-to`` value: 1 (exact widths), 8 (channel
 counts kept multiples of 8) and ``auto`` (each group's width from a latency table of its layers on this machine,
@@ -12,7 +12,8 @@ work on the machine weighs on all of them alike; the machine's load average is r
 Then accuracy on builtin:digits: builtin:digits-cnn, and a torchvision ResNet-18 adapted to 32x32 grey digits
 (trained here first, seeded), each pruned by both tools to the same MACs and fine-tuned with the same
 distillation budget. Prints the tables and writes JSON. Parts: ``latency`` (the ImageNet models), ``digits``
-(the accuracy comparison).
+(the accuracy comparison). The goal lines judge torchslim's ``round_to=auto`` copy (`goal_tool`) against
+Torch-Pruning on every model and batch size.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from torchslim.measure import count_macs, count_params, measure_latency  # noqa:
 from torchslim.pruning.channel import ChannelPruningConfig, prune  # noqa: E402
 
 ROUND_TO = 8  # the hardware-friendly width timed beside exact (round_to=1) pruning
+# regnet_x_400mf: grouped 3x3 convolutions (16 channels per group) in residual blocks. Both tools prune it
+# group-consistently to within 1% of 50% MACs (0.496 and 0.499). regnet_y_400mf (8 channels per group, with
+# squeeze-excite) is handled by both too, but its groups' widths move in steps of 1/8 and the tools land at
+# different MACs (torchslim 0.43, Torch-Pruning 0.46), which would not be a comparison at equal MACs.
+LATENCY_MODELS = ("resnet50", "mobilenet_v2", "regnet_x_400mf")
 
 
 def tool_name(round_to: str, table_batch: int = 1) -> str:
@@ -221,18 +227,36 @@ def latency_rows(name: str, target: float, batch_size: int, threads: int, round_
     return rows
 
 
+def goal_tool(pair: dict, batched: bool, batch_size: int) -> str | None:
+    """The torchslim row the goals judge, of one model's rows ``pair`` (tool -> row): ``round_to=auto``, the
+    latency-aware widths made for speed (at batch ``batch_size``, the copy whose table was built at that batch
+    size where there is one: a user deploying at that batch prunes with example inputs of that batch), else
+    exact widths."""
+    names = ([tool_name("auto", batch_size)] if batched else []) + [tool_name("auto"), tool_name("1")]
+    return next((name for name in names if name in pair), None)
+
+
 def latency_goals(rows: list[dict], models: list[str], target: float, batch_size: int) -> list[dict]:
-    goals = []
-    ours = next((r for r in rows if r["model"] == "resnet50" and r["tool"] == "torchslim"), None)
-    if ours:
-        goals.append(goal(f"resnet50 at {target:.0%} MACs, batch {batch_size} speed-up (x)",
-                          ours["speedup_batch"], ">= 1.7", ours["speedup_batch"] >= 1.7))
+    """The issue's speed goals: ResNet-50 >= 1.8x faster than unpruned at ``batch_size``; torchslim's speed-up
+    >= Torch-Pruning's on every (model, batch) row and >= 1.15x on their geometric mean; no torchslim model
+    slower than its unpruned original at batch 1."""
+    goals, ratios = [], []
     for name in models:
         pair = {r["tool"]: r for r in rows if r["model"] == name}
-        if "torch-pruning" in pair and "torchslim" in pair:
-            goals.append(goal(f"{name}: torchslim / torch-pruning batch latency", round(
-                pair["torchslim"]["latency_ms_batch"] / pair["torch-pruning"]["latency_ms_batch"], 3), "<= 1.0",
-                pair["torchslim"]["latency_ms_batch"] <= pair["torch-pruning"]["latency_ms_batch"]))
+        for batched, column, label in ((False, "speedup_bs1", "batch 1"),
+                                       (True, "speedup_batch", f"batch {batch_size}")):
+            ours = goal_tool(pair, batched, batch_size)
+            if ours is None:
+                continue
+            if name == "resnet50" and batched:
+                value = pair[ours][column]
+                goals.append(goal(f"resnet50 at {target:.0%} MACs, {label} speed-up, {ours} (x)", value, ">= 1.8",
+                                  value >= 1.8))
+            if "torch-pruning" in pair:
+                ratio = pair[ours][column] / pair["torch-pruning"][column]
+                ratios.append(ratio)
+                goals.append(goal(f"{name} {label}: {ours} speed-up / torch-pruning's", round(ratio, 3), ">= 1.0",
+                                  ratio >= 1.0))
         for tool, row in pair.items():
             if tool.startswith("torchslim round_to=") and "torchslim" in pair:
                 # informational: does this rounding of widths pay off on this CPU, against exact widths?
@@ -243,13 +267,17 @@ def latency_goals(rows: list[dict], models: list[str], target: float, batch_size
             if tool.startswith("torchslim"):
                 goals.append(goal(f"{name} {tool}: batch-1 speed-up over unpruned (x)", row["speedup_bs1"],
                                   ">= 1.0", row["speedup_bs1"] >= 1.0))
+    if ratios:
+        mean = statistics.geometric_mean(ratios)
+        goals.append(goal(f"geometric mean over {len(ratios)} rows: torchslim speed-up / torch-pruning's",
+                          round(mean, 3), ">= 1.15", mean >= 1.15))
     return goals
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0], threads=0, seed=0, parts=("latency", "digits"))
-    p.add_argument("--models", type=comma_list(), default=["resnet50", "mobilenet_v2"], metavar="A,B",
-                   help="torchvision models of the latency part (default resnet50,mobilenet_v2)")
+    p.add_argument("--models", type=comma_list(), default=list(LATENCY_MODELS), metavar="A,B",
+                   help=f"torchvision models of the latency part (default {','.join(LATENCY_MODELS)})")
     p.add_argument("--target", type=float, default=0.5, help="MACs target as a fraction of the baseline")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--digits-models", type=comma_list(("digits-cnn", "resnet18"), "model"),

@@ -145,6 +145,7 @@ def _load_torch(model: nn.Module, shapes_file: Path, verify: bool, example_input
     from torchslim.factorize.svd import refactorize_to_shapes
     from torchslim.integrity import verify_manifest
     from torchslim.pruning.channel import resize_to_shapes
+    from torchslim.pruning.channel.surgery import set_size_attributes
     from torchslim.runtime import SHAPES_FORMAT, load_safetensors
 
     folder = shapes_file.parent
@@ -154,6 +155,7 @@ def _load_torch(model: nn.Module, shapes_file: Path, verify: bool, example_input
     for index, step in enumerate(read_json(shapes_file).get("replayed") or []):
         _replay(model, step, f"{shapes_file}: replayed[{index}]")
     resize_to_shapes(model, shapes, folder)
+    set_size_attributes(model, read_json(shapes_file).get("attributes"), str(shapes_file))
     load_safetensors(model, folder / "model.safetensors")
     return model
 

@@ -32,7 +32,7 @@ def exact_prune(model: nn.Module, x, how: str, ratio: float = 0.5, recurrent: bo
     model.eval()
     args = x if isinstance(x, tuple) else (x,)
     program = capture(model, x, "export") if how == "export" else trace(model, args, "testing the tracer")
-    graph = analyse_channels(program, recurrent)
+    graph = analyse_channels(program, recurrent, model)
     chosen = select_channels(model, graph, ChannelPruningConfig(ratio=ratio), ratio)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
@@ -326,3 +326,133 @@ def test_recurrent_layers_stay_unless_allowed_and_the_report_says_how():
     result = prune(model, ChannelPruningConfig(ratio=0.5), x)
     assert model.lstm.hidden_size == 12 and model.gru.hidden_size == 10 and model.embed.out_features == 16
     assert "ChannelPruningConfig.recurrent allows it" in result.skipped["lstm"]
+
+
+class ConvLSTM(nn.Module):
+    """A convolutional LSTM whose state is ``x.new_zeros(b, self.hidden, h, w)`` in the root's forward."""
+
+    def __init__(self, hidden: int = 12):
+        super().__init__()
+        self.hidden = hidden
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.gates = nn.Conv2d(8 + hidden, 4 * hidden, 3, padding=1)
+        self.head = nn.Linear(hidden, 5)
+
+    def forward(self, clip):
+        b, t, _, h, w = clip.shape
+        state = cell = clip.new_zeros(b, self.hidden, h, w)
+        for step in range(t):
+            i, f, g, o = self.gates(torch.cat([torch.relu(self.stem(clip[:, step])), state], 1)).chunk(4, 1)
+            cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+            state = torch.sigmoid(o) * torch.tanh(cell)
+        return self.head(state.mean((2, 3)))
+
+
+class Cell(nn.Module):
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.gates = nn.Conv2d(channels + hidden, 4 * hidden, 3, padding=1)
+
+    def forward(self, x, state=None):
+        if state is None:
+            zeros = torch.zeros(x.shape[0], self.hidden, x.shape[2], x.shape[3], dtype=x.dtype)
+            state = (zeros, zeros)
+        i, f, g, o = self.gates(torch.cat([x, state[0]], 1)).chunk(4, 1)
+        cell = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(cell), cell
+
+
+class CellLSTM(nn.Module):
+    """The same with the state built by ``torch.zeros(b, self.hidden, ...)`` inside a cell module."""
+
+    def __init__(self, hidden: int = 12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.cell = Cell(8, hidden)
+        self.head = nn.Linear(hidden, 5)
+
+    def forward(self, clip):
+        state = None
+        for step in range(clip.shape[1]):
+            state = self.cell(torch.relu(self.stem(clip[:, step])), state)
+        return self.head(state[0].mean((2, 3)))
+
+
+@both
+@pytest.mark.parametrize("build", [ConvLSTM, CellLSTM])
+def test_a_state_sized_by_a_module_attribute_is_pruned_and_the_attribute_follows(build, how, tmp_path):
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(2, 3, 3, 8, 8)
+    before = count_macs(model, x[:1])
+    exact_prune(model, x, how)
+    owner = model if build is ConvLSTM else model.cell
+    gates = owner.gates
+    assert owner.hidden == 6 and gates.out_channels == 24 and gates.in_channels == 4 + 6
+    assert model.stem.out_channels == 4 and model.head.in_features == 6
+    # gates: 3x3 over (8 + 12) -> 48 channels at 8x8 for 3 steps dominate: about a quarter of them remain
+    assert count_macs(model, x[:1]) / before == pytest.approx(0.256, abs=0.005)
+    torch.manual_seed(1)
+    assert reloads_exactly(build, model, x, tmp_path)
+
+
+def test_a_state_of_a_written_size_keeps_the_channels_it_meets():
+    class Written(ConvLSTM):  # the size is a literal; self.hidden holds the same number
+        def forward(self, clip):
+            b, t, _, h, w = clip.shape
+            state = cell = torch.zeros(b, 12, h, w)
+            for step in range(t):
+                i, f, g, o = self.gates(torch.cat([torch.relu(self.stem(clip[:, step])), state], 1)).chunk(4, 1)
+                cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+                state = torch.sigmoid(o) * torch.tanh(cell)
+            return self.head(state.mean((2, 3)))
+
+    class Unnamed(Written):  # no attribute holds 12
+        def __init__(self):
+            super().__init__()
+            del self.hidden
+
+    class Ambiguous(ConvLSTM):  # two attributes hold 12: which one sizes the state cannot be told
+        def __init__(self):
+            super().__init__()
+            self.classes = 12
+
+    reasons = {Written: ("zeros", "a size written in the model's code (a reshape, split or new tensor)"),
+               Unnamed: ("mul", "combined with zeros, whose channels cannot change"),
+               Ambiguous: ("mul", "combined with new_zeros, whose channels cannot change")}
+    for build, (layer, reason) in reasons.items():
+        model, x = build(), torch.randn(2, 3, 3, 8, 8)
+        result = prune(model, ChannelPruningConfig(ratio=0.5), x)
+        assert getattr(model, "hidden", 12) == 12 and model.gates.out_channels == 48
+        assert model.stem.out_channels == 4 and model.gates.in_channels == 16
+        assert result.skipped[layer] == reason
+        assert "_torchslim_size_attributes" not in vars(model)
+
+
+def test_a_saved_attribute_the_fresh_model_lacks_is_one_clear_error(tmp_path):
+    from torchslim.errors import ArtifactError
+    from torchslim.pruning.channel.surgery import set_size_attributes
+
+    model = ConvLSTM()
+    set_size_attributes(model, {"hidden": 6}, "m.json")
+    assert model.hidden == 6 and model._torchslim_size_attributes == {"hidden": 6}
+    with pytest.raises(ArtifactError, match=r"^m.json: attributes: the model has no integer attribute 'stem.hidden'"):
+        set_size_attributes(ConvLSTM(), {"stem.hidden": 6}, "m.json")
+    with pytest.raises(ArtifactError, match=r"'hidden' must be an integer >= 1, got 0"):
+        set_size_attributes(ConvLSTM(), {"hidden": 0}, "m.json")
+
+
+def test_regnet_grouped_convolutions_are_pruned_to_a_macs_target_keeping_their_groups():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model, x = torchvision.models.regnet_x_400mf().eval(), torch.randn(1, 3, 64, 64)
+    groups = {name: m.groups for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    result = prune(model, ChannelPruningConfig(target_macs=0.5), x)
+    assert 0.48 <= result.macs_after / result.macs_before <= 0.5
+    convs = dict(model.named_modules())
+    assert len(groups) == 22 and {name: convs[name].groups for name in groups} == groups
+    for name in groups:  # 16 channels per group before; equal widths per group after
+        conv = convs[name]
+        assert conv.in_channels == conv.out_channels and conv.weight.shape[0] == conv.out_channels
+        assert conv.out_channels % conv.groups == 0 and conv.out_channels // conv.groups < 16
+    assert model(x).shape == (1, 1000)

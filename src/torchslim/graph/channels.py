@@ -63,6 +63,8 @@ class ChannelGraph:
         literal_reshapes: channel ids that pass a view/reshape whose target size names their count: fine when
             the code computes that size from the tensor, wrong when it is a constant of the model's code (the
             graph cannot tell); `torchslim.pruning.channel.prune` blocks them if the pruned model fails to run.
+        sizes: (module name, attribute) -> the channel ids of a tensor the module's code creates with that
+            attribute's value as a size (`torchslim.graph.sizes`); pruning sets the attribute to the kept count.
     """
 
     uf: UnionFind = field(default_factory=UnionFind)
@@ -72,6 +74,7 @@ class ChannelGraph:
     skipped: dict[str, str] = field(default_factory=dict)
     modules: dict[str, str] = field(default_factory=dict)
     literal_reshapes: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    sizes: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
 
     def block(self, ids: np.ndarray | None, reason: str, layer: str | None = None) -> None:
         if ids is None or len(ids) == 0:
@@ -134,6 +137,8 @@ UNARY = {
     "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "nan_to_num",
 }
 FRESH = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}  # a new tensor: its sizes are given
+# New tensors of one value everywhere, whose sizes a module attribute may give (`torchslim.graph.sizes`).
+FILLED = {"zeros", "ones", "empty", "full", "new_zeros", "new_ones", "new_empty", "new_full"}
 ELEMENTWISE = {"add", "add_", "sub", "mul", "mul_", "div", "maximum", "minimum", "where", "pow"}
 SPATIAL = {"max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
            "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool2d", "max_pool2d_with_indices",
@@ -149,8 +154,9 @@ IGNORED = {"sym_size", "sym_numel", "_assert_tensor_metadata", "_assert_scalar",
 class ChannelAnalysis:
     """Walks an ExportedProgram once, assigning and uniting channel ids (see the module docstring)."""
 
-    def __init__(self, program: torch.export.ExportedProgram, recurrent: bool = False):
+    def __init__(self, program: torch.export.ExportedProgram, recurrent: bool = False, model=None):
         self.program = program
+        self.model = model  # for the attributes that size the tensors its code creates (`torchslim.graph.sizes`)
         self.recurrent = recurrent  # prune the hidden size of recurrent layers (`torchslim.graph.recurrent`)
         signature = program.graph_signature
         self.param_names = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
@@ -236,6 +242,10 @@ class ChannelAnalysis:
             return self.reduce(node)
         if name in RESHAPE:
             return self.reshape(node)
+        if name in FILLED:
+            from torchslim.graph.sizes import filled_tensor
+
+            return filled_tensor(self, node, self.model)
         if name in IGNORED or name in FRESH:
             return {}
         if name in MATMUL:
@@ -781,6 +791,8 @@ def _dim_groups(before: list[int], after: list[int]) -> list[tuple[tuple[int, in
     return groups
 
 
-def analyse_channels(program: torch.export.ExportedProgram, recurrent: bool = False) -> ChannelGraph:
-    """Run the channel analysis on a captured program; ``recurrent``: prune recurrent layers' hidden sizes."""
-    return ChannelAnalysis(program, recurrent).run()
+def analyse_channels(program: torch.export.ExportedProgram, recurrent: bool = False, model=None) -> ChannelGraph:
+    """Run the channel analysis on a captured program; ``recurrent``: prune recurrent layers' hidden sizes;
+    ``model``: the captured model, whose integer attributes may size the tensors its code creates (without it,
+    those tensors keep what they meet)."""
+    return ChannelAnalysis(program, recurrent, model).run()

@@ -49,6 +49,9 @@ class Deployable(ABC):
 
 
 SHAPES_FORMAT = "torchslim.model-shapes/1"
+# The root module's record of attributes structural pruning set (``{"module.attribute": count}``, e.g. the
+# ``hidden`` that sizes a state the model's code creates): saved as the shapes file's "attributes".
+SIZE_ATTRIBUTES = "_torchslim_size_attributes"
 
 
 class TorchDeployable(Deployable):
@@ -76,6 +79,8 @@ class TorchDeployable(Deployable):
         save_model(self.module, str(path))
         shapes = {name: list(t.shape) for name, t in self.module.state_dict().items()}
         document = {"format": SHAPES_FORMAT, "shapes": shapes}
+        if getattr(self.module, SIZE_ATTRIBUTES, None):
+            document["attributes"] = dict(getattr(self.module, SIZE_ATTRIBUTES))
         if self.replayed:
             document["replayed"] = self.replayed
         (directory / "model.shapes.json").write_text(json.dumps(document))

@@ -139,7 +139,7 @@ class SensitivityPass:
         decisions = [d for d in self.space.decisions if d.kind == PRUNE]
         if not decisions:
             return
-        graph = analyse_channels(capture(self.runner.pristine, self.example))
+        graph = analyse_channels(capture(self.runner.pristine, self.example), model=self.runner.pristine)
         importance = self.space.importance if self.space.importance in ("l1", "l2", "bn") else "l2"
         if importance != self.space.importance:
             result["notes"].append(f"proxy ranks channels by l2 magnitude (space.importance "

@@ -63,5 +63,5 @@ def channel_groups(model: nn.Module, example_inputs: Any, how: str = "auto",
                    skip: Sequence[str] = ()) -> list[tuple[list[str], int, int]]:
     """The dependency groups structured pruning cuts together, as ``(layers creating the group's channels,
     prunable channels, all channels)``; a group answers to any of its layer names in `ChannelPruningConfig.ratios`."""
-    graph = analyse_channels(capture(model, example_inputs, how))
+    graph = analyse_channels(capture(model, example_inputs, how), model=model)
     return [(list(g.modules), len(g.roots), g.size) for g in dependency_groups(graph, list(skip))]

@@ -122,7 +122,7 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
     if error is not None:
         raise InputError(f"the model does not run on the example inputs: {error}")
     single = first_samples(example_inputs, 1)
-    graph = analyse_channels(capture(model, example_inputs, config.capture), config.recurrent)
+    graph = analyse_channels(capture(model, example_inputs, config.capture), config.recurrent, model)
     want = importance.STATISTICS[config.importance]
     stats = importance.collect(model, graph.modules, calibration, want) if want else None
     scores = importance.score(model, graph, config, stats)
@@ -152,7 +152,7 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
         # the layer that failed (all of them when the failure names no layer) and prune again.
         local = [(ids, layer) for ids, layer in suspects if where and _related(layer, where)]
         for ids, layer in local or suspects:
-            graph.block(ids, "reshape to a size written in the model's code", layer)
+            graph.block(ids, "a size written in the model's code (a reshape, split or new tensor)", layer)
         suspects = [s for s in suspects if local and not any(s is t for t in local)]
         _restore(model, original)
         chosen = select_channels(model, graph, config, ratio, scores, widths)

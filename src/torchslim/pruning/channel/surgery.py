@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from torchslim.core.modules import is_depthwise, named_tensors
-from torchslim.errors import InputError
+from torchslim.errors import ArtifactError, InputError
 from torchslim.graph import ChannelGraph
-from torchslim.runtime import SHAPES_FORMAT, TorchDeployable, load_safetensors
+from torchslim.graph.sizes import integer_attributes
+from torchslim.runtime import SHAPES_FORMAT, SIZE_ATTRIBUTES, TorchDeployable, load_safetensors
 
 
 def _update_attributes(model: nn.Module, graph: ChannelGraph) -> None:
@@ -137,7 +138,44 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, chosen: set[int]) -> 
                 shared = _set_tensor(model, alias, tensor, shared)
                 shapes[alias] = list(tensor.shape)
     _update_attributes(model, graph)
+    _update_sizes(model, graph, chosen)
     return shapes
+
+
+def _update_sizes(model: nn.Module, graph: ChannelGraph, chosen: set[int]) -> None:
+    """Attributes that size tensors the model's code creates (``self.hidden``, `torchslim.graph.sizes`) take
+    the kept count; the root module records them (``SIZE_ATTRIBUTES``) so that the saved model says so."""
+    for (path, attribute), ids in graph.sizes.items():
+        kept = int(sum(root not in chosen for root in graph.uf.roots(ids).tolist()))
+        if kept != len(ids):
+            setattr(model.get_submodule(path) if path else model, attribute, kept)
+            recorded = model.__dict__.setdefault(SIZE_ATTRIBUTES, {})
+            recorded[f"{path}.{attribute}" if path else attribute] = kept
+
+
+def set_size_attributes(model: nn.Module, attributes, where: str) -> None:
+    """Set the attributes a saved pruned model records (``{"module.attribute": count}``) on a fresh instance.
+
+    Raises:
+        ArtifactError: the record is not a mapping of existing integer attributes to counts >= 1.
+    """
+    if attributes is None:
+        return
+    if not isinstance(attributes, dict):
+        raise ArtifactError(f"{where}: 'attributes' must map module attributes to counts")
+    for name, value in attributes.items():
+        path, _, attribute = str(name).rpartition(".")
+        try:
+            module = model.get_submodule(path) if path else model
+        except AttributeError:
+            module = None
+        if module is None or attribute not in integer_attributes(module):
+            raise ArtifactError(f"{where}: attributes: the model has no integer attribute {name!r}; is this the "
+                                f"original model class?")
+        if type(value) is not int or value < 1:
+            raise ArtifactError(f"{where}: attributes: {name!r} must be an integer >= 1, got {value!r}")
+        setattr(module, attribute, value)
+    model.__dict__[SIZE_ATTRIBUTES] = dict(attributes)
 
 
 def _related(layer: str, where: str) -> bool:
@@ -147,6 +185,9 @@ def _related(layer: str, where: str) -> bool:
 
 def _restore(model: nn.Module, original: nn.Module) -> None:
     """Put back every tensor and layer attribute of ``original`` (an unpruned deep copy) into ``model``."""
+    model.__dict__.pop(SIZE_ATTRIBUTES, None)
+    if SIZE_ATTRIBUTES in original.__dict__:
+        model.__dict__[SIZE_ATTRIBUTES] = dict(original.__dict__[SIZE_ATTRIBUTES])
     for name, module in original.named_modules():
         target = model.get_submodule(name) if name else model
         for attr, value in vars(module).items():
@@ -171,12 +212,14 @@ def _load_pruned(model: nn.Module, directory: str | Path, *, verify: bool = True
         ArtifactError: a damaged, altered or inconsistent file, named; nothing is allocated before the recorded
             shapes have been checked against the weights file's header.
     """
-    from torchslim._validate import read_shapes
+    from torchslim._validate import read_json, read_shapes
     from torchslim.integrity import verify_manifest
 
     directory = Path(directory)
     verify_manifest(directory, ["model.shapes.json", "model.safetensors"], verify=verify)
     resize_to_shapes(model, read_shapes(directory, SHAPES_FORMAT), directory)
+    set_size_attributes(model, read_json(directory / "model.shapes.json").get("attributes"),
+                        str(directory / "model.shapes.json"))
     load_safetensors(model, directory / "model.safetensors")
     return model
 
