@@ -33,20 +33,22 @@ def _batches(seed: int = 0) -> list[torch.Tensor]:
 
 
 def _fake_timing(speeds: dict[str, float]):
-    """time_candidate replaced by fixed figures per runtime ("torch-bf16" for a bfloat16 model)."""
-    def timed(deployable, batch, prefer="balanced"):
-        module = getattr(deployable, "module", None)
-        key = deployable.runtime
-        if key == "torch" and module is not None and next(module.parameters()).dtype == torch.bfloat16:
-            key = "torch-bf16"
-        ms = speeds[key]
-        return {"latency_ms_bs1": ms, "latency_ms_batch": ms * 10, "score": ms}
+    """time_candidates replaced by fixed figures per runtime ("torch-bf16" for a bfloat16 model)."""
+    def timed(deployables, batch, prefer="balanced", rounds=5):
+        figures = {}
+        for name, deployable in deployables.items():
+            key = deployable.runtime
+            if key == "torch" and next(deployable.module.parameters()).dtype == torch.bfloat16:
+                key = "torch-bf16"
+            figures[name] = {"latency_ms_bs1": speeds[key], "latency_ms_batch": speeds[key] * 10,
+                             "score": speeds[key]}
+        return figures
     return timed
 
 
 def test_the_fastest_candidate_within_the_drop_is_kept_and_every_candidate_is_reported(monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(choose, "time_candidate", _fake_timing({"torch": 4.0, "onnxruntime": 2.0, "torch-bf16": 1.0}))
+    monkeypatch.setattr(choose, "time_candidates", _fake_timing({"torch": 4.0, "onnxruntime": 2.0, "torch-bf16": 1.0}))
     config = AutoPrecisionConfig(candidates=["int8-dynamic", "bf16"], max_drop=0.5)
     result = torchslim.apply(Mlp().eval(), config, _batches())
     details = result.details
@@ -64,7 +66,7 @@ def test_the_fastest_candidate_within_the_drop_is_kept_and_every_candidate_is_re
 
 def test_a_candidate_over_the_drop_is_not_kept_even_when_fastest(monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(choose, "time_candidate", _fake_timing({"torch": 4.0, "onnxruntime": 2.0, "torch-bf16": 1.0}))
+    monkeypatch.setattr(choose, "time_candidates", _fake_timing({"torch": 4.0, "onnxruntime": 2.0, "torch-bf16": 1.0}))
     model = Mlp(tie=True).eval()
     reference = [model(x) for x in _batches()]
     config = AutoPrecisionConfig(candidates=["int8-dynamic", "bf16"], max_drop=0.0)
@@ -79,7 +81,7 @@ def test_a_candidate_over_the_drop_is_not_kept_even_when_fastest(monkeypatch):
 
 def test_a_candidate_slower_than_float_is_not_kept(monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(choose, "time_candidate", _fake_timing({"torch": 1.0, "torch-bf16": 3.0}))
+    monkeypatch.setattr(choose, "time_candidates", _fake_timing({"torch": 1.0, "torch-bf16": 3.0}))
     result = torchslim.apply(Mlp().eval(), AutoPrecisionConfig(candidates=["bf16"], max_drop=0.5), _batches())
     assert result.details["choice"] == "float: no candidate within the drop is faster than float (max_drop 0.5)"
     assert result.model.fc1.weight.dtype == torch.float32
@@ -87,7 +89,7 @@ def test_a_candidate_slower_than_float_is_not_kept(monkeypatch):
 
 def test_a_chosen_bf16_model_is_recorded_and_reloads(monkeypatch, tmp_path):
     torch.manual_seed(0)
-    monkeypatch.setattr(choose, "time_candidate", _fake_timing({"torch": 4.0, "torch-bf16": 1.0}))
+    monkeypatch.setattr(choose, "time_candidates", _fake_timing({"torch": 4.0, "torch-bf16": 1.0}))
     result = torchslim.apply(Mlp().eval(), AutoPrecisionConfig(candidates=["bf16"], max_drop=0.5), _batches())
     result.save(tmp_path / "auto")
     loaded = torchslim.load(tmp_path / "auto", Mlp())
@@ -95,6 +97,19 @@ def test_a_chosen_bf16_model_is_recorded_and_reloads(monkeypatch, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model(x))
     assert loaded.fc1.weight.dtype == torch.bfloat16
+
+
+def test_alternating_timing_measures_every_candidate_the_same_number_of_times():
+    calls = {"a": 0, "b": 0}
+
+    def runner(name):
+        def run(inputs):
+            calls[name] += 1
+        return run
+
+    figures = choose.time_candidates({"a": runner("a"), "b": runner("b")}, torch.zeros(8, 3), "batch", rounds=4)
+    assert calls == {"a": 2 + 4 * 4, "b": 2 + 4 * 4}  # 2 untimed first calls, then 3 at batch 1 + 1 batched a round
+    assert set(figures) == {"a", "b"} and all(f["score"] == f["latency_ms_batch"] for f in figures.values())
 
 
 def test_measured_timing_gives_positive_latencies_for_every_candidate():

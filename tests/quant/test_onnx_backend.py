@@ -96,3 +96,46 @@ def test_int8_dynamic_quantizes_linear_weights_and_leaves_convolutions_in_float(
     from torchslim.quant.qmath import sqnr_db
 
     assert sqnr_db(context.teacher(x), deployable(x)) > 25.0
+
+
+class TinyEncoder(torch.nn.Module):
+    """A 16x16 image as 16 tokens of 16 pixels through one transformer encoder layer (attention: two
+    activation x activation MatMuls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(16, 16)
+        self.layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x.reshape(x.shape[0], 16, 16))).mean(1))
+
+
+def test_in_a_graph_with_attention_only_weighted_layers_read_quantized_inputs(tmp_path):
+    import dataclasses
+
+    from conftest import tiny_bundle
+
+    torch.manual_seed(0)
+    bundle = dataclasses.replace(tiny_bundle(), model=TinyEncoder().eval())
+    context = make_context(tmp_path, bundle)
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=CalibrationConfig(samples=64),
+                                                                runtime="onnxruntime"))
+    assert deployable.details["attention"].startswith("2 activation x activation MatMuls")
+    graph = onnx.load(str(deployable.path)).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    quantized_weights = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")
+                         and any(producers.get(i) == "DequantizeLinear" for i in n.input[1:])]
+    assert len(quantized_weights) == 6  # embed, in-projection, out-projection, two FFN layers, head
+    softmax = [n for n in graph.node if n.op_type == "Softmax"]
+    assert softmax and not any(producers.get(i) == "DequantizeLinear" for n in softmax for i in n.input)
+    constants = {t.name for t in graph.initializer}
+    attention = [n for n in graph.node if n.op_type == "MatMul"
+                 and not any(i in constants or producers.get(i) == "DequantizeLinear" for i in n.input)]
+    assert len(attention) == 2  # the score and weighted-sum products run in float
+    x = context.example_inputs(32)
+    with torch.no_grad():
+        reference = bundle.model(x)
+    agreement = float((deployable(x).argmax(1) == reference.argmax(1)).float().mean())
+    assert agreement >= 0.8

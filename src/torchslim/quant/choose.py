@@ -12,7 +12,7 @@ stays as it was (float) and the step says so. Every candidate's figures, and the
 available on this machine, failed on this model), are in the step's details.
 
 This is the per-step form of the choice `torchslim auto` makes between precisions in its search; both time
-candidates with `time_candidate`.
+candidates with `time_candidates`.
 
 Example:
     >>> result = torchslim.apply(model, torchslim.AutoPrecisionConfig(max_drop=0.01), data="builtin:sentences")
@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
+import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 from torchslim._config import check, from_dict, to_dict
 from torchslim._progress import bar
 from torchslim.errors import describe
-from torchslim.measure.latency import measure_latency
 from torchslim.measure.stage import collect_outputs, evaluate, first_samples, score_drop
 from torchslim.registry import get_method, register_method
 from torchslim.runtime import Deployable, TorchDeployable
@@ -79,16 +80,32 @@ class AutoPrecisionConfig:
         return from_dict(get_method("quantize", name).config_cls, self.settings.get(name, {}), f"settings.{name}.")
 
 
-def time_candidate(deployable: Deployable, batch: Any, prefer: str = "balanced") -> dict:
-    """Median latency at batch 1 and at ``batch``'s size (the first call, which may compile, not counted) and
-    ``score``: what ``prefer`` ranks by (lower is faster)."""
-    deployable(batch)
-    bs1 = measure_latency(deployable, first_samples(batch, 1), warmup=2, repeats=10)
-    batched = measure_latency(deployable, batch, warmup=1, repeats=5)
-    score = {"balanced": math.sqrt(bs1.median_ms * batched.median_ms), "batch": batched.median_ms,
-             "bs1": bs1.median_ms}[prefer]
-    return {"latency_ms_bs1": round(bs1.median_ms, 4), "latency_ms_batch": round(batched.median_ms, 4),
-            "score": round(score, 4)}
+def time_candidates(deployables: dict[str, Callable[[Any], Any]], batch: Any, prefer: str = "balanced",
+                    rounds: int = 5) -> dict[str, dict]:
+    """Median latency of each of ``deployables`` at batch 1 and at ``batch``'s size, timed in alternating rounds
+    (each round times every candidate once at each size, in rotating order), so that load from other work on
+    the machine weighs on all of them alike; ``score`` is what ``prefer`` ranks by (lower is faster). The first
+    call at each size (which may compile) is not counted."""
+    one = first_samples(batch, 1)
+    names = list(deployables)
+    for name in names:
+        deployables[name](batch)
+        deployables[name](one)
+    times: dict[str, dict[str, list[float]]] = {n: {"bs1": [], "batch": []} for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for size, inputs, calls in (("bs1", one, 3), ("batch", batch, 1)):
+                for _ in range(calls):
+                    begin = time.perf_counter()
+                    deployables[name](inputs)
+                    times[name][size].append((time.perf_counter() - begin) * 1000)
+    figures = {}
+    for name in names:
+        bs1, batched = statistics.median(times[name]["bs1"]), statistics.median(times[name]["batch"])
+        score = {"balanced": math.sqrt(bs1 * batched), "batch": batched, "bs1": bs1}[prefer]
+        figures[name] = {"latency_ms_bs1": round(bs1, 4), "latency_ms_batch": round(batched, 4),
+                         "score": round(score, 4)}
+    return figures
 
 
 def _build(context, name: str, config: Any) -> tuple[Deployable, Any]:
@@ -116,10 +133,9 @@ def quantize_auto(context, config: AutoPrecisionConfig) -> Deployable:
                                             progress=False)
     base = evaluate(reference, labels, reference, task)
     batch = data.fill_batch(split, preprocess, context.batch_size)
-    with torch.inference_mode():
-        figures: dict[str, dict] = {"float": {"drop": 0.0, **time_candidate(original, batch, config.prefer)}}
+    figures: dict[str, dict] = {"float": {"drop": 0.0}}
     built: dict[str, tuple[Deployable, Any, Any]] = {}
-    for name in bar(config.candidates, desc="building, scoring and timing each precision", unit="precision",
+    for name in bar(config.candidates, desc="building and scoring each precision", unit="precision",
                     show=context.progress):
         method_config = config.candidate_config(name)
         try:
@@ -127,13 +143,17 @@ def quantize_auto(context, config: AutoPrecisionConfig) -> Deployable:
             with torch.inference_mode():
                 outputs, _ = collect_outputs(deployable, data, preprocess, scoring_batch, config.samples, split,
                                              progress=False)
-                scored = evaluate(outputs, labels, reference, task)
-                drop = score_drop(base.metric, base.score, scored.score)
-                figures[name] = {base.metric: round(scored.score, 6), "drop": round(drop, 6),
-                                 "runtime": deployable.runtime, **time_candidate(deployable, batch, config.prefer)}
+            scored = evaluate(outputs, labels, reference, task)
+            figures[name] = {base.metric: round(scored.score, 6),
+                             "drop": round(score_drop(base.metric, base.score, scored.score), 6),
+                             "runtime": deployable.runtime}
             built[name] = (deployable, state, method_config)
         except Exception as error:  # a candidate this machine or model cannot run is reported; the others compete
             figures[name] = {"error": describe(error)}
+    with torch.inference_mode():
+        timed = time_candidates({"float": original, **{n: built[n][0] for n in built}}, batch, config.prefer)
+    for name, latency in timed.items():
+        figures[name].update(latency)
     within = [n for n in built if figures[n]["drop"] <= config.max_drop]
     criterion = {"balanced": f"the geometric mean of batch-1 and batch-{context.batch_size} latency",
                  "batch": f"batch-{context.batch_size} latency", "bs1": "batch-1 latency"}[config.prefer]
@@ -153,4 +173,4 @@ def quantize_auto(context, config: AutoPrecisionConfig) -> Deployable:
     return deployable
 
 
-__all__ = ["AutoPrecisionConfig", "quantize_auto", "time_candidate"]
+__all__ = ["AutoPrecisionConfig", "quantize_auto", "time_candidates"]

@@ -25,7 +25,7 @@ from torchslim.errors import InputError, describe
 from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
 from torchslim.quant import onnx_backend, pt2e_backend
 from torchslim.quant.adaround import AdaRoundConfig
-from torchslim.quant.choose import time_candidate
+from torchslim.quant.choose import time_candidates
 from torchslim.registry import register_method
 from torchslim.runtime import Deployable
 
@@ -106,14 +106,11 @@ def _candidates(context, config: Int8StaticConfig) -> list[str]:
     return names
 
 
-def _time_candidate(deployable: Deployable, batch, reference, prefer: str, task: str) -> dict:
-    figures = time_candidate(deployable, batch, prefer)
+def _fidelity(deployable: Deployable, batch, reference, task: str) -> dict:
     outputs = deployable(batch).float()
     if task == "embedding":
-        figures["val_cosine"] = round(cosine_similarity_stats(outputs, reference)[0], 4)
-    else:
-        figures["val_agreement"] = round(top1_agreement(outputs, reference), 4)
-    return figures
+        return {"val_cosine": round(cosine_similarity_stats(outputs, reference)[0], 4)}
+    return {"val_agreement": round(top1_agreement(outputs, reference), 4)}
 
 
 @register_method("quantize", "int8-static", Int8StaticConfig)
@@ -133,16 +130,21 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
     with torch.inference_mode():
         reference = call_model(context.model, batch)
     built, figures = {}, {}
-    for name in bar(names, desc="building and timing each int8 runtime", unit="runtime", show=context.progress):
+    for name in bar(names, desc="building each int8 runtime", unit="runtime", show=context.progress):
         try:
             built[name] = _build(name, context, config)
-            figures[name] = _time_candidate(built[name], batch, reference, config.prefer,
-                                            context.bundle.task)
+            figures[name] = _fidelity(built[name], batch, reference, context.bundle.task)
         except Exception as error:  # a backend that fails on this model is reported, and the others compete
             built.pop(name, None)
             figures[name] = {"error": describe(error)}
     if not built:
         raise RuntimeError(f"{context.where}: every int8 runtime failed: {figures}")
+    try:  # in alternating rounds, so that load from other work weighs on every runtime alike
+        with torch.inference_mode():
+            for name, latency in time_candidates(dict(built), batch, config.prefer).items():
+                figures[name].update(latency)
+    except Exception as error:
+        raise RuntimeError(f"{context.where}: timing the int8 runtimes failed: {describe(error)}") from error
     best = min(built, key=lambda n: figures[n]["score"])
     chosen = built[best]
     criterion = {"balanced": f"the geometric mean of batch-1 and batch-{context.batch_size} latency",
