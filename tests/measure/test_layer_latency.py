@@ -114,7 +114,7 @@ def test_a_retiming_that_is_not_cleaner_keeps_the_old_entry(tmp_path):
     path = tmp_path / "t.json"
     table_at(path, lambda shape: 2.0, load=BUSY).latencies(shapes()[:1])
     # the load reads quiet before the session and busy after it: the new timing is provisional too, and slower
-    loads = iter([0.5, 0.5, 5.0])
+    loads = iter([0.5, 5.0])
     later = table_at(path, lambda shape: 3.0, load=lambda: next(loads))
     assert later.latencies(shapes()[:1]) == [2.0] and (later.retimed, later.replaced, later.provisional) == (1, 0, 1)
 
@@ -137,19 +137,27 @@ def test_an_old_format_file_is_read_as_unknown_load_and_retimed_when_quiet(tmp_p
     assert [e["provisional"] for e in stored["entries"].values()] == [False, False, False]
 
 
-def test_shapes_compared_together_are_all_timed_in_one_session(tmp_path):
+def test_shapes_compared_together_retime_provisional_entries_and_all_when_busy(tmp_path):
     path, calls = tmp_path / "t.json", []
-    table_at(path, lambda shape: 5.0).latencies(shapes()[:1])  # timed earlier (a quieter minute)
+    table_at(path, lambda shape: 5.0).latencies(shapes()[:1])  # 8: clean, timed on a quiet run
+    table_at(path, lambda shape: 4.0, load=BUSY).latencies(shapes()[1:2])  # 12: provisional
 
-    def drifted(shape):
-        calls.append(shape.out_channels)
-        return 6.0  # the machine is slower now, for every shape alike
+    def timer(ms):
+        def time_shape(shape):
+            calls.append(shape.out_channels)
+            return ms
+        return time_shape
 
-    table = table_at(path, drifted)
-    assert table.latencies(shapes(), together=True) == [6.0, 6.0, 6.0]  # this session's, the cached 5.0 too
-    assert calls == [8, 12, 16, 12, 16, 8, 16, 8, 12, 8, 12, 16, 12, 16, 8]
-    assert table.latencies(shapes()[:1]) == [5.0]  # the table keeps the cleaner (faster) of the two
-    assert table.latencies(shapes(), together=True) == [5.0, 6.0, 6.0] and len(calls) == 15  # nothing new
+    # quiet now: 16 is new; 12 (provisional) is timed again after it; 8 (clean) is comparable as it is
+    quiet = table_at(path, timer(6.0), rounds=2)
+    assert quiet.latencies(shapes(), together=True) == [5.0, 6.0, 6.0]
+    assert calls == [16, 12, 12, 16] and (quiet.retimed, quiet.replaced) == (1, 1)  # rounds rotated
+    # busy now: every shape compared is timed in the session (all its values alike provisional)
+    bigger = [LayerShape.of(nn.Conv2d(8, c, 3, padding=1), (1, 8, 4, 4)) for c in (8, 12, 24)]
+    busy = table_at(path, timer(7.0), load=BUSY, rounds=2)
+    assert busy.latencies(bigger, together=True) == [7.0, 7.0, 7.0] and calls[4:] == [8, 12, 24, 12, 24, 8]
+    assert busy.latencies(bigger[:1]) == [5.0]  # the table keeps the cleaner entry: the clean 5.0
+    assert busy.provisional == 1 and (busy.retimed, busy.replaced) == (0, 0)  # 24 is new and provisional
 
 
 def test_the_default_cache_file_is_one_per_machine(tmp_path, monkeypatch):

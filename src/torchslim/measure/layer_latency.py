@@ -266,33 +266,44 @@ class LatencyTable:
         when the machine is not busy now.
 
         Args:
-            together: the shapes are compared with one another (a group's candidate widths): when any of them
-                must be timed, all are, in the same interleaved rounds, and the values returned are that
-                session's, so that load drifting between sessions (minutes apart) cannot favour one over
-                another; the table keeps, per shape, the cleaner of its entry and the new timing.
+            together: the shapes are compared with one another (a group's candidate widths). When any of them
+                must be timed, the session also times again those whose entries are provisional (all of them
+                when the machine is busy now, the session's own timings then being provisional), and returns
+                the session's values for the shapes it timed: no comparison then rests on a clean timing
+                against one disturbed by load, or on two disturbed sessions minutes apart. Clean entries are
+                comparable across sessions (that is what a clean entry means) and are not timed again. The
+                table keeps, per shape, the cleaner of its entry and the new timing.
         """
         shapes = list(shapes)
         unique = {shape.key(): shape for shape in shapes}
         self.used.update(unique)
         due = {key: shape for key, shape in unique.items() if key not in self.entries}
-        stale = {key: shape for key, shape in unique.items()
-                 if key in self.entries and self.entries[key].provisional and key not in self._timed}
-        if stale and not machine_busy(self._read_load(), self.cores, self.machine["threads"]):
-            due.update(stale)
-            self.retimed += len(stale)
-        else:
-            stale = {}
+        provisional = {key: shape for key, shape in unique.items()
+                       if key in self.entries and self.entries[key].provisional}
+        stale = {key: shape for key, shape in provisional.items() if key not in self._timed}
+        if not due and not stale:
+            return [self.entries[shape.key()].ms for shape in shapes]
+        load = self._read_load()
+        busy = machine_busy(load, self.cores, self.machine["threads"])
+        if busy:
+            stale = {}  # kept for a quieter run
+        due.update(stale)
         if not due:
             return [self.entries[shape.key()].ms for shape in shapes]
-        session = self._time(unique if together else due)
+        if together:
+            due = dict(unique) if busy else {**due, **provisional}
+        earlier = {key for key in due if key in provisional and key not in self._timed}  # from earlier runs
+        session = self._time(due, load)
+        self.retimed += len(earlier)
         for key, entry in session.items():
             old = self.entries.get(key)
             if old is None or entry.cleaner_than(old):
                 self.entries[key] = entry
-                self.replaced += key in stale
+                self.replaced += key in earlier
         self._write()
         if together:
-            return [session[shape.key()].ms for shape in shapes]
+            return [session[key].ms if key in session else self.entries[key].ms
+                    for key in (shape.key() for shape in shapes)]
         return [self.entries[shape.key()].ms for shape in shapes]
 
     def _read_load(self) -> float | None:
@@ -301,11 +312,10 @@ class LatencyTable:
             self.loads.append(round(float(load), 2))
         return load
 
-    def _time(self, shapes: dict[str, LayerShape]) -> dict[str, TableEntry]:
+    def _time(self, shapes: dict[str, LayerShape], load_before: float | None) -> dict[str, TableEntry]:
         """One session: every shape timed ``rounds`` times, interleaved, the order rotated each round."""
         keys = list(shapes)
         values: dict[str, list[float]] = {key: [] for key in keys}
-        load_before = self._read_load()
         for index in range(self.rounds):
             shift = index % len(keys)
             for key in keys[shift:] + keys[:shift]:
