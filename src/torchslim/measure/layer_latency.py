@@ -155,7 +155,7 @@ def machine_busy(load: float | None, cores: int, threads: int) -> bool:
     """Whether other work leaves fewer than ``threads`` of the ``cores`` free: the load average, less the
     ``threads`` this process is timing with (the 1-minute average counts them: the prune step keeps them
     running), above ``cores - threads``. An unknown load (no load average on this platform) is not busy."""
-    return load is not None and load - threads > cores - threads
+    return load is not None and load - threads > cores - threads  # i.e. load > cores, written as reasoned
 
 
 @dataclass

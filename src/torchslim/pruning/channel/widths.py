@@ -8,8 +8,9 @@ nor below what ``max_ratio`` allows. A candidate
 costs the summed table latency of every convolution and linear layer whose shape the group's width sets
 (the layers creating its channels and the layers reading them, each at its real input size from one forward of
 the example inputs; the layer's other channel count stays as it is). A group's candidates are compared by
-timings of one session: when any is new, all are timed again together, in rotated interleaved rounds
-(`LatencyTable.latencies` with ``together``). The group keeps the candidate with the
+timings of one session where it matters: when one is new, those whose table entries are provisional (all of
+them, on a busy machine) are timed again with it, in rotated interleaved rounds (`LatencyTable.latencies` with
+``together``). The group keeps the candidate with the
 **least latency per kept channel** (cost / width): ``w`` itself unless another candidate beats it by more than
 ``TOLERANCE`` (5%), else the widest candidate within ``TOLERANCE`` of the best. A width the kernels process in
 whole blocks (61 channels costing what 64 do) gives way to the block's full width, or to the width below whose
@@ -171,9 +172,9 @@ class LatencyWidths:
 
     def _cost(self, group: Group, widths: list[int]) -> dict[int, float]:
         """The summed table latency of the group's layers at each kept width (inf where a layer cannot take
-        it). Candidates are compared by timings taken together: when any candidate is new to this group, all
-        of them are looked up in one call (``together``), so a session that must time a shape times every
-        candidate's shapes in the same interleaved rounds."""
+        it). When any candidate is new to this group, all of them are looked up in one call (``together``):
+        a session that must time a new shape times the candidates' provisional shapes (all of them, on a busy
+        machine) in the same interleaved rounds."""
         name = group.modules[0]
         if all((name, w) in self._costs for w in widths):
             return {w: self._costs[name, w] for w in widths}
