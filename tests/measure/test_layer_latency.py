@@ -129,7 +129,8 @@ def test_an_old_format_file_is_read_as_unknown_load_and_retimed_when_quiet(tmp_p
 
     old = table_at(path, refuse, load=BUSY)
     assert old.latencies(shapes()) == [7.5, 7.5, 7.5] and old.provisional == 3 and old.measured == 0
-    assert old.entries[shapes()[1].key()].reason == "unknown load" and old.entries[shapes()[1].key()].load_before is None
+    entry = old.entries[shapes()[1].key()]
+    assert (entry.ms, entry.reason, entry.load_before, entry.spread) == (7.5, "unknown load", None, None)
     quiet = table_at(path, lambda shape: 9.0)  # clean, though slower: it replaces the unknown
     assert quiet.latencies(shapes()) == [9.0, 9.0, 9.0] and (quiet.retimed, quiet.replaced) == (3, 3)
     stored = json.loads(path.read_text())
