@@ -192,3 +192,50 @@ def test_select_channels_with_auto_needs_a_table():
     graph = analyse_channels(capture(model, x))
     with pytest.raises(ValueError, match="round_to: auto chooses widths from a latency table"):
         select_channels(model, graph, ChannelPruningConfig(ratio=0.3, round_to="auto"), 0.3)
+
+
+def test_a_groups_candidates_are_timed_together_in_rotated_rounds_when_the_machine_is_busy(tmp_path):
+    """Bisection asks a group for new widths. On a quiet machine only the new candidates are timed (clean
+    entries are comparable across sessions); on a busy one every candidate is timed again in the same session,
+    so load drifting between two asks favours none of them."""
+    from torchslim.pruning.channel.groups import dependency_groups
+    from torchslim.pruning.channel.widths import LatencyWidths, layer_inputs
+
+    model, x = model_and_input()
+    graph = analyse_channels(capture(model, x))
+    stream = next(g for g in dependency_groups(graph, []) if g.modules[0] == "stem.0")
+    timer, load = SixteenIsCheap(), [0.5]
+    table = LatencyTable(tmp_path / "table.json", timer, rounds=2, load=lambda: load[0], cores=2)
+    widths = LatencyWidths(model, graph, {}, layer_inputs(model, x), table)
+    assert stream.size - widths.removal(stream, 19, 64) == 48  # keep 45: candidates 40, 45, 48
+    assert len(timer.calls) == 2 * 3 * 4  # two rounds of 3 widths x 4 layers (stem, expand, project; conv reads)
+    widths.removal(stream, 14, 64)  # keep 50: candidates 48 (clean, timed above), 50, 56
+    assert len(timer.calls) == 24 + 2 * 2 * 4  # only 50's and 56's shapes
+    load[0] = 3.0
+    widths.removal(stream, 11, 64)  # keep 53: candidates 48, 53, 56, timed now under load
+    session = timer.calls[40:]
+    assert len(session) == 2 * 3 * 4 and len(set(session)) == 12  # 48's and 56's shapes timed again with 53's
+    assert session[12:] == session[1:12] + session[:1]  # the second round starts one shape later
+    widths.removal(stream, 19, 64)
+    assert len(timer.calls) == 64  # an ask answered before times nothing
+
+
+def test_the_report_counts_provisional_entries_and_a_quiet_run_retimes_them(tmp_path):
+    model, x = model_and_input()
+    config = ChannelPruningConfig(ratio=0.3, round_to="auto")
+    busy = LatencyTable(tmp_path / "table.json", SixteenIsCheap(), load=lambda: 3.0, cores=2)
+    one = prune(model, config, x, latency_table=busy).latency
+    assert one["layers_timed"] > 0 and one["layers_provisional"] == len(busy.used) == 37
+    assert (one["layers_retimed"], one["load_max"]) == (0, 3.0)
+    model, x = model_and_input()
+    timer = SixteenIsCheap()
+    quiet = LatencyTable(tmp_path / "table.json", timer, load=lambda: 0.5, cores=2)
+    two = prune(model, config, x, latency_table=quiet)
+    assert (two.latency["layers_retimed"], two.latency["layers_provisional"]) == (37, 0)
+    assert two.latency["layers_timed"] == len(set(timer.calls)) == 37 and two.latency["load_max"] == 0.5
+    model, x = model_and_input()
+    three = prune(model, config, x, latency_table=LatencyTable(tmp_path / "table.json", SixteenIsCheap(),
+                                                               load=lambda: 0.5, cores=2))
+    assert (three.latency["layers_timed"], three.latency["layers_provisional"], three.latency["layers_retimed"]) == \
+        (0, 0, 0)
+    assert three.widths == two.widths

@@ -124,7 +124,8 @@ class PruneResult:
     to the residual stream they add to (last step); with ``round_to: auto``, each group's width (channels, the
     exact and the chosen kept count, the table latency of its layers at each; last step) and the model's
     latency before and after: predicted (the table's sum over convolution and linear layers) and measured
-    (eager, at the example batch size), in milliseconds."""
+    (eager, at the example batch size), in milliseconds, with how the table was measured (shapes timed, entries
+    provisional and retimed, the highest load average read)."""
 
     macs_before: int
     macs_after: int

@@ -95,7 +95,8 @@ def prune(model: nn.Module, config: ChannelPruningConfig, example_inputs: Any,
                        measured_ms_after=_latency(model, example_inputs))
         latency = {key: round(value, 3) for key, value in latency.items()}
         latency.update(batch_size=_batch_size(example_inputs), threads=torch.get_num_threads(),
-                       layers_timed=table.measured)
+                       layers_timed=table.measured, layers_provisional=table.provisional,
+                       layers_retimed=table.retimed, load_max=max(table.loads, default=None))
     return PruneResult(macs_before=macs_before, macs_after=count_macs(model, single), params_before=params_before,
                        params_after=count_params(model), removed_channels=removed, skipped=skipped, shapes=shapes,
                        refit_errors=refit_errors, refit_residual=refit_residual, widths=widths,

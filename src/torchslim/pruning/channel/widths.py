@@ -7,7 +7,10 @@ multiples of 8, 16, 32 and 64 nearest it (below and above), those within ``BAND`
 nor below what ``max_ratio`` allows. A candidate
 costs the summed table latency of every convolution and linear layer whose shape the group's width sets
 (the layers creating its channels and the layers reading them, each at its real input size from one forward of
-the example inputs; the layer's other channel count stays as it is). The group keeps the candidate with the
+the example inputs; the layer's other channel count stays as it is). A group's candidates are compared by
+timings of one session where it matters: when one is new, those whose table entries are provisional (all of
+them, on a busy machine) are timed again with it, in rotated interleaved rounds (`LatencyTable.latencies` with
+``together``). The group keeps the candidate with the
 **least latency per kept channel** (cost / width): ``w`` itself unless another candidate beats it by more than
 ``TOLERANCE`` (5%), else the widest candidate within ``TOLERANCE`` of the best. A width the kernels process in
 whole blocks (61 channels costing what 64 do) gives way to the block's full width, or to the width below whose
@@ -169,12 +172,15 @@ class LatencyWidths:
 
     def _cost(self, group: Group, widths: list[int]) -> dict[int, float]:
         """The summed table latency of the group's layers at each kept width (inf where a layer cannot take
-        it); new shapes are timed together, interleaved."""
+        it). When any candidate is new to this group, all of them are looked up in one call (``together``):
+        a session that must time a new shape times the candidates' provisional shapes (all of them, on a busy
+        machine) in the same interleaved rounds."""
         name = group.modules[0]
+        if all((name, w) in self._costs for w in widths):
+            return {w: self._costs[name, w] for w in widths}
         order = np.array(sorted(group.roots.tolist(), key=lambda r: self.scores.get(r, 0.0)), dtype=np.int64)
-        wanted = [w for w in widths if (name, w) not in self._costs]
         shapes: dict[int, list[LayerShape] | None] = {}
-        for width in wanted:
+        for width in widths:
             removed = order[: group.size - width]
             layer_shapes = []
             for index in self._layers_of(group):
@@ -187,7 +193,7 @@ class LatencyWidths:
                 layer_shapes.append(shape)
             shapes[width] = layer_shapes
         flat = [s for layer_shapes in shapes.values() if layer_shapes for s in layer_shapes]
-        times = dict(zip([s.key() for s in flat], self.table.latencies(flat)))
+        times = dict(zip([s.key() for s in flat], self.table.latencies(flat, together=True)))
         for width, layer_shapes in shapes.items():
             self._costs[name, width] = math.inf if layer_shapes is None else sum(times[s.key()] for s in layer_shapes)
         return {w: self._costs[name, w] for w in widths}
