@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from torchslim.core.calibration import calibration_batches
 from torchslim.core.cpu import has_vnni, int8_features
@@ -110,9 +112,13 @@ def _corrected(prepared: Path, means: dict, exclude: list[str], per_channel: boo
     return path, moved
 
 
-def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, config) -> dict:
+def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, config, choose=None) -> dict:
     """Calibrate an ONNX model file with torchslim's observers and write it as QDQ with ONNX Runtime's
-    quantizer, our scales and zero points given as overrides; returns what was done."""
+    quantizer, our scales and zero points given as overrides; returns what was done.
+
+    ``choose(graph) -> (float nodes, corrections, details)``, given a `QuantizedGraph` whose ``int8_path``
+    holds the model with every layer quantized, picks more layers to keep float and leaves ``int8_path`` holding
+    that model (`torchslim.quant.mixed`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -137,29 +143,34 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
     # Weights on [-64, 64] cannot saturate, so the deployed model computes what the simulation does.
     reduce_range = not has_vnni()
 
-    def write(exclude: list[str]) -> dict[str, float]:
-        """Quantize to ``int8_path`` keeping ``exclude`` float; returns the layers bias correction moved."""
+    def write(exclude: list[str], path: Path = int8_path) -> dict[str, float]:
+        """Quantize to ``path`` keeping ``exclude`` float; returns the layers bias correction moved."""
         source, moved = prepared, {}
         if correct:
             source, moved = _corrected(prepared, means, exclude, config.per_channel)
         # ONNX Runtime calibrates too before applying our overrides: one sample keeps that pass short.
         one_sample = _Reader([{name: value[:1] for name, value in batches[0].items()}])
-        quantize_static(str(source), str(int8_path), one_sample, quant_format=QuantFormat.QDQ,
+        quantize_static(str(source), str(path), one_sample, quant_format=QuantFormat.QDQ,
                         per_channel=config.per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude or None,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                        "TensorQuantOverrides": overrides})
+        keep_float(path, exclude)
         return moved
 
     corrections = write(excluded)
+    chosen, choice = [], {}
+    if choose is not None:
+        chosen, moved, choice = choose(QuantizedGraph(prepared, int8_path, excluded, batches, write))
+        corrections = corrections if moved is None else moved
     sensitive = {}
     if config.fallback_layers:
         # Measure each layer's own error in the simulated int8 model; the worst stay in float.
         errors = layer_errors(prepared, int8_path, batches[:2])
-        worst = sorted((n for n in errors if n not in excluded), key=errors.get, reverse=True)
+        worst = sorted((n for n in errors if n not in excluded + chosen), key=errors.get, reverse=True)
         sensitive = {name: round(errors[name], 2) for name in worst[:config.fallback_layers]}
-        corrections = write(excluded + list(sensitive))
+        corrections = write(excluded + chosen + list(sensitive))
     strip_debug_metadata(int8_path)
     weights = "int8 [-64, 64]" if reduce_range else "int8"
     return {"format": "QDQ", "weights": weights + (" per-channel" if config.per_channel else " per-tensor"),
@@ -167,7 +178,73 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
             "activations": "uint8 per-tensor", "observer": config.observer, "reduce_range": reduce_range,
             "calibration_samples": samples, "cpu_int8_features": int8_features(), "kept_float_nodes": excluded,
             "sensitive_float_nodes_db": sensitive, "bias_corrected_layers": len(corrections),
-            "deployed_vs_simulated": deployed_vs_simulated(int8_path, batches[0])}
+            "deployed_vs_simulated": deployed_vs_simulated(int8_path, batches[0]), **choice}
+
+
+@dataclass
+class QuantizedGraph:
+    """What `quantize_onnx_static` hands a layer chooser: the float graph it quantizes (``prepared``), the file
+    holding the int8 model, the nodes ``skip`` keeps float, the calibration feeds, and
+    ``write(float nodes, path) -> bias corrections`` to rebuild the QDQ model keeping other layers float."""
+
+    prepared: Path
+    int8_path: Path
+    excluded: list[str]
+    feeds: list[dict]
+    write: Callable[..., dict]
+
+
+def keep_float(path: Path, nodes: list[str]) -> int:
+    """Make the Conv/Gemm ``nodes`` of a QDQ file stay float in ONNX Runtime; returns how many were changed.
+
+    ONNX Runtime (1.2x, ``WeightBiasQuantization``) quantizes at load time the float weights of a Conv or Gemm
+    whose input comes from a per-tensor DequantizeLinear, so a layer the QDQ writer left float would run as
+    int8 with per-tensor weights. Its input is read instead through its own DequantizeLinear with the same
+    scale repeated per channel (axis 1), which that transformer leaves alone; the values are unchanged. A
+    layer with one input channel cannot be kept this way and is left as it is."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if not nodes:
+        return 0
+    model = onnx.load(str(path))
+    graph = model.graph
+    tensors = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    wanted, changed = set(nodes), 0
+    for node in list(graph.node):
+        dequantize = producers.get(node.input[0]) if node.input else None
+        if node.name not in wanted or node.op_type not in ("Conv", "Gemm") or dequantize is None \
+                or dequantize.op_type != "DequantizeLinear" or node.input[1] not in tensors:
+            continue
+        scale = tensors.get(dequantize.input[1])
+        zero = tensors.get(dequantize.input[2]) if len(dequantize.input) > 2 else None
+        if scale is None or len(scale.dims) > 0:
+            continue
+        weight = tensors[node.input[1]].dims
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            channels = weight[1] * group
+        else:
+            transposed = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            channels = weight[1] if transposed else weight[0]
+        if channels < 2:
+            continue
+        prefix = f"{node.name}_float_input"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.full(channels, numpy_helper.to_array(scale), np.float32), prefix + "_scale"),
+            numpy_helper.from_array(np.full(channels, numpy_helper.to_array(zero) if zero is not None else 0,
+                                            numpy_helper.to_array(zero).dtype if zero is not None else np.uint8),
+                                    prefix + "_zero_point")])
+        reader = onnx.helper.make_node("DequantizeLinear", [dequantize.input[0], prefix + "_scale",
+                                                           prefix + "_zero_point"], [prefix], name=prefix, axis=1)
+        graph.node.insert(list(graph.node).index(node), reader)
+        node.input[0] = prefix
+        changed += 1
+    if changed:
+        onnx.save(model, str(path))
+    return changed
 
 
 _PLUMBING = {"QuantizeLinear", "DequantizeLinear", "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
