@@ -312,14 +312,15 @@ def _feeds(context, config) -> list[dict]:
     return feeds
 
 
-def build(context, config) -> OnnxRuntimeDeployable:
-    """Export ``context.model``, quantize it with calibration and load it in ONNX Runtime."""
+def build(context, config, choose=None) -> OnnxRuntimeDeployable:
+    """Export ``context.model``, quantize it with calibration and load it in ONNX Runtime (``choose``: a layer
+    chooser, see `quantize_onnx_static`)."""
     workdir = context.scratch("int8-static-onnxruntime")
     float_path, int8_path = workdir / "float.onnx", workdir / "int8.onnx"
     started = time.perf_counter()
     exporter = export_onnx(context.model, context.example_inputs(2), float_path)
     exported = time.perf_counter()
-    details = quantize_onnx_static(float_path, int8_path, _feeds(context, config), config)
+    details = quantize_onnx_static(float_path, int8_path, _feeds(context, config), config, choose)
     details.update(exporter=exporter, export_seconds=round(exported - started, 2),
                    ptq_seconds=round(time.perf_counter() - exported, 2))
     modules = module_names(float_path)
@@ -336,11 +337,16 @@ def build(context, config) -> OnnxRuntimeDeployable:
 
     for name in details["kept_float_nodes"]:
         context.skip_layer(layer(name), "kept in float (matched quantize.skip)")
-    chosen = set(details["kept_float_nodes"]) | set(details["sensitive_float_nodes_db"])
+    mixed = details.get("float_layer_choice", {}).get("layers", {})
+    chosen = set(details["kept_float_nodes"]) | set(details["sensitive_float_nodes_db"]) | set(mixed)
     for name, op in details["float_layers"].items():
         if name not in chosen:
             context.skip_layer(layer(name), f"{op}: no integer kernel takes it in ONNX Runtime, kept in float")
     for name, loss in details["sensitive_float_nodes_db"].items():
         context.skip_layer(layer(name), f"kept in float: its int8 output lost {loss} dB SQNR, among the "
                                         f"{config.fallback_layers} worst (quantize.fallback_layers)")
+    for name, why in mixed.items():
+        cost = f"; float costs {why['float_cost_ms_batch']} ms at batch {context.batch_size}" \
+            if "float_cost_ms_batch" in why else ""
+        context.skip_layer(layer(name), f"kept in float: {why['why']}{cost}")
     return OnnxRuntimeDeployable(int8_path, context.model, context.threads, details=details)
