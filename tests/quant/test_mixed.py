@@ -65,6 +65,22 @@ def test_a_layer_kept_float_runs_float_in_onnxruntime(tmp_path):
     # layer reads its input per channel, stays a float Conv, and the deployed model is its simulation exactly.
     assert ops.count("Conv") == 1 and ops.count("QLinearConv") == 1
     assert deployable.details["deployed_vs_simulated"]["sqnr_db"] >= 80.0
+    assert "float_nodes_quantized_at_load" not in deployable.details
+
+
+def test_a_float_layer_onnxruntime_still_quantizes_is_reported(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1),
+                                torch.nn.ReLU(), torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 16 * 16, 10)).eval()
+    # Layer 4 reads one channel: no per-channel reader can keep it float.
+    context = make_context(tmp_path, dataclasses.replace(tiny_bundle(), model=model))
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=SMALL, runtime="onnxruntime",
+                                                                skip=["4"]))
+    assert deployable.details["float_nodes_quantized_at_load"] == deployable.details["kept_float_nodes"]
+    assert len(deployable.details["kept_float_nodes"]) == 1
+    assert optimised_ops(deployable.path, tmp_path).count("QLinearConv") == 3  # what the detail warns of
+    assert any("ONNX Runtime quantizes it per tensor" in note for note in context.bundle.notes)
 
 
 def test_max_drop_keeps_exactly_the_sensitive_layer_float(tmp_path):

@@ -9,6 +9,7 @@ of u8*s8 pair sums in AVX2's ``vpmaddubsw``.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,13 +173,34 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
         sensitive = {name: round(errors[name], 2) for name in worst[:config.fallback_layers]}
         corrections = write(excluded + chosen + list(sensitive))
     strip_debug_metadata(int8_path)
+    requantized = quantized_at_load(int8_path)
     weights = "int8 [-64, 64]" if reduce_range else "int8"
     return {"format": "QDQ", "weights": weights + (" per-channel" if config.per_channel else " per-tensor"),
             "float_layers": float_layers(int8_path),
             "activations": "uint8 per-tensor", "observer": config.observer, "reduce_range": reduce_range,
             "calibration_samples": samples, "cpu_int8_features": int8_features(), "kept_float_nodes": excluded,
             "sensitive_float_nodes_db": sensitive, "bias_corrected_layers": len(corrections),
-            "deployed_vs_simulated": deployed_vs_simulated(int8_path, batches[0]), **choice}
+            "deployed_vs_simulated": deployed_vs_simulated(int8_path, batches[0]), **choice,
+            **({"float_nodes_quantized_at_load": requantized} if requantized else {})}
+
+
+def quantized_at_load(path: Path) -> list[str]:
+    """The float Conv/Gemm nodes of a QDQ file that ONNX Runtime will still quantize when it loads it (input
+    from a per-tensor DequantizeLinear, float weight: see `keep_float`)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tensors = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    found = []
+    for node in graph.node:
+        source = producers.get(node.input[0]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 else None
+        weight = tensors.get(node.input[1]) if source is not None else None
+        scale = tensors.get(source.input[1]) if source is not None and source.op_type == "DequantizeLinear" else None
+        if weight is not None and weight.data_type == onnx.TensorProto.FLOAT and scale is not None \
+                and math.prod(scale.dims) == 1:
+            found.append(node.name)
+    return found
 
 
 @dataclass
@@ -345,6 +367,9 @@ def build(context, config, choose=None) -> OnnxRuntimeDeployable:
     for name, loss in details["sensitive_float_nodes_db"].items():
         context.skip_layer(layer(name), f"kept in float: its int8 output lost {loss} dB SQNR, among the "
                                         f"{config.fallback_layers} worst (quantize.fallback_layers)")
+    for name in details.get("float_nodes_quantized_at_load", []):
+        context.bundle.notes.append(f"{context.where}: {layer(name)} was to stay float, but ONNX Runtime quantizes "
+                                    "it per tensor when it loads the model (one input channel)")
     for name, why in mixed.items():
         cost = f"; float costs {why['float_cost_ms_batch']} ms at batch {context.batch_size}" \
             if "float_cost_ms_batch" in why else ""
