@@ -8,7 +8,7 @@ Two choices, each optional, made after the model is built with every layer quant
   runtimes) is more than `SLOWER_BY` above its float score stays float.
 - **accuracy** (``max_drop: d``): the int8 model is scored on the validation split against the float model
   it came from, with the metric the pipeline reports (accuracy where there are labels, else top-1 agreement;
-  mean cosine for embeddings; `torchslim.search.trial.score_drop` for the drop). Over ``d``, layers stay float
+  mean cosine for embeddings; drop = float score - int8 score, relative for perplexity). Over ``d``, layers stay float
   in the order of their measured sensitivity (`torchslim.quant.onnx_sensitivity.layer_errors`): the count
   doubles until the drop is met, then bisection finds the fewest; each candidate is a rebuilt QDQ model scored
   on ONNX Runtime's fused kernels. At most `MAX_BUILDS` candidates; if even the last tried misses the drop,
@@ -55,13 +55,18 @@ class ValidationScore:
         """(drop, score) of the ONNX model at ``path`` on the validation split."""
         from torchslim.measure.stage import collect_outputs, evaluate
         from torchslim.runtime import OnnxRuntimeDeployable
-        from torchslim.search.trial import score_drop
 
         deployable = OnnxRuntimeDeployable(path, self.context.model, self.context.threads)
         outputs, _ = collect_outputs(deployable, self.context.data, self.context.bundle.preprocess, self.batch, 0,
                                      split=self.split, progress=False)
         result = evaluate(outputs, self.labels, self.reference, self.context.bundle.task)
         return score_drop(result.metric, self.float.score, result.score), result.score
+
+
+def score_drop(metric: str, baseline: float, score: float) -> float:
+    """How much worse ``score`` is than ``baseline``: a difference, relative for perplexity (the rule of
+    `torchslim.search.trial.score_drop`; quant sits below search in the package layers)."""
+    return score / baseline - 1.0 if metric == "perplexity" else baseline - score
 
 
 def chooser(context, config, validation: ValidationScore | None):
