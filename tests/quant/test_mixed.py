@@ -68,6 +68,19 @@ def test_a_layer_kept_float_runs_float_in_onnxruntime(tmp_path):
     assert "float_nodes_quantized_at_load" not in deployable.details
 
 
+def test_layers_kept_float_compute_on_float_tensors_between_them(tmp_path):
+    context = make_context(tmp_path)
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=SMALL, runtime="onnxruntime",
+                                                                skip=["conv1", "conv2", "fc"]))
+    graph = onnx.load(str(deployable.path)).graph
+    # Nothing int8 is left to read a quantized tensor: no rounding anywhere, and the ReLU the QDQ writer had
+    # folded into conv1's quantized output is back.
+    assert not [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert [n.op_type for n in graph.node].count("Relu") == 2
+    x = context.example_inputs(8)
+    assert torch.allclose(deployable(x), context.model(x), atol=1e-4)
+
+
 def test_a_float_layer_onnxruntime_still_quantizes_is_reported(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1),

@@ -20,6 +20,7 @@ from torchslim.core.cpu import has_vnni, int8_features
 from torchslim.core.modules import matches
 from torchslim.runtime.onnx import export_onnx
 from torchslim.quant.bias_correction import correct_onnx_biases
+from torchslim.quant.onnx_float_regions import float_regions
 from torchslim.quant.onnx_ranges import observe_activations, quant_overrides
 from torchslim.quant.onnx_sensitivity import deployed_vs_simulated, layer_errors
 from torchslim.quant.qmath import QScheme
@@ -157,6 +158,10 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude or None,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                        "TensorQuantOverrides": overrides})
+        if exclude:
+            model = onnx.load(str(path))
+            float_regions(model, onnx.load(str(prepared), load_external_data=False), set(exclude))
+            onnx.save(model, str(path))
         keep_float(path, exclude)
         return moved
 
