@@ -91,13 +91,17 @@ def _restore_folded_activation(graph, node, prepared, float_producers: dict) -> 
 
 
 def _drop_unused_qdq(graph) -> None:
-    """Remove QuantizeLinear / DequantizeLinear nodes nothing reads any more."""
+    """Remove QuantizeLinear / DequantizeLinear nodes nothing reads any more, and initializers no node reads."""
     outputs = {o.name for o in graph.output}
+    freed: set[str] = set()
     while True:
         read = {i for n in graph.node for i in n.input} | outputs
         unused = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
                   and not any(o in read for o in n.output)]
         if not unused:
-            return
+            break
         for node in unused:
+            freed.update(node.input[1:])
             graph.node.remove(node)
+    for tensor in [t for t in graph.initializer if t.name in freed and t.name not in read]:  # scales, zero points
+        graph.initializer.remove(tensor)
