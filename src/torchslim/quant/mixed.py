@@ -9,9 +9,10 @@ Two choices, each optional, made after the model is built with every layer quant
 - **accuracy** (``max_drop: d``): the int8 model is scored on the validation split against the float model
   it came from, with the metric the pipeline reports (accuracy where there are labels, else top-1 agreement;
   mean cosine for embeddings; drop = float score - int8 score, relative for perplexity). Over ``d``, layers stay float
-  in the order of their measured sensitivity (`torchslim.quant.onnx_sensitivity.layer_errors`): the count
-  doubles until the drop is met, then bisection finds the fewest; each candidate is a rebuilt QDQ model scored
-  on ONNX Runtime's fused kernels. At most `MAX_BUILDS` candidates; if even the last tried misses the drop,
+  in the order of their measured sensitivity (`quantize_one_sensitivity`: the model's output SQNR on two
+  calibration batches with only that layer int8): the count doubles until the drop is met, then bisection
+  finds the fewest; each candidate is the int8 model with those layers made float again
+  (`torchslim.quant.onnx_float_regions.dequantize_layers`), scored on ONNX Runtime's fused kernels. At most `MAX_BUILDS` candidates; if even the last tried misses the drop,
   the best one found is kept and the details say so.
 
 The higher precision is float32: ONNX Runtime's CPU provider has no bfloat16 Conv kernel (1.32: ``Conv``
@@ -149,7 +150,7 @@ def _search(graph, max_drop: float, validation: ValidationScore, base: list[str]
 
     Returns ({node: why}, bias corrections of the kept build or None, details); leaves ``graph.int8_path``
     holding the chosen model."""
-    from torchslim.quant.onnx_sensitivity import layer_errors
+    import onnx
 
     first, score = validation.drop(graph.int8_path)
     details = {"max_drop": max_drop, "metric": validation.float.metric, "split": validation.split,
@@ -157,15 +158,17 @@ def _search(graph, max_drop: float, validation: ValidationScore, base: list[str]
                "int8_score": round(score, 6), "int8_drop": round(first, 6)}
     if first <= max_drop:
         return {}, None, {**details, "met": True, "drop": round(first, 6), "candidates": []}
-    errors = layer_errors(graph.prepared, graph.int8_path, graph.feeds[:2])
-    order = sorted((n for n in errors if n not in graph.excluded + base), key=errors.get, reverse=True)
+    full = onnx.load(str(graph.int8_path))
+    prepared = onnx.load(str(graph.prepared))
+    errors = quantize_one_sensitivity(full, prepared, graph.feeds[:2], set(graph.excluded + base))
+    order = sorted(errors, key=errors.get)  # the lowest output SQNR first
     tried: dict[int, tuple[float, float, dict | None]] = {}
     workdir = graph.int8_path.parent
 
     def candidate(count: int) -> float:
         path = workdir / f"int8.float{count}.onnx"
-        moved = graph.write(graph.excluded + base + order[:count], path)
-        tried[count] = (*validation.drop(path), moved)
+        onnx.save(_with_float_layers(full, prepared, order[:count]), str(path))
+        tried[count] = (*validation.drop(path), None)
         return tried[count][0]
 
     count, passing, failing = 1, None, 0
@@ -197,11 +200,49 @@ def _search(graph, max_drop: float, validation: ValidationScore, base: list[str]
     if drop > max_drop:
         details["reason"] = (f"no candidate met max_drop {max_drop}: the best, {best} of {len(order)} sensitive "
                              f"layers float, drops {drop:.4f} ({len(tried)} builds)")
-    kept = {name: {"why": f"sensitivity rank {rank + 1} of {len(order)} (its int8 output lost "
-                          f"{errors[name]:.2f} dB SQNR); kept float for max_drop {max_drop}",
-                   "rank": rank + 1, "sqnr_loss_db": round(errors[name], 2)}
+    kept = {name: {"why": f"sensitivity rank {rank + 1} of {len(order)} (the model's output SQNR with only "
+                          f"this layer int8: {errors[name]:.1f} dB); kept float for max_drop {max_drop}",
+                   "rank": rank + 1, "output_sqnr_db_alone": round(errors[name], 2)}
             for rank, name in enumerate(order[:best])}
     return kept, tried[best][2], details
+
+
+def _with_float_layers(full, prepared, nodes: list[str]):
+    """A copy of the QDQ model ``full`` with ``nodes`` float (and the tensors between them)."""
+    import copy
+
+    from torchslim.quant.onnx_backend import keep_float_in
+    from torchslim.quant.onnx_float_regions import dequantize_layers
+
+    model = copy.deepcopy(full)
+    dequantize_layers(model, prepared, set(nodes))
+    keep_float_in(model, list(nodes))
+    return model
+
+
+def quantize_one_sensitivity(full, prepared, feeds: list[dict], left_float: set[str]) -> dict[str, float]:
+    """``{node: dB}``: for each int8 Conv/Gemm of the QDQ model ``full``, the SQNR of the model's output
+    against the float model's on ``feeds`` when that layer alone is int8 (every other layer float): how much
+    quantizing it costs the whole model, its own noise carried through everything after it (lower: more
+    sensitive). Runs on ONNX Runtime's fused kernels."""
+    from torchslim.quant.onnx_ranges import session
+    from torchslim.quant.qmath import sqnr_db
+
+    int8 = [n.name for n in full.graph.node if n.op_type in ("Conv", "Gemm") and n.name not in left_float
+            and not _reads_float_weight(full, n)]
+    float_run = session(prepared.SerializeToString(), True)
+    reference = [torch.from_numpy(float_run.run(None, feed)[0]) for feed in feeds]
+    scores = {}
+    for name in int8:
+        alone = session(_with_float_layers(full, prepared, [n for n in int8 if n != name]).SerializeToString(), True)
+        outputs = [torch.from_numpy(alone.run(None, feed)[0]) for feed in feeds]
+        scores[name] = float(sqnr_db(torch.cat(reference), torch.cat(outputs)))
+    return scores
+
+
+def _reads_float_weight(model, node) -> bool:
+    weights = {t.name: t.data_type for t in model.graph.initializer}
+    return weights.get(node.input[1]) == 1  # onnx.TensorProto.FLOAT
 
 
 def reference_for(context, config) -> ValidationScore | None:

@@ -229,13 +229,23 @@ def keep_float(path: Path, nodes: list[str]) -> int:
     int8 with per-tensor weights. Its input is read instead through its own DequantizeLinear with the same
     scale repeated per channel (axis 1), which that transformer leaves alone; the values are unchanged. A
     layer with one input channel cannot be kept this way and is left as it is."""
-    import numpy as np
     import onnx
-    from onnx import numpy_helper
 
     if not nodes:
         return 0
     model = onnx.load(str(path))
+    changed = keep_float_in(model, nodes)
+    if changed:
+        onnx.save(model, str(path))
+    return changed
+
+
+def keep_float_in(model, nodes: list[str]) -> int:
+    """`keep_float` on a loaded ModelProto, in place."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
     graph = model.graph
     tensors = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
@@ -269,8 +279,6 @@ def keep_float(path: Path, nodes: list[str]) -> int:
         graph.node.insert(list(graph.node).index(node), reader)
         node.input[0] = prefix
         changed += 1
-    if changed:
-        onnx.save(model, str(path))
     return changed
 
 

@@ -12,6 +12,8 @@ are put back after a float node, from the float graph.
 
 from __future__ import annotations
 
+import copy
+
 WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 _FOLDABLE = {"Relu", "Clip"}
 
@@ -101,7 +103,34 @@ def _drop_unused_qdq(graph) -> None:
         if not unused:
             break
         for node in unused:
-            freed.update(node.input[1:])
+            freed.update(node.input)
             graph.node.remove(node)
     for tensor in [t for t in graph.initializer if t.name in freed and t.name not in read]:  # scales, zero points
         graph.initializer.remove(tensor)
+
+
+def dequantize_layers(model, prepared, nodes: set[str]) -> None:
+    """Make the weighted ``nodes`` of a QDQ ModelProto float in place: their weight and bias become the float
+    graph's again (``prepared``, before any bias correction) and `float_regions` frees the tensors between
+    them. The same model the QDQ writer gives when told to exclude them, without quantizing again."""
+    graph = model.graph
+    float_nodes = {n.name: n for n in prepared.graph.node if n.name in nodes}
+    float_tensors = {t.name: t for t in prepared.graph.initializer}
+    present = {t.name for t in graph.initializer}
+    produced = {o for n in graph.node for o in n.output}  # (the QDQ writer names a bias's DQ output as the bias)
+    for node in graph.node:
+        original = float_nodes.get(node.name)
+        if original is None:
+            continue
+        for index in range(1, min(len(node.input), len(original.input))):
+            name = original.input[index]
+            if name not in float_tensors:
+                continue
+            stored = name + "_float" if name in produced else name
+            node.input[index] = stored
+            if stored not in present:
+                tensor = copy.deepcopy(float_tensors[name])
+                tensor.name = stored
+                graph.initializer.append(tensor)
+                present.add(stored)
+    float_regions(model, prepared, set(nodes))
