@@ -81,6 +81,23 @@ def test_layers_kept_float_compute_on_float_tensors_between_them(tmp_path):
     assert torch.allclose(deployable(x), context.model(x), atol=1e-4)
 
 
+def test_layers_made_float_later_join_the_layers_already_float(tmp_path):
+    from torchslim.quant.mixed import _with_float_layers
+    from torchslim.quant.onnx_ranges import session
+
+    context = make_context(tmp_path)
+    deployable = quantize_int8_static(context, Int8StaticConfig(calibration=SMALL, runtime="onnxruntime",
+                                                                skip=["conv2"]))
+    full = onnx.load(str(deployable.path))
+    prepared = onnx.load(str(tmp_path / "int8-static-onnxruntime" / "float.prepared.onnx"))
+    rest = [n.name for n in full.graph.node if n.op_type in ("Conv", "Gemm") and not n.input[1].startswith("conv2")]
+    model = _with_float_layers(full, prepared, rest)  # conv1 and fc now float too: the float model exactly
+    assert not [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    x = context.example_inputs(8)
+    outputs = session(model.SerializeToString(), True).run(None, {"input_0": x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(outputs), context.model(x), atol=1e-4)
+
+
 def test_a_float_layer_onnxruntime_still_quantizes_is_reported(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1),

@@ -24,6 +24,10 @@ def float_regions(model, prepared, kept: set[str]) -> int:
     Returns how many node inputs now read a float tensor instead of a dequantized one."""
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
+    float_weights = {t.name for t in graph.initializer if t.data_type == 1 and len(t.dims) >= 2}  # FLOAT
+    # Layers already float (kept by an earlier pass, or no integer kernel takes them) count as kept.
+    kept = set(kept) | {n.name for n in graph.node if n.op_type in WEIGHTED and len(n.input) > 1
+                        and n.input[1] in float_weights}
     float_producers = {o: n for n in prepared.graph.node for o in n.output}
     producers = {o: n for n in graph.node for o in n.output}
     graph_outputs = {o.name for o in graph.output}
@@ -122,7 +126,8 @@ def dequantize_layers(model, prepared, nodes: set[str]) -> None:
         original = float_nodes.get(node.name)
         if original is None:
             continue
-        for index in range(1, min(len(node.input), len(original.input))):
+        del node.input[len(original.input):]  # (a bias that bias correction added)
+        for index in range(1, len(node.input)):
             name = original.input[index]
             if name not in float_tensors:
                 continue
