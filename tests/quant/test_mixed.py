@@ -200,6 +200,8 @@ def test_the_onnx_layer_table_times_each_shape_once_per_machine(tmp_path):
     ({"max_drop": -0.1}, r"max_drop: must be in \[0, 1\), got -0.1"),
     ({"max_drop": 0.01, "fallback_layers": 2}, "max_drop: chooses the float layers by sensitivity as "
                                                "fallback_layers does: give one of them"),
+    ({"max_drop": 0.01, "adaround": {"enabled": True}}, "max_drop: cannot give float layers their float weights "
+                                                         "back after adaround rounded them"),
     ({"max_drop": 0.01, "runtime": "torchinductor"}, "runtime: torchinductor: does not keep layers float by "
                                                      "measured drop"),
 ])

@@ -68,7 +68,7 @@ class Int8StaticConfig:
         max_drop: keep in float the fewest layers, most sensitive first, for the validation metric to drop at
             most this much against the float model (a difference of scores, e.g. 0.01 = one point of top-1
             agreement; relative for perplexity); each candidate is rebuilt and scored on ONNX Runtime
-            (`torchslim.quant.mixed`; onnxruntime). null: no limit. Not with ``fallback_layers``.
+            (`torchslim.quant.mixed`; onnxruntime). null: no limit. Not with ``fallback_layers`` or ``adaround``.
         fallback_slow_layers: keep in float the layers whose int8 kernel is measured slower than their float
             one on ONNX Runtime here, each timed alone at its input shape (batch 1 and the recipe's batch;
             cached per machine; onnxruntime).
@@ -99,6 +99,8 @@ class Int8StaticConfig:
               f"must be in [0, 1), got {self.max_drop}")
         check(self.max_drop is None or not self.fallback_layers, "max_drop",
               "chooses the float layers by sensitivity as fallback_layers does: give one of them")
+        check(self.max_drop is None or not self.adaround.enabled, "max_drop",
+              "cannot give float layers their float weights back after adaround rounded them: give one of them")
 
 
 def _unavailable(name: str, config: Int8StaticConfig) -> str | None:
