@@ -116,6 +116,10 @@ def slow_layers(graph, context, config) -> dict[str, dict]:
     left_float = set(graph.excluded) | set(float_layers(graph.int8_path))
     layers = conv_and_gemm_layers(graph.prepared, [n for n in names if n not in left_float])
     table = onnx_latency_table(context.threads)
+    # Time every shape in one call: the table interleaves them round by round, so a burst of other work on the
+    # machine weighs on all alike.
+    table.latencies([layer.at(p, b) for layer in layers.values() for p in ("int8", "float")
+                     for b in (1, context.batch_size)])
     slow = {}
     for name, layer in layers.items():
         figures = _scores(layer, table, context.batch_size, config.prefer)
