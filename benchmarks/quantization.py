@@ -16,9 +16,11 @@ and measures, one after another and by the same code:
      ``Int8DynamicActivationInt8WeightConfig``; compile time (the first call at each timed shape) is separate;
   6. torchslim: the example recipe run by ``torchslim.pipeline.Pipeline`` (Lite0 with ``--set``
      ``steps.0.quantize.runtime=onnxruntime``); its int8 ONNX file is loaded into a fresh session here. Lite0
-     also with ``fallback_layers=4``, ``equalize=true`` and ``adaround.enabled=true`` (learned weight rounding);
-     MiniLM also with ``quantize: {method: auto, max_drop: 0.01}`` (int8-static with SmoothQuant, int8-dynamic
-     and bf16 built, scored and timed by the step, the fastest within the drop kept; the row is its choice).
+     also with ``fallback_layers=4``, ``equalize=true``, ``adaround.enabled=true`` (learned weight rounding) and
+     ``max_drop=0.01`` with ``fallback_slow_layers=true`` (mixed precision); both models also through
+     ``quantize: {method: bf16}`` (eager PyTorch on bfloat16 units); MiniLM also with ``quantize: {method:
+     auto, max_drop: 0.01}`` (int8-static with SmoothQuant, int8-dynamic and bf16 built, scored and timed by
+     the step, the fastest within the drop kept; the row is its choice).
 
 Every ONNX file runs in a `torchslim.runtime.OnnxRuntimeDeployable` (CPU provider, intra-op threads = torch's).
 Latency: medians of repeated timings (``measure_latency``) at batch 1 and the batched size (Lite0 16, MiniLM 32
@@ -304,6 +306,12 @@ def torchslim_pipeline(w: Workload, scratch: Path, threads: int, extra: tuple[st
                                                 "ptq_seconds", "equalization")}}
     if "adaround" in stage["details"]:  # its per-layer table stays in the pipeline's report
         notes["adaround"] = {k: v for k, v in stage["details"]["adaround"].items() if k != "layers"}
+    if "float_layer_choice" in stage["details"]:  # the per-layer timings stay in the pipeline's report
+        choice = stage["details"]["float_layer_choice"]
+        notes["float_layer_choice"] = {**{k: v for k, v in choice.items() if k != "layers"},
+                                       "float_layers": list(choice["layers"]),
+                                       "float_cost_ms_batch": round(sum(
+                                           v.get("float_cost_ms_batch", 0.0) for v in choice["layers"].values()), 3)}
     return Candidate(f"torchslim {stage['step'].split(':')[1]}{label}", "onnxruntime",
                      onnx_session(path, w.bundle.model, threads), path.stat().st_size, stage["step_seconds"],
                      notes, path=path)
@@ -360,8 +368,41 @@ def torchslim_auto(w: Workload, scratch: Path, threads: int) -> Candidate | None
                      stages[-1]["step_seconds"], notes, path=path if final.runtime == "onnxruntime" else None)
 
 
+MAX_DROP = 0.01  # the agreement Lite0's mixed-precision row may lose on the validation split
+
+
+def torchslim_max_drop(w: Workload, scratch: Path, threads: int) -> Candidate | None:
+    """Lite0 only: the same recipe with ``max_drop: 0.01`` (the fewest most sensitive layers kept float for
+    top-1 agreement within 0.01 of fp32 on the 128 validation crops) and ``fallback_slow_layers: true``."""
+    if w.key != "lite0":
+        return None
+    return torchslim_pipeline(w, scratch, threads, (f"steps.0.quantize.max_drop={MAX_DROP}",
+                                                    "steps.0.quantize.fallback_slow_layers=true"),
+                              f" max_drop {MAX_DROP}")
+
+
+def torchslim_bf16(w: Workload, scratch: Path, threads: int) -> Candidate:
+    """``quantize: {method: bf16}`` through the pipeline (eager PyTorch on the CPU's bfloat16 units)."""
+    from torchslim.pipeline import Pipeline
+    from torchslim.recipe import load_recipe
+
+    recipe_path = scratch / f"{w.key}-bf16.yaml"
+    recipe_path.write_text(f"model: {w.bundle.spec}\ndata: {'builtin:images' if w.key == 'lite0' else 'builtin:sentences'}"
+                           f"\nsteps:\n  - quantize: {{method: bf16}}\nmeasure: {{batch_size: {w.batch_size}}}\n")
+    recipe = load_recipe(recipe_path, ["measure.max_eval_samples=64", "measure.repeats=3",
+                                       f"measure.threads={threads}"])
+    with tempfile.TemporaryDirectory(dir=scratch) as workdir, contextlib.chdir(workdir):
+        stages, final, _ = Pipeline(recipe, progress=False, log=lambda message: None).run(Path(workdir))
+    set_threads(threads)
+    stage = stages[-1]
+    module = final.module
+    return Candidate("torchslim bf16", "torch", final, torch_bytes(module.state_dict()), stage["step_seconds"],
+                     {"recipe": "quantize: {method: bf16}", **{k: v for k, v in stage["details"].items()
+                                                               if isinstance(v, (str, int, float, bool))}})
+
+
 ROWS = (fp32_eager, fp32_onnx, ort_peer, torch_ao_dynamic, torchao_compiled, torchslim_pipeline, torchslim_fallback,
-        torchslim_equalize, torchslim_adaround, torchslim_auto)
+        torchslim_equalize, torchslim_adaround, torchslim_max_drop, torchslim_bf16, torchslim_auto)
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
@@ -491,6 +532,13 @@ def goals_for(rows: list[dict], min_crops: int = 500) -> list[dict]:
         ptq = ours["notes"].get("ptq_seconds", ours["prep_s"])
         goals.append(goal(f"lite0 torchslim PTQ time, calibration + quantization of 256 crops (s; the step with its "
                           f"ONNX export: {ours['prep_s']})", ptq, "<= 30", ptq <= 30))
+    mixed = find.get(("lite0", f"torchslim int8-static max_drop {MAX_DROP}"))
+    if mixed:
+        goals.append(goal(f"lite0 torchslim max_drop {MAX_DROP}: top-1 agreement on {mixed['eval_samples']} crops",
+                          mixed["agreement"], f">= {1 - MAX_DROP} on >= {min_crops} crops",
+                          mixed["agreement"] >= 1 - MAX_DROP and mixed["eval_samples"] >= min_crops))
+        goals.append(goal(f"lite0 torchslim max_drop {MAX_DROP}: speed-up vs fp32 eager at batch 16 (x)",
+                          mixed["speedup_batch"], ">= 10", mixed["speedup_batch"] >= 10))
     ours = find.get(("minilm", "torchslim int8-dynamic"))
     if ours:
         goals.append(goal("minilm torchslim speed-up vs fp32 eager at batch 32, seq 64 (x)", ours["speedup_batch"],

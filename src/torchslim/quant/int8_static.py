@@ -23,7 +23,7 @@ from torchslim.core.modules import call_model
 from torchslim.data.config import CalibrationConfig
 from torchslim.errors import InputError, describe
 from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
-from torchslim.quant import onnx_backend, pt2e_backend
+from torchslim.quant import mixed, onnx_backend, pt2e_backend
 from torchslim.quant.adaround import AdaRoundConfig
 from torchslim.quant.choose import time_candidates
 from torchslim.registry import register_method
@@ -61,7 +61,15 @@ class Int8StaticConfig:
             exactly the learned integers. With ``bias_correction`` each rounded layer's bias also takes its
             output's mean error, measured on the calibration batch.
         prefer: what "fastest" means for ``runtime: auto``: "balanced" (geometric mean of the batch-1 and
-            batched latencies), "batch" (batched latency) or "bs1" (batch-1 latency).
+            batched latencies), "batch" (batched latency) or "bs1" (batch-1 latency); also how
+            ``fallback_slow_layers`` scores a layer.
+        max_drop: keep in float the fewest layers, most sensitive first, for the validation metric to drop at
+            most this much against the float model (a difference of scores, e.g. 0.01 = one point of top-1
+            agreement; relative for perplexity); each candidate is rebuilt and scored on ONNX Runtime
+            (`torchslim.quant.mixed`; onnxruntime). null: no limit. Not with ``fallback_layers`` or ``adaround``.
+        fallback_slow_layers: keep in float the layers whose int8 kernel is measured slower than their float
+            one on ONNX Runtime here, each timed alone at its input shape (batch 1 and the recipe's batch;
+            cached per machine; onnxruntime).
     """
 
     runtime: Literal["auto", "onnxruntime", "torchinductor"] = "auto"
@@ -75,6 +83,8 @@ class Int8StaticConfig:
     equalize: bool = False
     smoothquant: bool = False
     adaround: AdaRoundConfig = field(default_factory=AdaRoundConfig)
+    max_drop: float | None = None
+    fallback_slow_layers: bool = False
     version: int = 1
     renamed_fields: ClassVar[dict[str, str]] = {
         "calibration_batches": "calibration.samples (samples, not batches: calibration_batches x "
@@ -83,6 +93,12 @@ class Int8StaticConfig:
 
     def __post_init__(self) -> None:
         check(self.fallback_layers >= 0, "fallback_layers", f"must be >= 0, got {self.fallback_layers}")
+        check(self.max_drop is None or 0.0 <= self.max_drop < 1.0, "max_drop",
+              f"must be in [0, 1), got {self.max_drop}")
+        check(self.max_drop is None or not self.fallback_layers, "max_drop",
+              "chooses the float layers by sensitivity as fallback_layers does: give one of them")
+        check(self.max_drop is None or not self.adaround.enabled, "max_drop",
+              "cannot give float layers their float weights back after adaround rounded them: give one of them")
 
 
 def _unavailable(name: str, config: Int8StaticConfig) -> str | None:
@@ -90,6 +106,10 @@ def _unavailable(name: str, config: Int8StaticConfig) -> str | None:
         return "quantizes weights per channel only (per_channel: false)"
     if name == "torchinductor" and config.fallback_layers:
         return "does not measure per-layer sensitivity (fallback_layers is onnxruntime's)"
+    if name == "torchinductor" and config.max_drop is not None:
+        return "does not keep layers float by measured drop (max_drop is onnxruntime's)"
+    if name == "torchinductor" and config.fallback_slow_layers:
+        return "does not time layers one by one (fallback_slow_layers is onnxruntime's)"
     return BACKENDS[name].available()
 
 
@@ -118,9 +138,10 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
     """Quantize ``context.model`` to int8 with calibration; returns it on the chosen (or fastest) runtime."""
     check_calibration(context, config)
     names = _candidates(context, config)
+    validation = mixed.reference_for(context, config)  # the float model as the step receives it
     prepared = _prepare(context, config)
     if len(names) == 1:
-        deployable = _build(names[0], context, config)
+        deployable = _build(names[0], context, config, validation)
         deployable.details["runtime_choice"] = names[0] + (" (the only candidate)" if config.runtime == "auto" else "")
         deployable.details.update(prepared)
         if config.adaround.enabled:
@@ -132,7 +153,7 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
     built, figures = {}, {}
     for name in bar(names, desc="building each int8 runtime", unit="runtime", show=context.progress):
         try:
-            built[name] = _build(name, context, config)
+            built[name] = _build(name, context, config, validation)
             figures[name] = _fidelity(built[name], batch, reference, context.bundle.task)
         except Exception as error:  # a backend that fails on this model is reported, and the others compete
             built.pop(name, None)
@@ -157,19 +178,22 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
     return chosen
 
 
-def _build(name: str, context, config: Int8StaticConfig) -> Deployable:
+def _build(name: str, context, config: Int8StaticConfig, validation=None) -> Deployable:
     """Build one backend. With ``adaround``, on a copy of the model whose weights learned their rounding on that
     backend's grid (the grids differ: ONNX Runtime's scale is max|w| / 127, torchao's max|w| / 127.5), so each
-    runtime stores exactly its own learned integers."""
+    runtime stores exactly its own learned integers. ``max_drop`` and ``fallback_slow_layers`` choose float
+    layers on ONNX Runtime (`torchslim.quant.mixed`), scored against ``validation``."""
+    options = {"choose": mixed.chooser(context, config, validation)} if name == "onnxruntime" and \
+        mixed.wanted(config) else {}
     if not config.adaround.enabled:
-        return BACKENDS[name].build(context, config)
+        return BACKENDS[name].build(context, config, **options)
     import copy
 
     original = context.model
     context.model = copy.deepcopy(original)
     try:
         rounding = _adaround(context, config, BACKENDS[name])
-        deployable = BACKENDS[name].build(context, config)
+        deployable = BACKENDS[name].build(context, config, **options)
     finally:
         context.model = original
     deployable.details["adaround"] = rounding

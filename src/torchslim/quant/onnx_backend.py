@@ -9,14 +9,18 @@ of u8*s8 pair sums in AVX2's ``vpmaddubsw``.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from torchslim.core.calibration import calibration_batches
 from torchslim.core.cpu import has_vnni, int8_features
 from torchslim.core.modules import matches
 from torchslim.runtime.onnx import export_onnx
 from torchslim.quant.bias_correction import correct_onnx_biases
+from torchslim.quant.onnx_float_regions import float_regions
 from torchslim.quant.onnx_ranges import observe_activations, quant_overrides
 from torchslim.quant.onnx_sensitivity import deployed_vs_simulated, layer_errors
 from torchslim.quant.qmath import QScheme
@@ -122,9 +126,13 @@ def _corrected(prepared: Path, means: dict, exclude: list[str], per_channel: boo
     return path, moved
 
 
-def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, config) -> dict:
+def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, config, choose=None) -> dict:
     """Calibrate an ONNX model file with torchslim's observers and write it as QDQ with ONNX Runtime's
-    quantizer, our scales and zero points given as overrides; returns what was done."""
+    quantizer, our scales and zero points given as overrides; returns what was done.
+
+    ``choose(graph) -> (float nodes, corrections, details)``, given a `QuantizedGraph` whose ``int8_path``
+    holds the model with every layer quantized, picks more layers to keep float and leaves ``int8_path`` holding
+    that model (`torchslim.quant.mixed`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -155,14 +163,14 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
     # Weights on [-64, 64] cannot saturate, so the deployed model computes what the simulation does.
     reduce_range = not has_vnni()
 
-    def write(exclude: list[str]) -> dict[str, float]:
-        """Quantize to ``int8_path`` keeping ``exclude`` float; returns the layers bias correction moved."""
+    def write(exclude: list[str], path: Path = int8_path) -> dict[str, float]:
+        """Quantize to ``path`` keeping ``exclude`` float; returns the layers bias correction moved."""
         source, moved = prepared, {}
         if correct:
             source, moved = _corrected(prepared, means, exclude, config.per_channel)
         # ONNX Runtime calibrates too before applying our overrides: one sample keeps that pass short.
         one_sample = _Reader([{name: value[:1] for name, value in batches[0].items()}])
-        quantize_static(str(source), str(int8_path), one_sample, quant_format=QuantFormat.QDQ,
+        quantize_static(str(source), str(path), one_sample, quant_format=QuantFormat.QDQ,
                         per_channel=config.per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=(exclude + attention) or None,
@@ -171,17 +179,27 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
                                        "TensorQuantOverrides": overrides,
                                        # (a tensor read by a float op too, a residual say, stays float for it)
                                        "DedicatedQDQPair": bool(attention)})
+        if exclude:
+            model = onnx.load(str(path))
+            float_regions(model, onnx.load(str(prepared), load_external_data=False), set(exclude))
+            onnx.save(model, str(path))
+        keep_float(path, exclude)
         return moved
 
     corrections = write(excluded)
+    chosen, choice = [], {}
+    if choose is not None:
+        chosen, moved, choice = choose(QuantizedGraph(prepared, int8_path, excluded, batches, write))
+        corrections = corrections if moved is None else moved
     sensitive = {}
     if config.fallback_layers:
         # Measure each layer's own error in the simulated int8 model; the worst stay in float.
         errors = layer_errors(prepared, int8_path, batches[:2])
-        worst = sorted((n for n in errors if n not in excluded), key=errors.get, reverse=True)
+        worst = sorted((n for n in errors if n not in excluded + chosen), key=errors.get, reverse=True)
         sensitive = {name: round(errors[name], 2) for name in worst[:config.fallback_layers]}
-        corrections = write(excluded + list(sensitive))
+        corrections = write(excluded + chosen + list(sensitive))
     strip_debug_metadata(int8_path)
+    requantized = quantized_at_load(int8_path)
     weights = "int8 [-64, 64]" if reduce_range else "int8"
     return {"format": "QDQ", "weights": weights + (" per-channel" if config.per_channel else " per-tensor"),
             "float_layers": float_layers(int8_path),
@@ -190,7 +208,101 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
             "sensitive_float_nodes_db": sensitive, "bias_corrected_layers": len(corrections),
             **({"attention": f"{len(attention)} activation x activation MatMuls and every op without weights kept "
                              f"float (quantized: {', '.join(WEIGHTED_OPS)})"} if attention else {}),
-            "deployed_vs_simulated": deployed_vs_simulated(int8_path, batches[0])}
+            "deployed_vs_simulated": deployed_vs_simulated(int8_path, batches[0]), **choice,
+            **({"float_nodes_quantized_at_load": requantized} if requantized else {})}
+
+
+def quantized_at_load(path: Path) -> list[str]:
+    """The float Conv/Gemm nodes of a QDQ file that ONNX Runtime will still quantize when it loads it (input
+    from a per-tensor DequantizeLinear, float weight: see `keep_float`)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tensors = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    found = []
+    for node in graph.node:
+        source = producers.get(node.input[0]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 1 else None
+        weight = tensors.get(node.input[1]) if source is not None else None
+        scale = tensors.get(source.input[1]) if source is not None and source.op_type == "DequantizeLinear" else None
+        if weight is not None and weight.data_type == onnx.TensorProto.FLOAT and scale is not None \
+                and math.prod(scale.dims) == 1:
+            found.append(node.name)
+    return found
+
+
+@dataclass
+class QuantizedGraph:
+    """What `quantize_onnx_static` hands a layer chooser: the float graph it quantizes (``prepared``), the file
+    holding the int8 model, the nodes ``skip`` keeps float, the calibration feeds, and
+    ``write(float nodes, path) -> bias corrections`` to rebuild the QDQ model keeping other layers float."""
+
+    prepared: Path
+    int8_path: Path
+    excluded: list[str]
+    feeds: list[dict]
+    write: Callable[..., dict]
+
+
+def keep_float(path: Path, nodes: list[str]) -> int:
+    """Make the Conv/Gemm ``nodes`` of a QDQ file stay float in ONNX Runtime; returns how many were changed.
+
+    ONNX Runtime (1.2x, ``WeightBiasQuantization``) quantizes at load time the float weights of a Conv or Gemm
+    whose input comes from a per-tensor DequantizeLinear, so a layer the QDQ writer left float would run as
+    int8 with per-tensor weights. Its input is read instead through its own DequantizeLinear with the same
+    scale repeated per channel (axis 1), which that transformer leaves alone; the values are unchanged. A
+    layer with one input channel cannot be kept this way and is left as it is."""
+    import onnx
+
+    if not nodes:
+        return 0
+    model = onnx.load(str(path))
+    changed = keep_float_in(model, nodes)
+    if changed:
+        onnx.save(model, str(path))
+    return changed
+
+
+def keep_float_in(model, nodes: list[str]) -> int:
+    """`keep_float` on a loaded ModelProto, in place."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    tensors = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    wanted, changed = set(nodes), 0
+    for node in list(graph.node):
+        dequantize = producers.get(node.input[0]) if node.input else None
+        if node.name not in wanted or node.op_type not in ("Conv", "Gemm") or dequantize is None \
+                or dequantize.op_type != "DequantizeLinear" or node.input[1] not in tensors:
+            continue
+        scale = tensors.get(dequantize.input[1])
+        zero = tensors.get(dequantize.input[2]) if len(dequantize.input) > 2 else None
+        if scale is None or len(scale.dims) > 0:
+            continue
+        weight = tensors[node.input[1]].dims
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            channels = weight[1] * group
+        else:
+            transposed = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            channels = weight[1] if transposed else weight[0]
+        if channels < 2:
+            continue
+        prefix = f"{node.name}_float_input"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.full(channels, numpy_helper.to_array(scale), np.float32), prefix + "_scale"),
+            numpy_helper.from_array(np.full(channels, numpy_helper.to_array(zero) if zero is not None else 0,
+                                            numpy_helper.to_array(zero).dtype if zero is not None else np.uint8),
+                                    prefix + "_zero_point")])
+        reader = onnx.helper.make_node("DequantizeLinear", [dequantize.input[0], prefix + "_scale",
+                                                           prefix + "_zero_point"], [prefix], name=prefix, axis=1)
+        graph.node.insert(list(graph.node).index(node), reader)
+        node.input[0] = prefix
+        changed += 1
+    return changed
 
 
 _PLUMBING = {"QuantizeLinear", "DequantizeLinear", "Shape", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
@@ -258,14 +370,15 @@ def _feeds(context, config) -> list[dict]:
     return feeds
 
 
-def build(context, config) -> OnnxRuntimeDeployable:
-    """Export ``context.model``, quantize it with calibration and load it in ONNX Runtime."""
+def build(context, config, choose=None) -> OnnxRuntimeDeployable:
+    """Export ``context.model``, quantize it with calibration and load it in ONNX Runtime (``choose``: a layer
+    chooser, see `quantize_onnx_static`)."""
     workdir = context.scratch("int8-static-onnxruntime")
     float_path, int8_path = workdir / "float.onnx", workdir / "int8.onnx"
     started = time.perf_counter()
     exporter = export_onnx(context.model, context.example_inputs(2), float_path)
     exported = time.perf_counter()
-    details = quantize_onnx_static(float_path, int8_path, _feeds(context, config), config)
+    details = quantize_onnx_static(float_path, int8_path, _feeds(context, config), config, choose)
     details.update(exporter=exporter, export_seconds=round(exported - started, 2),
                    ptq_seconds=round(time.perf_counter() - exported, 2))
     modules = module_names(float_path)
@@ -282,11 +395,19 @@ def build(context, config) -> OnnxRuntimeDeployable:
 
     for name in details["kept_float_nodes"]:
         context.skip_layer(layer(name), "kept in float (matched quantize.skip)")
-    chosen = set(details["kept_float_nodes"]) | set(details["sensitive_float_nodes_db"])
+    mixed = details.get("float_layer_choice", {}).get("layers", {})
+    chosen = set(details["kept_float_nodes"]) | set(details["sensitive_float_nodes_db"]) | set(mixed)
     for name, op in details["float_layers"].items():
         if name not in chosen:
             context.skip_layer(layer(name), f"{op}: no integer kernel takes it in ONNX Runtime, kept in float")
     for name, loss in details["sensitive_float_nodes_db"].items():
         context.skip_layer(layer(name), f"kept in float: its int8 output lost {loss} dB SQNR, among the "
                                         f"{config.fallback_layers} worst (quantize.fallback_layers)")
+    for name in details.get("float_nodes_quantized_at_load", []):
+        context.bundle.notes.append(f"{context.where}: {layer(name)} was to stay float, but ONNX Runtime quantizes "
+                                    "it per tensor when it loads the model (one input channel)")
+    for name, why in mixed.items():
+        cost = f"; float costs {why['float_cost_ms_batch']} ms at batch {context.batch_size}" \
+            if "float_cost_ms_batch" in why else ""
+        context.skip_layer(layer(name), f"kept in float: {why['why']}{cost}")
     return OnnxRuntimeDeployable(int8_path, context.model, context.threads, details=details)
