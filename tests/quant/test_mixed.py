@@ -190,10 +190,16 @@ def test_the_onnx_layer_table_times_each_shape_once_per_machine(tmp_path):
     assert sorted(layer.op for layer in layers.values()) == ["Conv", "Gemm"]
     assert all(layer.input_shape[0] == 4 for layer in layers.values())
     shapes = [layer.at(p) for layer in layers.values() for p in ("int8", "float")]
-    table = onnx_layer_latency.onnx_latency_table(1, path=tmp_path / "onnx.json")
-    assert all(ms > 0 for ms in table.latencies(shapes)) and table.measured == 4
-    again = onnx_layer_latency.onnx_latency_table(1, path=tmp_path / "onnx.json")
-    assert again.latencies(shapes) == table.latencies(shapes) and again.measured == 0
+    quiet = lambda: 0.0  # noqa: E731  (a machine that is not busy: every entry clean, none timed again)
+    table = onnx_layer_latency.onnx_latency_table(1, path=tmp_path / "onnx.json", load=quiet)
+    first = table.latencies(shapes)
+    assert all(ms > 0 for ms in first) and table.measured == 4
+    clean = [not table.entries[shape.key()].provisional for shape in shapes]  # (rounds spread <= SPREAD_LIMIT)
+    again = onnx_layer_latency.onnx_latency_table(1, path=tmp_path / "onnx.json", load=quiet)
+    values = again.latencies(shapes)
+    # A clean entry is read back, not timed again; a provisional one (rounds spread too far) is timed again.
+    assert [v for v, c in zip(values, clean) if c] == pytest.approx([v for v, c in zip(first, clean) if c], rel=1e-4)
+    assert again.measured == again.retimed == clean.count(False)
 
 
 @pytest.mark.parametrize("fields, message", [

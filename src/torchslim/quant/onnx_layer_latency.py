@@ -174,12 +174,13 @@ class OnnxLayerTimer:
         self.sessions.clear()
 
 
-def onnx_latency_table(threads: int, timer=None, path: Path | None = None) -> LatencyTable:
-    """The cached table of `OnnxLayer` latencies for this machine, ONNX Runtime version and thread count."""
+def onnx_latency_table(threads: int, timer=None, path: Path | None = None, load=None) -> LatencyTable:
+    """The cached table of `OnnxLayer` latencies for this machine, ONNX Runtime version and thread count
+    (``load``: the load-average reader `LatencyTable` judges its entries by; tests pass a fixed one)."""
     import onnxruntime
 
     if path is None:
         key = {**machine(), "threads": threads, "onnxruntime": onnxruntime.__version__}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         path = cache_dir("latency") / f"onnxruntime-{digest}.json"
-    return LatencyTable(path, timer or OnnxLayerTimer(threads))
+    return LatencyTable(path, timer or OnnxLayerTimer(threads), load=load)
