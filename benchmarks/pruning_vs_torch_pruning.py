@@ -1,7 +1,8 @@
 """torchslim vs Torch-Pruning at equal MACs: `python benchmarks/pruning_vs_torch_pruning.py [--json PATH]`.
 
 Needs the benchmark-only dependency `pip install 'torchslim[bench]'` (Torch-Pruning 1.6; without it, torchslim's
-rows only). For each model (ResNet-50, MobileNetV2 and RegNetX-400MF by default; random weights; speed does not depend on their values) both tools prune with L1 magnitude, per-layer
+rows only). For each model (ResNet-50, MobileNetV2 and RegNetX-400MF by default; random weights; speed does not
+depend on their values) both tools prune with L1 magnitude, per-layer
 (local) ranking and the classifier kept, each to <= the MACs target (the ratio is bisected for both, MACs
 counted by the same counter); torchslim prunes one copy per ``--round-to`` value: 1 (exact widths), 8 (channel
 counts kept multiples of 8) and ``auto`` (each group's width from a latency table of its layers on this machine,
@@ -99,7 +100,8 @@ def train_on_digits(model: torch.nn.Module, epochs: int, seed: int = 0) -> dict:
     def loss_fn(outputs, inputs, labels):
         return {"cross_entropy": F.cross_entropy(outputs, labels, label_smoothing=0.05)}
 
-    config = TrainConfig(epochs=epochs, batch_size=32, optimizer=OptimizerConfig(name="adamw", lr=1e-3, weight_decay=5e-4),
+    config = TrainConfig(epochs=epochs, batch_size=32,
+                         optimizer=OptimizerConfig(name="adamw", lr=1e-3, weight_decay=5e-4),
                          schedule=ScheduleConfig(name="cosine", warmup_fraction=0.1), device="cpu")
     start = time.perf_counter()
     Trainer(model, loss_fn, SplitDataset(data.splits["train"], data.labels["train"]),

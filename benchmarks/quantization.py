@@ -387,7 +387,8 @@ def torchslim_bf16(w: Workload, scratch: Path, threads: int) -> Candidate:
     from torchslim.recipe import load_recipe
 
     recipe_path = scratch / f"{w.key}-bf16.yaml"
-    recipe_path.write_text(f"model: {w.bundle.spec}\ndata: {'builtin:images' if w.key == 'lite0' else 'builtin:sentences'}"
+    data = "builtin:images" if w.key == "lite0" else "builtin:sentences"
+    recipe_path.write_text(f"model: {w.bundle.spec}\ndata: {data}"
                            f"\nsteps:\n  - quantize: {{method: bf16}}\nmeasure: {{batch_size: {w.batch_size}}}\n")
     recipe = load_recipe(recipe_path, ["measure.max_eval_samples=64", "measure.repeats=3",
                                        f"measure.threads={threads}"])

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -80,7 +80,7 @@ def test_the_lock_tidies_what_a_killed_run_left_and_refuses_a_live_holder(tmp_pa
         assert not (tmp_path / ".run.partial-abc").exists()
         assert lock.path.read_text() == f"{os.getpid()}\n"
         holder = subprocess.run([sys.executable, "-c", "import sys; from torchslim._output import OutputLock\n"
-                                 f"OutputLock(sys.argv[1]).acquire()", str(out)], capture_output=True, text=True,
+                                 "OutputLock(sys.argv[1]).acquire()", str(out)], capture_output=True, text=True,
                                 env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
         assert holder.returncode == 1 and f"in use by another torchslim run (process {os.getpid()}" in holder.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

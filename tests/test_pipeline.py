@@ -1,7 +1,6 @@
 import copy
 import json
 
-import numpy as np
 import pytest
 import yaml
 

@@ -12,7 +12,6 @@ import torch
 from torchslim.cli import main
 from torchslim.data import resolve_data
 from torchslim.data.config import DataConfig
-from torchslim.errors import InputError
 
 
 def write_csv(path, header, rows):

@@ -13,7 +13,6 @@ from torchslim.data.config import CalibrationConfig
 from torchslim.quant.int8_static import Int8StaticConfig, quantize_int8_static
 from torchslim.quant.onnx_backend import ACTIVATIONS
 from torchslim.quant.onnx_ranges import observe_activations
-from torchslim.quant.qmath import qparams
 
 from test_methods import make_context
 

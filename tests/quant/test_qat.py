@@ -4,7 +4,6 @@ ONNX Runtime model holds."""
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import onnx

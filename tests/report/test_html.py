@@ -4,7 +4,6 @@ page and the comparison page. Skipped only where no chromium binary is installed
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import struct

@@ -133,7 +133,8 @@ UNARY = {
     "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardtanh", "hardtanh_", "hardswish", "hardswish_",
     "hardsigmoid", "leaky_relu", "elu", "mish", "softplus", "dropout", "clone", "contiguous", "alias", "detach",
     "_to_copy", "to", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "clamp", "clamp_min", "erf", "relu6",
-    "type_as", "lift_fresh_copy", "feature_dropout", "dropout_", "feature_dropout_", "alpha_dropout", "float", "half", "double", "bfloat16", "data",
+    "type_as", "lift_fresh_copy", "feature_dropout", "dropout_", "feature_dropout_", "alpha_dropout", "float", "half",
+    "double", "bfloat16", "data",
     "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "nan_to_num",
 }
 FRESH = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}  # a new tensor: its sizes are given

@@ -168,8 +168,8 @@ def quantize_auto(context, config: AutoPrecisionConfig) -> Deployable:
     deployable, (model, skipped), method_config = built[best]
     context.model, context.skipped = model, skipped
     # The method applied, for the artifact's record (`torchslim._context.run_step` replays bf16 on load).
-    deployable.details.update(details, chosen={"method": best, "config": to_dict(method_config)}, choice=f"{best}: fastest by {criterion} with drop "
-                                              f"{figures[best]['drop']:.4g} <= {config.max_drop}")
+    choice = f"{best}: fastest by {criterion} with drop {figures[best]['drop']:.4g} <= {config.max_drop}"
+    deployable.details.update(details, chosen={"method": best, "config": to_dict(method_config)}, choice=choice)
     return deployable
 
 

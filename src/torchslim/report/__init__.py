@@ -163,7 +163,7 @@ def _fidelity(stage: dict) -> str:
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"# torchslim report", "", f"model `{spec_of(report['recipe']['model'])}` on data `{spec_of(report['recipe']['data'])}`, "
+    lines = ["# torchslim report", "", f"model `{spec_of(report['recipe']['model'])}` on data `{spec_of(report['recipe']['data'])}`, "
              f"{report['environment']['threads']} threads, {report['environment']['cpu']}", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]

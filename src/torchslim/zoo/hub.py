@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim._spec import load_factory
-from torchslim.errors import InputError, describe, shorten
+from torchslim.errors import InputError, describe
 from torchslim.zoo import ModelBundle, register_model_prefix
 from torchslim.zoo.config import ModelConfig
 from torchslim.zoo.preprocess import ImagePreprocess, TensorPreprocess, TextPreprocess
