@@ -82,3 +82,15 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
     assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
     assert not math.isnan(spearman([1, 2, 3, 4], [1, 3, 2, 4]))
+
+
+def test_each_precision_alone_is_a_plan_ordered_by_predicted_loss():
+    from torchslim.search.allocation import precision_plans
+
+    space = SearchSpace([Decision("prune:a", "prune", (0.0, 0.5), ("a",), 0.0, 100),
+                         Decision("precision", "precision", ("float", "int8-static", "bf16"), (), "float", 200)])
+    sensitivity = {**_sensitivity(), "precision": {
+        "int8-static": {"loss": 0.05, "sqnr": 30.0, "latency_ratio": 0.5, "size_ratio": 0.25},
+        "bf16": {"loss": 0.001, "sqnr": 50.0, "latency_ratio": 0.4, "size_ratio": 0.5}}}
+    plans = precision_plans(space, sensitivity)
+    assert plans == [{"prune:a": 0.0, "precision": "bf16"}, {"prune:a": 0.0, "precision": "int8-static"}]

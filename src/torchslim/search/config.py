@@ -123,7 +123,8 @@ class SensitivityConfig:
         proxy: what predicts a plan's drop: "loss" (KL divergence, 1 - cosine or NLL change on the
             calibration samples), "sqnr" (the output's signal-to-noise ratio, dB) or "auto" (loss first; after
             the trials the report says which ranked the measured drops better).
-        plans: plans allocated from the proxy and enqueued as the first trials.
+        plans: plans allocated from the proxy and enqueued as the first trials; when it is not 0, one plan per
+            precision with nothing else compressed goes before them.
     """
 
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(samples=128))

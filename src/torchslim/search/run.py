@@ -120,6 +120,9 @@ def _new_study(recipe, runner, storage, name: str, log: Callable, started: float
                          f"{reachable:.3f} (widen search.space or raise the budget)")
     plans = allocation.allocate(space, result, target, constraints.budget, config.sensitivity.plans,
                                 config.sensitivity.proxy)
+    if config.sensitivity.plans:  # each precision alone first: the likeliest feasible points
+        anchors = allocation.precision_plans(space, result)
+        plans = anchors + [plan for plan in plans if plan not in anchors]
     payload = {"schema": studies.PAYLOAD_SCHEMA, "recipe": recipe.to_dict(), "key": _payload_key(recipe.to_dict()),
                "space": space.to_dict(), "sensitivity": result, "baseline": runner.baseline, "seed": recipe.seed,
                "started": started, "target": target, "enqueued": plans}
