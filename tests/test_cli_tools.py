@@ -64,8 +64,9 @@ def test_list_methods_text_of_one_kind():
     result = cli("list", "methods", "--kind", "quantize")
     assert result.returncode == 0, result.stderr
     headers = [line for line in result.stdout.splitlines() if line and not line.startswith(" ")]
-    assert headers == ["quantize: {method: bf16}", "quantize: {method: int4-weight}", "quantize: {method: int8-dynamic}",
-                       "quantize: {method: int8-static}", "quantize: {method: int8-weight}", "quantize: {method: qat}"]
+    assert headers == ["quantize: {method: auto}", "quantize: {method: bf16}", "quantize: {method: int4-weight}",
+                       "quantize: {method: int8-dynamic}", "quantize: {method: int8-static}",
+                       "quantize: {method: int8-weight}", "quantize: {method: qat}"]
     assert "    runtime: 'auto' | 'onnxruntime' | 'torchinductor' = auto" in result.stdout
 
 
