@@ -32,7 +32,7 @@ import torch
 from torchslim._config import check, from_dict, to_dict
 from torchslim._progress import bar
 from torchslim.errors import describe
-from torchslim.measure.stage import collect_outputs, evaluate, first_samples, score_drop
+from torchslim.measure.stage import first_samples
 from torchslim.registry import get_method, register_method
 from torchslim.runtime import Deployable, TorchDeployable
 
@@ -124,15 +124,12 @@ def _build(context, name: str, config: Any) -> tuple[Deployable, Any]:
 @register_method("quantize", "auto", AutoPrecisionConfig)
 def quantize_auto(context, config: AutoPrecisionConfig) -> Deployable:
     """Build, score and time every candidate on ``context.model``; returns the fastest within ``max_drop``."""
-    data, preprocess, task = context.data, context.bundle.preprocess, context.bundle.task
-    split = "val" if len(data.splits.get("val", [])) else "calib"  # never the test split the report scores
-    scoring_batch = min(context.batch_size, 64)
+    from torchslim.quant.mixed import ValidationScore
+
+    validation = ValidationScore(context, config.samples)
+    base = validation.float
     original = TorchDeployable(context.model.eval())
-    with torch.inference_mode():
-        reference, labels = collect_outputs(original, data, preprocess, scoring_batch, config.samples, split,
-                                            progress=False)
-    base = evaluate(reference, labels, reference, task)
-    batch = data.fill_batch(split, preprocess, context.batch_size)
+    batch = context.data.fill_batch(validation.split, context.bundle.preprocess, context.batch_size)
     figures: dict[str, dict] = {"float": {"drop": 0.0}}
     built: dict[str, tuple[Deployable, Any, Any]] = {}
     for name in bar(config.candidates, desc="building and scoring each precision", unit="precision",
@@ -140,13 +137,8 @@ def quantize_auto(context, config: AutoPrecisionConfig) -> Deployable:
         method_config = config.candidate_config(name)
         try:
             deployable, state = _build(context, name, method_config)
-            with torch.inference_mode():
-                outputs, _ = collect_outputs(deployable, data, preprocess, scoring_batch, config.samples, split,
-                                             progress=False)
-            scored = evaluate(outputs, labels, reference, task)
-            figures[name] = {base.metric: round(scored.score, 6),
-                             "drop": round(score_drop(base.metric, base.score, scored.score), 6),
-                             "runtime": deployable.runtime}
+            drop, score = validation.score(deployable)
+            figures[name] = {base.metric: round(score, 6), "drop": round(drop, 6), "runtime": deployable.runtime}
             built[name] = (deployable, state, method_config)
         except Exception as error:  # a candidate this machine or model cannot run is reported; the others compete
             figures[name] = {"error": describe(error)}
@@ -157,8 +149,8 @@ def quantize_auto(context, config: AutoPrecisionConfig) -> Deployable:
     within = [n for n in built if figures[n]["drop"] <= config.max_drop]
     criterion = {"balanced": f"the geometric mean of batch-1 and batch-{context.batch_size} latency",
                  "batch": f"batch-{context.batch_size} latency", "bs1": "batch-1 latency"}[config.prefer]
-    details = {"candidates": figures, "metric": base.metric, "split": split, "max_drop": config.max_drop,
-               "samples": int(reference.shape[0])}
+    details = {"candidates": figures, "metric": base.metric, "split": validation.split, "max_drop": config.max_drop,
+               "samples": int(validation.reference.shape[0])}
     faster = [n for n in within if figures[n]["score"] < figures["float"]["score"]]
     if not faster:
         why = "no candidate within the drop" if not within else "no candidate within the drop is faster than float"

@@ -38,31 +38,37 @@ def wanted(config) -> bool:
 
 
 class ValidationScore:
-    """The float model's outputs on the validation split, and the drop of a candidate ONNX file against them."""
+    """The float model's outputs on the validation split (``val``, else ``calib``: never the test split the
+    report scores; at most ``samples``, 0 = all), and the drop of a candidate against them. Used by
+    ``max_drop`` here and by ``quantize: {method: auto}`` (`torchslim.quant.choose`)."""
 
-    def __init__(self, context):
+    def __init__(self, context, samples: int = 0):
         from torchslim.measure.stage import collect_outputs, evaluate
         from torchslim.runtime import TorchDeployable
 
-        self.context = context
+        self.context, self.samples = context, samples
         data = context.data
         self.split = "val" if len(data.splits.get("val", [])) else "calib"
         self.batch = max(context.batch_size, 32)
         self.reference, self.labels = collect_outputs(TorchDeployable(context.model), data,
-                                                      context.bundle.preprocess, self.batch, 0, split=self.split,
-                                                      progress=False)
+                                                      context.bundle.preprocess, self.batch, samples,
+                                                      split=self.split, progress=False)
         self.float = evaluate(self.reference, self.labels, None, context.bundle.task)
+
+    def score(self, deployable) -> tuple[float, float]:
+        """(drop, score) of ``deployable`` (any runtime) on the validation split."""
+        from torchslim.measure.stage import collect_outputs, evaluate, score_drop
+
+        outputs, _ = collect_outputs(deployable, self.context.data, self.context.bundle.preprocess, self.batch,
+                                     self.samples, split=self.split, progress=False)
+        result = evaluate(outputs, self.labels, self.reference, self.context.bundle.task)
+        return score_drop(result.metric, self.float.score, result.score), result.score
 
     def drop(self, path: Path) -> tuple[float, float]:
         """(drop, score) of the ONNX model at ``path`` on the validation split."""
-        from torchslim.measure.stage import collect_outputs, evaluate, score_drop
         from torchslim.runtime import OnnxRuntimeDeployable
 
-        deployable = OnnxRuntimeDeployable(path, self.context.model, self.context.threads)
-        outputs, _ = collect_outputs(deployable, self.context.data, self.context.bundle.preprocess, self.batch, 0,
-                                     split=self.split, progress=False)
-        result = evaluate(outputs, self.labels, self.reference, self.context.bundle.task)
-        return score_drop(result.metric, self.float.score, result.score), result.score
+        return self.score(OnnxRuntimeDeployable(path, self.context.model, self.context.threads))
 
 
 def chooser(context, config, validation: ValidationScore | None):

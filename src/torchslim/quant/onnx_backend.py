@@ -22,7 +22,7 @@ from torchslim.runtime.onnx import export_onnx
 from torchslim.quant.bias_correction import correct_onnx_biases
 from torchslim.quant.onnx_float_regions import float_regions
 from torchslim.quant.onnx_ranges import observe_activations, quant_overrides
-from torchslim.quant.onnx_sensitivity import deployed_vs_simulated, layer_errors
+from torchslim.quant.onnx_sensitivity import WEIGHTED, deployed_vs_simulated, layer_errors
 from torchslim.quant.qmath import QScheme
 from torchslim.runtime import OnnxRuntimeDeployable
 
@@ -89,10 +89,6 @@ def attention_matmuls(graph) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
 
 
-# In a graph with attention, only these read quantized inputs (see `quantize_onnx_static`).
-WEIGHTED_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
-
-
 def weight_scheme(per_channel: bool) -> QScheme:
     """The weight grid ONNX Runtime's QDQ writer uses here: symmetric int8 with max-abs scales, [-64, 64]
     (``reduce_range``) on CPUs without VNNI; per output channel or per tensor."""
@@ -152,7 +148,7 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
     # fp32, quantizing only the layers with weights 0.93. So where two activations are multiplied (attention),
     # only the weighted layers read quantized inputs, and the attention products stay float.
     attention = attention_matmuls(graph)
-    op_types = WEIGHTED_OPS if attention else None
+    op_types = list(WEIGHTED) if attention else None  # the layers with weights
     correct = config.bias_correction
     observers, samples, means = observe_activations(prepared, batches, config.observer, ACTIVATIONS,
                                                     means_of=[n.input[0] for n in layers] if correct else ())
@@ -207,7 +203,7 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
             "calibration_samples": samples, "cpu_int8_features": int8_features(), "kept_float_nodes": excluded,
             "sensitive_float_nodes_db": sensitive, "bias_corrected_layers": len(corrections),
             **({"attention": f"{len(attention)} activation x activation MatMuls and every op without weights kept "
-                             f"float (quantized: {', '.join(WEIGHTED_OPS)})"} if attention else {}),
+                             f"float (quantized: {', '.join(WEIGHTED)})"} if attention else {}),
             "deployed_vs_simulated": deployed_vs_simulated(int8_path, batches[0]), **choice,
             **({"float_nodes_quantized_at_load": requantized} if requantized else {})}
 
