@@ -338,34 +338,41 @@ def torchslim_adaround(w: Workload, scratch: Path, threads: int) -> Candidate | 
     return torchslim_pipeline(w, scratch, threads, ("steps.0.quantize.adaround.enabled=true",), " adaround")
 
 
+def one_step(w: Workload, scratch: Path, threads: int, step: dict, name: str | None = None):
+    """``step`` (a quantize step as a dict) as a one-step recipe on the workload's model and data through the
+    pipeline in this process (its own stage measurements cut short); returns (stage record, final deployable,
+    its artifact saved under ``scratch`` when ``name`` is given, else None)."""
+    from torchslim.pipeline import Pipeline
+    from torchslim.recipe import parse_recipe
+
+    data = "builtin:images" if w.key == "lite0" else "builtin:sentences"
+    recipe = parse_recipe({"model": w.bundle.spec, "data": data, "steps": [{"quantize": step}],
+                           "measure": {"batch_size": w.batch_size, "max_eval_samples": 64, "repeats": 3,
+                                       "threads": threads}}, source="benchmarks/quantization.py")
+    with tempfile.TemporaryDirectory(dir=scratch) as workdir, contextlib.chdir(workdir):
+        stages, final, _ = Pipeline(recipe, progress=False, log=lambda message: None).run(Path(workdir))
+        path = final.save(scratch / f"{w.key}-torchslim-{name}") if name else None  # before the folder goes
+    set_threads(threads)
+    return stages[-1], final, path
+
+
 def torchslim_auto(w: Workload, scratch: Path, threads: int) -> Candidate | None:
     """MiniLM only: ``quantize: {method: auto, max_drop: 0.01}`` — the step builds int8-static (SmoothQuant),
     int8-dynamic and bf16, scores each on the validation split, times each on its runtime and keeps the fastest
     within the drop (cosine >= 0.99); the row is what it kept."""
     if w.key != "minilm":
         return None
-    from torchslim.pipeline import Pipeline
-    from torchslim.recipe import parse_recipe
-
     step = {"method": "auto", "candidates": ["int8-static", "int8-dynamic", "bf16"], "max_drop": 0.01,
             "settings": {"int8-static": {"smoothquant": True}}}
-    recipe = parse_recipe({"model": w.bundle.spec, "data": "builtin:sentences", "steps": [{"quantize": step}],
-                           "measure": {"batch_size": w.batch_size, "max_eval_samples": 64, "repeats": 3,
-                                       "threads": threads}}, source="benchmarks/quantization.py")
-    with tempfile.TemporaryDirectory(dir=scratch) as workdir, contextlib.chdir(workdir):
-        stages, final, _ = Pipeline(recipe, progress=False, log=lambda message: None).run(Path(workdir))
-        path = final.save(scratch / f"{w.key}-torchslim-auto")  # before the work folder goes
-    set_threads(threads)
-    details = stages[-1]["details"]
+    stage, final, path = one_step(w, scratch, threads, step, "auto")
+    details = stage["details"]
     chosen = (details.get("chosen") or {}).get("method", "float")
     notes = {"recipe": f"quantize: {step}", "choice": details.get("choice"),
              "candidates": details.get("candidates")}
-    if final.runtime == "onnxruntime":
-        run = onnx_session(path, w.bundle.model, threads)
-    else:
-        run = final  # the chosen model in this process (bf16 casts inside)
-    return Candidate(f"torchslim auto ({chosen})", final.runtime, run, path.stat().st_size,
-                     stages[-1]["step_seconds"], notes, path=path if final.runtime == "onnxruntime" else None)
+    onnx = final.runtime == "onnxruntime"
+    run = onnx_session(path, w.bundle.model, threads) if onnx else final  # (bf16 casts inside the model)
+    return Candidate(f"torchslim auto ({chosen})", final.runtime, run, path.stat().st_size, stage["step_seconds"],
+                     notes, path=path if onnx else None)
 
 
 MAX_DROP = 0.01  # the agreement Lite0's mixed-precision row may lose on the validation split
@@ -383,21 +390,8 @@ def torchslim_max_drop(w: Workload, scratch: Path, threads: int) -> Candidate | 
 
 def torchslim_bf16(w: Workload, scratch: Path, threads: int) -> Candidate:
     """``quantize: {method: bf16}`` through the pipeline (eager PyTorch on the CPU's bfloat16 units)."""
-    from torchslim.pipeline import Pipeline
-    from torchslim.recipe import load_recipe
-
-    recipe_path = scratch / f"{w.key}-bf16.yaml"
-    data = "builtin:images" if w.key == "lite0" else "builtin:sentences"
-    recipe_path.write_text(f"model: {w.bundle.spec}\ndata: {data}"
-                           f"\nsteps:\n  - quantize: {{method: bf16}}\nmeasure: {{batch_size: {w.batch_size}}}\n")
-    recipe = load_recipe(recipe_path, ["measure.max_eval_samples=64", "measure.repeats=3",
-                                       f"measure.threads={threads}"])
-    with tempfile.TemporaryDirectory(dir=scratch) as workdir, contextlib.chdir(workdir):
-        stages, final, _ = Pipeline(recipe, progress=False, log=lambda message: None).run(Path(workdir))
-    set_threads(threads)
-    stage = stages[-1]
-    module = final.module
-    return Candidate("torchslim bf16", "torch", final, torch_bytes(module.state_dict()), stage["step_seconds"],
+    stage, final, _ = one_step(w, scratch, threads, {"method": "bf16"})
+    return Candidate("torchslim bf16", "torch", final, torch_bytes(final.module.state_dict()), stage["step_seconds"],
                      {"recipe": "quantize: {method: bf16}", **{k: v for k, v in stage["details"].items()
                                                                if isinstance(v, (str, int, float, bool))}})
 
