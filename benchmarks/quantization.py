@@ -372,7 +372,7 @@ def torchslim_auto(w: Workload, scratch: Path, threads: int) -> Candidate | None
     onnx = final.runtime == "onnxruntime"
     run = onnx_session(path, w.bundle.model, threads) if onnx else final  # (bf16 casts inside the model)
     return Candidate(f"torchslim auto ({chosen})", final.runtime, run, path.stat().st_size, stage["step_seconds"],
-                     notes, path=path if onnx else None)
+                     notes, path=path if onnx else None, compiles=final.runtime == "torchinductor")
 
 
 MAX_DROP = 0.01  # the agreement Lite0's mixed-precision row may lose on the validation split
@@ -389,11 +389,13 @@ def torchslim_max_drop(w: Workload, scratch: Path, threads: int) -> Candidate | 
 
 
 def torchslim_bf16(w: Workload, scratch: Path, threads: int) -> Candidate:
-    """``quantize: {method: bf16}`` through the pipeline (eager PyTorch on the CPU's bfloat16 units)."""
+    """``quantize: {method: bf16}`` through the pipeline: the CPU's bfloat16 units, on eager PyTorch or compiled by
+    TorchInductor, whichever the step's ``runtime: auto`` measured faster."""
     stage, final, _ = one_step(w, scratch, threads, {"method": "bf16"})
-    return Candidate("torchslim bf16", "torch", final, torch_bytes(final.module.state_dict()), stage["step_seconds"],
+    return Candidate("torchslim bf16", final.runtime, final, torch_bytes(final.module.state_dict()), stage["step_seconds"],
                      {"recipe": "quantize: {method: bf16}", **{k: v for k, v in stage["details"].items()
-                                                               if isinstance(v, (str, int, float, bool))}})
+                                                               if isinstance(v, (str, int, float, bool))}},
+                     compiles=final.runtime == "torchinductor")
 
 
 ROWS = (fp32_eager, fp32_onnx, ort_peer, torch_ao_dynamic, torchao_compiled, torchslim_pipeline, torchslim_fallback,

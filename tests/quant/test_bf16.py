@@ -83,3 +83,68 @@ def test_bf16_artifact_reloads_with_the_same_outputs(tmp_path):
         assert torch.equal(loaded(x), expected)
     # bfloat16 halves the stored weights (16x3x3x3 + 16 + 4 x 16 + 16x5 + 5 floats, 2 bytes each, plus header)
     assert weights < 4 * (16 * 27 + 16 + 4 * 16 + 16 * 5 + 5)
+
+
+def _fixed_timing(figures_ms: dict[str, float]):
+    """`time_candidates` replaced by fixed latencies per runtime name."""
+    def timed(deployables, batch, prefer="balanced", rounds=5):
+        return {name: {"latency_ms_bs1": figures_ms[name], "latency_ms_batch": 8 * figures_ms[name],
+                       "score": figures_ms[name]} for name in deployables}
+    return timed
+
+
+def test_compiled_runtime_computes_what_eager_computes_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    model = ConvNet().eval()
+    eager = torchslim.apply(model, torchslim.Bf16Config(runtime="torch"), example_inputs=x)
+    compiled = torchslim.apply(model, torchslim.Bf16Config(runtime="torchinductor"), example_inputs=x)
+    assert eager.runtime == "torch" and eager.details["runtime_choice"] == "torch"
+    assert compiled.runtime == "torchinductor" and compiled.details["runtime_choice"] == "torchinductor"
+    with torch.no_grad():
+        reference = eager.model(x)
+        output = compiled(x)
+    assert output.dtype == torch.float32
+    error = float((output - reference).norm() / reference.norm())
+    assert error < 0.02 and compiled.details["compiled_relative_error"] < 0.02
+    compiled.save(tmp_path / "compiled")  # the artifact is the bfloat16 weights, as for eager
+    loaded = torchslim.load(tmp_path / "compiled", ConvNet())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference)
+
+
+def test_auto_runtime_keeps_the_faster_and_reports_both(monkeypatch):
+    from torchslim.quant import choose
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    monkeypatch.setattr(choose, "time_candidates", _fixed_timing({"torch": 3.0, "torchinductor": 1.0}))
+    fast = torchslim.apply(ConvNet().eval(), torchslim.Bf16Config(), example_inputs=x)
+    assert fast.runtime == "torchinductor" and fast.details["runtime_choice"].startswith("torchinductor: fastest")
+    assert fast.details["candidates"]["torch"]["latency_ms_bs1"] == 3.0
+    monkeypatch.setattr(choose, "time_candidates", _fixed_timing({"torch": 1.0, "torchinductor": 3.0}))
+    slow = torchslim.apply(ConvNet().eval(), torchslim.Bf16Config(prefer="bs1"), example_inputs=x)
+    assert slow.runtime == "torch" and slow.details["runtime_choice"] == "torch: fastest by batch-1 latency"
+
+
+def test_without_a_compiler_auto_stays_eager_and_torchinductor_is_refused(monkeypatch):
+    import pytest
+
+    from torchslim.errors import InputError
+    from torchslim.quant import bf16
+
+    monkeypatch.setattr(bf16.shutil, "which", lambda name: None)
+    x = torch.randn(2, 3, 12, 12)
+    result = torchslim.apply(ConvNet().eval(), torchslim.Bf16Config(), example_inputs=x)
+    assert result.runtime == "torch" and "needs a C++ compiler" in result.details["runtime_choice"]
+    with pytest.raises(InputError, match="runtime: torchinductor: torch.compile needs a C"):
+        torchslim.apply(ConvNet().eval(), torchslim.Bf16Config(runtime="torchinductor"), example_inputs=x)
+
+
+def test_bad_runtime_names_the_field():
+    import pytest
+
+    from torchslim._config import FieldError
+
+    with pytest.raises(FieldError, match="runtime"):
+        torchslim.Bf16Config(runtime="tensorrt")

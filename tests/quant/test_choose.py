@@ -33,12 +33,13 @@ def _batches(seed: int = 0) -> list[torch.Tensor]:
 
 
 def _fake_timing(speeds: dict[str, float]):
-    """time_candidates replaced by fixed figures per runtime ("torch-bf16" for a bfloat16 model)."""
+    """time_candidates replaced by fixed figures per runtime ("torch-bf16" for a bfloat16 model, eager or
+    compiled)."""
     def timed(deployables, batch, prefer="balanced", rounds=5):
         figures = {}
         for name, deployable in deployables.items():
-            key = deployable.runtime
-            if key == "torch" and next(deployable.module.parameters()).dtype == torch.bfloat16:
+            key = deployable.runtime  # (the bf16 step's own eager-vs-compiled choice sees equal figures)
+            if key in ("torch", "torchinductor") and next(deployable.module.parameters()).dtype == torch.bfloat16:
                 key = "torch-bf16"
             figures[name] = {"latency_ms_bs1": speeds[key], "latency_ms_batch": speeds[key] * 10,
                              "score": speeds[key]}
