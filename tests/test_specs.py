@@ -69,6 +69,20 @@ def test_image_preprocess_resizes_crops_and_normalises():
     assert float(batch[1].mean()) == pytest.approx(-1.0, abs=1e-4)
 
 
+def test_resized_uint8_images_stay_on_the_8_bit_grid_and_float_images_do_not_move():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    pixels = lambda batch: batch * 0.5 + 0.5  # noqa: E731  (mean 0.5, std 0.5 -> [0, 1])
+    on_grid = pixels(ImagePreprocess(size=64, resize=64, mean=(0.5,) * 3, std=(0.5,) * 3)([image])) * 255
+    assert float((on_grid - on_grid.round()).abs().max()) < 1e-3  # k / 255: what PIL/OpenCV resizes give
+    off_grid = pixels(ImagePreprocess(64, 64, (0.5,) * 3, (0.5,) * 3, pixel_grid=False)([image])) * 255
+    assert float((off_grid - off_grid.round()).abs().max()) > 0.2  # bilinear upsampling falls between levels
+    assert float((on_grid - off_grid).abs().max()) <= 0.5 + 1e-3  # rounding moves a value half a level at most
+    floats = (image / 255.0).astype(np.float32)
+    kept = ImagePreprocess(64, 64, (0.5,) * 3, (0.5,) * 3)([floats])
+    assert torch.equal(kept, ImagePreprocess(64, 64, (0.5,) * 3, (0.5,) * 3, pixel_grid=False)([floats]))
+
+
 def test_torchvision_and_file_specs(tmp_path):
     bundle = resolve_model("torchvision:resnet18")
     assert bundle.model(bundle.example_inputs(2)).shape == (2, 1000)
