@@ -1,8 +1,10 @@
-"""int8 side by side: `python benchmarks/quantization.py [--json PATH] [--eval-limit N] [--models lite0,minilm] [--quick]
+"""int8 side by side: `python benchmarks/quantization.py [--json PATH] [--eval-limit N] [--models lite0,minilm,resnet18]
+[--quick]
 [--rows fp32_eager,torchslim_pipeline,torchslim_equalize,torchslim_adaround] [--threads N]`.
 
-For each model (EfficientNet-Lite0 on builtin:images, all-MiniLM-L6-v2 on builtin:sentences) this process builds
-and measures, one after another and by the same code:
+For each model (EfficientNet-Lite0 on builtin:images, all-MiniLM-L6-v2 on builtin:sentences, and the
+digits-trained ResNet-18 of ``pruning_vs_torch_pruning.py`` on builtin:digits, trained here for 3 epochs by the
+same code and seed) this process builds and measures, one after another and by the same code:
 
   1. fp32 eager PyTorch (the reference every fidelity figure is computed against);
   2. fp32 ONNX Runtime (the same model exported by ``torchslim.export.export_onnx``);
@@ -20,7 +22,9 @@ and measures, one after another and by the same code:
      ``max_drop=0.01`` with ``fallback_slow_layers=true`` (mixed precision); both models also through
      ``quantize: {method: bf16}`` (eager PyTorch on bfloat16 units); MiniLM also with ``quantize: {method:
      auto, max_drop: 0.01}`` (int8-static with SmoothQuant, int8-dynamic and bf16 built, scored and timed by
-     the step, the fastest within the drop kept; the row is its choice).
+     the step, the fastest within the drop kept; the row is its choice). ResNet-18: ``int8-static`` on ONNX
+     Runtime with its defaults through ``torchslim.apply`` (no float layer), scored by accuracy on the 539 test
+     digits against fp32's.
 
 Every ONNX file runs in a `torchslim.runtime.OnnxRuntimeDeployable` (CPU provider, intra-op threads = torch's).
 Latency: medians of repeated timings (``measure_latency``) at batch 1 and the batched size (Lite0 16, MiniLM 32
@@ -79,8 +83,9 @@ class Workload:
     latency_bs1: Any
     latency_batch: Any
     calib_batches: list
-    recipe: Path
+    recipe: Path | None  # None: torchslim's rows call `torchslim.apply` (a model trained in this process)
     overrides: list[str]
+    eval_labels: torch.Tensor | None = None  # where the test split has labels: accuracy is reported too
 
 
 @dataclass
@@ -155,6 +160,23 @@ def minilm_workload(limit: int) -> Workload:
         latency_bs1=_first(timed, 1), latency_batch=timed,
         calib_batches=[x for x, _ in data.batches("calib", bundle.preprocess, 32, limit=256)],
         recipe=RECIPES / "minilm-int8-dynamic.yaml", overrides=[])
+
+
+def resnet18_workload(limit: int, train_epochs: int = 3, seed: int = 0) -> Workload:
+    """The digits-trained ResNet-18 of ``pruning_vs_torch_pruning.py`` (trained here, same recipe and seed),
+    scored by accuracy on the 539 test digits; calibration on the first 256 training digits."""
+    from pruning_vs_torch_pruning import digits_bundle
+
+    bundle, training = digits_bundle("resnet18", train_epochs, seed)
+    data, batch = resolve_data("builtin:digits", seed), 32
+    pairs = list(data.batches("test", bundle.preprocess, batch, limit=limit))
+    return Workload(
+        key="resnet18", bundle=bundle, task="classification", batch_size=batch,
+        eval_batches=[x for x, _ in pairs], eval_labels=torch.cat([y for _, y in pairs]),
+        latency_bs1=data.fill_batch("test", bundle.preprocess, 1),
+        latency_batch=data.fill_batch("test", bundle.preprocess, batch),
+        calib_batches=[x for x, _ in data.batches("train", bundle.preprocess, 32, limit=256)],
+        recipe=None, overrides=[])
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -283,8 +305,12 @@ def torchao_compiled(w: Workload, scratch: Path, threads: int) -> Candidate:
 
 def torchslim_pipeline(w: Workload, scratch: Path, threads: int, extra: tuple[str, ...] = (),
                        label: str = "") -> Candidate:
-    """The example recipe through torchslim's pipeline in this process; its int8 ONNX file, reloaded here."""
+    """The example recipe through torchslim's pipeline in this process; its int8 ONNX file, reloaded here. A
+    workload without a recipe (a model trained in this process) goes through `torchslim.apply` instead."""
     import shutil
+
+    if w.recipe is None:
+        return None if extra else torchslim_apply(w, scratch, threads)
 
     from torchslim.pipeline import Pipeline
     from torchslim.recipe import load_recipe
@@ -315,6 +341,24 @@ def torchslim_pipeline(w: Workload, scratch: Path, threads: int, extra: tuple[st
     return Candidate(f"torchslim {stage['step'].split(':')[1]}{label}", "onnxruntime",
                      onnx_session(path, w.bundle.model, threads), path.stat().st_size, stage["step_seconds"],
                      notes, path=path)
+
+
+def torchslim_apply(w: Workload, scratch: Path, threads: int) -> Candidate:
+    """``int8-static`` on ONNX Runtime with its defaults through `torchslim.apply`, calibrated on the workload's
+    calibration batches; the saved ONNX file, reloaded here."""
+    import torchslim
+
+    started = time.perf_counter()
+    result = torchslim.apply(copy.deepcopy(w.bundle.model), torchslim.Int8StaticConfig(runtime="onnxruntime"),
+                             w.calib_batches, example_inputs=w.calib_batches[0][:1])
+    seconds = time.perf_counter() - started
+    path = result.save(scratch / f"{w.key}-torchslim-int8", overwrite=True)
+    set_threads(threads)
+    notes = {"api": "torchslim.apply(model, Int8StaticConfig(runtime='onnxruntime'), calibration batches)",
+             **{k: v for k, v in result.details.items() if k in ("weights", "activations", "observer",
+                                                                 "calibration_samples", "ptq_seconds")}}
+    return Candidate("torchslim int8-static", "onnxruntime", onnx_session(path, w.bundle.model, threads),
+                     path.stat().st_size, seconds, notes, path=path)
 
 
 def torchslim_fallback(w: Workload, scratch: Path, threads: int) -> Candidate | None:
@@ -388,9 +432,11 @@ def torchslim_max_drop(w: Workload, scratch: Path, threads: int) -> Candidate | 
                               f" max_drop {MAX_DROP}")
 
 
-def torchslim_bf16(w: Workload, scratch: Path, threads: int) -> Candidate:
+def torchslim_bf16(w: Workload, scratch: Path, threads: int) -> Candidate | None:
     """``quantize: {method: bf16}`` through the pipeline: the CPU's bfloat16 units, on eager PyTorch or compiled by
     TorchInductor, whichever the step's ``runtime: auto`` measured faster."""
+    if w.recipe is None:
+        return None
     stage, final, _ = one_step(w, scratch, threads, {"method": "bf16"})
     return Candidate("torchslim bf16", final.runtime, final, torch_bytes(final.module.state_dict()), stage["step_seconds"],
                      {"recipe": "quantize: {method: bf16}", **{k: v for k, v in stage["details"].items()
@@ -434,6 +480,8 @@ def measure(c: Candidate, w: Workload, reference: torch.Tensor | None, repeats: 
                batch_size=w.batch_size, latency_spread_ms_batch=[round(batched.min_ms, 3), round(batched.max_ms, 3)])
     outputs = torch.cat([c.run(batch).float() for batch in w.eval_batches])
     row.update(fidelity(w.task, outputs, outputs if reference is None else reference))
+    if w.eval_labels is not None:
+        row["accuracy"] = round(float((outputs.argmax(-1) == w.eval_labels).float().mean()), 5)
     return row, outputs
 
 
@@ -491,6 +539,8 @@ def print_table(rows: list[dict]) -> None:
             confident = "n/a" if r["confident_agreement"] is None else f"{r['confident_agreement']:.4f}"
             fid = (f"agree {r['agreement']:.4f} conf {confident}/{r['confident_samples']} top5 "
                    f"{r['top5_agreement']:.4f} KL {r['kl']:.4f}")
+            if "accuracy" in r:
+                fid = f"acc {r['accuracy']:.4f} agree {r['agreement']:.4f} KL {r['kl']:.4f}"
         else:
             fid = f"cos {r['cosine_mean']:.4f} min {r['cosine_min']:.4f}"
         batch = f"{r['latency_ms_batch']:.2f} @{r['batch_size']}"
@@ -529,6 +579,12 @@ def goals_for(rows: list[dict], min_crops: int = 500) -> list[dict]:
         ptq = ours["notes"].get("ptq_seconds", ours["prep_s"])
         goals.append(goal(f"lite0 torchslim PTQ time, calibration + quantization of 256 crops (s; the step with its "
                           f"ONNX export: {ours['prep_s']})", ptq, "<= 30", ptq <= 30))
+    ours, base = find.get(("resnet18", "torchslim int8-static")), find.get(("resnet18", "fp32 eager"))
+    if ours and base:
+        drop = round((base["accuracy"] - ours["accuracy"]) * 100, 3)
+        goals.append(goal(f"resnet18 (digits) torchslim int8-static, no float layer: accuracy drop (points; "
+                          f"{ours['accuracy']:.4f} vs fp32 {base['accuracy']:.4f} on {ours['eval_samples']} digits)",
+                          drop, "<= 0.3", drop <= 0.3))
     mixed = find.get(("lite0", f"torchslim int8-static max_drop {MAX_DROP}"))
     if mixed:
         goals.append(goal(f"lite0 torchslim max_drop {MAX_DROP}: top-1 agreement on {mixed['eval_samples']} crops",
@@ -566,8 +622,9 @@ def main() -> None:
     p.add_argument("--eval-limit", type=int, default=0, metavar="N",
                    help="score at most N test samples per model, of Lite0's 640 crops and MiniLM's sentences (0: all)")
     deprecated_alias(p, "--crops", "--eval-limit", type=int)
-    p.add_argument("--models", type=comma_list(("lite0", "minilm"), "model"), default=["lite0", "minilm"],
-                   metavar="A,B", help="comma-separated: lite0, minilm (default both)")
+    p.add_argument("--models", type=comma_list(("lite0", "minilm", "resnet18"), "model"),
+                   default=["lite0", "minilm", "resnet18"], metavar="A,B",
+                   help="comma-separated: lite0, minilm, resnet18 (the digits-trained ResNet-18; default all)")
     p.add_argument("--quick", action="store_true", help="smoke test: 64 eval samples, few repeats")
     p.add_argument("--rows", type=comma_list(list(by_name), "row"), default=[], metavar="A,B",
                    help="comma-separated row functions to run (fp32_eager, the reference, always runs), e.g. "
@@ -583,7 +640,8 @@ def main() -> None:
     started, rows = time.perf_counter(), []
     with tempfile.TemporaryDirectory(prefix="torchslim-quant-bench-") as scratch:
         for key in models:
-            workload = lite0_workload(limit) if key == "lite0" else minilm_workload(limit)
+            workload = {"lite0": lite0_workload, "minilm": minilm_workload,
+                        "resnet18": resnet18_workload}[key](limit)
             rows += run_workload(workload, Path(scratch), threads, repeats, log, only, args.seed)
             del workload
     print(f"\nthreads {threads}; CPU int8 features {', '.join(int8_features()) or 'none'} (VNNI: {has_vnni()}); "
