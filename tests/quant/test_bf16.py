@@ -106,7 +106,7 @@ def test_compiled_runtime_computes_what_eager_computes_and_reloads(tmp_path):
         output = compiled(x)
     assert output.dtype == torch.float32
     error = float((output - reference).norm() / reference.norm())
-    assert error < 0.02 and compiled.details["compiled_relative_error"] < 0.02
+    assert error < 0.02 and compiled.details["relative_error"]["torchinductor"] < 0.02
     compiled.save(tmp_path / "compiled")  # the artifact is the bfloat16 weights, as for eager
     loaded = torchslim.load(tmp_path / "compiled", ConvNet())
     with torch.no_grad():
@@ -148,3 +148,15 @@ def test_bad_runtime_names_the_field():
 
     with pytest.raises(FieldError, match="runtime"):
         torchslim.Bf16Config(runtime="tensorrt")
+
+
+def test_auto_keeps_eager_when_the_compiled_model_is_less_faithful(monkeypatch):
+    from torchslim.quant import bf16, choose
+
+    monkeypatch.setattr(choose, "time_candidates", _fixed_timing({"torch": 3.0, "torchinductor": 1.0}))
+    original = bf16.CompiledTorchDeployable.__call__
+    monkeypatch.setattr(bf16.CompiledTorchDeployable, "__call__", lambda self, inputs: original(self, inputs) * 1.1)
+    result = torchslim.apply(ConvNet().eval(), torchslim.Bf16Config(), example_inputs=torch.randn(2, 3, 12, 12))
+    errors = result.details["relative_error"]
+    assert errors["torchinductor"] > 1.5 * errors["torch"] + 0.005 and 0.09 < errors["torchinductor"] < 0.11
+    assert result.runtime == "torch" and result.details["runtime_choice"].startswith("torch (compiled: relative")
