@@ -98,7 +98,7 @@ def main() -> None:
     started = time.perf_counter()
     bundle, data = resolve_model("builtin:efficientnet-lite0"), resolve_data("builtin:images")
     model = bundle.model.eval()
-    limit = args.eval_limit or None
+    limit = args.eval_limit
     off_grid = bundle.preprocess.__class__(**{**vars(bundle.preprocess), "pixel_grid": False})
     rows = []
     for grid, preprocess in (("on the 8-bit grid", bundle.preprocess), ("off the grid", off_grid)):
@@ -111,7 +111,8 @@ def main() -> None:
         ranges = input_ranges(folded, calib)
         first = next(iter(layers(folded)))
         generator = torch.Generator().manual_seed(args.seed)
-        noise = lambda x: x + (torch.rand(x.shape, generator=generator) - 0.5) * (2 / 255) / torch.tensor(  # noqa: E731
+        # uniform on [-0.5, 0.5] grey levels (a level is 1/255 of the pixel range), in normalised units
+        noise = lambda x: x + (torch.rand(x.shape, generator=generator) - 0.5) / 255 / torch.tensor(  # noqa: E731
             preprocess.std).view(1, -1, 1, 1)
         cases = {"input noise +-half a grey level": lambda: outputs(folded, crops, noise),
                  "input rounded to 8 bits (first layer)": lambda: outputs(
