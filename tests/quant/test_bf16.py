@@ -160,3 +160,21 @@ def test_auto_keeps_eager_when_the_compiled_model_is_less_faithful(monkeypatch):
     errors = result.details["relative_error"]
     assert errors["torchinductor"] > 1.5 * errors["torch"] + 0.005 and 0.09 < errors["torchinductor"] < 0.11
     assert result.runtime == "torch" and result.details["runtime_choice"].startswith("torch (compiled: relative")
+
+
+def test_every_compiled_model_in_a_process_is_really_compiled():
+    # torch.compile counts recompilations per code object, 8 at most: compiling modules directly, the ninth model
+    # of a search would have run eagerly without a word. Each deployable has a compile cache of its own.
+    from torch._dynamo.utils import counters
+
+    from torchslim.quant.bf16 import CompiledTorchDeployable
+
+    x = torch.randn(3, 16)
+    graphs = []
+    for _ in range(10):
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+        to_bf16_(model)
+        before = counters["stats"]["unique_graphs"]
+        CompiledTorchDeployable(model)(x)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs == [1] * 10

@@ -41,7 +41,7 @@ from torchslim.core.cpu import cpu_flags
 from torchslim.core.modules import call_model, matches, output_tensors
 from torchslim.errors import InputError, describe
 from torchslim.registry import register_method
-from torchslim.runtime import TorchDeployable
+from torchslim.runtime import TorchDeployable, compile_module
 
 RUNTIMES = ("auto", "torch", "torchinductor")
 # The compiled model may be at most this much less faithful to float32 than eager bfloat16 (relative errors against
@@ -161,7 +161,7 @@ class CompiledTorchDeployable(TorchDeployable):
 
     def __init__(self, module: nn.Module, details: dict | None = None):
         super().__init__(module, details)
-        self.compiled = torch.compile(self.module)
+        self.compiled = compile_module(self.module)
 
     def __call__(self, inputs: Any) -> torch.Tensor:
         # Freezing folds the weights into the graph as constants (prepacked for oneDNN); it must be on whenever a

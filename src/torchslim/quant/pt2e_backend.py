@@ -28,7 +28,7 @@ from torchslim._quiet import quiet_torch_compile_logs
 from torchslim.core.calibration import calibration_batches
 from torchslim.core.cpu import has_vnni, int8_features
 from torchslim.core.modules import matches
-from torchslim.runtime import Deployable
+from torchslim.runtime import Deployable, compile_module
 
 ARTIFACT_FORMAT = "torchslim.pt2e-int8/1"
 quiet_torch_compile_logs()  # before torchao's import (in this module only) logs its first line
@@ -160,7 +160,7 @@ class InductorInt8Deployable(Deployable):
         self.example, self.config = example, config
         self.details = details or {}
         # Static shapes: a recompile per batch size (cached), since the int8 conv lowering fails on dynamic batch.
-        self.compiled = torch.compile(converted, dynamic=False)
+        self.compiled = compile_module(converted, dynamic=False)  # its own compile cache (see compile_module)
 
     def __call__(self, inputs: Any) -> torch.Tensor:
         # Freezing folds the int8 weight prepacking into constants; it must be on whenever a call (re)compiles.

@@ -118,6 +118,24 @@ def load_safetensors(module: nn.Module, path: Path) -> None:
                             f"unexpected {[shorten(k) for k in result.unexpected_keys[:5]]})")
 
 
+def compile_module(module: nn.Module, **options: Any):
+    """``torch.compile`` of a function that calls ``module``, with a code object of its own.
+
+    torch.compile keeps its compiled graphs, and counts recompilations against its limit (8), per code object
+    of the compiled frame; every module compiled directly shares one wrapper frame, so in a process that builds
+    many compiled models (a search's trials, candidates compared by a step) the ninth graph is silently not
+    compiled and that model runs eagerly. Here each call gets its own code object: its graphs are its own, and
+    are freed with it."""
+    import types
+
+    def forward(*args, **kwargs):
+        return module(*args, **kwargs)
+
+    fresh = types.FunctionType(forward.__code__.replace(), forward.__globals__, "forward", None,
+                               forward.__closure__)
+    return torch.compile(fresh, **options)
+
+
 def _as_numpy_feed(session, inputs: Any) -> dict[str, np.ndarray]:
     tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
     names = [i.name for i in session.get_inputs()]
@@ -189,4 +207,4 @@ class OnnxRuntimeDeployable(Deployable):
         return session.run(None, _as_numpy_feed(session, inputs))
 
 
-__all__ = ["Deployable", "OnnxRuntimeDeployable", "TorchDeployable", "onnx_session"]
+__all__ = ["Deployable", "OnnxRuntimeDeployable", "TorchDeployable", "compile_module", "onnx_session"]
