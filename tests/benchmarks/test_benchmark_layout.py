@@ -18,7 +18,8 @@ sys.path.insert(0, str(BENCHMARKS))
 import _common  # noqa: E402
 import render  # noqa: E402
 
-SCRIPTS = ("auto", "compact", "deep_compression", "demo", "embeddings", "fuzz", "llm", "profile_models",
+SCRIPTS = ("auto", "compact", "deep_compression", "demo", "embeddings", "fidelity_floor", "fuzz", "llm",
+           "profile_models",
            "pruning_coverage", "pruning_vs_torch_pruning", "quantization", "recovery", "weight_only_linear")
 
 
@@ -221,7 +222,8 @@ def test_which_scripts_take_seed_and_parts():
 
 def test_thread_defaults_are_what_each_script_used_before():
     defaults = {name: ast.literal_eval(_parser_keywords(name).get("threads", ast.Constant(0))) for name in SCRIPTS}
-    assert defaults == {"auto": 0, "compact": None, "deep_compression": 0, "demo": 0, "embeddings": 1, "fuzz": None,
+    assert defaults == {"auto": 0, "compact": None, "deep_compression": 0, "demo": 0, "embeddings": 1,
+                        "fidelity_floor": 0, "fuzz": None,
                         "llm": 2, "profile_models": 0, "pruning_coverage": None, "pruning_vs_torch_pruning": 0,
                         "quantization": 0, "recovery": None, "weight_only_linear": 2}
 
