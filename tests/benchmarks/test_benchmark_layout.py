@@ -19,8 +19,8 @@ import _common  # noqa: E402
 import render  # noqa: E402
 
 SCRIPTS = ("auto", "compact", "deep_compression", "demo", "embeddings", "fidelity_floor", "fuzz", "llm",
-           "profile_models",
-           "pruning_coverage", "pruning_vs_torch_pruning", "quantization", "recovery", "weight_only_linear")
+           "profile_models", "pruning_coverage", "pruning_vs_torch_pruning", "quantization", "recovery",
+           "weight_only_linear")
 
 
 def _payload(**changes) -> dict:
