@@ -438,7 +438,8 @@ def torchslim_bf16(w: Workload, scratch: Path, threads: int) -> Candidate | None
     if w.recipe is None:
         return None
     stage, final, _ = one_step(w, scratch, threads, {"method": "bf16"})
-    return Candidate("torchslim bf16", final.runtime, final, torch_bytes(final.module.state_dict()), stage["step_seconds"],
+    return Candidate("torchslim bf16", final.runtime, final, torch_bytes(final.module.state_dict()),
+                     stage["step_seconds"],
                      {"recipe": "quantize: {method: bf16}", **{k: v for k, v in stage["details"].items()
                                                                if isinstance(v, (str, int, float, bool))}},
                      compiles=final.runtime == "torchinductor")
