@@ -39,6 +39,15 @@ def _reload(runner, point: dict):
         from torchslim.pruning.channel import _load_pruned
 
         return TorchDeployable(_load_pruned(copy.deepcopy(runner.pristine), path.parent))
+    quantize = [step["quantize"] for step in point["recipe"]["steps"] if "quantize" in step]
+    if path.name == "model.safetensors" and kinds <= {"prune", "finetune", "quantize"} and quantize and \
+            all(q.get("method") == "bf16" for q in quantize):
+        from torchslim.loading import load
+        from torchslim.quant.bf16 import CompiledTorchDeployable
+
+        module = load(path.parent, copy.deepcopy(runner.pristine), verify=False)  # replays the recorded bf16
+        # on the runtime the trial's step chose (eager or compiled), as it was timed in the trial
+        return (CompiledTorchDeployable if point.get("runtime") == "torchinductor" else TorchDeployable)(module)
     return None
 
 
