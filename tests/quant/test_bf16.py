@@ -131,9 +131,9 @@ def test_without_a_compiler_auto_stays_eager_and_torchinductor_is_refused(monkey
     import pytest
 
     from torchslim.errors import InputError
-    from torchslim.quant import bf16
+    import torchslim.runtime
 
-    monkeypatch.setattr(bf16.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torchslim.runtime.shutil, "which", lambda name: None)
     x = torch.randn(2, 3, 12, 12)
     result = torchslim.apply(ConvNet().eval(), torchslim.Bf16Config(), example_inputs=x)
     assert result.runtime == "torch" and "needs a C++ compiler" in result.details["runtime_choice"]

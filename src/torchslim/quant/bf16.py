@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,7 +40,7 @@ from torchslim.core.cpu import cpu_flags
 from torchslim.core.modules import call_model, matches, output_tensors
 from torchslim.errors import InputError, describe
 from torchslim.registry import register_method
-from torchslim.runtime import TorchDeployable, compile_module
+from torchslim.runtime import TorchDeployable, compile_module, compile_unavailable
 
 RUNTIMES = ("auto", "torch", "torchinductor")
 # The compiled model may be at most this much less faithful to float32 than eager bfloat16 (relative errors against
@@ -186,13 +185,6 @@ def _ordinary(value: Any) -> Any:
     return value
 
 
-def compile_unavailable() -> str | None:
-    """Why ``torch.compile`` cannot build CPU kernels here, or None."""
-    if not (shutil.which("c++") or shutil.which("g++")):
-        return "torch.compile needs a C++ compiler (g++) on the CPU"
-    return None
-
-
 def _relative_error(reference: Any, output: Any) -> float:
     pairs = list(zip(output_tensors(reference), output_tensors(output)))
     if not pairs:
@@ -275,5 +267,4 @@ def quantize_bf16(context, config: Bf16Config) -> TorchDeployable:
     return _choose_runtime(context, config, eager, batch, reference)
 
 
-__all__ = ["Bf16Config", "CompiledTorchDeployable", "compile_unavailable", "native_bf16", "quantize_bf16",
-           "to_bf16_"]
+__all__ = ["Bf16Config", "CompiledTorchDeployable", "native_bf16", "quantize_bf16", "to_bf16_"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from torchslim._quiet import quiet_torch_compile_logs
 from torchslim.core.calibration import calibration_batches
 from torchslim.core.cpu import has_vnni, int8_features
 from torchslim.core.modules import matches
-from torchslim.runtime import Deployable, compile_module
+from torchslim.runtime import Deployable, compile_module, compile_unavailable
 
 ARTIFACT_FORMAT = "torchslim.pt2e-int8/1"
 quiet_torch_compile_logs()  # before torchao's import (in this module only) logs its first line
@@ -41,9 +40,7 @@ def available() -> str | None:
         import torchao  # noqa: F401
     except ImportError:
         return "torchao is not installed (pip install 'torchslim[torchao]')"
-    if not (shutil.which("c++") or shutil.which("g++")):
-        return "torch.compile needs a C++ compiler (g++) on the CPU"
-    return None
+    return compile_unavailable()
 
 
 def _args(inputs: Any) -> tuple:

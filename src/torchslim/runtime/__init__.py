@@ -118,6 +118,13 @@ def load_safetensors(module: nn.Module, path: Path) -> None:
                             f"unexpected {[shorten(k) for k in result.unexpected_keys[:5]]})")
 
 
+def compile_unavailable() -> str | None:
+    """Why ``torch.compile`` cannot build CPU kernels here, or None."""
+    if not (shutil.which("c++") or shutil.which("g++")):
+        return "torch.compile needs a C++ compiler (g++) on the CPU"
+    return None
+
+
 def compile_module(module: nn.Module, **options: Any):
     """``torch.compile`` of a function that calls ``module``, with a code object of its own.
 
@@ -207,4 +214,5 @@ class OnnxRuntimeDeployable(Deployable):
         return session.run(None, _as_numpy_feed(session, inputs))
 
 
-__all__ = ["Deployable", "OnnxRuntimeDeployable", "TorchDeployable", "compile_module", "onnx_session"]
+__all__ = ["Deployable", "OnnxRuntimeDeployable", "TorchDeployable", "compile_module", "compile_unavailable",
+           "onnx_session"]
