@@ -80,23 +80,33 @@ def native_bf16() -> bool:
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
+def _map_tensors(value: Any, fn) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (nested tuples, named tuples, lists, dicts, keeping
+    their types where they can be rebuilt); other values unchanged."""
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value) if not hasattr(value, "_fields") \
+            else type(value)(*(_map_tensors(v, fn) for v in value))
+    if isinstance(value, dict):
+        mapped = {k: _map_tensors(v, fn) for k, v in value.items()}
+        try:
+            return type(value)(mapped)  # transformers' ModelOutput and OrderedDict keep their type
+        except TypeError:
+            return mapped
+    return value
+
+
 def _cast(value: Any, dtype: torch.dtype, channels_last: bool = False) -> Any:
     """Floating tensors in ``value`` (nested tuples, lists, dicts) cast to ``dtype``; other values unchanged."""
-    if torch.is_tensor(value):
-        if not value.is_floating_point():
-            return value
-        value = value.to(dtype)
-        return value.contiguous(memory_format=torch.channels_last) if channels_last and value.ndim == 4 else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype, channels_last) for v in value) if not hasattr(value, "_fields") \
-            else type(value)(*(_cast(v, dtype, channels_last) for v in value))
-    if isinstance(value, dict):
-        cast = {k: _cast(v, dtype, channels_last) for k, v in value.items()}
-        try:
-            return type(value)(cast)  # transformers' ModelOutput and OrderedDict keep their type
-        except TypeError:
-            return cast
-    return value
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            return tensor
+        tensor = tensor.to(dtype)
+        return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.ndim == 4 \
+            else tensor
+
+    return _map_tensors(value, cast)
 
 
 def _hooks(module: nn.Module, inside: torch.dtype, outside: torch.dtype, channels_last: bool) -> None:
@@ -175,14 +185,7 @@ class CompiledTorchDeployable(TorchDeployable):
 
 def _ordinary(value: Any) -> Any:
     """``value`` with every inference-mode tensor cloned into an ordinary one (other values unchanged)."""
-    if torch.is_tensor(value):
-        return value.clone() if value.is_inference() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_ordinary(v) for v in value) if not hasattr(value, "_fields") \
-            else type(value)(*(_ordinary(v) for v in value))
-    if isinstance(value, dict):
-        return {k: _ordinary(v) for k, v in value.items()}
-    return value
+    return _map_tensors(value, lambda tensor: tensor.clone() if tensor.is_inference() else tensor)
 
 
 def _relative_error(reference: Any, output: Any) -> float:
@@ -227,14 +230,12 @@ def _choose_runtime(context, config: Bf16Config, eager: TorchDeployable, batch: 
         details["runtime_choice"] = (f"torch (compiled: relative error {error:.3g} to float32, more than {factor} x "
                                      f"eager's {eager_error:.3g} + {slack})")
         return eager
-    from torchslim.quant.choose import time_candidates
+    from torchslim.quant.choose import criterion, time_candidates
 
     with torch.inference_mode():
         figures = time_candidates({"torch": eager, "torchinductor": compiled}, batch, config.prefer)
     best = min(figures, key=lambda n: figures[n]["score"])
-    criterion = {"balanced": f"the geometric mean of batch-1 and batch-{context.batch_size} latency",
-                 "batch": f"batch-{context.batch_size} latency", "bs1": "batch-1 latency"}[config.prefer]
-    details["runtime_choice"] = f"{best}: fastest by {criterion}"
+    details["runtime_choice"] = f"{best}: fastest by {criterion(config.prefer, context.batch_size)}"
     details["candidates"] = figures
     return compiled if best == "torchinductor" else eager
 
@@ -242,15 +243,14 @@ def _choose_runtime(context, config: Bf16Config, eager: TorchDeployable, batch: 
 @register_method("quantize", "bf16", Bf16Config)
 def quantize_bf16(context, config: Bf16Config) -> TorchDeployable:
     """The recipe step: ``context.model`` in bfloat16, on eager PyTorch or compiled by TorchInductor."""
+    unavailable = None if config.runtime == "torch" else compile_unavailable()
+    if unavailable is not None and config.runtime == "torchinductor":
+        raise InputError(f"{context.where}.runtime: torchinductor: {unavailable}")
     batch = reference = None
-    if config.runtime != "torch":
-        reason = compile_unavailable()
-        if reason is not None and config.runtime == "torchinductor":
-            raise InputError(f"{context.where}.runtime: torchinductor: {reason}")
-        if reason is None:  # the float32 outputs both runtimes are checked against
-            batch = _timing_batch(context)
-            with torch.inference_mode():
-                reference = call_model(context.model, batch)
+    if config.runtime != "torch" and unavailable is None:  # the float32 outputs both runtimes are checked against
+        batch = _timing_batch(context)
+        with torch.inference_mode():
+            reference = call_model(context.model, batch)
     details = to_bf16_(context.model, config)
     for name in details["float32_layers"]:
         context.skip_layer(name, "kept in float32 (matched quantize.skip)")
@@ -261,8 +261,8 @@ def quantize_bf16(context, config: Bf16Config) -> TorchDeployable:
     if config.runtime == "torch":
         details["runtime_choice"] = "torch"
         return eager
-    if batch is None:
-        details["runtime_choice"] = f"torch (torchinductor left out: {compile_unavailable()})"
+    if unavailable is not None:
+        details["runtime_choice"] = f"torch (torchinductor left out: {unavailable})"
         return eager
     return _choose_runtime(context, config, eager, batch, reference)
 

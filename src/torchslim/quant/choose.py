@@ -108,6 +108,12 @@ def time_candidates(deployables: dict[str, Callable[[Any], Any]], batch: Any, pr
     return figures
 
 
+def criterion(prefer: str, batch_size: int) -> str:
+    """What "fastest" meant for ``prefer``, in words, for a step's details."""
+    return {"balanced": f"the geometric mean of batch-1 and batch-{batch_size} latency",
+            "batch": f"batch-{batch_size} latency", "bs1": "batch-1 latency"}[prefer]
+
+
 def _build(context, name: str, config: Any) -> tuple[Deployable, Any]:
     """Run quantize method ``name`` on a copy of ``context.model``; returns (deployable, the copy's context
     state: model, skipped layers), leaving ``context`` as it was."""
@@ -147,8 +153,6 @@ def quantize_auto(context, config: AutoPrecisionConfig) -> Deployable:
     for name, latency in timed.items():
         figures[name].update(latency)
     within = [n for n in built if figures[n]["drop"] <= config.max_drop]
-    criterion = {"balanced": f"the geometric mean of batch-1 and batch-{context.batch_size} latency",
-                 "batch": f"batch-{context.batch_size} latency", "bs1": "batch-1 latency"}[config.prefer]
     details = {"candidates": figures, "metric": base.metric, "split": validation.split, "max_drop": config.max_drop,
                "samples": int(validation.reference.shape[0])}
     faster = [n for n in within if figures[n]["score"] < figures["float"]["score"]]
@@ -160,9 +164,10 @@ def quantize_auto(context, config: AutoPrecisionConfig) -> Deployable:
     deployable, (model, skipped), method_config = built[best]
     context.model, context.skipped = model, skipped
     # The method applied, for the artifact's record (`torchslim._context.run_step` replays bf16 on load).
-    choice = f"{best}: fastest by {criterion} with drop {figures[best]['drop']:.4g} <= {config.max_drop}"
+    choice = (f"{best}: fastest by {criterion(config.prefer, context.batch_size)} with drop "
+              f"{figures[best]['drop']:.4g} <= {config.max_drop}")
     deployable.details.update(details, chosen={"method": best, "config": to_dict(method_config)}, choice=choice)
     return deployable
 
 
-__all__ = ["AutoPrecisionConfig", "quantize_auto", "time_candidates"]
+__all__ = ["AutoPrecisionConfig", "criterion", "quantize_auto", "time_candidates"]

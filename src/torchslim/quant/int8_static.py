@@ -25,7 +25,7 @@ from torchslim.errors import InputError, describe
 from torchslim.measure.metrics import cosine_similarity_stats, top1_agreement
 from torchslim.quant import mixed, onnx_backend, pt2e_backend
 from torchslim.quant.adaround import AdaRoundConfig
-from torchslim.quant.choose import time_candidates
+from torchslim.quant.choose import criterion, time_candidates
 from torchslim.registry import register_method
 from torchslim.runtime import Deployable
 
@@ -168,9 +168,7 @@ def quantize_int8_static(context, config: Int8StaticConfig) -> Deployable:
         raise RuntimeError(f"{context.where}: timing the int8 runtimes failed: {describe(error)}") from error
     best = min(built, key=lambda n: figures[n]["score"])
     chosen = built[best]
-    criterion = {"balanced": f"the geometric mean of batch-1 and batch-{context.batch_size} latency",
-                 "batch": f"batch-{context.batch_size} latency", "bs1": "batch-1 latency"}[config.prefer]
-    chosen.details["runtime_choice"] = f"{best}: fastest by {criterion}"
+    chosen.details["runtime_choice"] = f"{best}: fastest by {criterion(config.prefer, context.batch_size)}"
     chosen.details["candidates"] = figures
     chosen.details.update(prepared)
     if config.adaround.enabled:
