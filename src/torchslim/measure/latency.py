@@ -11,10 +11,15 @@ from typing import Any, Callable
 import torch
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_threads(threads: int) -> int:
     """Fix torch's intra-op threads (0: all cores this process may use); returns the count in force."""
     if threads <= 0:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = usable_cores()
     torch.set_num_threads(threads)
     return threads
 

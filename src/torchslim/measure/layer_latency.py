@@ -34,7 +34,7 @@ from torch import nn
 from torchslim._cache import atomic_write_bytes, cache_dir
 from torchslim.core.cpu import cpu_model, isa_flags
 from torchslim.core.modules import is_depthwise, is_linear_like, weight_matrix
-from torchslim.measure.latency import measure_latency
+from torchslim.measure.latency import measure_latency, usable_cores
 
 _CONVS = {(False, 1): nn.Conv1d, (False, 2): nn.Conv2d, (False, 3): nn.Conv3d,
           (True, 1): nn.ConvTranspose1d, (True, 2): nn.ConvTranspose2d, (True, 3): nn.ConvTranspose3d}
@@ -136,11 +136,6 @@ def machine() -> dict:
     """What a table's entries depend on besides the layer: CPU model, vector extensions, threads, torch."""
     return {"cpu": cpu_model(), "features": isa_flags(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the platform says)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def load_average() -> float | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -192,6 +191,7 @@ def auto(model: str | None = None, data: str | None = None, out: str | Path | No
 def _search(recipe, out: Path, study: str | None, progress: bool, log: Callable, fresh: bool,
             started: float) -> dict:
     """The search itself, under the output folder's lock (see `auto`)."""
+    from torchslim.measure.latency import usable_cores
     from torchslim.search import study as studies
     from torchslim.search.results import finish
     from torchslim.search.trial import TrialRunner, default_lock_path
@@ -210,7 +210,7 @@ def _search(recipe, out: Path, study: str | None, progress: bool, log: Callable,
             shutil.copyfile(out / "study.journal", journal)  # a finished search, extended
         storage = studies.open_storage(config.storage, journal)
         workers = config.workers
-        threads = max(1, (recipe.measure.threads or len(os.sched_getaffinity(0))) // workers)
+        threads = max(1, (recipe.measure.threads or usable_cores()) // workers)
         existing, payload = studies.load_study(storage, name)
         runner = TrialRunner(recipe, workdir / "worker-0", threads, default_lock_path(), config.repeats, log)
         if payload is not None:
