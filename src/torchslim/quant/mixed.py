@@ -13,8 +13,8 @@ Two choices, each optional, made after the model is built with every layer quant
   calibration batches with only that layer int8): the count doubles until the drop is met, then bisection
   finds the fewest; each candidate is the int8 model with those layers made float again
   (`torchslim.quant.onnx_float_regions.dequantize_layers`), scored on ONNX Runtime's fused kernels. At most
-  `MAX_BUILDS` candidates; if even the last tried misses the drop,
-  the best one found is kept and the details say so.
+  `MAX_BUILDS` candidates; if even the last tried misses the drop, the best one found is kept and the details
+  say so.
 
 The higher precision is float32: ONNX Runtime's CPU provider has no bfloat16 Conv kernel (1.32: ``Conv``
 opset 22 on bfloat16 is NOT_IMPLEMENTED), so a layer kept out of int8 runs in fp32 there.

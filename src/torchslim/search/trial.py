@@ -30,7 +30,6 @@ from torchslim.measure.stage import collect_outputs, evaluate, first_samples, sc
 from torchslim.runtime import Deployable, TorchDeployable
 
 
-
 def default_lock_path() -> Path:
     """The machine-wide latency lock: every torchslim search on this machine times one thing at a time."""
     return Path(tempfile.gettempdir()) / "torchslim-latency.lock"
