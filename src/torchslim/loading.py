@@ -151,11 +151,12 @@ def _load_torch(model: nn.Module, shapes_file: Path, verify: bool, example_input
     folder = shapes_file.parent
     verify_manifest(folder, [shapes_file.name, "model.safetensors"], verify=verify)
     shapes = read_shapes(folder, SHAPES_FORMAT)
+    document = read_json(shapes_file)  # (read_shapes checked its format) the steps and attributes it records
     refactorize_to_shapes(model, shapes, folder)
-    for index, step in enumerate(read_json(shapes_file).get("replayed") or []):
+    for index, step in enumerate(document.get("replayed") or []):
         _replay(model, step, f"{shapes_file}: replayed[{index}]")
     resize_to_shapes(model, shapes, folder)
-    set_size_attributes(model, read_json(shapes_file).get("attributes"), str(shapes_file))
+    set_size_attributes(model, document.get("attributes"), str(shapes_file))
     load_safetensors(model, folder / "model.safetensors")
     return model
 
