@@ -37,12 +37,12 @@ from _common import parser, write_results  # noqa: E402
 from torchslim.data import resolve_data  # noqa: E402
 from torchslim.measure import set_threads  # noqa: E402
 from torchslim.measure.metrics import CONFIDENT_MARGIN, confident_agreement, top1_agreement  # noqa: E402
+from torchslim.quant.adaround import WeightGrid  # noqa: E402
 from torchslim.quant.fold import fold_batchnorms  # noqa: E402
 from torchslim.quant.observers import make_observer  # noqa: E402
 from torchslim.quant.qmath import QScheme, fake_quantize  # noqa: E402
 from torchslim.zoo import resolve_model  # noqa: E402
 
-WEIGHTS = QScheme(bits=8, signed=True, symmetric=True, axis=0)
 ACTIVATIONS = QScheme(bits=8, signed=False, symmetric=False)
 
 
@@ -74,14 +74,14 @@ def quantize_inputs(model: nn.Module, qparams: dict[str, tuple]) -> nn.Module:
 
 
 def round_weights(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every Conv/Linear weight rounded per output channel on [-127, 127]."""
+    """A copy of ``model`` with every Conv/Linear weight rounded to nearest on ONNX Runtime's per-channel grid,
+    [-127, 127] (`WeightGrid`, the grid torchslim's int8-static writes for it)."""
     model = copy.deepcopy(model)
+    grid = WeightGrid()
     with torch.no_grad():
         for m in layers(model).values():
-            w = m.weight
-            bound = w.reshape(w.shape[0], -1).abs().amax(dim=1)
-            scale = torch.clamp(bound / WEIGHTS.half_range, min=1e-12)
-            m.weight.copy_(fake_quantize(w, scale, torch.zeros_like(scale, dtype=torch.int32), WEIGHTS))
+            scale = grid.scale(m.weight)
+            m.weight.copy_(grid.codes(m.weight, scale) * scale.reshape(-1, *[1] * (m.weight.dim() - 1)))
     return model
 
 
