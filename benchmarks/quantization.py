@@ -20,11 +20,11 @@ same code and seed) this process builds and measures, one after another and by t
      ``steps.0.quantize.runtime=onnxruntime``); its int8 ONNX file is loaded into a fresh session here. Lite0
      also with ``fallback_layers=4``, ``equalize=true``, ``adaround.enabled=true`` (learned weight rounding) and
      ``max_drop=0.01`` with ``fallback_slow_layers=true`` (mixed precision); both models also through
-     ``quantize: {method: bf16}`` (eager PyTorch on bfloat16 units); MiniLM also with ``quantize: {method:
-     auto, max_drop: 0.01}`` (int8-static with SmoothQuant, int8-dynamic and bf16 built, scored and timed by
-     the step, the fastest within the drop kept; the row is its choice). ResNet-18: ``int8-static`` on ONNX
-     Runtime with its defaults through ``torchslim.apply`` (no float layer), scored by accuracy on the 539 test
-     digits against fp32's.
+     ``quantize: {method: bf16}`` (bfloat16 units, eager or compiled as its ``runtime: auto`` measures);
+     MiniLM also with ``quantize: {method: auto, max_drop: 0.01}`` (int8-static with SmoothQuant, int8-dynamic
+     and bf16 built, scored and timed by the step, the fastest within the drop kept; the row is its choice).
+     ResNet-18: ``int8-static`` on ONNX Runtime with its defaults through ``torchslim.apply`` (no float layer),
+     scored by accuracy on the 539 test digits against fp32's.
 
 Every ONNX file runs in a `torchslim.runtime.OnnxRuntimeDeployable` (CPU provider, intra-op threads = torch's).
 Latency: medians of repeated timings (``measure_latency``) at batch 1 and the batched size (Lite0 16, MiniLM 32
@@ -60,8 +60,8 @@ from torchslim.errors import describe  # noqa: E402
 from torchslim.export import export_onnx  # noqa: E402
 from torchslim.measure import measure_latency, set_threads  # noqa: E402
 from torchslim.measure.size import artifact_bytes  # noqa: E402
-from torchslim.measure.metrics import (CONFIDENT_MARGIN, confident_agreement, cosine_similarity_stats,  # noqa: E402
-                                      kl_divergence, top1_agreement, topk_agreement)
+from torchslim.measure.metrics import (CONFIDENT_MARGIN, accuracy, confident_agreement,  # noqa: E402
+                                      cosine_similarity_stats, kl_divergence, top1_agreement, topk_agreement)
 from torchslim.quant import pt2e_backend  # noqa: E402
 from torchslim.core.cpu import has_vnni, int8_features  # noqa: E402
 from torchslim.core.modules import call_model  # noqa: E402
@@ -482,7 +482,7 @@ def measure(c: Candidate, w: Workload, reference: torch.Tensor | None, repeats: 
     outputs = torch.cat([c.run(batch).float() for batch in w.eval_batches])
     row.update(fidelity(w.task, outputs, outputs if reference is None else reference))
     if w.eval_labels is not None:
-        row["accuracy"] = round(float((outputs.argmax(-1) == w.eval_labels).float().mean()), 5)
+        row["accuracy"] = round(accuracy(outputs, w.eval_labels), 5)
     return row, outputs
 
 
