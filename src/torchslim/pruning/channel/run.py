@@ -24,7 +24,7 @@ from torchslim.measure.stage import first_samples
 from torchslim.pruning.channel import hf_config, importance
 from torchslim.pruning.channel.config import ChannelPruningConfig, PruneResult
 from torchslim.pruning.channel.refit import kept_linear_positions, refit_sequential
-from torchslim.pruning.channel.select import bisect_ratio, select_channels
+from torchslim.pruning.channel.select import bisect_ratio, fill_to_target, select_channels
 from torchslim.pruning.channel.surgery import _related, _restore, remove_channels
 from torchslim.pruning.channel.widths import LatencyWidths, layer_inputs, predicted_latency
 from torchslim.recover.finetune import finetune
@@ -139,6 +139,8 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
         if widths is not None:  # exact widths cost nothing to try: they narrow the search the table times
             around = bisect_ratio(model, graph, dataclasses.replace(config, round_to=1), scores, reached)
         ratio = bisect_ratio(model, graph, config, scores, reached, widths, around)
+        if widths is not None:
+            fill_to_target(model, graph, config, ratio, scores, widths, reached)
     elif latency_goal:
         ratio = bisect_ratio(model, graph, config, scores,
                              lambda trial: _latency(trial, example_inputs) <= latency_goal, widths)

@@ -85,6 +85,45 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
     return _keep_every_layer(graph, chosen, scores)
 
 
+def fill_to_target(model: nn.Module, graph: ChannelGraph, config: ChannelPruningConfig, ratio: float,
+                   scores: dict[int, float], widths: LatencyWidths, reached, limit: int = 400) -> int:
+    """Grow groups back after a ``round_to: auto`` bisection landed under the target: from the widths of
+    ``ratio``, the group whose next step up (`LatencyWidths.growth`) adds the least table latency per MAC grows
+    first, while ``reached(trial)`` holds; a step that breaks the target caps the group below it (a smaller
+    step may still fit). Sets ``widths.grown`` (later selections keep these widths); returns how many steps
+    were taken."""
+    groups = dependency_groups(graph, config.skip)
+    select_channels(model, graph, config, ratio, scores, widths)
+    widths.grown = {g.modules[0]: widths.choices[g.modules[0]].chosen for g in groups
+                    if g.modules[0] in widths.choices}
+    closed: set[str] = set()
+    cap: dict[str, int] = {}
+    steps = 0
+    for _ in range(limit):
+        options = []
+        for group in groups:
+            name = group.modules[0]
+            if name in closed or name not in widths.grown:
+                continue
+            step = widths.growth(group, widths.grown[name], cap.get(name))
+            if step is None:
+                closed.add(name)
+            else:
+                options.append((step[1], name, step[0]))
+        if not options:
+            break
+        _, name, wider = min(options)
+        before, widths.grown[name] = widths.grown[name], wider
+        trial = copy.deepcopy(model)
+        remove_channels(trial, graph, select_channels(trial, graph, config, ratio, scores, widths))
+        if reached(trial):
+            steps += 1
+        else:
+            widths.grown[name] = before
+            cap[name] = wider - 1
+    return steps
+
+
 def _keep_every_layer(graph: ChannelGraph, chosen: set[int], scores: dict[int, float]) -> set[int]:
     """A class can hold every output channel of a layer (a branch concatenated into a stream that a reshape
     splits into whole blocks): keep the best-scoring class of any layer that would lose all its channels."""
@@ -114,6 +153,8 @@ def bisect_ratio(model: nn.Module, graph: ChannelGraph, config: ChannelPruningCo
         low, high, steps = max(0.0, around - AROUND), min(config.max_ratio, around + AROUND), 7
         if high < config.max_ratio and not meets(high):
             low, high = high, config.max_ratio
+        elif low > 0.0 and meets(low):
+            low, high = 0.0, low
     for _ in range(steps):
         middle = (low + high) / 2
         if meets(middle):

@@ -3,8 +3,9 @@ for, that the CPU's kernels run fastest, looked up in a table of measured single
 (`torchslim.measure.layer_latency`, NetAdapt-style), so that MACs removed turn into time removed.
 
 For a group whose ratio asks to keep ``w`` of its ``n`` channels, the candidates are ``w`` itself and the
-multiples of 8, 16, 32 and 64 nearest it (below and above), those within ``BAND`` (12%) of it, never above ``n``
-nor below what ``max_ratio`` allows. A candidate
+multiples of 8, 16, 32 and 64 nearest it (below and above), those within ``BAND`` (12%) of it or the nearest
+multiples of 8 (a group of few positions, such as a grouped convolution's width per group, moves in coarse
+steps), never above ``n`` nor below what ``max_ratio`` allows. A candidate
 costs the summed table latency of every convolution and linear layer whose shape the group's width sets
 (the layers creating its channels and the layers reading them, each at its real input size from one forward of
 the example inputs; the layer's other channel count stays as it is). A group's candidates are compared by
@@ -15,6 +16,12 @@ them, on a busy machine) are timed again with it, in rotated interleaved rounds 
 ``TOLERANCE`` (5%), else the widest candidate within ``TOLERANCE`` of the best. A width the kernels process in
 whole blocks (61 channels costing what 64 do) gives way to the block's full width, or to the width below whose
 cost drops by more than its channels; where latency follows the channel count, ``w`` stays.
+
+Under a MACs target the choices move many groups by whole steps at one ratio (44 grouped-convolution blocks
+of RegNetX went from 16 to 8 channels per group together, leaving 0.29 of the MACs for a target of 0.5), so
+after the bisection `select.fill_to_target` grows groups back one step at a time (`LatencyWidths.growth`: to
+the next multiple of 8, 16, 32 or 64), the growth adding the least table latency per MAC first, while the
+target holds.
 
 Why per channel, not the cheapest: nearly every layer gets faster as it narrows, so "the cheapest candidate"
 would be the narrowest one of every group, pruning deeper everywhere rather than where the kernels reward it;
@@ -139,18 +146,26 @@ class LatencyWidths:
             if sides:
                 self.layers.append((name, module, sides))
         self.choices: dict[str, WidthChoice] = {}
+        self.grown: dict[str, int] = {}  # group -> width set by `select.fill_to_target` (overrides the choice)
         self._costs: dict[tuple[str, int], float] = {}
+        self._macs: dict[tuple[str, int], int] = {}
         self._affected: dict[str, list[int]] = {}
 
     def removal(self, group: Group, exact: int, most: int) -> int:
         """How many channels ``group`` loses: ``exact`` is what its ratio asks, ``most`` the most it may."""
         name, size = group.modules[0], group.size
         width = size - exact
+        if name in self.grown:
+            chosen = self.grown[name]
+            costs = self._cost(group, sorted({width, chosen})) if exact > 0 else {width: 0.0, chosen: 0.0}
+            self.choices[name] = WidthChoice(size, width, chosen, costs[width], costs[chosen])
+            return size - chosen
         if exact <= 0 or not self._layers_of(group):
             self.choices[name] = WidthChoice(size, width, width, 0.0, 0.0)
             return max(exact, 0)
-        low = max(size - most, math.ceil(width * (1 - self.band)), 1)
-        high = min(size, math.floor(width * (1 + self.band)))
+        step = STEPS[0]
+        low = max(size - most, min(math.ceil(width * (1 - self.band)), width // step * step), 1)
+        high = min(size, max(math.floor(width * (1 + self.band)), -(-width // step) * step))
         candidates = candidate_widths(width, low, high)
         costs = self._cost(group, candidates)
         per_channel = {w: costs[w] / w for w in candidates}
@@ -160,6 +175,27 @@ class LatencyWidths:
             chosen = max(w for w in candidates if per_channel[w] <= best * (1 + self.tolerance))
         self.choices[name] = WidthChoice(size, width, chosen, costs[width], costs[chosen])
         return size - chosen
+
+    def growth(self, group: Group, width: int, most: int | None = None) -> tuple[int, float] | None:
+        """The group's best next width up from ``width``: of the next multiples of 8, 16, 32 and 64 and all its
+        channels (those up to ``most``), the one adding the least table latency per MAC it adds (negative
+        where the wider layers run faster: a width the kernels process in whole blocks), with that figure;
+        None when there is none or no layer can take them."""
+        most = group.size if most is None else min(most, group.size)
+        wider = sorted(w for w in {*((width // step + 1) * step for step in STEPS), group.size}
+                       if width < w <= most)
+        if not wider or not self._layers_of(group):
+            return None
+        costs = self._cost(group, [width, *wider])
+        name, options = group.modules[0], []
+        for w in wider:
+            if math.isfinite(costs[w]) and math.isfinite(costs[width]):
+                added = self._macs[name, w] - self._macs[name, width]
+                options.append(((costs[w] - costs[width]) / max(added, 1), w))
+        if not options:
+            return None
+        per_mac, best = min(options)
+        return best, per_mac
 
     def _layers_of(self, group: Group) -> list[int]:
         """The layers (indices into ``self.layers``) with a channel dimension the group's width sets."""
@@ -196,7 +232,25 @@ class LatencyWidths:
         times = dict(zip([s.key() for s in flat], self.table.latencies(flat, together=True)))
         for width, layer_shapes in shapes.items():
             self._costs[name, width] = math.inf if layer_shapes is None else sum(times[s.key()] for s in layer_shapes)
+            self._macs[name, width] = sum(shape_macs(s) for s in layer_shapes or [])
         return {w: self._costs[name, w] for w in widths}
+
+
+def shape_macs(shape: LayerShape) -> int:
+    """Multiply-accumulates of one layer shape at its input size (a convolution's output size from its
+    stride, padding and dilation; transposed: per input position)."""
+    batch_and_positions = math.prod(shape.input_shape[:-1])
+    if shape.kind == "linear":
+        return batch_and_positions * shape.in_channels * shape.out_channels
+    options = dict(shape.options)
+    kernel, dims = options["kernel_size"], len(options["kernel_size"])
+    spatial, batch = shape.input_shape[-dims:], math.prod(shape.input_shape[:-dims - 1])
+    per_position = shape.in_channels * shape.out_channels // options["groups"] * math.prod(kernel)
+    if options["transposed"] or isinstance(options["padding"], str):  # "same" keeps the size; "valid" near it
+        return batch * math.prod(spatial) * per_position
+    out = [(size + 2 * pad - dil * (k - 1) - 1) // stride + 1 for size, k, stride, pad, dil
+           in zip(spatial, kernel, options["stride"], options["padding"], options["dilation"])]
+    return batch * math.prod(out) * per_position
 
 
 def _weight_sides(module: nn.Module) -> dict[str, tuple[int, int]]:
