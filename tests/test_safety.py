@@ -255,7 +255,12 @@ _RUNNER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     import conftest  # registers builtin:tiny-test-cnn
+    import signal
     from torchslim.cli import main
+
+    # A test run started in the background (`make test &`, nohup) hands its children SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: the run under test gets the one a terminal gives it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from torchslim.recover import checkpoint
 
     write = checkpoint.write_checkpoint
