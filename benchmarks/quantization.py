@@ -445,8 +445,24 @@ def torchslim_bf16(w: Workload, scratch: Path, threads: int) -> Candidate | None
                      compiles=final.runtime == "torchinductor")
 
 
+def torchslim_static_smoothquant(w: Workload, scratch: Path, threads: int) -> Candidate | None:
+    """MiniLM only: ``quantize: {method: int8-static, runtime: onnxruntime, smoothquant: true}`` — activations
+    quantized statically, every weighted MatMul group smoothed on the ONNX graph (post-LN: no LayerNorm fold
+    applies), the weighted layers' outputs left float."""
+    if w.key != "minilm":
+        return None
+    step = {"method": "int8-static", "runtime": "onnxruntime", "smoothquant": True}
+    stage, final, path = one_step(w, scratch, threads, step, "static-smoothquant")
+    smoothing = stage["details"].get("smoothing_onnx", {})
+    notes = {"recipe": f"quantize: {step}", "groups_smoothed": len(smoothing.get("smoothed", {})),
+             "groups_refused": len(smoothing.get("refused", {})), "ptq_seconds": stage["details"].get("ptq_seconds")}
+    return Candidate("torchslim int8-static smoothquant", "onnxruntime", onnx_session(path, w.bundle.model, threads),
+                     path.stat().st_size, stage["step_seconds"], notes, path=path)
+
+
 ROWS = (fp32_eager, fp32_onnx, ort_peer, torch_ao_dynamic, torchao_compiled, torchslim_pipeline, torchslim_fallback,
-        torchslim_equalize, torchslim_adaround, torchslim_max_drop, torchslim_bf16, torchslim_auto)
+        torchslim_equalize, torchslim_adaround, torchslim_max_drop, torchslim_static_smoothquant, torchslim_bf16,
+        torchslim_auto)
 
 
 # ---------------------------------------------------------------------------------------------------- measuring

@@ -54,7 +54,7 @@ def test_smoothing_lowers_the_simulated_int8_error_of_outlier_channels():
     block = _block()
     calibration, held_out = torch.randn(8, 16, 32), torch.randn(8, 16, 32)
     x_before = block.norm1(held_out).reshape(-1, 32)
-    linears = [block.q, block.k, block.v]
+    linears = [block.q.weight, block.k.weight, block.v.weight]
     before = _int8_error(x_before, linears, torch.ones(32))
     result = smooth_(block, calibration[:1], [calibration])
     x_after = block.norm1(held_out).reshape(-1, 32)

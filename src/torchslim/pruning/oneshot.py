@@ -1,7 +1,7 @@
 """One-shot pruning of large models from a little calibration data: ``prune: {method: wanda | sparsegpt}``.
 
-Both walk the model block by block (`torchslim.core.calibration.run_sequential`), so each block is pruned on the inputs the
-already-pruned blocks before it produce, and only one block's statistics are in memory at a time.
+Both walk the model block by block (`torchslim.core.calibration.run_sequential`), so each block is pruned on the
+inputs the already-pruned blocks before it produce, and only one block's statistics are in memory at a time.
 
 - ``wanda`` (Sun et al. 2023) drops, per output row, the weights with the smallest ``|W_ij| · ‖X_j‖₂`` (no update).
 - ``sparsegpt`` (Frantar & Alistarh 2023) drops weights by OBS saliency and updates the remaining ones to

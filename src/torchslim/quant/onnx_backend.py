@@ -141,6 +141,13 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
         prepared = float_path
     import onnx
 
+    smoothing = {}
+    if getattr(config, "smoothquant", False):  # the groups a LayerNorm fold could not reach (post-LN encoders)
+        from torchslim.quant.onnx_smooth import smooth_onnx
+
+        smoothed = prepared.with_name(prepared.stem + ".smoothed.onnx")
+        smoothing = smooth_onnx(prepared, smoothed, batches)
+        prepared = smoothed if smoothing["smoothed"] else prepared
     graph = onnx.load(str(prepared), load_external_data=False).graph
     layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
     # A transformer's residual stream, attention mask (-inf or finfo.min added to the scores) and softmax do not
@@ -169,12 +176,14 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
         quantize_static(str(source), str(path), one_sample, quant_format=QuantFormat.QDQ,
                         per_channel=config.per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=(exclude + attention) or None,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=(exclude + attention + smoothing.get("muls", [])) or None,
                         op_types_to_quantize=op_types,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                        "TensorQuantOverrides": overrides,
                                        # (a tensor read by a float op too, a residual say, stays float for it)
-                                       "DedicatedQDQPair": bool(attention)})
+                                       "DedicatedQDQPair": bool(attention),
+                                       "OpTypesToExcludeOutputQuantization": list(WEIGHTED) if attention else []})
         if exclude:
             model = onnx.load(str(path))
             float_regions(model, onnx.load(str(prepared), load_external_data=False), set(exclude))
@@ -198,13 +207,15 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
     requantized = quantized_at_load(int8_path)
     weights = "int8 [-64, 64]" if reduce_range else "int8"
     return {"format": "QDQ", "weights": weights + (" per-channel" if config.per_channel else " per-tensor"),
-            "float_layers": float_layers(int8_path),
+            "float_layers": {name: op for name, op in float_layers(int8_path).items()
+                             if name not in smoothing.get("muls", [])},  # (the smoothing Muls are float by design)
             "activations": "uint8 per-tensor", "observer": config.observer, "reduce_range": reduce_range,
             "calibration_samples": samples, "cpu_int8_features": int8_features(), "kept_float_nodes": excluded,
             "sensitive_float_nodes_db": sensitive, "bias_corrected_layers": len(corrections),
             **({"attention": f"{len(attention)} activation x activation MatMuls and every op without weights kept "
                              f"float (quantized: {', '.join(WEIGHTED)})"} if attention else {}),
             "deployed_vs_simulated": deployed_vs_simulated(int8_path, batches[0]), **choice,
+            **({"smoothing_onnx": {k: v for k, v in smoothing.items() if k != "muls"}} if smoothing else {}),
             **({"float_nodes_quantized_at_load": requantized} if requantized else {})}
 
 

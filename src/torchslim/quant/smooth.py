@@ -79,19 +79,34 @@ def smoothable_groups(model: nn.Module, example_inputs: Any, capture_how: str = 
 
 
 @torch.no_grad()
-def _int8_error(x: torch.Tensor, linears: list[nn.Linear], scale: torch.Tensor) -> float:
-    """Relative squared error of ``x @ W^T`` with ``x / scale`` and ``W * scale`` quantized (int8 simulation)."""
+def _int8_error(x: torch.Tensor, weights: list[torch.Tensor], scale: torch.Tensor) -> float:
+    """Relative squared error of ``x @ W^T`` (each ``W``: out x in) with ``x / scale`` and ``W * scale``
+    quantized (int8 simulation)."""
     smoothed = x / scale
     xq = fake_quantize(smoothed, *qparams(smoothed.min(), smoothed.max(), _ACTIVATIONS), _ACTIVATIONS)
     noise = signal = 0.0
-    for linear in linears:
-        weight = linear.weight.float() * scale
+    for original in weights:
+        weight = original.float() * scale
         bound = weight.abs().amax(1)
         wq = fake_quantize(weight, *qparams(-bound, bound, _WEIGHTS), _WEIGHTS)
-        reference = x @ linear.weight.float().T
+        reference = x @ original.float().T
         noise += float((xq @ wq.T - reference).pow(2).sum())
         signal += float(reference.pow(2).sum())
     return noise / max(signal, 1e-30)
+
+
+@torch.no_grad()
+def best_scale(x: torch.Tensor, weights: list[torch.Tensor], alphas: tuple[float, ...] = ALPHAS
+               ) -> tuple[torch.Tensor | None, dict]:
+    """The smoothing factor ``s`` (one per input channel) for the layers of ``weights`` (each out x in) reading
+    the activation rows ``x``: of ``alphas``, the one with the least simulated int8 error, or None when none
+    lowers it below the unsmoothed error; with ``{"alpha", "error_before", "error_after"}``."""
+    x_max = x.abs().amax(0).clamp_min(1e-5)
+    w_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0).float().clamp_min(1e-5)
+    before = _int8_error(x, weights, torch.ones_like(x_max))
+    error, alpha = min((_int8_error(x, weights, x_max ** a / w_max ** (1 - a)), a) for a in alphas)
+    found = {"alpha": alpha, "error_before": round(before, 6), "error_after": round(error, 6)}
+    return (x_max ** alpha / w_max ** (1 - alpha) if error < before else None), found
 
 
 def _layernorm_inputs(model: nn.Module, norms: list[str], batches: Iterable, max_rows: int) -> dict[str, torch.Tensor]:
@@ -142,21 +157,14 @@ def smooth_(model: nn.Module, example_inputs: Any, calibration: Iterable, *, alp
             result.refused[norm_name] = "not run on the calibration data"
             continue
         norm, linears = model.get_submodule(norm_name), [model.get_submodule(n) for n in names]
-        x = inputs[norm_name]
-        x_max = x.abs().amax(0).clamp_min(1e-5)
-        w_max = torch.stack([lin.weight.abs().amax(0) for lin in linears]).amax(0).float().clamp_min(1e-5)
-        before = _int8_error(x, linears, torch.ones_like(x_max))
-        scored = [(_int8_error(x, linears, x_max ** a / w_max ** (1 - a)), a) for a in alphas]
-        error, alpha = min(scored)
-        if error >= before:
-            result.refused[norm_name] = f"no alpha lowers the simulated int8 error ({before:.3g})"
+        scale, found = best_scale(inputs[norm_name], [linear.weight for linear in linears], alphas)
+        if scale is None:
+            result.refused[norm_name] = f"no alpha lowers the simulated int8 error ({found['error_before']:.3g})"
             continue
-        scale = x_max ** alpha / w_max ** (1 - alpha)
         norm.weight.div_(scale.to(norm.weight.dtype))
         if norm.bias is not None:
             norm.bias.div_(scale.to(norm.bias.dtype))
         for linear in linears:
             linear.weight.mul_(scale.to(linear.weight.dtype))
-        result.smoothed[norm_name] = {"linears": names, "alpha": alpha, "error_before": round(before, 6),
-                                      "error_after": round(error, 6)}
+        result.smoothed[norm_name] = {"linears": names, **found}
     return result

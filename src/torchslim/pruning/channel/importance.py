@@ -202,7 +202,8 @@ for _kind in ("l1", "l2", "bn", "taylor", "random"):
                                                                                               config.seed))
 
 
-def _with_magnitude_fallback(model: nn.Module, graph: ChannelGraph, config, scores: dict[int, float]) -> dict[int, float]:
+def _with_magnitude_fallback(model: nn.Module, graph: ChannelGraph, config,
+                             scores: dict[int, float]) -> dict[int, float]:
     """Classes no recorded layer reads fall back to L2 magnitude, rescaled to the data-aware scores' level."""
     magnitude = _weight_scores(model, graph, "l2", config.seed)
     both = [scores[r] / magnitude[r] for r in scores if magnitude.get(r, 0) > 0]
