@@ -37,6 +37,13 @@ class Net(nn.Module):
         return self.head(self.conv(y).mean((2, 3)))
 
 
+def _work(shape: LayerShape) -> int:
+    """The fake clocks' measure of a layer: batch x channels in x out (per group) x input positions."""
+    spatial = math.prod(shape.input_shape[2:]) if shape.kind == "conv" else 1
+    return shape.input_shape[0] * shape.in_channels * shape.out_channels // dict(shape.options).get("groups", 1) \
+        * spatial
+
+
 class SixteenIsCheap:
     """A deterministic clock: MACs of the layer's shape, halved-ish for channel counts that are multiples of 16;
     counts its calls."""
@@ -46,12 +53,8 @@ class SixteenIsCheap:
 
     def __call__(self, shape: LayerShape) -> float:
         self.calls.append(shape.key())
-        options = dict(shape.options)
-        groups = options.get("groups", 1)
-        spatial = math.prod(shape.input_shape[2:]) if shape.kind == "conv" else 1
-        macs = shape.input_shape[0] * shape.in_channels * shape.out_channels // groups * spatial
         blocked = (0.7 if shape.in_channels % 16 == 0 else 1.0) * (0.7 if shape.out_channels % 16 == 0 else 1.0)
-        return macs * blocked * 1e-6
+        return _work(shape) * blocked * 1e-6
 
 
 def model_and_input():
@@ -266,11 +269,8 @@ class GroupedNet(nn.Module):
 def eight_per_group_is_cheap(shape: LayerShape) -> float:
     """MACs of the shape, a fifth of them for a grouped convolution of 8 channels per group (a kernel that
     suits the CPU's vectors), as measured for RegNetX's 3x3 convolutions at batch 32."""
-    options = dict(shape.options)
-    groups = options.get("groups", 1)
-    spatial = math.prod(shape.input_shape[2:]) if shape.kind == "conv" else 1
-    macs = shape.input_shape[0] * shape.in_channels * shape.out_channels // groups * spatial
-    return macs * (0.2 if groups > 1 and (shape.in_channels // groups) % 8 == 0 else 1.0) * 1e-6
+    groups = dict(shape.options).get("groups", 1)
+    return _work(shape) * (0.2 if groups > 1 and (shape.in_channels // groups) % 8 == 0 else 1.0) * 1e-6
 
 
 def test_a_grouped_width_moves_to_the_cheap_multiple_of_8_and_the_fill_brings_the_macs_back_to_the_target(

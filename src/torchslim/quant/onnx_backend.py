@@ -148,6 +148,7 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
         smoothed = prepared.with_name(prepared.stem + ".smoothed.onnx")
         smoothing = smooth_onnx(prepared, smoothed, batches)
         prepared = smoothed if smoothing["smoothed"] else prepared
+    muls = smoothing.pop("muls", [])  # float by design: neither quantized nor reported as layers left float
     graph = onnx.load(str(prepared), load_external_data=False).graph
     layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
     # A transformer's residual stream, attention mask (-inf or finfo.min added to the scores) and softmax do not
@@ -177,7 +178,7 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
                         per_channel=config.per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=(exclude + attention + smoothing.get("muls", [])) or None,
+                        nodes_to_exclude=(exclude + attention + muls) or None,
                         op_types_to_quantize=op_types,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                        "TensorQuantOverrides": overrides,
@@ -207,15 +208,14 @@ def quantize_onnx_static(float_path: Path, int8_path: Path, batches: list, confi
     requantized = quantized_at_load(int8_path)
     weights = "int8 [-64, 64]" if reduce_range else "int8"
     return {"format": "QDQ", "weights": weights + (" per-channel" if config.per_channel else " per-tensor"),
-            "float_layers": {name: op for name, op in float_layers(int8_path).items()
-                             if name not in smoothing.get("muls", [])},  # (the smoothing Muls are float by design)
+            "float_layers": {name: op for name, op in float_layers(int8_path).items() if name not in muls},
             "activations": "uint8 per-tensor", "observer": config.observer, "reduce_range": reduce_range,
             "calibration_samples": samples, "cpu_int8_features": int8_features(), "kept_float_nodes": excluded,
             "sensitive_float_nodes_db": sensitive, "bias_corrected_layers": len(corrections),
             **({"attention": f"{len(attention)} activation x activation MatMuls and every op without weights kept "
                              f"float (quantized: {', '.join(WEIGHTED)})"} if attention else {}),
             "deployed_vs_simulated": deployed_vs_simulated(int8_path, batches[0]), **choice,
-            **({"smoothing_onnx": {k: v for k, v in smoothing.items() if k != "muls"}} if smoothing else {}),
+            **({"smoothing_onnx": smoothing} if smoothing else {}),
             **({"float_nodes_quantized_at_load": requantized} if requantized else {})}
 
 

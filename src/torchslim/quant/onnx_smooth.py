@@ -45,27 +45,19 @@ def _weighted_groups(graph, initializers: dict) -> dict[str, list[tuple]]:
 
 def _activation_rows(path: Path, names: list[str], feeds: list[dict], max_rows: int) -> dict[str, np.ndarray]:
     """Up to ``max_rows`` rows (last axis = channels) of each named activation, from running ``path`` on
-    ``feeds`` with those tensors added as outputs."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+    ``feeds`` with those tensors added as outputs (unoptimised, so every tensor keeps its name)."""
+    from torchslim.quant.onnx_ranges import session, with_outputs
 
-    probe = onnx.load(str(path))
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names
-                              if n not in known)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor named
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    inputs = {i.name for i in session.get_inputs()}
+    run = session(with_outputs(path, names), optimise=False)
     rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    counts = dict.fromkeys(names, 0)
     for feed in feeds:
-        if all(sum(len(r) for r in rows[n]) >= max_rows for n in names):
+        if min(counts.values()) >= max_rows:
             break
-        values = session.run(names, {k: v for k, v in feed.items() if k in inputs})
-        for name, value in zip(names, values):
-            if sum(len(r) for r in rows[name]) < max_rows:
+        for name, value in zip(names, run.run(names, feed)):
+            if counts[name] < max_rows:
                 rows[name].append(np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1]))
+                counts[name] += len(rows[name][-1])
     return {n: np.concatenate(r)[:max_rows] for n, r in rows.items() if r}
 
 
