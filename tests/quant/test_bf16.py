@@ -107,10 +107,12 @@ def test_compiled_runtime_computes_what_eager_computes_and_reloads(tmp_path):
     assert output.dtype == torch.float32
     error = float((output - reference).norm() / reference.norm())
     assert error < 0.02 and compiled.details["relative_error"]["torchinductor"] < 0.02
-    compiled.save(tmp_path / "compiled")  # the artifact is the bfloat16 weights, as for eager
+    path = compiled.save(tmp_path / "compiled")  # the artifact is the bfloat16 weights, as for eager
     loaded = torchslim.load(tmp_path / "compiled", ConvNet())
     with torch.no_grad():
         assert torch.equal(loaded(x), reference)
+    # reloaded as deployed (compiled again), the outputs are the compiled model's, bit for bit
+    assert torch.equal(torch.as_tensor(compiled.deployable.deployable.load_and_run(path, x)), output)
 
 
 def test_auto_runtime_keeps_the_faster_and_reports_both(monkeypatch):
