@@ -6,7 +6,9 @@ depend on their values) both tools prune with L1 magnitude, per-layer
 (local) ranking and the classifier kept, each to <= the MACs target (the ratio is bisected for both, MACs
 counted by the same counter); torchslim prunes one copy per ``--round-to`` value: 1 (exact widths), 8 (channel
 counts kept multiples of 8) and ``auto`` (each group's width from a latency table of its layers on this machine,
-built at batch 1, and with ``--auto-batch``, another copy whose table is built at the batch size). Then the
+built at batch 1, and with ``--auto-batch``, another copy whose table is built at the batch size), and one more
+``auto`` copy per ``--reallocate`` value (default 0.2: MACs moved to the layers where they cost least time,
+table at the batch size; also pruned and fine-tuned in the digits part, for what it costs in accuracy). Then the
 unpruned and all pruned models are timed alternately in this process, round by round in rotating order (eager
 fp32, batch 1 and ``--batch-size``, fixed threads; the median of each round's median), so that load from other
 work on the machine weighs on all of them alike; the machine's load average is recorded before and after.
@@ -14,7 +16,8 @@ Then accuracy on builtin:digits: builtin:digits-cnn, and a torchvision ResNet-18
 (trained here first, seeded), each pruned by both tools to the same MACs and fine-tuned with the same
 distillation budget. Prints the tables and writes JSON. Parts: ``latency`` (the ImageNet models), ``digits``
 (the accuracy comparison). The goal lines judge torchslim's ``round_to=auto`` copy (`goal_tool`) against
-Torch-Pruning on every model and batch size.
+Torch-Pruning on every model and batch size (both allocate the MACs uniformly over the groups); the ResNet-50
+goal line is printed for the ``reallocate`` copies as well.
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ ROUND_TO = 8  # the hardware-friendly width timed beside exact (round_to=1) prun
 LATENCY_MODELS = ("resnet50", "mobilenet_v2", "regnet_x_400mf")
 
 
-def tool_name(round_to: str, table_batch: int = 1) -> str:
+def tool_name(round_to: str, table_batch: int = 1, reallocate: float = 0.0) -> str:
     """The row name of torchslim pruned with ``round_to`` ("torchslim" for exact widths)."""
     if round_to == "1":
         return "torchslim"
-    return f"torchslim round_to={round_to}" + (f" (table at batch {table_batch})" if table_batch != 1 else "")
+    return (f"torchslim round_to={round_to}" + (f" reallocate={reallocate:g}" if reallocate else "")
+            + (f" (table at batch {table_batch})" if table_batch != 1 else ""))
 
 
 def torch_pruning_to_macs(model, example, target: float):
@@ -138,9 +142,11 @@ def accuracy(model, data, preprocess, split: str = "test") -> float:
     return correct / len(data.splits[split])
 
 
-def digits_accuracy(bundle, target: float, epochs: int, seed: int = 0) -> list[dict]:
+def digits_accuracy(bundle, target: float, epochs: int, seed: int = 0, reallocate: list[float] = ()) -> list[dict]:
     """``bundle``'s model pruned by both tools to ``target`` MACs, then the same distillation fine-tune
-    (torchslim's finetune step: SGD 0.01, cosine, KD T=4 alpha=0.7, ``epochs`` epochs); test accuracy."""
+    (torchslim's finetune step: SGD 0.01, cosine, KD T=4 alpha=0.7, ``epochs`` epochs); test accuracy. Each
+    value of ``reallocate`` adds a torchslim copy pruned with ``round_to: auto`` and that ``reallocate`` (its
+    latency table built at batch 32): what moving MACs to where they cost least time costs in accuracy."""
     from torchslim.data import resolve_data
     from torchslim._context import _StepContext as StepContext
     from torchslim.recover.finetune import FinetuneConfig, finetune
@@ -151,6 +157,11 @@ def digits_accuracy(bundle, target: float, epochs: int, seed: int = 0) -> list[d
              "accuracy": round(accuracy(bundle.model, data, bundle.preprocess), 4)}]
     pruned = {"torchslim": copy.deepcopy(bundle.model)}
     prune(pruned["torchslim"], ChannelPruningConfig(target_macs=target), example)
+    for value in reallocate:
+        tool = tool_name("auto", 32, value)
+        pruned[tool] = copy.deepcopy(bundle.model)
+        prune(pruned[tool], ChannelPruningConfig(target_macs=target, round_to="auto", reallocate=value),
+              bundle.example_inputs(32))
     try:
         pruned["torch-pruning"] = torch_pruning_to_macs(copy.deepcopy(bundle.model), example, target)
     except ImportError:
@@ -186,8 +197,9 @@ def time_alternating(models: dict, x: torch.Tensor, rounds: int, repeats: int) -
 
 
 def latency_rows(name: str, target: float, batch_size: int, threads: int, round_tos: list[str],
-                 auto_batch: bool, rounds: int, seed: int = 0) -> list[dict]:
-    """One ImageNet model, unpruned and pruned by each tool (torchslim once per ``round_to``), timed alternately."""
+                 auto_batch: bool, rounds: int, seed: int = 0, reallocate: list[float] = ()) -> list[dict]:
+    """One ImageNet model, unpruned and pruned by each tool (torchslim once per ``round_to``, and once per
+    ``reallocate`` value with ``round_to: auto`` and its table at ``batch_size``), timed alternately."""
     import torchvision
 
     torch.manual_seed(seed)
@@ -195,19 +207,22 @@ def latency_rows(name: str, target: float, batch_size: int, threads: int, round_
     example = torch.randn(1, 3, 224, 224)
     candidates = {"unpruned": base}
     predicted: dict[str, dict] = {}
-    for round_to in round_tos:
-        for table_batch in ([1, batch_size] if round_to == "auto" and auto_batch else [1]):
-            ours = copy.deepcopy(base)
-            started = time.perf_counter()
-            config = ChannelPruningConfig(target_macs=target, round_to="auto" if round_to == "auto" else int(round_to))
-            result = prune(ours, config, torch.randn(table_batch, 3, 224, 224))
-            tool = tool_name(round_to, table_batch)
-            candidates[tool] = ours
-            if result.latency:
-                predicted[tool] = {**result.latency, "prune_seconds": round(time.perf_counter() - started, 1),
-                                   "groups_moved": sum(c["chosen"] != c["exact"] for c in result.widths.values()),
-                                   "groups": len(result.widths)}
-                print(f"  {name} {tool}: {predicted[tool]}")
+    variants = [(round_to, table_batch, 0.0) for round_to in round_tos
+                for table_batch in ([1, batch_size] if round_to == "auto" and auto_batch else [1])]
+    variants += [("auto", batch_size, value) for value in reallocate]
+    for round_to, table_batch, value in variants:
+        ours = copy.deepcopy(base)
+        started = time.perf_counter()
+        config = ChannelPruningConfig(target_macs=target, round_to="auto" if round_to == "auto" else int(round_to),
+                                      reallocate=value)
+        result = prune(ours, config, torch.randn(table_batch, 3, 224, 224))
+        tool = tool_name(round_to, table_batch, value)
+        candidates[tool] = ours
+        if result.latency:
+            predicted[tool] = {**result.latency, "prune_seconds": round(time.perf_counter() - started, 1),
+                               "groups_moved": sum(c["chosen"] != c["exact"] for c in result.widths.values()),
+                               "groups": len(result.widths)}
+            print(f"  {name} {tool}: {predicted[tool]}")
     try:
         theirs = torch_pruning_to_macs(copy.deepcopy(base), example, target)
         if theirs is not None:
@@ -254,6 +269,10 @@ def latency_goals(rows: list[dict], models: list[str], target: float, batch_size
                 value = pair[ours][column]
                 goals.append(goal(f"resnet50 at {target:.0%} MACs, {label} speed-up, {ours} (x)", value, ">= 1.8",
                                   value >= 1.8))
+                for tool in (t for t in pair if "reallocate=" in t):
+                    value = pair[tool][column]
+                    goals.append(goal(f"resnet50 at {target:.0%} MACs, {label} speed-up, {tool} (x)", value,
+                                      ">= 1.8", value >= 1.8))
             if "torch-pruning" in pair:
                 ratio = pair[ours][column] / pair["torch-pruning"][column]
                 ratios.append(ratio)
@@ -289,6 +308,9 @@ def main() -> None:
                    help="torchslim's round_to values, one pruned copy each (1 = exact widths, auto = latency table)")
     p.add_argument("--auto-batch", action="store_true",
                    help="also prune a round_to=auto copy whose latency table is built at --batch-size")
+    p.add_argument("--reallocate", type=comma_list(), default=["0.2"], metavar="A,B",
+                   help="also prune a round_to=auto copy (table at --batch-size; in the digits part at 32) with "
+                        "each of these reallocate values (default 0.2; '' for none)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds per batch size")
     p.add_argument("--digits-target", type=float, default=0.3, help="MACs target of the digits accuracy run")
     p.add_argument("--digits-epochs", type=int, default=8, help="distillation epochs after pruning (both tools)")
@@ -302,9 +324,15 @@ def main() -> None:
     for value in round_tos:
         if value != "auto" and not (value.isdigit() and int(value) >= 1):
             p.error(f"--round-to: {value!r} is neither an integer >= 1 nor auto")
+    try:
+        reallocate = [float(value) for value in args.reallocate]
+    except ValueError:
+        p.error(f"--reallocate: expected numbers in [0, 1), got {','.join(args.reallocate)}")
+    if any(not 0.0 < value < 1.0 for value in reallocate):
+        p.error(f"--reallocate: expected numbers in (0, 1), got {','.join(args.reallocate)}")
     threads = apply_threads(args)
     rows = [row for name in models for row in latency_rows(name, args.target, args.batch_size, threads, round_tos,
-                                                           args.auto_batch, args.rounds, args.seed)]
+                                                           args.auto_batch, args.rounds, args.seed, reallocate)]
     width = max([len(r["tool"]) for r in rows] + [21])
     print(f"{'model':14s} {'tool':{width}s} {'MACs':>6s} {'params':>9s} {'bs1 ms':>8s} {'x':>6s} "
           f"{'batch ms':>9s} {'x':>6s}")
@@ -319,11 +347,12 @@ def main() -> None:
             print(f"resnet18 trained on builtin:digits for {training[name]['epochs']} epochs in "
                   f"{training[name]['train_seconds']:.0f} s, validation accuracy {training[name]['val_accuracy']:.4f}")
         model_rows = [{"model": name, **row}
-                      for row in digits_accuracy(bundle, args.digits_target, args.digits_epochs, args.seed)]
+                      for row in digits_accuracy(bundle, args.digits_target, args.digits_epochs, args.seed,
+                                                             reallocate)]
         print(f"{name} on builtin:digits at {args.digits_target:.0%} MACs, then {args.digits_epochs} epochs "
               f"of distillation:")
         for r in model_rows:
-            print(f"  {r['tool']:14s} MACs {r['macs_ratio']:.3f}  accuracy after pruning "
+            print(f"  {r['tool']:44s} MACs {r['macs_ratio']:.3f}  accuracy after pruning "
                   f"{r.get('accuracy_pruned', r['accuracy']):.4f}  after fine-tuning {r['accuracy']:.4f}")
         digits += model_rows
     goals = latency_goals(rows, models, args.target, args.batch_size)

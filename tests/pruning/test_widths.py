@@ -332,3 +332,64 @@ def test_shape_macs_agrees_with_the_model_count():
               (nn.ConvTranspose2d(8, 4, 2, stride=2), (1, 8, 6, 6))]
     for module, shape in layers:
         assert shape_macs(LayerShape.of(module, shape)) == count_macs(module, torch.randn(shape)), module
+
+
+class TwoScales(nn.Module):
+    """Two convolutions at 32x32 with few channels, then two at 8x8 with many (a CNN's stages in small)."""
+
+    def __init__(self):
+        super().__init__()
+        self.high = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.low = nn.Sequential(nn.Conv2d(32, 64, 3, stride=4, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                                 nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.low(self.high(x)).mean((2, 3)))
+
+
+def memory_bound(shape: LayerShape) -> float:
+    """A clock where moving the activations costs more than computing on them: the input's and output's
+    elements (at the input's positions) plus a tenth of the MACs, as 1x1 convolutions on large feature maps
+    behave on a CPU."""
+    positions = shape.input_shape[0] * math.prod(shape.input_shape[2:])
+    return ((shape.in_channels + shape.out_channels) * positions + 0.1 * _work(shape)) * 1e-6
+
+
+def test_reallocate_moves_macs_from_the_large_feature_maps_and_predicts_less_time_at_the_same_macs(tmp_path):
+    def pruned(reallocate: float):
+        torch.manual_seed(0)
+        model, x = TwoScales().eval(), torch.randn(1, 3, 32, 32)
+        config = ChannelPruningConfig(target_macs=0.5, round_to="auto", reallocate=reallocate)
+        result = prune(model, config, x, latency_table=LatencyTable(tmp_path / "table.json", memory_bound))
+        assert model(x).shape == (1, 10)
+        return model, result
+
+    uniform, even = pruned(0.0)
+    moved, result = pruned(0.3)
+    for r in (even, result):
+        assert r.macs_after <= 0.5 * r.macs_before
+    def widths(m):
+        return [m.high[0].out_channels, m.high[3].out_channels, m.low[0].out_channels, m.low[3].out_channels]
+
+    # uniform: every group keeps about 0.69 of its channels (22 of 32, 43 of 64)
+    assert widths(uniform) == [22, 22, 43, 43]
+    assert even.macs_after / even.macs_before == pytest.approx(0.4959, abs=1e-3)
+    # reallocated: the 32x32 layers keep 16 (0.5, within 0.3 of the uniform ratio), the 8x8 ones grew back (the
+    # last to all 64), at fewer MACs still (the next step up, 16 -> 24 at 32x32, would pass the target)
+    assert widths(moved) == [16, 16, 40, 64]
+    assert result.macs_after / result.macs_before == pytest.approx(0.4656, abs=1e-3)
+    # and the table predicts 0.74 of the uniform model's time
+    assert even.latency["predicted_ms_after"] == pytest.approx(0.308, abs=1e-3)
+    assert result.latency["predicted_ms_after"] == pytest.approx(0.229, abs=1e-3)
+
+
+def test_reallocate_needs_a_macs_target_and_auto_widths():
+    with pytest.raises(FieldError, match="reallocate: moves MACs by a latency table under a MACs target"):
+        ChannelPruningConfig(ratio=0.3, round_to="auto", reallocate=0.2)
+    with pytest.raises(FieldError, match="reallocate"):
+        ChannelPruningConfig(target_macs=0.5, round_to=8, reallocate=0.2)
+    with pytest.raises(FieldError, match=r"reallocate: must be in \[0, 1\)"):
+        ChannelPruningConfig(target_macs=0.5, round_to="auto", reallocate=1.5)
+    assert ChannelPruningConfig(target_macs=0.5, round_to="auto", reallocate=0.2).reallocate == 0.2

@@ -39,6 +39,14 @@ class ChannelPruningConfig:
             "auto" (each group keeps the width near the exact one that runs fastest, from a latency table of
             its layers measured on this machine at the example batch size and threads, cached; see
             `torchslim.pruning.channel.widths`). Default (null): "auto" with ``target_latency``, else 1.
+        reallocate: with ``round_to: auto`` and ``target_macs``: move MACs to where they cost least time. Every
+            group is first pruned this much deeper than the ratio that meets the target (up to ``max_ratio``),
+            then groups grow back one step at a time, the step adding the least table latency per MAC first,
+            until the target is met again: the same MACs, fewer of them in layers slow per MAC (1x1
+            convolutions on large feature maps, which move more memory than they compute). No group loses more
+            than ``reallocate`` beyond that ratio. 0 (the default): every group keeps its ratio (local scope's
+            uniform pruning, rounded to the table's widths). Measured: ResNet-50 at 0.5 of the MACs, batch 32,
+            1.86x faster than unpruned with 0, 2.52x with 0.2 (docs/pruning.md for what it costs in accuracy).
         max_ratio: the most any group may lose.
         skip: module-name patterns (fnmatch) whose channels stay.
         steps: prune in this many steps (re-analysing and re-scoring each time), running ``finetune`` between
@@ -67,6 +75,7 @@ class ChannelPruningConfig:
     importance: Literal["l1", "l2", "bn", "taylor", "activation", "obs", "random"] = "l1"
     scope: Literal["local", "global"] = "local"
     round_to: int | Literal["auto"] | None = None
+    reallocate: float = 0.0
     max_ratio: float = 0.9
     skip: list[str] = field(default_factory=list)
     steps: int = 1
@@ -92,6 +101,9 @@ class ChannelPruningConfig:
               or (isinstance(self.round_to, int) and not isinstance(self.round_to, bool) and self.round_to >= 1),
               "round_to", f"must be an integer >= 1 or 'auto', got {shorten(self.round_to)}")
         check(0.0 < self.max_ratio < 1.0, "max_ratio", f"must be in (0, 1), got {self.max_ratio}")
+        check(0.0 <= self.reallocate < 1.0, "reallocate", f"must be in [0, 1), got {self.reallocate}")
+        check(not self.reallocate or (self.target_macs and self.rounding == "auto"), "reallocate",
+              "moves MACs by a latency table under a MACs target: needs target_macs and round_to: auto")
         check(0.0 <= self.target_latency < 1.0, "target_latency",
               f"must be in (0, 1) or 0 (unused), got {self.target_latency}")
         check(not (self.target_macs and self.target_latency), "target_latency", "give target_macs or target_latency")

@@ -137,10 +137,12 @@ def _prune_once(model: nn.Module, config: ChannelPruningConfig, example_inputs: 
 
         around = None
         if widths is not None:  # exact widths cost nothing to try: they narrow the search the table times
-            around = bisect_ratio(model, graph, dataclasses.replace(config, round_to=1), scores, reached)
+            around = bisect_ratio(model, graph, dataclasses.replace(config, round_to=1, reallocate=0.0), scores,
+                                  reached)
         ratio = bisect_ratio(model, graph, config, scores, reached, widths, around)
         if widths is not None:
-            fill_to_target(model, graph, config, ratio, scores, widths, reached)
+            fill_to_target(model, graph, config, min(ratio + config.reallocate, config.max_ratio), scores, widths,
+                           reached)
     elif latency_goal:
         ratio = bisect_ratio(model, graph, config, scores,
                              lambda trial: _latency(trial, example_inputs) <= latency_goal, widths)
