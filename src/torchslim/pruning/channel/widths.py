@@ -21,7 +21,9 @@ Under a MACs target the choices move many groups by whole steps at one ratio (44
 of RegNetX went from 16 to 8 channels per group together, leaving 0.29 of the MACs for a target of 0.5), so
 after the bisection `select.fill_to_target` grows groups back one step at a time (`LatencyWidths.growth`: to
 the next multiple of 8, 16, 32 or 64), the growth adding the least table latency per MAC first, while the
-target holds.
+target holds. With ``reallocate: r`` the fill starts ``r`` deeper than the bisection's ratio, so it moves MACs
+from the groups whose layers are slow per MAC (1x1 convolutions on large feature maps, bound by memory) to
+those that are fast, at the same MACs.
 
 Why per channel, not the cheapest: nearly every layer gets faster as it narrows, so "the cheapest candidate"
 would be the narrowest one of every group, pruning deeper everywhere rather than where the kernels reward it;
