@@ -211,3 +211,22 @@ def evaluate_model(model, context, reference=None):
     outputs, labels = collect_outputs(TorchDeployable(model), context.data, context.bundle.preprocess, 64, 0)
     return evaluate(outputs, labels, reference, context.bundle.task), outputs
 
+
+def alternating_rounds(models: dict[str, Callable[[Any], Any]], inputs: Any, rounds: int,
+                       repeats: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each of ``models`` on ``inputs``, one figure per round: ``rounds`` rounds, each
+    timing every model (``repeats`` calls, median) in an order rotated by one each round, so that load from
+    other work weighs on all of them alike. The first call of each (set-up, a compile) is not counted."""
+    import torch
+
+    from torchslim.measure import measure_latency
+
+    names = list(models)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for name in names:
+            models[name](inputs)
+        for index in range(rounds):
+            for name in names[index % len(names):] + names[:index % len(names)]:
+                samples[name].append(measure_latency(models[name], inputs, warmup=1, repeats=repeats).median_ms)
+    return samples

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import apply_threads, goal, parser, write_results  # noqa: E402
+from _common import alternating_rounds, apply_threads, goal, parser, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # model, data, max drop, batch size, recovery epoch options (an epoch of Lite0 or MiniLM costs minutes here)
@@ -175,7 +175,6 @@ def _alternate(first: Path, second: Path, runtime: str, batch: int, rounds: int 
     import torch
 
     import torchslim
-    from torchslim.measure import measure_latency
     from torchslim.recipe import load_recipe
     from torchslim.zoo import resolve_model
 
@@ -189,13 +188,7 @@ def _alternate(first: Path, second: Path, runtime: str, batch: int, rounds: int 
             runs.append(CompiledTorchDeployable(loaded))
         else:
             runs.append(loaded)
-    samples: list[list[float]] = [[], []]
-    with torch.inference_mode():
-        for run in runs:
-            run(inputs)  # first-call set-up (a compile) out of the timings
-        for index in range(rounds):
-            for which in ((0, 1) if index % 2 == 0 else (1, 0)):
-                samples[which].append(measure_latency(runs[which], inputs, warmup=1, repeats=5).median_ms)
+    samples = list(alternating_rounds(dict(zip(("best", "again"), runs)), inputs, rounds, 5).values())
     ratios = [b / a for a, b in zip(*samples)]
     medians = [statistics.median(s) for s in samples]
     return {"rounds": rounds, "batch_size": batch, "runtime": runtime, "best_ms": round(medians[0], 4),

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import apply_threads, comma_list, goal, parser, write_results  # noqa: E402
+from _common import alternating_rounds, apply_threads, comma_list, goal, parser, write_results  # noqa: E402
 
-from torchslim.measure import count_macs, count_params, measure_latency  # noqa: E402
+from torchslim.measure import count_macs, count_params  # noqa: E402
 from torchslim.pruning.channel import ChannelPruningConfig, prune  # noqa: E402
 
 ROUND_TO = 8  # the hardware-friendly width timed beside exact (round_to=1) pruning
@@ -183,17 +183,8 @@ def digits_accuracy(bundle, target: float, epochs: int, seed: int = 0, reallocat
 
 
 def time_alternating(models: dict, x: torch.Tensor, rounds: int, repeats: int) -> dict[str, float]:
-    """Milliseconds per call of each model on ``x``: ``rounds`` rounds, each timing every model (``repeats``
-    calls, median) in an order rotated by one each round; the median over rounds."""
-    names = list(models)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for name in names:
-            models[name](x)  # first-call set-up out of the timings
-        for index in range(rounds):
-            for name in names[index % len(names):] + names[:index % len(names)]:
-                samples[name].append(measure_latency(models[name], x, warmup=1, repeats=repeats).median_ms)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    """Milliseconds per call of each model on ``x``: the median over `alternating_rounds`."""
+    return {name: statistics.median(values) for name, values in alternating_rounds(models, x, rounds, repeats).items()}
 
 
 def latency_rows(name: str, target: float, batch_size: int, threads: int, round_tos: list[str],
@@ -327,7 +318,7 @@ def main() -> None:
     try:
         reallocate = [float(value) for value in args.reallocate]
     except ValueError:
-        p.error(f"--reallocate: expected numbers in [0, 1), got {','.join(args.reallocate)}")
+        p.error(f"--reallocate: expected numbers in (0, 1), got {','.join(args.reallocate)}")
     if any(not 0.0 < value < 1.0 for value in reallocate):
         p.error(f"--reallocate: expected numbers in (0, 1), got {','.join(args.reallocate)}")
     threads = apply_threads(args)

@@ -185,13 +185,7 @@ class CompiledTorchDeployable(TorchDeployable):
     def load_and_run(self, path, inputs: Any) -> Any:
         """Load a fresh copy from the artifact and run it as it is deployed: compiled again (the same kernels
         round as this model's do, so the outputs match; eager bfloat16 rounds elsewhere)."""
-        import copy
-
-        from torchslim.runtime import load_safetensors
-
-        fresh = copy.deepcopy(self.module)
-        load_safetensors(fresh, path)
-        return CompiledTorchDeployable(fresh, details={})(inputs)
+        return CompiledTorchDeployable(self.reloaded(path), details={})(inputs)
 
 
 def _ordinary(value: Any) -> Any:

@@ -87,10 +87,14 @@ class TorchDeployable(Deployable):
         return path
 
     def load_and_run(self, path: Path, inputs: Any) -> Any:
+        with torch.inference_mode():
+            return call_model(self.reloaded(path), inputs)
+
+    def reloaded(self, path: Path) -> nn.Module:
+        """A copy of the module with the weights of the artifact at ``path``."""
         fresh = copy.deepcopy(self.module)
         load_safetensors(fresh, path)
-        with torch.inference_mode():
-            return call_model(fresh, inputs)
+        return fresh
 
 
 def load_safetensors(module: nn.Module, path: Path) -> None:

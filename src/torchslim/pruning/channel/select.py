@@ -88,10 +88,10 @@ def select_channels(model: nn.Module, graph: ChannelGraph, config: ChannelPrunin
 def fill_to_target(model: nn.Module, graph: ChannelGraph, config: ChannelPruningConfig, ratio: float,
                    scores: dict[int, float], widths: LatencyWidths, reached, limit: int = 400) -> int:
     """Grow groups back after a ``round_to: auto`` bisection landed under the target: from the widths of
-    ``ratio`` (the bisection's, or deeper by the config's ``reallocate``), the group whose next step up (`LatencyWidths.growth`) adds the least table latency per MAC grows
-    first, while ``reached(trial)`` holds; a step that breaks the target caps the group below it (a smaller
-    step may still fit). Sets ``widths.grown`` (later selections keep these widths); returns how many steps
-    were taken."""
+    ``ratio`` (the bisection's, or deeper by the config's ``reallocate``), the group whose next step up
+    (`LatencyWidths.growth`) adds the least table latency per MAC grows first, while ``reached(trial)`` holds;
+    a step that breaks the target caps the group below it (a smaller step may still fit). Sets
+    ``widths.grown`` (later selections keep these widths); returns how many steps were taken."""
     groups = dependency_groups(graph, config.skip)
     select_channels(model, graph, config, ratio, scores, widths)
     widths.grown = {g.modules[0]: widths.choices[g.modules[0]].chosen for g in groups
